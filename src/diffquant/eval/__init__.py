@@ -1,0 +1,3 @@
+"""Evaluation: metrics (``EVALUATORS``), feature backbones (``BACKBONES``), sampling."""
+
+from diffquant.eval import metrics  # noqa: F401  (registers fid, fid_to_fp, inception_score)

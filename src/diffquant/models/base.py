@@ -1,0 +1,206 @@
+"""The model wrapper every method and evaluator works through.
+
+A :class:`DiffusionModel` holds the diffusers components of a latent diffusion model (UNet,
+autoencoder, scheduler and, for text-to-image models, the text encoder) and exposes one guided
+denoising step. Everything else is built on that step:
+
+* sampling (``sample_latents`` → ``decode``) for evaluation;
+* calibration, which records the UNet inputs of the FP model's own trajectories (a forward
+  pre-hook on ``unet`` sees every call: see :meth:`unet_kwargs`);
+* AccuQuant, which rolls ``step`` out over several steps;
+* time-step-aware quantizers, which read the ``timestep`` argument the UNet receives.
+
+Conventions
+-----------
+* Latents ``x_t`` are ``(N, C, h, w)`` float tensors in the UNet's latent space (already multiplied
+  by the autoencoder's scaling factor).
+* Sample ``i`` of a job with seed ``s`` always gets the same initial noise, condition and (for
+  eta > 0) per-step noise, whatever the batch size or shard it is drawn in: every random draw is
+  made from a generator seeded by :func:`sample_seed` ``(s, i, stream)``.
+* With classifier-free guidance the UNet is called once on the batch ``[uncond; cond]`` (2N rows),
+  each row with its own timestep entry, so that every row is an independent calibration sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_SEED_MULT = 1_000_003
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of random stream ``stream`` (0 = initial noise, 1 = condition, 2+k = step k noise)
+    of sample ``index`` in a job seeded ``seed``; distinct for distinct triples in practice."""
+    return (seed * _SEED_MULT + index) * 1_009 + stream
+
+
+def per_sample_randn(indices: Sequence[int], seed: int, stream: int, shape: Sequence[int],
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal noise of shape ``(len(indices), *shape)``, row ``j`` drawn from the generator
+    of sample ``indices[j]`` (CPU generator, so results match across devices)."""
+    rows = []
+    for i in indices:
+        g = torch.Generator().manual_seed(sample_seed(seed, int(i), stream))
+        rows.append(torch.randn(tuple(shape), generator=g))
+    return torch.stack(rows).to(device)
+
+
+@dataclass
+class Conditioning:
+    """The conditioning of a batch of N samples.
+
+    ``cond`` / ``uncond`` are UNet keyword arguments with one row per sample, e.g.
+    ``{"class_labels": LongTensor(N)}`` or ``{"encoder_hidden_states": (N, L, D)}``; ``uncond`` is
+    None when guidance is off. ``labels`` describes each sample for evaluators (class ids, or
+    prompts for text-to-image models).
+    """
+
+    cond: dict[str, Tensor]
+    uncond: Optional[dict[str, Tensor]]
+    labels: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Conditioning(move(self.cond), move(self.uncond), self.labels)
+
+
+@dataclass
+class SamplerSettings:
+    """How the sampler runs: steps, guidance scale (1 = no guidance) and DDIM eta."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+
+
+class DiffusionModel:
+    """A latent diffusion model: UNet + autoencoder + scheduler (+ conditioning), family-agnostic.
+
+    Subclasses implement :meth:`conditions` (what conditions sample ``i`` gets). The UNet may be
+    replaced in place by a quantized copy; ``unet`` is the only attribute methods modify.
+    """
+
+    family: str = "base"
+
+    def __init__(self, name: str, unet: nn.Module, vae: nn.Module, scheduler: Any,
+                 sampler: SamplerSettings, latent_shape: Sequence[int],
+                 latent_scale: Optional[float] = None, device: torch.device | str = "cpu",
+                 meta: Optional[dict] = None) -> None:
+        self.name = name
+        self.unet = unet.eval().requires_grad_(False).to(device)
+        self.vae = vae.eval().requires_grad_(False).to(device)
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.latent_shape = tuple(latent_shape)
+        cfg_scale = getattr(getattr(vae, "config", None), "scaling_factor", None)
+        self.latent_scale = float(latent_scale if latent_scale is not None else (cfg_scale or 1.0))
+        self.device = torch.device(device)
+        self.meta = meta or {}
+        self.scheduler.set_timesteps(sampler.num_inference_steps)
+        self._step_kwargs = set(inspect.signature(self.scheduler.step).parameters)
+
+    # ---------------------------------------------------------------- conditioning and noise
+    @property
+    def guided(self) -> bool:
+        return self.sampler.guidance_scale != 1.0
+
+    @property
+    def timesteps(self) -> Tensor:
+        """The sampler's timesteps, first (noisiest) to last: LongTensor ``(num_inference_steps,)``."""
+        return self.scheduler.timesteps
+
+    def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
+        """The conditioning of samples ``indices`` in a job seeded ``seed``."""
+        raise NotImplementedError
+
+    def initial_noise(self, indices: Sequence[int], seed: int) -> Tensor:
+        """x_T for samples ``indices``: ``(N, *latent_shape)``, scaled by the scheduler's init sigma."""
+        x = per_sample_randn(indices, seed, 0, self.latent_shape, self.device)
+        return x * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
+    # ---------------------------------------------------------------- one step
+    def unet_kwargs(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> dict[str, Tensor]:
+        """The keyword arguments of the (single) UNet call for one step: ``sample`` (B, C, h, w),
+        ``timestep`` (B,) and the condition rows; B = 2N with guidance ([uncond; cond]), else N."""
+        if self.guided:
+            if cond.uncond is None:
+                raise ValueError(f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs "
+                                 "unconditional inputs, but the conditioning has none")
+            sample = torch.cat([x_t, x_t])
+            extra = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
+        else:
+            sample, extra = x_t, dict(cond.cond)
+        ts = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(sample.shape[0]).clone()
+        return {"sample": sample, "timestep": ts, **extra}
+
+    def eps(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> Tensor:
+        """The guided model output (epsilon) for x_t at timestep t: ``(N, C, h, w)``."""
+        kwargs = self.unet_kwargs(self.scheduler.scale_model_input(x_t, t), t, cond)
+        out = self.unet(**kwargs).sample
+        if not self.guided:
+            return out
+        e_u, e_c = out.chunk(2)
+        return e_u + self.sampler.guidance_scale * (e_c - e_u)
+
+    def step(self, x_t: Tensor, i: int, cond: Conditioning, indices: Optional[Sequence[int]] = None,
+             seed: int = 0) -> Tensor:
+        """One guided denoising step from sampler step ``i`` (0 = noisiest): returns x_{t_i} → x_prev.
+
+        ``indices``/``seed`` identify the samples so that eta > 0 draws the same per-step noise for
+        the same sample in every run. Differentiable in x_t and in the UNet's parameters.
+        """
+        t = self.timesteps[i]
+        model_out = self.eps(x_t, t, cond)
+        kwargs: dict[str, Any] = {}
+        if "eta" in self._step_kwargs:
+            kwargs["eta"] = self.sampler.eta
+            if self.sampler.eta > 0:
+                idx = range(x_t.shape[0]) if indices is None else indices
+                kwargs["variance_noise"] = per_sample_randn(idx, seed, 2 + i, x_t.shape[1:], x_t.device)
+        return self.scheduler.step(model_out, t, x_t, **kwargs).prev_sample
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_latents(self, indices: Sequence[int], seed: int, *,
+                       on_step: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+        """Run the whole sampler for samples ``indices``: returns x_0 latents ``(N, C, h, w)``.
+
+        ``on_step(i, x_t)`` is called before step ``i`` with the current latents.
+        """
+        cond = self.conditions(indices, seed).to(self.device)
+        x = self.initial_noise(indices, seed)
+        self.scheduler.set_timesteps(self.sampler.num_inference_steps)
+        for i in range(len(self.timesteps)):
+            if on_step is not None:
+                on_step(i, x)
+            x = self.step(x, i, cond, indices, seed)
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images ``(N, C_img, H, W)`` in [0, 1]."""
+        out = self.vae.decode(latents / self.latent_scale)
+        images = out.sample if hasattr(out, "sample") else out[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample(self, indices: Sequence[int], seed: int) -> tuple[Tensor, list[Any]]:
+        """Images ``(N, C_img, H, W)`` in [0, 1] and their labels (class ids or prompts)."""
+        labels = self.conditions(indices, seed).labels
+        return self.decode(self.sample_latents(indices, seed)), labels
+
+    # ---------------------------------------------------------------- bookkeeping
+    def describe(self) -> dict[str, Any]:
+        """A short, JSON-able description (for logs and the summary line)."""
+        n_params = sum(p.numel() for p in self.unet.parameters())
+        return {"name": self.name, "family": self.family, "unet_params_m": round(n_params / 1e6, 3),
+                "steps": self.sampler.num_inference_steps, "guidance": self.sampler.guidance_scale,
+                "eta": self.sampler.eta, "latent_shape": list(self.latent_shape)}

@@ -1,0 +1,92 @@
+"""Recording a job: ``metrics.json`` (atomic), sample grids, and the Weights & Biases run.
+
+W&B is a sink only: tests and the table builder read ``metrics.json``. Offline W&B runs live in
+the job folder (``<run_dir>/wandb``) and can be synced later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffquant.context import NullTracker
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+    """Tile images ``(N, C, H, W)`` in [0, 1] into one PNG (grayscale or RGB) with 2-px gaps."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    pad = 2
+    grid = np.ones(((h + pad) * ncol + pad, (w + pad) * nrow + pad, c), dtype=np.uint8) * 255
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = arr[k]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return path
+
+
+def wandb_logged_in() -> bool:
+    """True when an API key is configured (environment or ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class WandbTracker:
+    """One W&B run per job (``reinit="finish_previous"`` so sequential sweep jobs never share one)."""
+
+    def __init__(self, logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str,
+                 tags: list[str]) -> None:
+        import wandb
+
+        mode = logger_cfg.mode
+        if mode == "auto":
+            mode = "online" if wandb_logged_in() else "offline"
+        self.wandb = wandb
+        self.run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
+                              group=logger_cfg.group, job_type=logger_cfg.job_type, name=name,
+                              tags=tags, config=config, dir=str(run_dir), reinit="finish_previous",
+                              settings=wandb.Settings(console="off", silent=True))
+        self.mode = mode
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_text(self, key: str, text: str) -> None:
+        self.run.log({key: self.wandb.Html(f"<pre>{text}</pre>")})
+
+    def log_image(self, key: str, path: Path, caption: str = "") -> None:
+        self.run.log({key: self.wandb.Image(str(path), caption=caption)})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        self.run.log({key: self.wandb.Table(columns=columns, data=rows)})
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def make_tracker(logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str, tags: list[str]):
+    """W&B when ``logger.name == 'wandb'`` and mode is not disabled, else a no-op tracker."""
+    if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
+        return NullTracker()
+    if logger_cfg.name != "wandb":
+        raise ValueError(f"logger={logger_cfg.name!r}: use logger=wandb or logger=none.")
+    return WandbTracker(logger_cfg, config, run_dir, name, tags)
