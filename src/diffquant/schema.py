@@ -35,6 +35,8 @@ class ModelConfig:
         prompts: text-to-image models: a file with one prompt per line (or a zoo: path).
         latent_scale: override of the autoencoder's latent scaling factor.
         get_weights: the command that downloads or converts the weights (shown when absent).
+        random_weights: replace the UNet's trained weights by a seeded random initialisation of
+            the same architecture (the "untrained model" baseline of FID tables).
     """
 
     name: str = MISSING
@@ -52,6 +54,7 @@ class ModelConfig:
     image_size: Optional[int] = None
     latent_scale: Optional[float] = None
     get_weights: str = ""
+    random_weights: bool = False
 
 
 @dataclass
@@ -68,6 +71,10 @@ class EvaluatorConfig:
         batch_size: images per sampling batch.
         clip_model: CLIP model (hub id or local folder) for ``clip_score``.
         grid_size: images in the logged sample grid.
+        num_shards / shard_index: sharded evaluation (e.g. 50k-sample FID over a job array): this
+            job samples only slice ``shard_index`` of ``num_shards`` contiguous slices of the
+            ``n_samples`` indices and saves their features (``shard.pt``); ``python -m
+            diffquant.shards <sweep dir>`` merges all slices into one FID / IS. 1 = unsharded.
     """
 
     name: str = MISSING
@@ -79,6 +86,8 @@ class EvaluatorConfig:
     batch_size: int = 100
     clip_model: Optional[str] = None
     grid_size: int = 64
+    num_shards: int = 1
+    shard_index: Optional[int] = None
 
 
 @dataclass
@@ -97,6 +106,51 @@ class LoggerConfig:
     job_type: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     log_images: bool = True
+
+
+@dataclass
+class SlurmConfig:
+    """Cluster defaults that ``hydra/launcher=slurm`` reads (set them once per machine in the
+    git-ignored ``conf/local/default.yaml``; see ``conf/local/default.yaml.example``).
+
+    Attributes:
+        partition / account / qos / constraint: sbatch ``--partition`` etc. (None: cluster default).
+        timeout_min: wall-clock limit of each job, minutes.
+        gpus_per_node / cpus_per_task / mem_gb: resources of each job (None: not requested).
+        array_parallelism: array tasks running at once (``--array=0-N%K``).
+        max_num_timeout: how often a job that hits its time limit is requeued; it then resumes
+            from its checkpoints (finished sample batches, cached calibration / PTQ results).
+        setup: shell lines (one string; newlines separate commands) run in the sbatch script
+            before the job, after the launcher's own (``export WANDB_MODE=...``).
+    """
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    timeout_min: int = 1440
+    gpus_per_node: Optional[int] = 1
+    cpus_per_task: Optional[int] = 8
+    mem_gb: Optional[int] = 64
+    array_parallelism: int = 64
+    max_num_timeout: int = 3
+    setup: str = ""
+
+
+@dataclass
+class AnalysisConfig:
+    """Optional analyses of the final model, run after evaluation (any method).
+
+    Attributes:
+        error_accumulation: per-step and accumulated error against the FP sampler
+            (:mod:`diffquant.analysis.error_accumulation`): ``error_accumulation.json`` / ``.png``
+            in the run folder, W&B table and plot, ``erracc_*`` scalars in ``metrics.json``.
+        n_samples / batch_size: trajectories measured (the job's seed, indices 0..n-1).
+    """
+
+    error_accumulation: bool = False
+    n_samples: int = 64
+    batch_size: int = 64
 
 
 @dataclass
@@ -125,6 +179,8 @@ class RunConfig:
     save_quantized: bool = False
     tags: list[str] = field(default_factory=list)
     experiment: Optional[str] = None
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def register_configs() -> None:

@@ -65,11 +65,20 @@ def vae_class(model_cfg: Any) -> type:
     return AutoencoderKL
 
 
+def randomly_initialised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``module``'s architecture with a seeded random initialisation (untrained)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return type(module).from_config(module.config)
+
+
 @MODELS.register("ldm")
 def build_ldm(model_cfg: Any, device: torch.device) -> LatentDiffusion:
     check_weights(model_cfg, ("unet", "vae", "scheduler"))
     meta = read_meta(model_cfg)
     unet = load_component(UNet2DModel, model_cfg, "unet")
+    if model_cfg.random_weights:
+        unet = randomly_initialised(unet)
     vae = load_component(vae_class(model_cfg), model_cfg, "vae")
     scheduler = load_scheduler(model_cfg)
     size = unet.config.sample_size

@@ -1,0 +1,86 @@
+"""End-to-end FP runs of the embedded ldm_digits through diffquant.app.run and through run.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from diffquant.app import METRIC_KEYS, run
+
+SMALL = ["evaluator.n_samples=40", "evaluator.batch_size=20", "logger=none"]
+
+
+def test_fp_run_writes_metrics_grid_and_config(make_cfg):
+    cfg = make_cfg(SMALL)
+    metrics = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(METRIC_KEYS) <= set(on_disk)
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["method"] == "fp" and on_disk["weight_bits"] == 32 and on_disk["fid_to_fp"] == 0.0
+    assert on_disk["n_samples"] == 40 and on_disk["fid"] > 0 and 1 <= on_disk["inception_score"] <= 10
+    assert on_disk["peak_cuda_mb"] is None and on_disk["peak_rss_mb"] > 0
+    assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
+
+
+def test_same_seed_same_metrics_other_seed_differs(make_cfg):
+    a = run(make_cfg(SMALL, name="a", cache_dir=Path(make_cfg(SMALL, "x").paths.output_dir) / "ca"))
+    b = run(make_cfg(SMALL, name="b", cache_dir=Path(make_cfg(SMALL, "y").paths.output_dir) / "cb"))
+    c = run(make_cfg([*SMALL, "seed=1"], name="c"))
+    for key in ("fid", "inception_score", "config_hash"):
+        assert a[key] == b[key]
+    assert a["fid"] != c["fid"] and a["config_hash"] != c["config_hash"]
+
+
+def test_batch_size_does_not_change_samples(make_cfg):
+    a = run(make_cfg(SMALL, name="a"))
+    b = run(make_cfg([*SMALL, "evaluator.batch_size=40"], name="b"))
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+
+
+def test_stopped_run_resumes_without_resampling(make_cfg, monkeypatch):
+    cfg = make_cfg(SMALL, name="job")
+    first = run(cfg)
+    (Path(cfg.paths.output_dir) / "metrics.json").unlink()  # as if killed before recording
+
+    from diffquant.models.base import DiffusionModel
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("finished batches must not be sampled again")
+
+    monkeypatch.setattr(DiffusionModel, "sample", no_sampling)
+    again = run(make_cfg(SMALL, name="job"))
+    assert again["fid"] == first["fid"] and again["sample_s"] == first["sample_s"]
+
+
+def test_wandb_offline_run_lives_in_job_dir(make_cfg):
+    cfg = make_cfg(["evaluator.n_samples=20", "evaluator.batch_size=20", "logger=wandb", "logger.mode=offline"])
+    run(cfg)
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_cli_multirun_two_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = sorted(sweep.glob("*/metrics.json"))
+    assert len(found) == 2
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in found)
+    assert seeds == [0, 1]
+    assert "[diffquant] ldm_digits fp" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["quant=w9a9"], "Could not find 'quant/w9a9'"),
+    (["evaluator.n_sample=10"], "n_sample"),
+    (["evaluator.n_samples=0"], "evaluator.n_samples=0 must be positive"),
+    (["model.pretrained=/nonexistent/ldm"], "model.pretrained="),
+])
+def test_cli_bad_input_exits_nonzero_naming_the_fix(args, needle, tmp_path):
+    proc = run_cli([*args, "logger=none", f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
