@@ -32,3 +32,28 @@ test-all: venv  ## everything
 
 clean:  ## remove outputs and caches (not the venv)
 	rm -rf outputs multirun cache .pytest_cache
+
+# --- Sweeps and paper tables (experiments/README.md) ------------------------------------------
+# make sweep EXPERIMENT=quest_imagenet LAUNCHER=slurm ARGS='slurm.partition=gpu'
+# runs the experiment's FP row, then its grid, into one sweep folder, then builds its table.
+EXPERIMENT ?= embedded_digits
+LAUNCHER ?= basic
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+SWEEP_DIR = $(or $(SWEEP),outputs/multiruns/$(STAMP)_$(EXPERIMENT))
+
+.PHONY: sweep sweep-embedded tables
+sweep: venv  ## EXPERIMENT=<conf/experiment name> [LAUNCHER=basic|local|slurm] [SWEEP=dir] [ARGS=overrides]
+	$(PY) run.py experiment=$(EXPERIMENT) hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) method=fp quant=fp32 $(ARGS)
+	$(PY) run.py experiment=$(EXPERIMENT) hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+	$(PY) -m diffquant.tables $(SWEEP_DIR)
+
+sweep-embedded:  ## the embedded table (ldm_digits, sd_digits x bits x methods): make sweep for embedded_digits
+	$(MAKE) sweep EXPERIMENT=embedded_digits
+
+tables: venv  ## SWEEP=<sweep dir>: table.{md,tex,csv} with the published numbers beside ours
+	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
+	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
+
+.PHONY: bench-accuquant
+bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
+	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

@@ -25,7 +25,7 @@ def test_every_option_composes(group, make_cfg):
 
 def test_every_experiment_composes(make_cfg):
     for option in options("experiment"):
-        cfg = make_cfg([f"+experiment={option}"])
+        cfg = make_cfg([f"experiment={option}"])
         assert cfg.experiment is not None
 
 

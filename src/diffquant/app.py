@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffquant.cache import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
 from diffquant.context import RunContext
@@ -28,6 +28,7 @@ from diffquant.models.loading import build_model, resolve_device
 from diffquant.quant.config import FP_BITS
 from diffquant.registry import METHODS
 from diffquant.schema import validate
+from diffquant.shards import is_sharded, save_shard, shard_indices
 from diffquant.tracking import make_tracker, save_grid
 
 log = logging.getLogger("diffquant")
@@ -45,9 +46,10 @@ def seed_everything(seed: int) -> None:
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without Hydra's own node (what W&B and config.yaml record)."""
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    container.pop("hydra", None)
-    return container
+    cfg = cfg.copy()  # without the hydra node: in compose mode (tests) parts of it are missing
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 def model_key(cfg: DictConfig) -> dict[str, Any]:
@@ -59,8 +61,10 @@ def model_key(cfg: DictConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A digest of everything that determines the metrics (not logging or folders)."""
+    """A digest of everything that determines the metrics (not logging or folders; not the shard
+    a job evaluates, so all shards of one evaluation and their merge share it)."""
     c = job_config(cfg)
+    c["evaluator"] = {k: v for k, v in c["evaluator"].items() if k not in ("num_shards", "shard_index")}
     return stable_hash({k: c[k] for k in ("model", "quant", "method", "evaluator", "seed")})
 
 
@@ -71,16 +75,27 @@ def peak_memory() -> tuple[float, float | None]:
     return round(rss, 1), (round(cuda, 1) if cuda is not None else None)
 
 
-def fp_reference_features(model, evaluation: Evaluation, cfg: DictConfig) -> tuple[torch.Tensor, float]:
-    """Features of the FP model's samples for the job's seeds (cached; resumable), and the seconds
-    that sampling them took when they were made."""
+def fp_reference_entry(evaluation: Evaluation, cfg: DictConfig, indices: range):
+    """The cache entry of the FP model's features for samples ``indices`` of the job's seed
+    (all ``n_samples``, or one shard's slice of them)."""
+    key = model_key(cfg)
+    if len(indices) != cfg.evaluator.n_samples:
+        key["indices"] = [indices.start, indices.stop]
+    return evaluation.fp_reference_entry(key, cfg.evaluator.n_samples, cfg.seed)
+
+
+def fp_reference_features(model, evaluation: Evaluation, cfg: DictConfig,
+                          indices: range) -> tuple[torch.Tensor, float]:
+    """Features of the FP model's samples ``indices`` for the job's seed (cached; resumable), and
+    the seconds that sampling them took when they were made."""
     ev = cfg.evaluator
-    entry = evaluation.fp_reference_entry(model_key(cfg), ev.n_samples, cfg.seed)
+    entry = fp_reference_entry(evaluation, cfg, indices)
     with entry.lock():
         if not entry.done():
             feats, seconds = [], 0.0
-            for batch, s in generate(model, evaluation, ev.n_samples, cfg.seed, ev.batch_size,
-                                     entry.partial_dir(), keep_images=0, desc="FP reference"):
+            for batch, s in generate(model, evaluation, len(indices), cfg.seed, ev.batch_size,
+                                     entry.partial_dir(), keep_images=0, desc="FP reference",
+                                     start=indices.start):
                 feats.append(batch.features)
                 seconds += s
             with entry.writing() as tmp:
@@ -90,9 +105,10 @@ def fp_reference_features(model, evaluation: Evaluation, cfg: DictConfig) -> tup
     return rec["features"], rec["sample_s"]
 
 
-def store_fp_reference(evaluation: Evaluation, cfg: DictConfig, features: torch.Tensor, seconds: float) -> None:
+def store_fp_reference(evaluation: Evaluation, cfg: DictConfig, features: torch.Tensor, seconds: float,
+                       indices: range) -> None:
     """An FP job's own features are the FP reference of every quantized job with its seeds."""
-    entry = evaluation.fp_reference_entry(model_key(cfg), cfg.evaluator.n_samples, cfg.seed)
+    entry = fp_reference_entry(evaluation, cfg, indices)
     with entry.lock():
         if not entry.done():
             with entry.writing() as tmp:
@@ -111,14 +127,19 @@ def summary_line(m: dict[str, Any], run_dir: Path) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job described by ``cfg``; returns the metrics written to ``metrics.json``."""
     validate(cfg)
+    ev = cfg.evaluator
+    indices = shard_indices(ev.n_samples, ev.num_shards, ev.shard_index)  # this job's samples
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     is_fp = cfg.method.name == "fp"
     tags = [cfg.model.name, cfg.quant.name, cfg.method.name, *cfg.tags, *cfg.logger.tags]
+    if is_sharded(ev):
+        tags.append(f"shard{ev.shard_index}of{ev.num_shards}")
     tracker = make_tracker(cfg.logger, job_config(cfg), run_dir,
-                           f"{cfg.model.name}-{cfg.quant.name}-{cfg.method.name}-s{cfg.seed}", tags)
+                           f"{cfg.model.name}-{cfg.quant.name}-{cfg.method.name}-s{cfg.seed}", tags,
+                           job_type="evaluate" if is_fp else "quantize")
     exit_code = 1
     try:
         ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), device=device,
@@ -127,9 +148,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(cfg.model, device)
         log.info("model: %s", model.describe())
         evaluation = Evaluation(cfg.evaluator, ctx, skip=("fid_to_fp",) if is_fp else ())
-        fp_sample_s = None
+        fp_sample_s, fp_feats = None, None
         if "fid_to_fp" in evaluation.metric_names:
-            fp_feats, fp_sample_s = fp_reference_features(model, evaluation, cfg)
+            fp_feats, fp_sample_s = fp_reference_features(model, evaluation, cfg, indices)
             evaluation.set_fp_features(fp_feats)
 
         t0 = time.perf_counter()
@@ -138,36 +159,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed_everything(cfg.seed)
 
         evaluation.start()
-        ev = cfg.evaluator
         t_start, sample_s, grid, feats = time.perf_counter(), 0.0, [], []
+        logits, labels, per_sample = [], [], []
         new_sample_s = 0.0
-        for batch, seconds in generate(model, evaluation, ev.n_samples, cfg.seed, ev.batch_size,
-                                       run_dir / "progress", keep_images=ev.grid_size):
+        for batch, seconds in generate(model, evaluation, len(indices), cfg.seed, ev.batch_size,
+                                       run_dir / "progress", keep_images=ev.grid_size,
+                                       start=indices.start):
             sample_s += seconds
             evaluation.update(batch)
             feats.append(batch.features)
+            logits.append(batch.logits)
+            labels.extend(batch.labels)
+            per_sample.append(getattr(batch, "per_sample", None) or {})
             if batch.images is not None:
                 grid.append(batch.images)
         new_sample_s = time.perf_counter() - t_start
         t_eval = time.perf_counter()
-        metrics_vals = evaluation.compute()
+        if is_sharded(ev):  # FID / IS come from all shards: `python -m diffquant.shards <sweep>`
+            save_shard(run_dir, indices, torch.cat(feats), None if logits[0] is None else torch.cat(logits),
+                       labels, fp_feats, ev, config_hash(cfg), per_sample)
+            metrics_vals = {}
+        else:
+            metrics_vals = evaluation.compute()
         eval_s = time.perf_counter() - t_eval + max(0.0, new_sample_s - sample_s)
         if is_fp and "fid_to_fp" in ev.metrics:
-            metrics_vals["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
-            store_fp_reference(evaluation, cfg, torch.cat(feats), sample_s)
+            if not is_sharded(ev):
+                metrics_vals["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
+            store_fp_reference(evaluation, cfg, torch.cat(feats), sample_s, indices)
+        if cfg.analysis.error_accumulation:
+            from diffquant.analysis.error_accumulation import run_error_accumulation
+
+            ctx.extra_metrics.update(run_error_accumulation(
+                model, cfg.analysis, ctx, label=f"{cfg.method.name} {cfg.quant.name}"))
 
         rss, cuda = peak_memory()
         metrics: dict[str, Any] = {
             "model": cfg.model.name, "method": cfg.method.name,
             "weight_bits": FP_BITS if is_fp else cfg.quant.weight_bits,
             "act_bits": FP_BITS if is_fp else cfg.quant.act_bits,
-            "quant": cfg.quant.name, "seed": cfg.seed, "n_samples": ev.n_samples,
+            "quant": cfg.quant.name, "seed": cfg.seed, "n_samples": len(indices),
             "fid": None, "inception_score": None, "fid_to_fp": None,
             **metrics_vals,
             "calibrate_s": round(calibrate_s, 3), "sample_s": round(sample_s, 3),
             "fp_sample_s": None if fp_sample_s is None else round(fp_sample_s, 3),
             "eval_s": round(eval_s, 3), "peak_rss_mb": rss, "peak_cuda_mb": cuda,
             "config_hash": config_hash(cfg), "device": str(device), "experiment": cfg.experiment,
+            "num_shards": ev.num_shards, "shard_index": ev.shard_index,
             **ctx.extra_metrics,
         }
         atomic_write_json(run_dir / "metrics.json", metrics)

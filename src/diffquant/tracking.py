@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,51 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def group_name(sweep_dir: Path | str) -> str:
+    """The W&B group of a sweep: its folder's name, with the date folder in front when the name is
+    only a time (``outputs/multiruns/2026-11-21/05-10-00`` → ``2026-11-21_05-10-00``)."""
+    path = Path(sweep_dir)
+    if re.fullmatch(r"\d{2}-\d{2}-\d{2}", path.name) and path.parent.name:
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def sweep_group() -> str | None:
+    """:func:`group_name` of the running Hydra multirun's sweep folder (None outside a multirun),
+    identical for every job of the sweep, whichever launcher runs them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN or not hydra_cfg.sweep.dir:
+            return None
+        return group_name(hydra_cfg.sweep.dir)
+    except (ValueError, ImportError, AttributeError):
+        return None
+
+
 class WandbTracker:
-    """One W&B run per job (``reinit="finish_previous"`` so sequential sweep jobs never share one)."""
+    """One W&B run per job (``reinit="finish_previous"`` so sequential sweep jobs never share one).
+
+    Runs of one sweep share a group (``logger.group``, else the sweep folder: :func:`sweep_group`);
+    ``job_type`` is ``logger.job_type``, else the caller's (``quantize``, or ``evaluate`` for FP
+    jobs and shard merges). ``mode: auto`` follows ``$WANDB_MODE`` when set (the SLURM launcher
+    sets it to offline on compute nodes), else online when logged in, else offline.
+    """
 
     def __init__(self, logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str,
-                 tags: list[str]) -> None:
+                 tags: list[str], job_type: str | None = None, group: str | None = None) -> None:
         import wandb
 
         mode = logger_cfg.mode
         if mode == "auto":
-            mode = "online" if wandb_logged_in() else "offline"
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         self.wandb = wandb
+        self.group = logger_cfg.group or group or sweep_group()
+        self.job_type = logger_cfg.job_type or job_type
         self.run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
-                              group=logger_cfg.group, job_type=logger_cfg.job_type, name=name,
+                              group=self.group, job_type=self.job_type, name=name,
                               tags=tags, config=config, dir=str(run_dir), reinit="finish_previous",
                               settings=wandb.Settings(console="off", silent=True))
         self.mode = mode
@@ -83,10 +116,12 @@ class WandbTracker:
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str, tags: list[str]):
-    """W&B when ``logger.name == 'wandb'`` and mode is not disabled, else a no-op tracker."""
+def make_tracker(logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str, tags: list[str],
+                 job_type: str | None = None, group: str | None = None):
+    """W&B when ``logger.name == 'wandb'`` and mode is not disabled, else a no-op tracker.
+    ``job_type`` / ``group`` are defaults that ``logger.job_type`` / ``logger.group`` override."""
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
         return NullTracker()
     if logger_cfg.name != "wandb":
         raise ValueError(f"logger={logger_cfg.name!r}: use logger=wandb or logger=none.")
-    return WandbTracker(logger_cfg, config, run_dir, name, tags)
+    return WandbTracker(logger_cfg, config, run_dir, name, tags, job_type=job_type, group=group)

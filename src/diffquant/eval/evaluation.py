@@ -30,6 +30,10 @@ class Evaluation:
         self.ctx = ctx
         self.backbone = BACKBONES.get(eval_cfg.backbone)(eval_cfg).to(ctx.device).eval()
         self.metric_names = [m for m in eval_cfg.metrics if m not in skip]
+        for name in self.metric_names:
+            preflight = getattr(EVALUATORS.get(name), "preflight", None)
+            if preflight is not None:
+                preflight(eval_cfg)
         self._fp_features: Optional[Tensor] = None
         self.metrics: dict[str, Metric] = {}
 
@@ -71,6 +75,11 @@ class Evaluation:
             raise RuntimeError("fid_to_fp needs the FP model's features: the app computes them "
                                "before quantizing (Evaluation.set_fp_features).")
         return self._fp_features
+
+    def per_sample(self, images: Tensor, labels: list[Any]) -> dict[str, Tensor]:
+        """Per-image values ``{metric: (N,)}`` of the started metrics that need the images themselves."""
+        return {name: metric.per_sample(images, labels) for name, metric in self.metrics.items()
+                if hasattr(metric, "per_sample")}
 
     # ------------------------------------------------------------ metrics
     def start(self) -> None:

@@ -8,7 +8,8 @@ per batch, or per shard on a cluster) are all they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -23,12 +24,14 @@ from diffquant.registry import EVALUATORS
 class EvalBatch:
     """One batch of generated samples: images ``(N, C, H, W)`` in [0, 1] (may be None when only
     saved features are replayed), labels (class ids or prompts), backbone features ``(N, d)`` and
-    logits ``(N, k)`` or None."""
+    logits ``(N, k)`` or None, and ``per_sample`` values ``{metric: (N,)}`` of the metrics that
+    need the images themselves (computed when the batch was generated; see ``Metric.per_sample``)."""
 
     images: Optional[Tensor]
     labels: list[Any]
     features: Tensor
     logits: Optional[Tensor]
+    per_sample: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _Passthrough(nn.Module):
@@ -43,7 +46,13 @@ class _Passthrough(nn.Module):
 
 
 class Metric:
-    """Base of a streaming metric: ``update(batch)`` per batch, then ``compute() -> {name: value}``."""
+    """Base of a streaming metric: ``update(batch)`` per batch, then ``compute() -> {name: value}``.
+
+    A metric that needs every image (not only backbone features) also defines
+    ``per_sample(images, labels) -> (N,)``; its values are saved with each generated batch and come
+    back in ``EvalBatch.per_sample[name]``. A builder may define ``preflight(eval_cfg)``, run when
+    the evaluation is set up (before any sampling), e.g. to fail fast on missing weights.
+    """
 
     name: str = ""
 
@@ -75,7 +84,9 @@ class InceptionScoreMetric(Metric):
     name = "inception_score"
 
     def __init__(self, splits: int = 10) -> None:
-        self.metric = InceptionScore(feature=_Passthrough(0), splits=splits)
+        with warnings.catch_warnings():  # "will save all extracted features": logits, (N, k), small
+            warnings.simplefilter("ignore", UserWarning)
+            self.metric = InceptionScore(feature=_Passthrough(0), splits=splits)
         self.seen = 0
 
     def update(self, batch: EvalBatch) -> None:

@@ -47,8 +47,9 @@ def generate(model, evaluation, n: int, seed: int, batch_size: int, progress_dir
             out = evaluation.features(images)
             kept = images[: max(0, keep_images - (idx.start - start))]
             rec = {"features": out["features"], "logits": out["logits"], "labels": labels,
-                   "seconds": seconds, "images": (kept.cpu() * 255).round().to(torch.uint8)}
+                   "seconds": seconds, "images": (kept.cpu() * 255).round().to(torch.uint8),
+                   "per_sample": evaluation.per_sample(images, labels)}
             if path is not None:
                 atomic_torch_save(rec, path)
         images = rec["images"].float() / 255 if rec["images"] is not None and len(rec["images"]) else None
-        yield EvalBatch(images, rec["labels"], rec["features"], rec["logits"]), rec["seconds"]
+        yield EvalBatch(images, rec["labels"], rec["features"], rec["logits"], rec.get("per_sample", {})), rec["seconds"]

@@ -1,0 +1,49 @@
+"""Initial activation ranges: run calibration rows through the FP UNet with every activation
+quantizer observing its input (see :class:`~diffquant.quant.quantizers.ActQuantizer`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffquant.calib.collect import CalibStream
+from diffquant.quant.state import iter_quantizers, quant_state
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = "lp",
+                         n_rows: Optional[int] = 256, batch_size: int = 64, p: float = 2.4,
+                         n_candidates: int = 80, seed: int = 0,
+                         device: Optional[torch.device] = None) -> int:
+    """Set Δ, z of every activation quantizer of ``unet`` from ``n_rows`` calibration rows
+    (a fixed random subset spread over all recorded steps; None = all rows).
+
+    ``method``: ``minmax`` (min/max over all rows) or ``lp`` (per batch the L_p-optimal clipping
+    range, averaged over batches). Time-step-aware quantizers are calibrated per group (the UNet's
+    time-step hook routes each row). Weights stay FP while observing. Returns the number of
+    quantizers calibrated.
+    """
+    device = device or next(unet.parameters()).device
+    quantizers = [(n, q) for n, q in iter_quantizers(unet, "act")]
+    for i, (_, q) in enumerate(quantizers):
+        q.start_observing(method, p, n_candidates, seed=seed * 100_003 + i)
+    try:
+        with quant_state(unet, weights=False):
+            for batch in stream.batches(batch_size, stream.subset(n_rows, seed), device=device):
+                unet(**batch)
+    except BaseException:
+        for _, q in quantizers:
+            q._observer = None  # drop partial statistics
+        raise
+    for _, q in quantizers:
+        q.finish_observing()
+    unused = [n for n, q in quantizers if not bool(q.initialized)]
+    if unused:
+        log.warning("activation quantizers never called during calibration (left uncalibrated, "
+                    "they will fail if used): %s", ", ".join(unused[:8]))
+    return len(quantizers) - len(unused)

@@ -1,0 +1,529 @@
+"""BRECQ block reconstruction (the Q-Diffusion recipe) on a quantized diffusers UNet.
+
+Units, in the order the UNet executes them: every ``ResnetBlock2D``, transformer block
+(``BasicTransformerBlock``) and ``Attention`` block not inside another unit; every other quantized
+Conv2d/Linear on its own (``conv_in``, time-embedding linears, down/up-sampler convs,
+``proj_in``/``proj_out``, ``conv_out``).
+
+For each unit, calibration rows are streamed through the UNet and two captures are taken by
+hooks (the forward stops at the unit, so only the prefix runs):
+
+* the FP network (quantization off): the unit's inputs ``x_fp`` and its output ``y`` (target);
+* the weight-quantized network (already reconstructed units hard-rounded, activations FP): the
+  unit's inputs ``x_w`` (Q-Diffusion's ``asym=True``).
+
+Then
+
+1. **weight stage** — AdaRound: Adam(lr ``weight_lr``) on α for ``weight_iters`` iterations,
+   loss ``‖unit(x_w) - y‖_p^p`` (p = ``weight_p``, summed over channels, mean over the rest) +
+   the rounding regulariser (weight ``round_reg``, β ``beta_start → beta_end`` after ``warmup``);
+   activations off; the choices are frozen at the end;
+2. **activation stage** — LSQ: Adam(lr ``act_lr``, cosine to 0) on the step sizes of the unit's
+   activation quantizers below 16 bits for ``act_iters`` iterations, loss ``‖unit(x_fp) - y‖_p^p``
+   (p = ``act_p``) with hard-rounded weights and quantized activations.
+
+Captured rows live in a :class:`RowStore`: in memory up to ``memory_mb``, in disk shards beyond,
+so no more than one unit's data (and at most ``memory_mb`` of it) is ever held. After each
+finished unit the quantizer state and a progress file are written atomically under
+``progress_dir``; a stopped calibration resumes after the last finished unit and gives the same
+result as an uninterrupted one (every unit's optimisation is seeded by its index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.cache import atomic_torch_save, atomic_write_json
+from diffquant.calib.collect import CalibStream
+from diffquant.quant.adaround import AdaRound, RoundingSchedule
+from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
+from diffquant.quant.modules import is_quant_layer
+from diffquant.quant.quantizers import ActQuantizer
+from diffquant.quant.state import iter_quantizers, quant_state
+from diffquant.quant.timestep import get_router
+from diffquant.quant.typed import as_dataclass
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+SOFTMAX_FP_BITS = 16  # activation quantizers at >= 16 bits are not trained (Q-Diffusion)
+
+
+@dataclass
+class ReconSettings:
+    """Block-reconstruction hyper-parameters (paper values: 20k / 5k iterations, batch 32).
+
+    Attributes:
+        weight_iters / act_iters: iterations of the AdaRound / LSQ stage per unit (0 skips).
+        batch_size: rows per iteration.
+        weight_lr / act_lr: Adam learning rates of α / of activation step sizes.
+        weight_p / act_p: the L_p norm of the reconstruction loss in each stage.
+        warmup: fraction of weight iterations without the rounding regulariser.
+        beta_start / beta_end: the regulariser's β annealing.
+        round_reg: regulariser weight λ.
+        capture_batch_size: rows per UNet forward when capturing a unit's inputs.
+        max_rows: calibration rows used (a fixed random subset; None = all).
+        memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
+        seed: base seed (each unit's optimisation is seeded by it and the unit's index).
+    """
+
+    weight_iters: int = 20000
+    act_iters: int = 5000
+    batch_size: int = 32
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-4
+    weight_p: float = 2.0
+    act_p: float = 2.4
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    round_reg: float = 0.01
+    capture_batch_size: int = 64
+    max_rows: Optional[int] = None
+    memory_mb: int = 2048
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------- units
+@dataclass
+class Unit:
+    """One reconstruction unit: ``kind`` is ``resnet``, ``transformer``, ``attention`` or ``layer``."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+
+def _block_types() -> dict[type, str]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return {ResnetBlock2D: "resnet", BasicTransformerBlock: "transformer", Attention: "attention"}
+
+
+class StopForward(Exception):
+    """Raised by capture hooks to skip the rest of the UNet."""
+
+
+def find_units(unet: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
+    """The reconstruction units of ``unet`` in execution order (traced on ``example`` kwargs)."""
+    block_types = _block_types()
+    candidates: list[Unit] = []
+    inside: set[str] = set()
+    for name, m in unet.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        kind = next((k for t, k in block_types.items() if isinstance(m, t)), None)
+        if kind is not None and any(is_quant_layer(c) for c in m.modules()):
+            candidates.append(Unit(name, m, kind))
+            inside.add(name)
+        elif is_quant_layer(m):
+            candidates.append(Unit(name, m, "layer"))
+    order: dict[str, int] = {}
+    handles = []
+    for u in candidates:
+        def hook(mod, args, name=u.name):
+            if name in order:
+                raise RuntimeError(f"reconstruction unit {name} runs twice in one UNet call; "
+                                   "block reconstruction needs each unit to run once")
+            order[name] = len(order)
+        handles.append(u.module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), quant_state(unet, weights=False, acts=False):
+            unet(**example)
+    finally:
+        for h in handles:
+            h.remove()
+    skipped = [u.name for u in candidates if u.name not in order]
+    if skipped:
+        log.warning("quantized modules never called by the UNet (not reconstructed): %s", skipped)
+    return sorted((u for u in candidates if u.name in order), key=lambda u: order[u.name])
+
+
+# ---------------------------------------------------------------------------- captured calls
+class CallSpec:
+    """How to rebuild a unit's call from stored rows: which positional/keyword arguments are
+    per-row tensors (stored) and which are constants (kept here)."""
+
+    def __init__(self, args: tuple, kwargs: dict, batch: int) -> None:
+        self.arg_slots: list[tuple[str, Any]] = []
+        self.kw_slots: dict[str, tuple[str, Any]] = {}
+        for i, a in enumerate(args):
+            self.arg_slots.append(self._slot(f"a{i}", a, batch))
+        for k, v in kwargs.items():
+            self.kw_slots[k] = self._slot(f"k_{k}", v, batch)
+
+    @staticmethod
+    def _slot(key: str, value: Any, batch: int) -> tuple[str, Any]:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return ("row", key)
+        return ("const", value)
+
+    def rows(self, args: tuple, kwargs: dict, prefix: str) -> dict[str, Tensor]:
+        out = {}
+        for (kind, key), a in zip(self.arg_slots, args):
+            if kind == "row":
+                out[prefix + key] = a.detach().cpu()
+        for k, (kind, key) in self.kw_slots.items():
+            if kind == "row":
+                out[prefix + key] = kwargs[k].detach().cpu()
+        return out
+
+    def call(self, module: nn.Module, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        args = [batch[prefix + key] if kind == "row" else key for kind, key in self.arg_slots]
+        kwargs = {k: batch[prefix + key] if kind == "row" else key
+                  for k, (kind, key) in self.kw_slots.items()}
+        out = module(*args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---------------------------------------------------------------------------- row storage
+class RowStore:
+    """Rows of named tensors (CPU), in memory up to ``budget_bytes`` and in disk shards beyond."""
+
+    def __init__(self, spill_dir: Path, budget_bytes: int) -> None:
+        self.spill_dir = spill_dir
+        self.budget = budget_bytes
+        self.buffer: list[dict[str, Tensor]] = []
+        self.buffer_bytes = 0
+        self.shards: list[tuple[Path, int]] = []
+        self.memory: Optional[dict[str, Tensor]] = None
+        self.n_rows = 0
+
+    def append(self, rows: dict[str, Tensor]) -> None:
+        self.buffer.append(rows)
+        self.buffer_bytes += sum(v.numel() * v.element_size() for v in rows.values())
+        self.n_rows += next(iter(rows.values())).shape[0]
+        if self.buffer_bytes > self.budget:
+            self._spill()
+
+    def _spill(self) -> None:
+        data = {k: torch.cat([b[k] for b in self.buffer]) for k in self.buffer[0]}
+        path = self.spill_dir / f"rows_{len(self.shards):05d}.pt"
+        torch.save(data, path)
+        self.shards.append((path, next(iter(data.values())).shape[0]))
+        self.buffer, self.buffer_bytes = [], 0
+
+    def finish(self) -> None:
+        if not self.buffer:
+            return
+        if self.shards:
+            self._spill()
+        else:
+            self.memory = {k: torch.cat([b[k] for b in self.buffer]) for k in self.buffer[0]}
+            self.buffer = []
+
+    def sample(self, n_iters: int, batch_size: int, generator: torch.Generator
+               ) -> Iterator[dict[str, Tensor]]:
+        """``n_iters`` random batches (without replacement within a batch). On disk: shards are
+        visited in random order and each gives about ``rows / batch_size`` batches."""
+        done = 0
+        while done < n_iters:
+            if self.memory is not None:
+                sources = [(None, self.n_rows)]
+            else:
+                perm = torch.randperm(len(self.shards), generator=generator).tolist()
+                sources = [self.shards[i] for i in perm]
+            for path, n in sources:
+                data = self.memory if path is None else torch.load(path, weights_only=True)
+                k = n_iters - done if path is None else max(1, n // batch_size)
+                for _ in range(min(k, n_iters - done)):
+                    idx = torch.randperm(n, generator=generator)[:batch_size]
+                    yield {key: v[idx] for key, v in data.items()}
+                    done += 1
+                if done >= n_iters:
+                    return
+
+
+# ---------------------------------------------------------------------------- losses
+def lp_loss(pred: Tensor, target: Tensor, p: float) -> Tensor:
+    """``|pred - target|^p`` summed over channels (dim 1 of 4-D tensors, the last dim of token
+    tensors), averaged over the rest — BRECQ's loss with a consistent channel axis."""
+    err = (pred - target).abs().pow(p)
+    ch = 1 if err.dim() == 4 else err.dim() - 1
+    return err.sum(dim=ch).mean()
+
+
+def _check_finite(loss: Tensor, unit: str, stage: str) -> None:
+    if not torch.isfinite(loss):
+        knob = "method.recon.weight_lr" if stage == "weight" else "method.recon.act_lr"
+        raise FloatingPointError(
+            f"block reconstruction of {unit} diverged in the {stage} stage (loss {loss.item()}): "
+            f"lower {knob} (or check the calibration data for NaN/inf)")
+
+
+# ---------------------------------------------------------------------------- engine
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    weight_loss: Optional[float] = None
+    act_loss: Optional[float] = None
+    capture_s: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class ReconReport:
+    units: list[UnitReport] = field(default_factory=list)
+    resumed_from: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        w = [u.weight_loss for u in self.units if u.weight_loss is not None]
+        a = [u.act_loss for u in self.units if u.act_loss is not None]
+        out: dict[str, float] = {"recon_units": len(self.units)}
+        if w:
+            out["recon_weight_loss_mean"] = float(sum(w) / len(w))
+        if a:
+            out["recon_act_loss_mean"] = float(sum(a) / len(a))
+        return out
+
+
+class Reconstructor:
+    """Runs block reconstruction over a quantized UNet; see the module doc.
+
+    ``on_unit_done(index, report)`` is called after each unit is finished and saved (tests use it
+    to interrupt a run).
+    """
+
+    def __init__(self, unet: nn.Module, stream: CalibStream, settings: Any, *,
+                 progress_dir: Optional[Path] = None,
+                 on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> None:
+        self.unet = unet
+        self.stream = stream
+        self.s: ReconSettings = as_dataclass(settings, ReconSettings)
+        self.progress_dir = Path(progress_dir) if progress_dir is not None else None
+        if self.progress_dir is not None:
+            self.progress_dir.mkdir(parents=True, exist_ok=True)
+        self.on_unit_done = on_unit_done
+        self.device = next(unet.parameters()).device
+        self.router = get_router(unet)
+        self.rows = stream.subset(self.s.max_rows, self.s.seed)
+
+    # -- progress
+    def _load_progress(self, unit_names: list[str], report: ReconReport) -> int:
+        if self.progress_dir is None or not (self.progress_dir / PROGRESS_FILE).exists():
+            return 0
+        prog = json.loads((self.progress_dir / PROGRESS_FILE).read_text())
+        if prog.get("units") != unit_names:
+            log.warning("ignoring reconstruction progress in %s: other units", self.progress_dir)
+            return 0
+        state = torch.load(self.progress_dir / prog["state"], map_location=self.device,
+                           weights_only=True)
+        load_quant_state(self.unet, state)
+        report.units = [UnitReport(**u) for u in prog["reports"]]
+        log.info("resuming block reconstruction after unit %d/%d (%s)", prog["done"],
+                 len(unit_names), unit_names[prog["done"] - 1] if prog["done"] else "-")
+        return int(prog["done"])
+
+    def _save_progress(self, unit_names: list[str], done: int, report: ReconReport) -> None:
+        if self.progress_dir is None:
+            return
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        state_name = f"state_{done:04d}.pt"
+        atomic_torch_save(quantizer_state_dict(self.unet), self.progress_dir / state_name)
+        atomic_write_json(self.progress_dir / PROGRESS_FILE,
+                          {"units": unit_names, "done": done, "state": state_name,
+                           "reports": [asdict(u) for u in report.units]})
+        for old in self.progress_dir.glob("state_*.pt"):
+            if old.name != state_name:
+                old.unlink(missing_ok=True)
+
+    # -- main loop
+    def run(self) -> ReconReport:
+        example = next(self.stream.batches(1, self.rows[:1], device=self.device))
+        units = find_units(self.unet, example)
+        names = [u.name for u in units]
+        report = ReconReport()
+        start = self._load_progress(names, report)
+        report.resumed_from = start
+        for i in range(start, len(units)):
+            unit = units[i]
+            t0 = time.perf_counter()
+            unit_report = self._reconstruct_unit(i, unit)
+            unit_report.seconds = round(time.perf_counter() - t0, 3)
+            report.units.append(unit_report)
+            log.info("[%d/%d] %-40s %-11s w_loss=%s a_loss=%s (%.1fs, capture %.1fs)", i + 1,
+                     len(units), unit.name, unit.kind, _fmt(unit_report.weight_loss),
+                     _fmt(unit_report.act_loss), unit_report.seconds, unit_report.capture_s)
+            self._save_progress(names, i + 1, report)
+            if self.on_unit_done is not None:
+                self.on_unit_done(i, unit_report)
+        return report
+
+    def _reconstruct_unit(self, index: int, unit: Unit) -> UnitReport:
+        s = self.s
+        rep = UnitReport(unit.name, unit.kind)
+        w_layers = [m for m in unit.module.modules()
+                    if is_quant_layer(m) and m.weight_quantizer is not None]
+        act_qs = [q for _, q in iter_quantizers(unit.module, "act") if q.bits < SOFTMAX_FP_BITS]
+        do_w, do_a = bool(w_layers) and s.weight_iters > 0, bool(act_qs) and s.act_iters > 0
+        if not (do_w or do_a):
+            return rep
+        spill = Path(tempfile.mkdtemp(prefix="recon_", dir=self.progress_dir))
+        try:
+            t0 = time.perf_counter()
+            store, spec = self._capture(unit, with_weight_inputs=do_w, spill_dir=spill)
+            rep.capture_s = round(time.perf_counter() - t0, 3)
+            if do_w:
+                torch.manual_seed(s.seed * 7919 + index)
+                gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                rep.weight_loss = self._weight_stage(unit, w_layers, store, spec, gen)
+            if do_a:
+                torch.manual_seed(s.seed * 7919 + index + 1_000_003)
+                gen = torch.Generator().manual_seed(s.seed * 7919 + index + 1_000_003)
+                rep.act_loss = self._act_stage(unit, act_qs, store, spec, gen)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+        return rep
+
+    # -- capture
+    @torch.no_grad()
+    def _capture(self, unit: Unit, with_weight_inputs: bool, spill_dir: Path
+                 ) -> tuple[RowStore, CallSpec]:
+        store = RowStore(spill_dir, self.s.memory_mb * 2**20)
+        spec: Optional[CallSpec] = None
+        grabbed: dict[str, Any] = {}
+
+        def pre_hook(mod, args, kwargs):
+            grabbed["args"], grabbed["kwargs"] = args, kwargs
+            if grabbed["stop_before"]:
+                raise StopForward
+
+        def post_hook(mod, args, kwargs, output):
+            grabbed["out"] = output[0] if isinstance(output, (tuple, list)) else output
+            raise StopForward
+
+        h_pre = unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        h_post = unit.module.register_forward_hook(post_hook, with_kwargs=True)
+        try:
+            for batch in self.stream.batches(self.s.capture_batch_size, self.rows,
+                                             device=self.device):
+                n = batch["sample"].shape[0]
+                grabbed["stop_before"] = False
+                with quant_state(self.unet, weights=False, acts=False):
+                    _run_until_stop(self.unet, batch)
+                if spec is None:
+                    spec = CallSpec(grabbed["args"], grabbed["kwargs"], n)
+                rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
+                rows["y"] = grabbed["out"].detach().cpu()
+                rows["t"] = batch["timestep"].detach().cpu()
+                if with_weight_inputs:
+                    grabbed["stop_before"] = True
+                    with quant_state(self.unet, weights=True, acts=False):
+                        _run_until_stop(self.unet, batch)
+                    rows.update(spec.rows(grabbed["args"], grabbed["kwargs"], "w_"))
+                store.append(rows)
+        finally:
+            h_pre.remove()
+            h_post.remove()
+        store.finish()
+        assert spec is not None, f"unit {unit.name} was never called"
+        return store, spec
+
+    # -- stages
+    def _weight_stage(self, unit: Unit, layers: list[nn.Module], store: RowStore,
+                      spec: CallSpec, gen: torch.Generator) -> float:
+        s = self.s
+        roundings: list[AdaRound] = []
+        for layer in layers:
+            r = layer.weight_quantizer.start_adaround(layer.weight)
+            roundings.extend(r if isinstance(r, list) else [r])
+        opt = torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)
+        schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start,
+                                    s.beta_end)
+        tail = _Tail(s.weight_iters)
+        with quant_state(unit.module, weights=True, acts=False):
+            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out = spec.call(unit.module, batch, "w_")
+                rec = lp_loss(out, batch["y"], s.weight_p)
+                loss = rec + schedule.loss(it, roundings).to(rec.device)
+                _check_finite(loss, unit.name, "weight")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tail.add(it, rec.item())
+        for layer in layers:
+            layer.weight_quantizer.harden()
+        return tail.mean()
+
+    def _act_stage(self, unit: Unit, act_qs: list[ActQuantizer], store: RowStore,
+                   spec: CallSpec, gen: torch.Generator) -> float:
+        s = self.s
+        params = [q.scale for q in act_qs]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=s.act_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.act_iters, eta_min=0.0)
+        tail = _Tail(s.act_iters)
+        try:
+            with quant_state(unit.module, weights=True, acts=True):
+                for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen)):
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    if self.router is not None:
+                        self.router.route(unit.module, batch["t"])
+                    out = spec.call(unit.module, batch, "fp_")
+                    loss = lp_loss(out, batch["y"], s.act_p)
+                    _check_finite(loss, unit.name, "act")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        for p in params:
+                            p.clamp_(min=1e-8)
+                    tail.add(it, loss.item())
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return tail.mean()
+
+
+class _Tail:
+    """Mean of the loss over the last 10% of iterations (the reported final loss)."""
+
+    def __init__(self, iters: int) -> None:
+        self.start = iters - max(1, math.ceil(iters / 10))
+        self.values: list[float] = []
+
+    def add(self, it: int, value: float) -> None:
+        if it >= self.start:
+            self.values.append(value)
+
+    def mean(self) -> float:
+        return float(sum(self.values) / max(len(self.values), 1))
+
+
+def _run_until_stop(unet: nn.Module, batch: dict[str, Tensor]) -> None:
+    try:
+        unet(**batch)
+    except StopForward:
+        return
+    raise RuntimeError("capture hook did not fire: the unit is not on the UNet's forward path")
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def reconstruct(unet: nn.Module, stream: CalibStream, settings: Any, *,
+                progress_dir: Optional[Path] = None,
+                on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> ReconReport:
+    """Block-reconstruct the quantized ``unet`` (weights by AdaRound, then activation step sizes
+    by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc."""
+    return Reconstructor(unet, stream, settings, progress_dir=progress_dir,
+                         on_unit_done=on_unit_done).run()

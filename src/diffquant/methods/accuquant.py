@@ -1,0 +1,504 @@
+"""AccuQuant (Lee, Choi et al., NeurIPS 2025): calibrate so that the quantized sampler stays on
+the FP trajectory over several denoising steps, in memory that does not grow with the steps.
+
+The paper's full text could not be obtained; this is the reconstruction of
+``/work/shared/research/accuquant.md`` §1.3 (abstract, the official overview figure, a review).
+Every choice the sources leave open is a field of :class:`AccuQuantConfig`:
+
+1. **Base.** Start from the baseline PTQ result (``method.ptq``: the Q-Diffusion recipe, loaded
+   from the cache when the same model/quant/PTQ settings were calibrated before).
+2. **FP trajectories.** Sample ``n_samples`` FP trajectories (seed ``seed``), keeping every state
+   ``x_0 .. x_S`` (see :mod:`diffquant.methods.trajectory`).
+3. **Grouped trajectory calibration.** Split the ``S`` sampler steps into consecutive groups of
+   ``group_size`` = M steps and calibrate them in sampler order (``epochs`` passes). For group
+   ``[i0, i0 + M)``: start from ``x_{i0}`` of the FP trajectory (``group_start: fp``; or from
+   the quantized model's own trajectory, ``quant``), run M quantized steps with the same
+   scheduler, guidance and noise as the FP chain, and minimise ``loss(x̃_{i0+M}, x_{i0+M})``
+   (MSE) over ``iters_per_group`` Adam iterations on mini-batches of ``batch_size``
+   trajectories. What is learned is ``learn``: activation step sizes (``act_scale``),
+   optionally weight rounding (``weight_round``: AdaRound α, started from the PTQ rounding and
+   hardened at the end) and biases (``bias``).
+4. **Gradient.** ``grad_mode: approx`` (default) uses the identity-Jacobian approximation of the
+   overview figure — peak memory of one step whatever M is; ``exact`` back-propagates through
+   all M steps (memory O(M)); see :func:`diffquant.methods.trajectory.group_backward`.
+
+Parameters are shared by all groups unless the quant config is time-step aware
+(``quant.timestep_aware=true``): then every step routes its own activation parameter group
+through the UNet's ``timestep`` argument, and a group's iterations only move the parameters of
+its steps' groups. With shared parameters, later groups continue from the values earlier groups
+reached (``revert_if_worse`` keeps a group's update only if it lowered that group's loss).
+
+Adds to ``ctx.extra_metrics``: ``accuquant_s`` (seconds of trajectory calibration, the PTQ base
+excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups of the group loss
+on all calibration trajectories, FP starts, before / after the whole calibration),
+``accuquant_groups``, ``accuquant_group_losses_init`` and ``accuquant_group_losses`` (per group,
+before / after); writes ``accuquant_groups.json`` into the run
+folder and logs the per-group table and the loss curve to the tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.cache import atomic_write_json
+from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
+from diffquant.methods.trajectory import (GRAD_MODES, Trajectories, check_stateless_scheduler,
+                                          fp_trajectories, group_backward, group_length,
+                                          group_starts, loss_fn, rollout)
+from diffquant.quant.adaround import AdaRound, RoundingSchedule
+from diffquant.quant.modules import is_quant_layer
+from diffquant.quant.quantizers import WeightQuantizer
+from diffquant.quant.state import quant_parameters
+from diffquant.quant.typed import as_dataclass
+from diffquant.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+LEARNABLE = ("act_scale", "weight_round", "bias")
+GROUP_STARTS = ("fp", "quant")
+ORDERS = ("sequential", "interleaved")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class AccuQuantConfig:
+    """``method=accuquant``: grouped multi-step trajectory calibration on top of baseline PTQ.
+
+    Attributes:
+        name: ``accuquant``.
+        ptq: the baseline PTQ settings it starts from (the same values as ``method=ptq``, so the
+            cached PTQ result is reused; ``conf/method/accuquant.yaml`` pulls them from
+            ``conf/method/ptq.yaml``).
+        group_size: M, consecutive sampler steps simulated per group (the last group is shorter
+            when M does not divide the step count). 1 = per-step calibration of the step output.
+        grad_mode: ``approx`` (identity-Jacobian approximation, memory of one step) or ``exact``
+            (back-propagation through the M steps, memory O(M)).
+        learn: what is learned, any of ``act_scale`` (activation step sizes Δ below
+            ``max_act_bits``), ``weight_round`` (AdaRound α, from the PTQ rounding), ``bias``.
+        act_lr / round_lr / bias_lr: Adam learning rates of each kind.
+        lr_schedule: ``cosine`` (to 0 over each group's iterations) or ``constant``.
+        iters_per_group: optimisation steps per group and epoch.
+        epochs: passes over all groups (in sampler order each time).
+        n_samples: FP trajectories the groups are calibrated on (classes balanced: sample ``i``
+            has class ``i % num_classes``).
+        batch_size: trajectories per optimisation step (with guidance the UNet sees 2×).
+        seed: seed of those trajectories (the calibration seed, apart from evaluation seeds).
+        loss: the distance between the final states (``mse``).
+        group_start: where a group's chains start: ``fp`` (the FP trajectory's state, as the
+            overview figure shows) or ``quant`` (the quantized model's own state after the
+            already-calibrated groups, so that the group also corrects the drift accumulated
+            before it; the target stays the FP state).
+        order: ``sequential`` (each group's ``iters_per_group`` steps in turn, a fresh optimiser
+            per group, as the overview figure's one highlighted group suggests) or
+            ``interleaved`` (one optimiser; step ``j`` trains group ``j mod n_groups``, cycling
+            through the groups in sampler order: shared parameters fit all groups at once
+            instead of drifting toward the last group).
+        revert_if_worse: keep an update only if it lowered the loss on all trajectories (per
+            group when sequential; the mean over groups when interleaved).
+        max_act_bits: activation quantizers above this many bits (16-bit softmax) are not learned.
+        round_reg / round_warmup / round_beta_start / round_beta_end: the AdaRound regulariser
+            over all ``weight_round`` iterations (as in PTQ's weight stage).
+        round_init: |α| the PTQ rounding choices are started from (h(±2) = 0.957 / 0.043).
+        eval_batch_size: trajectories per no-grad forward when measuring group losses.
+        save_checkpoint: write the quantized checkpoint to the run folder.
+    """
+
+    name: str = "accuquant"
+    ptq: PTQConfig = field(default_factory=PTQConfig)
+    group_size: int = 4
+    grad_mode: str = "approx"
+    learn: list[str] = field(default_factory=lambda: ["act_scale"])
+    act_lr: float = 1e-4
+    round_lr: float = 1e-3
+    bias_lr: float = 1e-5
+    lr_schedule: str = "cosine"
+    iters_per_group: int = 40
+    epochs: int = 1
+    n_samples: int = 64
+    batch_size: int = 16
+    seed: int = 20_000
+    loss: str = "mse"
+    group_start: str = "fp"
+    order: str = "sequential"
+    revert_if_worse: bool = True
+    max_act_bits: int = 15
+    round_reg: float = 0.01
+    round_warmup: float = 0.2
+    round_beta_start: float = 20.0
+    round_beta_end: float = 2.0
+    round_init: float = 2.0
+    eval_batch_size: int = 64
+    save_checkpoint: bool = False
+
+
+def validate_config(cfg: AccuQuantConfig) -> None:
+    """Raise ValueError naming the key and the fix for values the schema's types allow."""
+    checks = [
+        (cfg.group_size >= 1, f"method.group_size={cfg.group_size} must be >= 1"),
+        (cfg.grad_mode in GRAD_MODES, f"method.grad_mode={cfg.grad_mode!r}: use one of {GRAD_MODES}"),
+        (bool(cfg.learn) and all(k in LEARNABLE for k in cfg.learn),
+         f"method.learn={list(cfg.learn)}: choose from {list(LEARNABLE)}"),
+        (cfg.group_start in GROUP_STARTS,
+         f"method.group_start={cfg.group_start!r}: use one of {GROUP_STARTS}"),
+        (cfg.order in ORDERS, f"method.order={cfg.order!r}: use one of {ORDERS}"),
+        (cfg.lr_schedule in LR_SCHEDULES,
+         f"method.lr_schedule={cfg.lr_schedule!r}: use one of {LR_SCHEDULES}"),
+        (cfg.iters_per_group >= 0 and cfg.epochs >= 1, "method.iters_per_group must be >= 0 and "
+         "method.epochs >= 1"),
+        (cfg.n_samples >= 1 and cfg.batch_size >= 1 and cfg.eval_batch_size >= 1,
+         "method.n_samples, method.batch_size and method.eval_batch_size must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    loss_fn(cfg.loss)
+
+
+# ---------------------------------------------------------------------------- learned tensors
+def _round_up_choice(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
+    """The current rounding of ``quantizer`` as a bool mask (weight-shaped): its frozen AdaRound
+    choices, or round-to-nearest."""
+    if quantizer.round_up is not None:
+        return quantizer.round_up.clone()
+    w = weight.detach() / quantizer._bshape(quantizer.scale)
+    return (w - torch.floor(w)) >= 0.5
+
+
+def start_soft_rounding(unet: nn.Module, margin: float) -> list[AdaRound]:
+    """Put every weight quantizer into AdaRound (``soft``) mode, started from its current rounding
+    (α = ±``margin``) so that the soft weights begin at the PTQ result; returns the roundings."""
+    roundings: list[AdaRound] = []
+    for m in unet.modules():
+        if not is_quant_layer(m) or m.weight_quantizer is None:
+            continue
+        wq = m.weight_quantizer
+        leaves = ([(wq, m.weight)] if isinstance(wq, WeightQuantizer) else
+                  [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split:])])
+        for leaf, weight in leaves:
+            mask = _round_up_choice(leaf, weight)
+            ada = leaf.start_adaround(weight)
+            with torch.no_grad():
+                ada.alpha.copy_(torch.where(mask, margin, -margin))
+            roundings.append(ada)
+    return roundings
+
+
+def harden_rounding(unet: nn.Module) -> None:
+    for m in unet.modules():
+        if is_quant_layer(m) and m.weight_quantizer is not None:
+            m.weight_quantizer.harden()
+
+
+class LearnedParameters:
+    """The tensors a trajectory calibration trains, by kind, with their optimiser settings.
+
+    Turns ``requires_grad`` on for them (:meth:`restore` turns it back off) and keeps activation
+    step sizes positive after every optimiser step.
+    """
+
+    def __init__(self, unet: nn.Module, cfg: AccuQuantConfig) -> None:
+        self.unet = unet
+        self.roundings = start_soft_rounding(unet, cfg.round_init) if "weight_round" in cfg.learn else []
+        self.by_kind: dict[str, list[nn.Parameter]] = {}
+        for kind in cfg.learn:
+            found = quant_parameters(unet, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None)
+            self.by_kind[kind] = list(found.values())
+        self.lrs = {"act_scale": cfg.act_lr, "weight_round": cfg.round_lr, "bias": cfg.bias_lr}
+        self._was = {p: p.requires_grad for ps in self.by_kind.values() for p in ps}
+        for p in self._was:
+            p.requires_grad_(True)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for ps in self.by_kind.values() for p in ps]
+
+    def counts(self) -> dict[str, int]:
+        """Number of learned scalars per kind."""
+        return {k: sum(p.numel() for p in ps) for k, ps in self.by_kind.items()}
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": ps, "lr": self.lrs[k]} for k, ps in self.by_kind.items() if ps]
+        return torch.optim.Adam(groups)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for p in self.by_kind.get("act_scale", []):
+            p.clamp_(min=1e-8)
+
+    def snapshot(self) -> list[Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def load(self, values: list[Tensor]) -> None:
+        for p, v in zip(self.params, values):
+            p.copy_(v)
+
+    def restore(self) -> None:
+        """Harden learned rounding and turn ``requires_grad`` back to what it was."""
+        for p, flag in self._was.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        if self.roundings:
+            harden_rounding(self.unet)
+
+
+# ---------------------------------------------------------------------------- calibration
+@dataclass
+class GroupReport:
+    """One group's calibration in one epoch: steps ``[start, start + length)``, the group loss on
+    all calibration trajectories before and after, the mean training loss of the last 10
+    iterations, and seconds."""
+
+    epoch: int
+    start: int
+    length: int
+    loss_before: float
+    loss_after: float
+    train_loss_tail: float
+    reverted: bool
+    seconds: float
+
+
+@dataclass
+class TrajectoryCalibration:
+    """Calibrates a quantized ``model`` group by group (see the module doc).
+
+    ``on_iteration(global_iter, group_index, loss)`` is called after every optimiser step.
+    """
+
+    model: Any
+    cfg: AccuQuantConfig
+    on_iteration: Optional[Any] = None
+    reports: list[GroupReport] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_config(self.cfg)
+        check_stateless_scheduler(self.model.scheduler)
+        self.loss = loss_fn(self.cfg.loss)
+        self._iter = 0
+
+    # -- pieces
+    @torch.no_grad()
+    def group_loss_all(self, traj: Trajectories, x_start: Tensor, start: int, length: int) -> float:
+        """The group loss over all trajectories (mean of per-chunk losses weighted by rows)."""
+        total, n = 0.0, len(traj)
+        for lo in range(0, n, self.cfg.eval_batch_size):
+            rows = list(range(lo, min(n, lo + self.cfg.eval_batch_size)))
+            part = traj.rows(rows)
+            out = rollout(self.model, x_start[rows], start, length, part.cond, part.indices, part.seed)
+            total += float(self.loss(out, traj.states[start + length, rows])) * len(rows)
+        return total / n
+
+    @torch.no_grad()
+    def advance(self, traj: Trajectories, x: Tensor, start: int, length: int) -> Tensor:
+        """The quantized model's states after the group, from ``x`` (all trajectories)."""
+        outs = []
+        for lo in range(0, len(traj), self.cfg.eval_batch_size):
+            rows = list(range(lo, min(len(traj), lo + self.cfg.eval_batch_size)))
+            part = traj.rows(rows)
+            outs.append(rollout(self.model, x[rows], start, length, part.cond, part.indices, part.seed))
+        return torch.cat(outs)
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer, learned: LearnedParameters,
+                        traj: Trajectories, x_start: Tensor, start: int, length: int,
+                        generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> float:
+        """One optimiser step on a random mini-batch of one group; returns its group loss."""
+        cfg = self.cfg
+        rows = torch.randperm(len(traj), generator=generator)[: cfg.batch_size].sort().values
+        part = traj.rows(rows)
+        opt.zero_grad(set_to_none=True)
+        value = group_backward(self.model, cfg.grad_mode, x_start[rows], start, length,
+                               traj.states[start + length, rows], part.cond, part.indices,
+                               part.seed, self.loss)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"accuquant: group loss is {value} at steps {start}.."
+                                     f"{start + length - 1}: lower method.act_lr / round_lr")
+        if learned.roundings and schedule is not None:
+            reg = schedule.loss(self._iter, learned.roundings)
+            if reg.requires_grad:
+                reg.backward()
+        opt.step()
+        learned.after_step()
+        if self.on_iteration is not None:
+            self.on_iteration(self._iter, start, value)
+        self._iter += 1
+        return value
+
+    def calibrate_group(self, learned: LearnedParameters, traj: Trajectories, x_start: Tensor,
+                        start: int, length: int, generator: torch.Generator,
+                        schedule: Optional[RoundingSchedule] = None) -> list[float]:
+        """``iters_per_group`` optimiser steps on one group (a fresh Adam); returns the losses.
+
+        ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory.
+        """
+        opt = learned.optimizer()
+        iters = self.cfg.iters_per_group
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1))
+                 if self.cfg.lr_schedule == "cosine" else None)
+        losses = []
+        for _ in range(iters):
+            losses.append(self._optimizer_step(opt, learned, traj, x_start, start, length,
+                                               generator, schedule))
+            if sched is not None:
+                sched.step()
+        return losses
+
+    # -- the whole run
+    def run(self, traj: Trajectories) -> list[GroupReport]:
+        """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports."""
+        cfg = self.cfg
+        learned = LearnedParameters(self.model.unet, cfg)
+        n_groups = len(group_starts(traj.n_steps, cfg.group_size))
+        log.info("accuquant: %d groups of %d steps, %s gradient, %s, learning %s", n_groups,
+                 cfg.group_size, cfg.grad_mode, cfg.order, learned.counts())
+        schedule = None
+        if learned.roundings:
+            total = cfg.epochs * n_groups * cfg.iters_per_group
+            schedule = RoundingSchedule(total, cfg.round_reg, cfg.round_warmup,
+                                        cfg.round_beta_start, cfg.round_beta_end)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        try:
+            for epoch in range(cfg.epochs):
+                if cfg.order == "sequential":
+                    self._sequential_epoch(epoch, learned, traj, generator, schedule)
+                else:
+                    self._interleaved_epoch(epoch, learned, traj, generator, schedule)
+        finally:
+            learned.restore()
+        return self.reports
+
+    def all_group_losses(self, traj: Trajectories) -> list[float]:
+        """Every group's loss over all trajectories with the current parameters (FP starts), in
+        sampler order — unlike a report's ``loss_after``, measured after *all* groups moved the
+        shared parameters."""
+        return [self.group_loss_all(traj, traj.states[s], s, n) for s, n in self._groups(traj)]
+
+    def _groups(self, traj: Trajectories) -> list[tuple[int, int]]:
+        return [(s, group_length(s, traj.n_steps, self.cfg.group_size))
+                for s in group_starts(traj.n_steps, self.cfg.group_size)]
+
+    def _start_states(self, traj: Trajectories) -> list[Tensor]:
+        """Each group's start states: the FP trajectory's, or (``group_start: quant``) the current
+        quantized model's own trajectory from x_T."""
+        groups = self._groups(traj)
+        if self.cfg.group_start == "fp":
+            return [traj.states[s] for s, _ in groups]
+        x, out = traj.states[0], []
+        for s, n in groups:
+            out.append(x)
+            x = self.advance(traj, x, s, n)
+        return out
+
+    def _sequential_epoch(self, epoch: int, learned: LearnedParameters, traj: Trajectories,
+                          generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> None:
+        cfg = self.cfg
+        x_quant = traj.states[0]
+        for start, length in self._groups(traj):
+            x_start = traj.states[start] if cfg.group_start == "fp" else x_quant
+            t0 = time.perf_counter()
+            before = self.group_loss_all(traj, x_start, start, length)
+            saved = learned.snapshot() if cfg.revert_if_worse else None
+            losses = self.calibrate_group(learned, traj, x_start, start, length, generator, schedule)
+            after = self.group_loss_all(traj, x_start, start, length)
+            reverted = saved is not None and after > before
+            if reverted:
+                learned.load(saved)
+                after = before
+            if cfg.group_start == "quant":
+                x_quant = self.advance(traj, x_start, start, length)
+            self._report(epoch, start, length, before, after, losses, reverted,
+                         time.perf_counter() - t0)
+
+    def _interleaved_epoch(self, epoch: int, learned: LearnedParameters, traj: Trajectories,
+                           generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> None:
+        cfg = self.cfg
+        groups = self._groups(traj)
+        t0 = time.perf_counter()
+        x_starts = self._start_states(traj)
+        before = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
+        saved = learned.snapshot() if cfg.revert_if_worse else None
+        opt = learned.optimizer()
+        total = cfg.iters_per_group * len(groups)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
+                 if cfg.lr_schedule == "cosine" else None)
+        losses: list[list[float]] = [[] for _ in groups]
+        for j in range(total):
+            g = j % len(groups)
+            (start, length), x_start = groups[g], x_starts[g]
+            losses[g].append(self._optimizer_step(opt, learned, traj, x_start, start, length,
+                                                  generator, schedule))
+            if sched is not None:
+                sched.step()
+        after = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
+        reverted = saved is not None and sum(after) > sum(before)
+        if reverted:
+            learned.load(saved)
+            after = before
+        seconds = (time.perf_counter() - t0) / len(groups)
+        for (start, length), b, a, ls in zip(groups, before, after, losses):
+            self._report(epoch, start, length, b, a, ls, reverted, seconds)
+
+    def _report(self, epoch: int, start: int, length: int, before: float, after: float,
+                losses: list[float], reverted: bool, seconds: float) -> None:
+        tail = losses[-10:]
+        report = GroupReport(epoch, start, length, before, after,
+                             sum(tail) / len(tail) if tail else float("nan"), reverted, seconds)
+        self.reports.append(report)
+        log.info("accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)", epoch, start,
+                 start + length - 1, before, after, " (reverted)" if reverted else "", seconds)
+
+
+def apply_accuquant_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any) -> list[GroupReport]:
+    """Run the trajectory calibration on an already quantized ``model`` (the PTQ base) and record
+    its metrics in ``ctx``; returns the group reports."""
+    t0 = time.perf_counter()
+    traj = fp_trajectories(model, list(range(cfg.n_samples)), cfg.seed, cfg.eval_batch_size)
+
+    def on_iteration(it: int, start: int, value: float) -> None:
+        if it % 10 == 0:
+            ctx.tracker.log({"accuquant/loss": value, "accuquant/group_start": start})
+
+    calibration = TrajectoryCalibration(model, cfg, on_iteration=on_iteration)
+    initial = calibration.all_group_losses(traj)
+    reports = calibration.run(traj)
+    final = calibration.all_group_losses(traj)
+    seconds = time.perf_counter() - t0
+    ctx.extra_metrics.update({
+        "accuquant_s": round(seconds, 3),
+        "accuquant_loss_init": sum(initial) / len(initial),
+        "accuquant_loss_final": sum(final) / len(final),
+        "accuquant_groups": len(final),
+        "accuquant_group_losses_init": initial,
+        "accuquant_group_losses": final,
+    })
+    columns = list(asdict(reports[0]))
+    ctx.tracker.log_table("accuquant_groups", columns, [list(asdict(r).values()) for r in reports])
+    atomic_write_json(ctx.run_dir / "accuquant_groups.json",
+                      {"config": asdict(cfg), "groups": [asdict(r) for r in reports],
+                       "group_losses_init": initial, "group_losses_final": final,
+                       "seconds": seconds})
+    return reports
+
+
+@METHODS.register("accuquant", schema=AccuQuantConfig)
+def apply_accuquant(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+    """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
+    cfg = as_dataclass(method_cfg, AccuQuantConfig)
+    validate_config(cfg)
+    check_stateless_scheduler(model.scheduler)
+    load_or_run_ptq(model, quant_cfg, cfg.ptq, ctx)
+    apply_accuquant_calibration(model, cfg, ctx)
+    if cfg.save_checkpoint:
+        from diffquant.quant.checkpoint import save_quantized
+
+        save_quantized(model.unet, ctx.run_dir / "quantized_unet.pt", quant_cfg,
+                       meta={"method": "accuquant", **{k: v for k, v in ctx.extra_metrics.items()
+                                                      if k.startswith("accuquant")}})
+    return model

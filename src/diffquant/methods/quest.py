@@ -1,0 +1,306 @@
+"""QuEST (Wang et al., ICCV 2025): temporal and sensitive-layer selective finetuning.
+
+``method=quest`` starts from the baseline PTQ result (``method=ptq``, loaded from the cache when
+the same model, quant config and PTQ settings were calibrated before: ``method.ptq`` holds exactly
+``conf/method/ptq.yaml``) and then
+
+1. **time-step-aware activations**: every activation quantizer gets one (Δ, z) set per group of
+   sampler steps — by default one per recorded calibration step, as the QuEST code keeps one
+   quantizer per calibration time step (the paper's text says a single set; the code does not).
+   The UNet's time-step hook picks the set at every sampler step. ``timestep_init``:
+   ``calibrate`` sets each group's range from that group's calibration rows (``quant.act_init``,
+   the QuEST code's init); ``ptq`` copies PTQ's (LSQ-refined) set into every group.
+2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections and of the
+   critical layers with all remaining step sizes (:mod:`diffquant.methods.quest_finetune` says
+   exactly which parameters train, the loss, and where targets come from).
+
+Critical layers (``critical_layers``):
+
+* ``by_family`` (default) — the patterns of the model family in ``critical_layers_by_family``
+  (``conf/method/quest.yaml``): ``ldm`` (UNet2DModel with ``Attention`` blocks, e.g. ldm_digits,
+  LSUN LDMs) → ``to_q``, ``to_k``, ``to_v`` (the QuEST code's ``qkv`` for LSUN); ``sd``
+  (UNet2DConditionModel) → ``ff.net``, ``attn1.to_q/k/v``, ``attn2.to_q`` (the QuEST code's
+  ImageNet LDM-4 choice; its SD script uses ``ff.net`` only); any other family → ``default``.
+* ``auto`` — the activation sensitivity sweep (:mod:`diffquant.methods.quest_sensitivity`) on
+  the FP model picks the ``critical_top_k`` most sensitive units; its ranking is written to the
+  run folder (``sensitivity.json`` / ``.md``) and cached.
+* a list of regular expressions searched in ``<layer>.weight``.
+
+Ablations (``conf/method/quest_*.yaml``): ``tla: false`` (CMA only), ``cma: false`` (TLA only),
+``global_loss_weight: 0`` (no L_G).
+
+Metrics added to ``metrics.json``: ``finetune_s`` (TLA + CMA seconds), ``quest_setup_s`` (sweep,
+time-step split and range init), ``n_trainable_params`` (scalars trained in any stage) and its
+``trainable_param_frac`` of the UNet, per-stage counts, losses and steps (``tla_*``, ``cma_*``),
+and the UNet-output MSE against FP on calibration rows not trained on, after PTQ
+(``quest_eps_mse_ptq``), after the time-step split (``quest_eps_mse_init``) and at the end
+(``quest_eps_mse_final``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.cache import CacheEntry
+from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
+from diffquant.calib.ranges import calibrate_act_ranges
+from diffquant.methods.ptq import CHECKPOINT_FILE, PTQConfig, load_or_run_ptq
+from diffquant.methods.quest_finetune import (FPTeacher, load_rows, output_mse, plan_stages,
+                                              rows_per_step, train_stage)
+from diffquant.methods.quest_sensitivity import (JSON_FILE, SensitivityReport,
+                                                 SensitivitySettings, activation_sensitivity,
+                                                 load_report)
+from diffquant.quant.checkpoint import save_quantized
+from diffquant.quant.config import FP_BITS, QuantConfig
+from diffquant.quant.quantizers import ActQuantizer
+from diffquant.quant.state import iter_quantizers
+from diffquant.quant.timestep import attach_timestep_router
+from diffquant.quant.typed import as_dataclass, as_dict
+from diffquant.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+TIMESTEP_INITS = ("calibrate", "ptq")
+
+
+def _default_critical_by_family() -> dict[str, list[str]]:
+    return {"ldm": [r"attentions\.\d+\.to_[qkv]\."],
+            "sd": [r"ff\.net\.", r"attn1\.to_[qkv]\.", r"attn2\.to_q\."],
+            "default": [r"\.to_[qkv]\."]}
+
+
+@dataclass
+class QuestConfig:
+    """``method=quest``.
+
+    Attributes:
+        name: ``quest``.
+        ptq: the baseline PTQ it starts from (``conf/method/ptq.yaml``; same values → same cache
+            entry as ``method=ptq``).
+        timestep_groups: activation parameter sets (groups of sampler steps); None = one per
+            recorded calibration step (sampler steps / ``ptq.calib.step_stride``).
+        timestep_init: ``calibrate`` (per-group ranges from calibration rows) or ``ptq`` (copy).
+        timestep_init_rows: calibration rows for ``calibrate`` (None = all).
+        tla / cma: run the Temporal Layer Alignment / Critical Module Alignment stage.
+        global_loss_weight: λ of the UNet-output loss L_G (paper: 2).
+        weight_lr / act_lr: Adam learning rates of latent weights (and biases) / step sizes.
+        tla_epochs / cma_epochs: passes over the training rows per stage.
+        samples_per_step: training rows drawn per recorded calibration step.
+        batch_size: rows per optimiser step.
+        train_bias: also finetune the selected layers' biases (the QuEST code does in TLA).
+        time_embedding_layers: regexes of TLA's layers (searched in ``<layer>.weight``).
+        critical_layers: ``by_family``, ``auto`` or a list of regexes (CMA's layers).
+        critical_layers_by_family: model family → regexes, for ``by_family``.
+        critical_top_k: units ``auto`` picks from the sensitivity ranking.
+        sensitivity: the sweep's settings (bits, rows).
+        eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
+        seed: row sampling and shuffling.
+        save_checkpoint: write the finetuned quantized UNet (with latent weights) to the run folder.
+    """
+
+    name: str = "quest"
+    ptq: PTQConfig = field(default_factory=PTQConfig)
+    timestep_groups: Optional[int] = None
+    timestep_init: str = "calibrate"
+    timestep_init_rows: Optional[int] = 512
+    tla: bool = True
+    cma: bool = True
+    global_loss_weight: float = 2.0
+    weight_lr: float = 1e-5
+    act_lr: float = 1e-4
+    tla_epochs: int = 4
+    cma_epochs: int = 4
+    samples_per_step: int = 32
+    batch_size: int = 32
+    train_bias: bool = True
+    time_embedding_layers: list[str] = field(default_factory=lambda: [r"time_emb_proj\."])
+    critical_layers: Any = "by_family"
+    critical_layers_by_family: dict[str, list[str]] = field(
+        default_factory=_default_critical_by_family)
+    critical_top_k: int = 4
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
+    eval_rows: int = 128
+    seed: int = 0
+    save_checkpoint: bool = False
+
+
+def validate_quest(cfg: QuestConfig) -> None:
+    """Raise ValueError naming the fix for settings that cannot work."""
+    if cfg.timestep_init not in TIMESTEP_INITS:
+        raise ValueError(f"method.timestep_init={cfg.timestep_init!r}: use one of {TIMESTEP_INITS}")
+    for key in ("samples_per_step", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"method.{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.global_loss_weight < 0:
+        raise ValueError(f"method.global_loss_weight={cfg.global_loss_weight} must be >= 0")
+    if isinstance(cfg.critical_layers, str) and cfg.critical_layers not in ("auto", "by_family"):
+        raise ValueError(f"method.critical_layers={cfg.critical_layers!r}: use 'auto', "
+                         "'by_family' or a list of name patterns, e.g. '[to_q,ff.net]'")
+
+
+# ---------------------------------------------------------------------------- time steps
+def make_timestep_aware(unet: nn.Module, timesteps, n_groups: int) -> int:
+    """Give every activation quantizer of ``unet`` ``n_groups`` parameter sets, each a copy of
+    its current (single) set, and install the time-step router; returns the quantizers changed.
+
+    The new quantizers are exactly those :func:`~diffquant.quant.swap.quantize_unet` builds with
+    ``timestep_aware=True``, so a checkpoint saved afterwards loads with that config.
+    """
+    changed = 0
+    for name, q in list(iter_quantizers(unet, "act")):
+        if q.n_groups == n_groups:
+            continue
+        if q.n_groups != 1:
+            raise ValueError(f"{name} already has {q.n_groups} time-step groups, not {n_groups}: "
+                             "set method.timestep_groups to match quant.timestep_groups")
+        new = ActQuantizer(q.bits, q.mode, q.channels, n_groups, q.per_channel)
+        new.to(q.scale.device)
+        with torch.no_grad():
+            new.scale.data.copy_(q.scale.data.expand_as(new.scale))
+            new.zero_point.copy_(q.zero_point.expand_as(new.zero_point))
+            new.initialized.copy_(q.initialized)
+        new.enabled = q.enabled
+        parent, _, attr = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, attr, new)
+        changed += 1
+    attach_timestep_router(unet, [int(t) for t in timesteps], n_groups)
+    return changed
+
+
+def resolve_groups(cfg: QuestConfig, qcfg: QuantConfig, stream: CalibStream, n_steps: int) -> int:
+    if cfg.timestep_groups is not None:
+        groups = cfg.timestep_groups
+    elif qcfg.timestep_aware:
+        groups = qcfg.timestep_groups
+    else:
+        groups = len(stream.index.get("steps") or range(0, n_steps, cfg.ptq.calib.step_stride))
+    if not 1 <= groups <= n_steps:
+        raise ValueError(f"method.timestep_groups={groups} must be in 1..{n_steps} (sampler steps)")
+    return int(groups)
+
+
+# ---------------------------------------------------------------------------- critical layers
+def sensitivity_report(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
+                       ctx: Any) -> SensitivityReport:
+    """The activation sensitivity sweep of the FP ``model.unet``, cached by model, quant config,
+    calibration set and sweep settings."""
+    key = {"model": model_identity(model), "quant": {k: v for k, v in as_dict(qcfg).items()
+                                                     if k != "name"},
+           "calib": as_dict(cfg.ptq.calib), "sensitivity": as_dict(cfg.sensitivity)}
+    entry = CacheEntry(ctx.cache_dir, "quest_sensitivity", key)
+    with entry.lock():
+        if not entry.done():
+            report = activation_sensitivity(model.unet, qcfg, stream, cfg.sensitivity,
+                                            model.device)
+            with entry.writing() as tmp:
+                report.write(tmp)
+    return load_report(entry.path / JSON_FILE)
+
+
+def resolve_critical_layers(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
+                            ctx: Any) -> list[str]:
+    """CMA's layer patterns (see the module doc); runs the sweep for ``auto``."""
+    choice = cfg.critical_layers
+    if choice == "auto":
+        report = sensitivity_report(model, qcfg, cfg, stream, ctx)
+        selected = report.select(cfg.critical_top_k, exclude=cfg.time_embedding_layers)
+        report.write(ctx.run_dir, selected)
+        ctx.tracker.log_table("quest_sensitivity", ["rank", "unit", "type", "mse", "rel_mse"],
+                              [[i + 1, u.name, u.type, u.error, u.rel_error]
+                               for i, u in enumerate(report.units)])
+        log.info("QuEST critical layers (auto, top %d): %s", cfg.critical_top_k, selected)
+        return selected
+    if choice is None or choice == "by_family":
+        table = cfg.critical_layers_by_family
+        return list(table.get(model.family, table.get("default", [])))
+    return [choice] if isinstance(choice, str) else list(choice)
+
+
+# ---------------------------------------------------------------------------- the method
+def _probe_batches(stream: CalibStream, train_rows: Tensor, cfg: QuestConfig, device
+                   ) -> list[dict[str, Tensor]]:
+    """``eval_rows`` calibration rows not used for training (fewer if the set is small), in
+    batches on ``device``: where the ``quest_eps_mse_*`` diagnostics are measured."""
+    free = torch.ones(len(stream), dtype=torch.bool)
+    free[train_rows] = False
+    candidates = free.nonzero().flatten()
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    rows = candidates[torch.randperm(len(candidates), generator=g)[:cfg.eval_rows]].sort().values
+    return list(stream.batches(cfg.batch_size, rows, device=device)) if len(rows) else []
+
+
+@METHODS.register("quest", schema=QuestConfig)
+def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+    """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
+    cfg = as_dataclass(method_cfg, QuestConfig)
+    validate_quest(cfg)
+    qcfg = as_dataclass(quant_cfg, QuantConfig)
+    stream = collect_calibration(model, cfg.ptq.calib, ctx.cache_dir)  # shared with the PTQ base
+    t_setup = time.perf_counter()
+    critical = resolve_critical_layers(model, qcfg, cfg, stream, ctx) if cfg.cma else []
+    setup_s = time.perf_counter() - t_setup
+
+    load_or_run_ptq(model, qcfg, cfg.ptq, ctx)
+    unet, device = model.unet, model.device
+    t_setup = time.perf_counter()
+    train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
+    probe = _probe_batches(stream, train_rows, cfg, device)
+    metrics: dict[str, Any] = {"quest_eps_mse_ptq": output_mse(unet, probe, FPTeacher(unet, []))}
+
+    groups = resolve_groups(cfg, qcfg, stream, len(model.timesteps))
+    split = groups > 1 and qcfg.act_bits < FP_BITS
+    final_qcfg = dataclasses.replace(qcfg, timestep_aware=split,
+                                     timestep_groups=groups if split else 1)
+    if split:
+        make_timestep_aware(unet, model.timesteps, groups)
+        if cfg.timestep_init == "calibrate":
+            calibrate_act_ranges(unet, stream, method=qcfg.act_init, n_rows=cfg.timestep_init_rows,
+                                 batch_size=cfg.ptq.act_init_batch_size, p=qcfg.lp_norm,
+                                 n_candidates=qcfg.lp_candidates, seed=cfg.seed, device=device)
+    stages = plan_stages(unet, time_layers=cfg.time_embedding_layers, critical_layers=critical,
+                         tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
+                         cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)
+    teacher = FPTeacher(unet, [p for s in stages for p in s.weights.values()])
+    metrics["quest_eps_mse_init"] = output_mse(unet, probe, teacher)
+    rows = load_rows(stream, train_rows)
+    setup_s += time.perf_counter() - t_setup
+
+    reports = []
+    for i, stage in enumerate(stages):
+        log.info("QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
+                 "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
+                 len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
+                 stage.epochs)
+        reports.append(train_stage(unet, stage, rows, teacher, weight_lr=cfg.weight_lr,
+                                   act_lr=cfg.act_lr, global_weight=cfg.global_loss_weight,
+                                   batch_size=cfg.batch_size, seed=cfg.seed + i, device=device,
+                                   tracker=ctx.tracker))
+    metrics["quest_eps_mse_final"] = output_mse(unet, probe, teacher)
+
+    trained = {id(p): p for s in stages for p in s.parameters()}
+    n_trainable = sum(p.numel() for p in trained.values())
+    n_unet = sum(p.numel() for p in unet.parameters())
+    metrics.update({
+        "finetune_s": round(sum(r.seconds for r in reports), 3),
+        "quest_setup_s": round(setup_s, 3),
+        "n_trainable_params": n_trainable,
+        "trainable_param_frac": round(n_trainable / max(n_unet, 1), 5),
+        "timestep_groups": groups,
+        "critical_layers": critical,
+        "train_rows": int(len(next(iter(rows.values())))),
+    })
+    for r in reports:
+        metrics.update(r.metrics())
+    ctx.extra_metrics.update(metrics)
+    log.info("QuEST done: %s", {k: v for k, v in metrics.items() if k != "critical_layers"})
+    if cfg.save_checkpoint:
+        save_quantized(unet, ctx.run_dir / CHECKPOINT_FILE, final_qcfg, include_weights=True,
+                       meta={"method": "quest", **{k: v for k, v in metrics.items()}})
+    return model

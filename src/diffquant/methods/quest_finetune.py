@@ -1,0 +1,311 @@
+"""QuEST's selective finetuning engine: which parameters train in each stage, and the loop.
+
+Two stages run in order on a quantized UNet (weights hard-rounded by PTQ, activations
+time-step aware):
+
+* **TLA** (Temporal Layer Alignment) — the layers that project the time embedding into each
+  block (``time_emb_proj`` in diffusers ``ResnetBlock2D``; the ``emb_layers.1`` of the QuEST code):
+  their FP latent weights and biases, and the step sizes of their input activation quantizers.
+* **CMA** (Critical Module Alignment) — the critical layers (attention projections, feed-forward
+  layers: name patterns, see :mod:`diffquant.methods.quest`): their latent weights and biases; and
+  the step sizes of *every* activation quantizer below 16 bits not trained in TLA (all layer
+  inputs, attention q/k/v and softmax probabilities), as the QuEST code does.
+
+Latent weights train through the straight-through estimator with the AdaRound choices frozen:
+the quantized weight is ``(clamp(floor(W/Δ) + round_up + z) - z) · Δ`` and ``floor`` passes the
+gradient through (weight Δ, z and ``round_up`` stay fixed).
+
+Loss of a stage, per batch of calibration rows (Eq. 4-7 of the paper)::
+
+    L = Σ_{l in stage layers} mean((Õ_l - O_l)²)  +  λ · mean((ε̃ - ε)²)
+
+``O_l`` / ``ε`` are the outputs of layer ``l`` / of the whole UNet in the FP model on the same
+inputs (:class:`FPTeacher`: quantization off and the trained parameters' pretrained values
+swapped in, so the teacher never drifts); ``Õ_l`` / ``ε̃`` are those of the quantized model, whose
+layer inputs are themselves quantized-path values (the paper's ``ž``). Every trained layer's
+output is compared (the QuEST code drops the CMA local term for LSUN/ImageNet and weights the
+global term by the number of hooked layers; here the paper's form is used, λ = 2).
+
+Rows are drawn ``samples_per_step`` per recorded calibration step and shuffled across steps every
+epoch (the QuEST code loops over steps one at a time); each row routes to its own time-step group.
+Optimiser: Adam, ``weight_lr`` for weights/biases and ``act_lr`` for step sizes, fresh per stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffquant.calib.collect import STEP_KEY, CalibStream
+from diffquant.quant.modules import is_quant_layer
+from diffquant.quant.state import quant_parameters, quant_state
+
+log = logging.getLogger(__name__)
+
+MAX_TRAINED_ACT_BITS = 15  # 16-bit (softmax) quantizers are left alone, as in Q-Diffusion's LSQ
+_MIN_SCALE = 1e-8
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+# ---------------------------------------------------------------------------- what trains
+@dataclass
+class Stage:
+    """One finetuning stage.
+
+    Attributes:
+        name: ``tla`` or ``cma``.
+        layers: quantized layers (by qualified name) whose weights train and whose outputs the
+            local loss compares.
+        weights: their latent weights and (optionally) biases, by qualified parameter name.
+        act_scales: activation step sizes ``(G, C)`` trained in this stage, by name.
+        epochs: passes over the training rows.
+    """
+
+    name: str
+    layers: dict[str, nn.Module]
+    weights: dict[str, nn.Parameter]
+    act_scales: dict[str, nn.Parameter]
+    epochs: int
+
+    @property
+    def n_params(self) -> int:
+        """Trained scalars (weights, biases and step sizes)."""
+        return sum(p.numel() for p in (*self.weights.values(), *self.act_scales.values()))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.weights.values(), *self.act_scales.values()]
+
+
+def layers_matching(unet: nn.Module, patterns: Sequence[str],
+                    exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """Quantized layers whose ``<name>.weight`` matches a pattern of ``patterns`` and none of
+    ``exclude`` (regular expressions, searched)."""
+    return {n: m for n, m in unet.named_modules()
+            if is_quant_layer(m) and _matches(f"{n}.weight", patterns)
+            and not _matches(f"{n}.weight", exclude)}
+
+
+def _layer_params(layers: dict[str, nn.Module], train_bias: bool) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
+    for n, m in layers.items():
+        out[f"{n}.weight"] = m.weight
+        if train_bias and m.bias is not None:
+            out[f"{n}.bias"] = m.bias
+    return out
+
+
+def plan_stages(unet: nn.Module, *, time_layers: Sequence[str], critical_layers: Sequence[str],
+                tla: bool, cma: bool, tla_epochs: int, cma_epochs: int,
+                train_bias: bool = True) -> list[Stage]:
+    """The TLA and/or CMA stages (see the module doc) in training order."""
+    stages: list[Stage] = []
+    all_scales = quant_parameters(unet, "act_scale", max_bits=MAX_TRAINED_ACT_BITS)
+    tla_scales = {n: p for n, p in all_scales.items() if _matches(n, time_layers)}
+    if tla:
+        layers = layers_matching(unet, time_layers)
+        stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales,
+                            tla_epochs))
+    if cma:
+        layers = layers_matching(unet, critical_layers, exclude=time_layers)
+        scales = {n: p for n, p in all_scales.items() if n not in tla_scales}
+        stages.append(Stage("cma", layers, _layer_params(layers, train_bias), scales, cma_epochs))
+    return stages
+
+
+# ---------------------------------------------------------------------------- targets
+class FPTeacher:
+    """The FP model, from the same module object as the student.
+
+    Inside :meth:`active`, quantization is off and the parameters being finetuned hold their
+    pretrained values (pointer swaps, no copies per call), so targets never move while the
+    student trains.
+    """
+
+    def __init__(self, unet: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        self.unet = unet
+        unique = {id(p): p for p in params}
+        self.pretrained = [(p, p.detach().clone()) for p in unique.values()]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        current = [p.data for p, _ in self.pretrained]
+        try:
+            for p, pre in self.pretrained:
+                p.data = pre
+            with quant_state(self.unet, weights=False, acts=False):
+                yield
+        finally:
+            for (p, _), data in zip(self.pretrained, current):
+                p.data = data
+
+
+class OutputTap:
+    """Forward hooks that keep the outputs ``(B, ...)`` of some layers during one UNet call."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.outputs: dict[str, Tensor] = {}
+        self.handles = [m.register_forward_hook(partial(self._keep, n)) for n, m in layers.items()]
+
+    def _keep(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.outputs[name] = output
+
+    def take(self) -> dict[str, Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------- data
+def rows_per_step(stream: CalibStream, per_step: int, seed: int) -> Tensor:
+    """Global row indices: up to ``per_step`` random rows of every recorded sampler step."""
+    steps = torch.cat([b[STEP_KEY] for b in stream.batches(4096, with_step=True)])
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for s in steps.unique().tolist():
+        rows = (steps == s).nonzero().flatten()
+        picked.append(rows[torch.randperm(len(rows), generator=g)[:per_step]])
+    return torch.cat(picked).sort().values
+
+
+def load_rows(stream: CalibStream, rows: Tensor) -> dict[str, Tensor]:
+    """The UNet keyword arguments of ``rows``, concatenated on the CPU: ``{key: (N, ...)}``."""
+    parts = list(stream.batches(max(len(rows), 1), rows))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _batch(rows: dict[str, Tensor], idx: Tensor, device: torch.device) -> dict[str, Tensor]:
+    return {k: v[idx].to(device) for k, v in rows.items()}
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class StageReport:
+    """Mean losses per epoch (total, local sum, global MSE), optimiser steps and seconds."""
+
+    name: str
+    n_params: int
+    n_layers: int
+    total: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    global_: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        first = lambda xs: round(xs[0], 6) if xs else None  # noqa: E731
+        last = lambda xs: round(xs[-1], 6) if xs else None  # noqa: E731
+        n = self.name
+        return {f"{n}_n_params": self.n_params, f"{n}_n_layers": self.n_layers,
+                f"{n}_steps": self.steps, f"{n}_s": round(self.seconds, 3),
+                f"{n}_loss_first": first(self.total), f"{n}_loss_last": last(self.total),
+                f"{n}_local_loss_last": last(self.local),
+                f"{n}_global_loss_last": last(self.global_)}
+
+
+def stage_loss(unet: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher, tap: OutputTap,
+               global_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, local, global)`` losses of one batch (see the module doc)."""
+    with torch.no_grad(), teacher.active():
+        target = unet(**batch).sample
+    layer_targets = tap.take()
+    out = unet(**batch).sample
+    layer_outs = tap.take()
+    local = out.new_zeros(())
+    for name, y in layer_outs.items():
+        local = local + F.mse_loss(y, layer_targets[name])
+    glob = F.mse_loss(out, target)
+    return local + global_weight * glob, local, glob
+
+
+def train_stage(unet: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher: FPTeacher, *,
+                weight_lr: float, act_lr: float, global_weight: float, batch_size: int,
+                seed: int = 0, device: Optional[torch.device] = None,
+                tracker: Any = None) -> StageReport:
+    """Finetune ``stage``'s parameters on ``rows`` (UNet kwargs ``(N, ...)`` on the CPU); every
+    other parameter and buffer of ``unet`` stays bit-identical."""
+    report = StageReport(stage.name, stage.n_params, len(stage.layers))
+    groups = [{"params": list(stage.weights.values()), "lr": weight_lr},
+              {"params": list(stage.act_scales.values()), "lr": act_lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups or stage.epochs <= 0:
+        log.info("QuEST %s: nothing to train", stage.name)
+        return report
+    if not stage.layers and global_weight == 0:
+        log.warning("QuEST %s: no local layers and no global loss: nothing to learn from",
+                    stage.name)
+        return report
+    device = device or next(unet.parameters()).device
+    n = int(next(iter(rows.values())).shape[0])
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(groups)
+    tap = OutputTap(stage.layers)
+    params = stage.parameters()
+    t0 = time.perf_counter()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for epoch in range(stage.epochs):
+            sums, count = torch.zeros(3, dtype=torch.float64), 0
+            order = torch.randperm(n, generator=g)
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                total, local, glob = stage_loss(unet, _batch(rows, idx, device), teacher, tap,
+                                                global_weight)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"QuEST {stage.name}: non-finite loss at epoch "
+                                             f"{epoch}; lower method.weight_lr / method.act_lr")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for s in stage.act_scales.values():
+                        s.clamp_(min=_MIN_SCALE)
+                sums += torch.tensor([total.item(), local.item(), glob.item()],
+                                     dtype=torch.float64) * len(idx)
+                count += len(idx)
+                report.steps += 1
+            means = (sums / max(count, 1)).tolist()
+            report.total.append(means[0])
+            report.local.append(means[1])
+            report.global_.append(means[2])
+            log.info("QuEST %s epoch %d/%d: loss %.5g (local %.5g, global %.5g)", stage.name,
+                     epoch + 1, stage.epochs, *means)
+            if tracker is not None:
+                tracker.log({f"quest/{stage.name}_loss": means[0],
+                             f"quest/{stage.name}_local_loss": means[1],
+                             f"quest/{stage.name}_global_loss": means[2]})
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        tap.remove()
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+@torch.no_grad()
+def output_mse(unet: nn.Module, batches: Sequence[dict[str, Tensor]], teacher: FPTeacher) -> float:
+    """Mean squared error of the quantized UNet's output against the FP teacher's on ``batches``."""
+    total, count = 0.0, 0
+    for batch in batches:
+        with teacher.active():
+            target = unet(**batch).sample
+        out = unet(**batch).sample
+        total += float((out - target).pow(2).sum())
+        count += target.numel()
+    return total / max(count, 1)

@@ -1,0 +1,102 @@
+"""Quantized checkpoints: the quantization state of a UNet, saved and loaded on its FP weights.
+
+A checkpoint holds
+
+* the :class:`QuantConfig` (so loading rebuilds the same quantized modules);
+* every quantizer's state: weight Δ/z per output channel and the frozen AdaRound choices
+  (``round_up`` masks: the rounded integer weight is ``floor(W / Δ) + round_up``), activation
+  Δ/z per time-step group;
+* the time-step schedule of time-step-aware quantizers;
+* optionally the latent FP weights/biases of the quantized layers (methods that finetune them,
+  e.g. QuEST, save them; PTQ leaves the pretrained weights unchanged and does not);
+* free-form ``meta`` (calibration time, losses, ...).
+
+Loading applies it to a fresh FP UNet of the same model, so evaluation never repeats calibration::
+
+    save_quantized(model.unet, path, quant_cfg, meta={"calib_time_s": 81.2})
+    summary, meta = load_quantized(fresh_unet, path)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from diffquant.cache import atomic_torch_save
+from diffquant.quant.config import QuantConfig
+from diffquant.quant.state import iter_quantizers, quant_parameters
+from diffquant.quant.swap import QuantSummary, quantize_unet
+from diffquant.quant.timestep import get_router
+from diffquant.quant.typed import as_dataclass, as_dict
+
+FORMAT = "diffquant-quant-v1"
+
+
+def quantizer_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``unet.state_dict()`` that belong to quantizers (detached, on CPU)."""
+    prefixes = tuple(f"{name}." for name, _ in iter_quantizers(unet))
+    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()
+            if k.startswith(prefixes)}
+
+
+def save_quantized(unet: nn.Module, path: Path | str, quant_cfg: Any, *,
+                   meta: Optional[dict[str, Any]] = None, include_weights: bool = False) -> Path:
+    """Write the quantization state of ``unet`` to ``path`` (atomically); returns ``path``."""
+    router = get_router(unet)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "quant_cfg": as_dict(as_dataclass(quant_cfg, QuantConfig)),
+        "timesteps": router.state() if router is not None else None,
+        "quantizers": quantizer_state_dict(unet),
+        "weights": None,
+        "meta": dict(meta or {}),
+    }
+    if include_weights:
+        params = {**quant_parameters(unet, "weight_latent"), **quant_parameters(unet, "bias")}
+        payload["weights"] = {k: v.detach().cpu().clone() for k, v in params.items()}
+    path = Path(path)
+    atomic_torch_save(payload, path)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a diffquant quantized checkpoint "
+                         f"(format {payload.get('format')!r}, expected {FORMAT!r})")
+    return payload
+
+
+def load_quant_state(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load quantizer state into an already quantized ``unet``; every quantizer must be covered."""
+    expected = set(quantizer_state_dict(unet))
+    result = unet.load_state_dict(state, strict=False)
+    missing = sorted(k for k in result.missing_keys if k in expected)
+    if missing or result.unexpected_keys:
+        raise ValueError("quantized checkpoint does not match the model's quantizers: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                         f"{result.unexpected_keys[:5]} — was it saved with another model or "
+                         "quant config?")
+
+
+def load_quantized(unet: nn.Module, path: Path | str) -> tuple[QuantSummary, dict[str, Any]]:
+    """Quantize the FP ``unet`` as recorded in ``path`` and load its state; returns the summary
+    and the checkpoint's ``meta``."""
+    payload = read_checkpoint(path)
+    cfg = as_dataclass(payload["quant_cfg"], QuantConfig)
+    ts = payload["timesteps"]
+    summary = quantize_unet(unet, cfg, timesteps=None if ts is None else ts["schedule"],
+                            init_weights=False)
+    if ts is not None and get_router(unet) is None:
+        raise ValueError(f"{path}: time-step schedule saved but the config is not time-step aware")
+    if payload["weights"]:
+        with torch.no_grad():
+            params = {**quant_parameters(unet, "weight_latent"), **quant_parameters(unet, "bias")}
+            for k, v in payload["weights"].items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+    device = next(unet.parameters()).device
+    load_quant_state(unet, {k: v.to(device) for k, v in payload["quantizers"].items()})
+    return summary, payload["meta"]

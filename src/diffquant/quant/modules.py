@@ -1,0 +1,106 @@
+"""Quantized drop-in replacements of ``nn.Conv2d`` and ``nn.Linear``.
+
+They subclass the originals (``isinstance(m, nn.Conv2d)`` still holds, so diffusers code that
+checks types keeps working) and share the original ``weight`` and ``bias`` Parameters: the FP
+weight is kept as the *latent* weight, from which the quantized weight is computed at every call.
+That is what the FP teacher path uses (``quant_state(unet, weights=False)``) and what QuEST
+finetunes through the STE.
+
+Each layer quantizes its weight (``weight_quantizer``, per output channel) and its input
+activation (``input_quantizer``); either is None when its bit-width is 32 (full precision).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffquant.quant.quantizers import (ActQuantizer, SplitActQuantizer, SplitWeightQuantizer,
+                                        WeightQuantizer)
+
+AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
+AnyActQuantizer = Union[ActQuantizer, SplitActQuantizer]
+
+
+class QuantLayerMixin:
+    """What QuantConv2d and QuantLinear share: the two quantizer slots and the quantized weight."""
+
+    weight_quantizer: Optional[AnyWeightQuantizer]
+    input_quantizer: Optional[AnyActQuantizer]
+
+    def _init_quant(self, weight_quantizer: Optional[AnyWeightQuantizer],
+                    input_quantizer: Optional[AnyActQuantizer]) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.register_buffer("fp_weight", None, persistent=False)
+        self.register_buffer("fp_bias", None, persistent=False)
+
+    def keep_fp_copy(self) -> None:
+        """Freeze a copy of the current weight and bias as the FP path's parameters, so that
+        finetuning the latent weight (QuEST) leaves the FP teacher (weights disabled) unchanged."""
+        self.fp_weight = self.weight.detach().clone()
+        self.fp_bias = None if self.bias is None else self.bias.detach().clone()
+
+    def _weights_on(self) -> bool:
+        wq = self.weight_quantizer
+        return wq is not None and wq.enabled
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with: fake-quantized from the latent weight, or the FP
+        weight (the frozen copy if :meth:`keep_fp_copy` made one) when weights are off or FP."""
+        if self._weights_on():
+            return self.weight_quantizer(self.weight)
+        return self.weight if self.fp_weight is None else self.fp_weight
+
+    def effective_bias(self) -> Optional[Tensor]:
+        if self.fp_bias is not None and not self._weights_on():
+            return self.fp_bias
+        return self.bias
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input. Input ``(B, C_in, H, W)``."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Optional[AnyWeightQuantizer],
+                   input_quantizer: Optional[AnyActQuantizer]) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        q.weight, q.bias = conv.weight, conv.bias
+        q.train(conv.training)
+        q._init_quant(weight_quantizer, input_quantizer)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(),
+                                  self.effective_bias())
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input. Input ``(..., C_in)``."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: Optional[AnyWeightQuantizer],
+                   input_quantizer: Optional[AnyActQuantizer]) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q.train(linear.training)
+        q._init_quant(weight_quantizer, input_quantizer)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.effective_bias())
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    return isinstance(module, QUANT_LAYER_TYPES)

@@ -1,0 +1,124 @@
+"""Model-wide switches and look-ups over the quantizers of a quantized UNet.
+
+* :func:`quant_state` — a context that turns weight and/or activation quantization on or off
+  everywhere (``None`` leaves a kind as it is), so one model object serves as FP teacher and as
+  quantized student::
+
+      with quant_state(unet, weights=False, acts=False):
+          target = unet(**kwargs).sample            # the FP model
+
+* :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind.
+* :func:`quant_parameters` — the trainable tensors by kind and module-name pattern:
+
+  ==================  ================================================================
+  ``act_scale``       step sizes Δ of activation quantizers (LSQ; ``(G, C)`` each)
+  ``weight_round``    AdaRound α of weights in ``soft`` rounding
+  ``weight_latent``   FP latent weights of quantized Conv2d/Linear layers (QuEST)
+  ``bias``            biases of quantized Conv2d/Linear layers
+  ==================  ================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterable, Iterator, Optional, Union
+
+from torch import nn
+
+from diffquant.quant.modules import is_quant_layer
+from diffquant.quant.quantizers import ActQuantizer, WeightQuantizer
+
+Quantizer = Union[WeightQuantizer, ActQuantizer]
+PARAM_KINDS = ("act_scale", "weight_round", "weight_latent", "bias")
+
+
+def iter_quantizers(module: nn.Module, kind: Optional[str] = None) -> Iterator[tuple[str, Quantizer]]:
+    """``(name, quantizer)`` for every weight (``kind="weight"``), activation (``"act"``) or any
+    (``None``) leaf quantizer under ``module``; split quantizers yield their two halves."""
+    want = {None: (WeightQuantizer, ActQuantizer), "weight": (WeightQuantizer,),
+            "act": (ActQuantizer,)}
+    if kind not in want:
+        raise ValueError(f"unknown quantizer kind {kind!r}; use 'weight', 'act' or None")
+    for name, m in module.named_modules():
+        if isinstance(m, want[kind]):
+            yield name, m
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return any(True for _ in iter_quantizers(module))
+
+
+def set_quant_state(module: nn.Module, weights: Optional[bool] = None,
+                    acts: Optional[bool] = None) -> dict[Quantizer, bool]:
+    """Enable/disable weight and activation quantizers; returns the previous flags."""
+    previous: dict[Quantizer, bool] = {}
+    for _, q in iter_quantizers(module):
+        flag = weights if isinstance(q, WeightQuantizer) else acts
+        previous[q] = q.enabled
+        if flag is not None:
+            q.enabled = bool(flag)
+    return previous
+
+
+@contextlib.contextmanager
+def quant_state(module: nn.Module, weights: Optional[bool] = None,
+                acts: Optional[bool] = None) -> Iterator[None]:
+    """Within the block, weight/activation quantization of ``module`` is on/off as given;
+    the previous flags are restored on exit (also on error)."""
+    previous = set_quant_state(module, weights, acts)
+    try:
+        yield
+    finally:
+        for q, flag in previous.items():
+            q.enabled = flag
+
+
+def _matches(name: str, patterns: Optional[Union[str, Iterable[str]]]) -> bool:
+    if patterns is None:
+        return True
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(re.search(p, name) for p in patterns)
+
+
+def quant_parameters(module: nn.Module, kind: str,
+                     include: Optional[Union[str, Iterable[str]]] = None,
+                     exclude: Optional[Union[str, Iterable[str]]] = None,
+                     max_bits: Optional[int] = None) -> dict[str, nn.Parameter]:
+    """The parameters of one kind (see the module doc), keyed by qualified parameter name.
+
+    ``include`` / ``exclude``: regular expressions (or lists of them) searched in the parameter's
+    qualified name, which contains its module path (e.g. ``"ff\\.net"``, ``"attn1\\.to_k"``,
+    ``"time_emb_proj"``). ``max_bits``: only quantizers/layers with at most that many bits (e.g.
+    15 leaves out 16-bit softmax quantizers, as Q-Diffusion's LSQ stage does).
+    """
+    if kind not in PARAM_KINDS:
+        raise ValueError(f"unknown parameter kind {kind!r}; use one of {PARAM_KINDS}")
+    found: dict[str, nn.Parameter] = {}
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if kind == "act_scale" and isinstance(m, ActQuantizer):
+            if max_bits is None or m.bits <= max_bits:
+                found[prefix + "scale"] = m.scale
+        elif kind == "weight_round" and isinstance(m, WeightQuantizer) and m.adaround is not None:
+            if max_bits is None or m.bits <= max_bits:
+                found[prefix + "adaround.alpha"] = m.adaround.alpha
+        elif kind in ("weight_latent", "bias") and is_quant_layer(m):
+            p = m.weight if kind == "weight_latent" else m.bias
+            if p is not None:
+                found[prefix + ("weight" if kind == "weight_latent" else "bias")] = p
+    return {n: p for n, p in found.items() if _matches(n, include) and not
+            (exclude is not None and _matches(n, exclude))}
+
+
+def keep_fp_weights(module: nn.Module, include: Optional[Union[str, Iterable[str]]] = None) -> int:
+    """Freeze FP copies of the weights/biases of the quantized layers whose names match
+    ``include`` (all if None), so the FP teacher path (``quant_state(weights=False)``) keeps the
+    original weights while their latent weights are finetuned. Returns the number of layers."""
+    n = 0
+    for name, m in module.named_modules():
+        if is_quant_layer(m) and _matches(name, include):
+            m.keep_fp_copy()
+            n += 1
+    return n

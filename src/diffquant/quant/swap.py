@@ -1,0 +1,254 @@
+"""Module swapping: turn a diffusers UNet into its fake-quantized version, in place.
+
+:func:`quantize_unet` replaces
+
+* every ``nn.Conv2d`` / ``nn.Linear`` by :class:`QuantConv2d` / :class:`QuantLinear` (weight per
+  output channel, input activation per tensor or per channel);
+* the processor of every diffusers ``Attention`` by :class:`QuantAttnProcessor` (q, k, v at the
+  activation bit-width, post-softmax probabilities unsigned at ``softmax_bits``);
+
+with two policies from the :class:`QuantConfig`:
+
+* first/last layer: the input activations of ``conv_in`` and ``conv_out`` use
+  ``first_last_act_bits`` (their weights keep ``weight_bits``);
+* shortcut split: the ``conv_shortcut`` of an up-block ``ResnetBlock2D`` sees
+  ``cat([hidden_states, skip], dim=1)``; its input and weight are quantized in two halves split at
+  the hidden state's channel count, found from the block structure (see :func:`shortcut_splits`).
+
+The VAE and text encoder are separate modules and are never touched. A bit-width of 32 leaves
+that kind of tensor in full precision (no quantizer is created).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from diffquant.quant.attention import QuantAttnProcessor, is_quant_attention
+from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
+from diffquant.quant.modules import QuantConv2d, QuantLinear, is_quant_layer
+from diffquant.quant.quantizers import (ActQuantizer, SplitActQuantizer, SplitWeightQuantizer,
+                                        WeightQuantizer)
+from diffquant.quant.state import is_quantized, iter_quantizers
+from diffquant.quant.timestep import attach_timestep_router
+from diffquant.quant.typed import as_dataclass
+
+FIRST_LAST = ("conv_in", "conv_out")
+
+
+@dataclass
+class QuantSummary:
+    """What :func:`quantize_unet` quantized.
+
+    ``layers``: quantized layer count per type (``Conv2d``, ``Linear``); ``attention``: number of
+    ``Attention`` modules with quantized matmuls; ``split_shortcuts``: names of split convs;
+    ``first_last``: layers with ``first_last_act_bits``; ``quantizers``: leaf quantizer counts.
+    """
+
+    quant: dict[str, Any]
+    layers: dict[str, int] = field(default_factory=dict)
+    attention: int = 0
+    split_shortcuts: list[str] = field(default_factory=list)
+    first_last: list[str] = field(default_factory=list)
+    quantizers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_quant_layers(self) -> int:
+        """Number of quantized Conv2d/Linear layers."""
+        return sum(self.layers.values())
+
+    def metrics(self) -> dict[str, int]:
+        """Numbers for ``metrics.json``."""
+        return {"n_quant_layers": self.n_quant_layers,
+                "n_quant_conv2d": self.layers.get("Conv2d", 0),
+                "n_quant_linear": self.layers.get("Linear", 0),
+                "n_quant_attention": self.attention,
+                "n_split_shortcuts": len(self.split_shortcuts)}
+
+    def format(self) -> str:
+        """A small table for the log."""
+        q = self.quant
+        w = "FP" if q["weight_bits"] >= FP_BITS else f"{q['weight_bits']}-bit per-channel"
+        gran = "per-channel" if q.get("_acts_per_channel") else "per-tensor"
+        a = "FP" if q["act_bits"] >= FP_BITS else f"{q['act_bits']}-bit {gran}"
+        groups = q["timestep_groups"] if q.get("timestep_aware") else 1
+        fl = q.get("first_last_act_bits") or q["act_bits"]
+        lines = [f"Quantized UNet [{q.get('name', '?')}]: weights {w}, activations {a}"
+                 + (f", {groups} time-step groups" if groups > 1 else ""),
+                 f"  {'module type':<28}{'count':>6}  {'W bits':>6}  {'A bits':>6}"]
+        for kind in ("Conv2d", "Linear"):
+            if self.layers.get(kind):
+                lines.append(f"  {kind:<28}{self.layers[kind]:>6}  {q['weight_bits']:>6}  "
+                             f"{q['act_bits']:>6}")
+        if self.attention:
+            sm = q["softmax_bits"]
+            lines.append(f"  {'Attention (q,k,v | softmax)':<28}{self.attention:>6}  {'-':>6}  "
+                         f"{q['act_bits']}|{sm}".rstrip())
+        if self.first_last:
+            lines.append(f"  first/last layer inputs at {fl} bits: {', '.join(self.first_last)}")
+        if self.split_shortcuts:
+            lines.append(f"  split shortcuts: {len(self.split_shortcuts)}")
+        lines.append(f"  n_quant_layers = {self.n_quant_layers}; quantizers: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(self.quantizers.items())))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- structure
+def _out_channels(block: nn.Module) -> Optional[int]:
+    resnets = getattr(block, "resnets", None)
+    if resnets is None or len(resnets) == 0:
+        return None
+    return int(resnets[-1].out_channels)
+
+
+def shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """``{qualified name of conv_shortcut: split}`` for the up-block resnets fed by a skip concat.
+
+    In diffusers up blocks resnet ``j`` receives ``cat([h, skip])``; ``h`` has the previous
+    resnet's output channels (``j > 0``) or the channels entering the up block (``j = 0``: the
+    previous up block's output, or the mid block's / last down block's for the first up block).
+    """
+    splits: dict[str, int] = {}
+    up_blocks = getattr(unet, "up_blocks", None)
+    if up_blocks is None:
+        return splits
+    mid = getattr(unet, "mid_block", None)
+    entering = _out_channels(mid) if mid is not None else None
+    if entering is None and len(getattr(unet, "down_blocks", [])):
+        entering = _out_channels(unet.down_blocks[-1])
+    for k, block in enumerate(up_blocks):
+        resnets = getattr(block, "resnets", None) or []
+        h_channels = entering
+        for j, resnet in enumerate(resnets):
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            if (isinstance(shortcut, nn.Conv2d) and h_channels is not None
+                    and 0 < h_channels < shortcut.in_channels):
+                splits[f"up_blocks.{k}.resnets.{j}.conv_shortcut"] = int(h_channels)
+            h_channels = int(resnet.out_channels)
+        entering = _out_channels(block) or entering
+    return splits
+
+
+def _attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    from diffusers.models.attention_processor import Attention
+
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention)]
+
+
+# ---------------------------------------------------------------------------- swapping
+class _Factory:
+    """Builds the quantizers of one :class:`QuantConfig`."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.w_mode = "symmetric" if cfg.symmetric_weights else "affine"
+        self.a_mode = "symmetric" if cfg.symmetric_acts else "affine"
+        self.groups = cfg.timestep_groups if cfg.timestep_aware else 1
+
+    def act(self, channels: int, bits: Optional[int] = None, mode: Optional[str] = None,
+            per_channel: Optional[bool] = None) -> Optional[ActQuantizer]:
+        bits = self.cfg.act_bits if bits is None else bits
+        if bits >= FP_BITS or self.cfg.act_bits >= FP_BITS:
+            return None
+        pc = self.cfg.acts_per_channel if per_channel is None else per_channel
+        return ActQuantizer(bits, mode or self.a_mode, channels, self.groups, pc)
+
+    def layer_input(self, channels: int, bits: int, split: Optional[int]):
+        if split is None:
+            return self.act(channels, bits)
+        head, tail = self.act(split, bits), self.act(channels - split, bits)
+        return None if head is None else SplitActQuantizer(split, head, tail)
+
+    def weight(self, weight: torch.Tensor, split: Optional[int], init: bool):
+        cfg = self.cfg
+        if cfg.weight_bits >= FP_BITS:
+            return None
+        shape = tuple(weight.shape)
+        q = (WeightQuantizer(shape, cfg.weight_bits, self.w_mode) if split is None
+             else SplitWeightQuantizer(shape, split, cfg.weight_bits, self.w_mode))
+        q.to(weight.device)
+        if init:
+            q.init_range(weight, cfg.weight_init, cfg.lp_norm, cfg.lp_candidates)
+        return q
+
+
+def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, child)
+
+
+def quantize_unet(unet: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[int]] = None, *,
+                  init_weights: bool = True) -> QuantSummary:
+    """Swap ``unet``'s layers and attention processors for fake-quantized ones, in place.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (any module works; the
+            first/last and split policies apply where the diffusers names exist).
+        quant_cfg: a :class:`QuantConfig` (or a DictConfig of one).
+        timesteps: the sampler's time steps (noisiest first); required when
+            ``quant_cfg.timestep_aware`` (installs the time-step router hook).
+        init_weights: set weight ranges now (``quant_cfg.weight_init``); False when the ranges
+            are about to be loaded from a checkpoint.
+
+    Activation quantizers start uncalibrated: run
+    :func:`diffquant.calib.calibrate_act_ranges` (or load a checkpoint) before using them.
+    """
+    cfg = as_dataclass(quant_cfg, QuantConfig)
+    validate_bits(cfg)
+    if is_quantized(unet) or any(is_quant_layer(m) for m in unet.modules()):
+        raise ValueError("the UNet is already quantized; quantize a fresh FP UNet")
+    factory = _Factory(cfg)
+    splits = shortcut_splits(unet) if cfg.shortcut_split else {}
+    fl_bits = cfg.first_last_act_bits if cfg.first_last_act_bits is not None else cfg.act_bits
+    summary = QuantSummary(quant={**dataclasses.asdict(cfg),
+                                  "_acts_per_channel": cfg.acts_per_channel})
+
+    targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, layer in targets:
+        is_conv = isinstance(layer, nn.Conv2d)
+        channels = layer.in_channels if is_conv else layer.in_features
+        split = splits.get(name) if is_conv else None
+        bits = fl_bits if name in FIRST_LAST else cfg.act_bits
+        if name in FIRST_LAST and cfg.act_bits < FP_BITS:
+            summary.first_last.append(name)
+        w_q = factory.weight(layer.weight, split, init_weights)
+        a_q = factory.layer_input(channels, bits, split)
+        if a_q is not None:
+            a_q.to(layer.weight.device)
+        cls = QuantConv2d if is_conv else QuantLinear
+        _set_child(unet, name, cls.from_float(layer, w_q, a_q))
+        kind = "Conv2d" if is_conv else "Linear"
+        summary.layers[kind] = summary.layers.get(kind, 0) + 1
+        if split is not None and (w_q is not None or a_q is not None):
+            summary.split_shortcuts.append(name)
+
+    if cfg.act_bits < FP_BITS:
+        for name, attn in _attention_modules(unet):
+            inner, kv_inner = attn.inner_dim, attn.inner_kv_dim
+            sm_bits = cfg.softmax_bits
+            proc = QuantAttnProcessor(
+                factory.act(inner), factory.act(kv_inner), factory.act(kv_inner),
+                None if sm_bits >= FP_BITS else
+                ActQuantizer(sm_bits, "unsigned", 1, factory.groups, per_channel=False))
+            attn.set_processor(proc.to(attn.to_q.weight.device))
+            summary.attention += 1
+
+    for name, q in iter_quantizers(unet):
+        k = type(q).__name__
+        summary.quantizers[k] = summary.quantizers.get(k, 0) + 1
+    if factory.groups > 1:
+        if timesteps is None:
+            raise ValueError("quant.timestep_aware=true needs the sampler's timesteps: call "
+                             "quantize_unet(unet, cfg, timesteps=model.timesteps)")
+        attach_timestep_router(unet, [int(t) for t in timesteps], factory.groups)
+    return summary
+
+
+def quantized_attention_modules(unet: nn.Module) -> list[str]:
+    """Names of the ``Attention`` modules whose matmuls are quantized."""
+    return [n for n, m in unet.named_modules() if is_quant_attention(m)]

@@ -1,0 +1,103 @@
+"""Time-step-aware activation quantizers: which parameter group each UNet call uses.
+
+An :class:`ActQuantizer` with ``n_groups = G > 1`` holds one (Δ, z) set per group of sampler
+steps. The sampler's ``S`` steps (0 = noisiest) are split evenly: step ``i`` belongs to group
+``i · G // S`` (``G = S`` gives one set per step, as QuEST does).
+
+:func:`attach_timestep_router` installs a forward pre-hook on the UNet that reads its
+``timestep`` argument — a per-row tensor ``(B,)``, as :meth:`DiffusionModel.unet_kwargs` always
+passes — and sets every time-step-aware quantizer's ``group_index`` to the rows' groups, so a
+batch may mix steps (calibration batches do). Time steps not in the schedule map to the
+nearest one. Code that calls a UNet sub-module directly (block reconstruction) routes with
+:meth:`TimestepRouter.route`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.quant.quantizers import ActQuantizer
+
+ROUTER_ATTR = "_diffquant_timestep_router"
+
+
+class TimestepRouter:
+    """Maps time steps to group indices. ``schedule``: the sampler's time steps, noisiest first."""
+
+    def __init__(self, schedule: Sequence[int] | Tensor, n_groups: int) -> None:
+        self.schedule = torch.as_tensor(schedule, dtype=torch.float64).reshape(-1).cpu()
+        self.n_groups = int(n_groups)
+        if self.n_groups < 1 or self.n_groups > len(self.schedule):
+            raise ValueError(f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} "
+                             f"(the number of sampler steps)")
+
+    def step_index(self, timestep: Tensor | int | float) -> Tensor:
+        """Sampler step index ``(B,)`` of each time step (nearest schedule entry)."""
+        t = torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64)
+        return (t[:, None] - self.schedule[None, :]).abs().argmin(dim=1)
+
+    def groups(self, timestep: Tensor | int | float) -> Tensor:
+        """Group index ``(B,)`` (LongTensor) of each time step."""
+        return self.step_index(timestep) * self.n_groups // len(self.schedule)
+
+    def route(self, module: nn.Module, timestep: Tensor | int | float) -> None:
+        """Point every time-step-aware quantizer under ``module`` at the rows' groups."""
+        set_group_index(module, self.groups(timestep))
+
+    def state(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.tolist(), "n_groups": self.n_groups}
+
+
+def set_group_index(module: nn.Module, group_index: Optional[Tensor | int]) -> None:
+    """Set ``group_index`` (a LongTensor ``(B,)``, an int for all rows, or None) on every
+    time-step-aware activation quantizer under ``module``."""
+    if isinstance(group_index, int):
+        group_index = torch.tensor([group_index])
+    for m in module.modules():
+        if isinstance(m, ActQuantizer) and m.n_groups > 1:
+            m.group_index = None if group_index is None else group_index.to(m.scale.device)
+
+
+def _timestep_arg(args: tuple, kwargs: dict) -> Any:
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    if len(args) > 1:  # UNet2DModel / UNet2DConditionModel: forward(sample, timestep, ...)
+        return args[1]
+    raise RuntimeError("time-step-aware quantization: the UNet was called without a timestep")
+
+
+def attach_timestep_router(unet: nn.Module, schedule: Sequence[int] | Tensor,
+                           n_groups: int) -> TimestepRouter:
+    """Install (or replace) the UNet's router and its forward pre-hook; returns the router."""
+    detach_timestep_router(unet)
+    router = TimestepRouter(schedule, n_groups)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        router.route(module, _timestep_arg(args, kwargs))
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    object.__setattr__(unet, ROUTER_ATTR, (router, handle))
+    return router
+
+
+def detach_timestep_router(unet: nn.Module) -> None:
+    entry = getattr(unet, ROUTER_ATTR, None)
+    if entry is not None:
+        entry[1].remove()
+        object.__delattr__(unet, ROUTER_ATTR)
+
+
+def get_router(unet: nn.Module) -> Optional[TimestepRouter]:
+    """The router attached to ``unet`` (None when activations are not time-step aware)."""
+    entry = getattr(unet, ROUTER_ATTR, None)
+    return None if entry is None else entry[0]
+
+
+def set_timestep(unet: nn.Module, timestep: Tensor | int | float) -> None:
+    """Select the quantizer groups of ``timestep`` by hand (the hook does it on every call)."""
+    router = get_router(unet)
+    if router is not None:
+        router.route(unet, timestep)

@@ -1,0 +1,31 @@
+"""Configs arrive as OmegaConf ``DictConfig`` (from Hydra) or as dataclasses (from Python and
+tests); these helpers give one typed view of either."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+
+
+def as_dataclass(cfg: Any, cls: type[T]) -> T:
+    """``cfg`` (a ``cls`` instance, a DictConfig or a dict, possibly nested) as a ``cls`` instance;
+    keys ``cls`` lacks are an error, missing keys take ``cls``'s defaults."""
+    if isinstance(cfg, cls):
+        return cfg
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(cls), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-able dict of a dataclass / DictConfig / dict config (for cache keys, logs)."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)

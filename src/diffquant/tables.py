@@ -1,0 +1,430 @@
+"""Turn a finished sweep into a paper's table, with the published numbers beside ours.
+
+    python -m diffquant.tables <sweep dir> [--experiment NAME] [--out DIR] [--format md,tex,csv]
+                               [--metrics fid,fid_to_fp] [--all-published] [--published FILE]
+
+Reads every ``metrics.json`` under the sweep folder (merging sharded evaluations first, see
+:mod:`diffquant.shards`), groups the jobs by (model, method, W/A bits), reports the mean ± std
+over seeds when there are several, joins the numbers of ``experiments/published.yaml`` for the
+experiment (read from the jobs' ``experiment`` field, or ``--experiment``), and writes
+``table.md``, ``table.tex`` and ``table.csv`` into ``--out`` (default: the sweep folder). The
+markdown is also printed.
+
+Columns per metric: ours, the paper's, and Δ = ours − paper. Rows follow the paper's order; rows
+we ran that the paper lacks come after. Published rows of methods we did not run (other papers'
+baselines) are left out unless ``--all-published``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+
+DEFAULT_METRICS = ("fid", "inception_score", "fid_to_fp", "clip_score")
+METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "fid_to_fp": "FID→FP",
+                 "clip_score": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM"}
+METRIC_LABELS_TEX = {**METRIC_LABELS, "fid_to_fp": r"FID$\to$FP"}
+DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2}
+METHOD_ORDER = ("fp", "ptq_minmax", "ptq", "quest", "accuquant")
+FORMATS = ("md", "tex", "csv")
+
+
+# --------------------------------------------------------------------------------------------
+# Published numbers
+# --------------------------------------------------------------------------------------------
+
+
+def default_published_path() -> Path:
+    """``experiments/published.yaml`` of the working tree: under ``$DIFFQUANT_ROOT``, the current
+    folder, or the repository this module was installed from (editable install)."""
+    candidates = [Path(os.environ["DIFFQUANT_ROOT"])] if os.environ.get("DIFFQUANT_ROOT") else []
+    candidates += [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for root in candidates:
+        path = root / "experiments" / "published.yaml"
+        if path.is_file():
+            return path
+    return candidates[-1] / "experiments" / "published.yaml"
+
+
+def load_published(path: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    """All published tables, keyed by experiment name (see the header of the YAML file)."""
+    path = Path(path) if path is not None else default_published_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"published numbers not found at {path}; pass --published FILE")
+    data = yaml.safe_load(path.read_text()) or {}
+    for name, table in data.items():
+        for key in ("paper", "source", "metrics", "rows"):
+            if key not in table:
+                raise ValueError(f"{path}: table {name!r} lacks {key!r}")
+        for row in table["rows"]:
+            for key in ("model", "method", "bits"):
+                if key not in row:
+                    raise ValueError(f"{path}: a row of {name!r} lacks {key!r}: {row}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Our results
+# --------------------------------------------------------------------------------------------
+
+
+def bits_label(weight_bits: Any, act_bits: Any) -> str:
+    return f"W{weight_bits}A{act_bits}"
+
+
+def read_results(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every finished job's metrics under ``sweep_dir`` (shard jobs excluded: their merge counts)."""
+    results = []
+    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
+            continue
+        if not isinstance(m, dict) or "model" not in m or "method" not in m:
+            continue
+        if int(m.get("num_shards") or 1) > 1 and m.get("shard_index") is not None:
+            continue
+        m["_dir"] = str(path.parent)
+        results.append(m)
+    return results
+
+
+@dataclass
+class Stat:
+    """A metric over the seeds of one row: mean, sample std (None for one seed), count."""
+
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+
+
+def summarize(values: Sequence[Any]) -> Stat:
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v))]
+    if not nums:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(nums), statistics.stdev(nums) if len(nums) > 1 else None, len(nums))
+
+
+@dataclass
+class Row:
+    """One line of the table: (model, method, bits), our statistics and the paper's numbers."""
+
+    model: str
+    method: str
+    bits: str
+    paper_method: str = ""
+    ours: dict[str, Stat] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    n_samples: Optional[int] = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model, self.method, self.bits)
+
+    def diff(self, metric: str) -> Optional[float]:
+        stat, pub = self.ours.get(metric), self.paper.get(metric)
+        if stat is None or stat.mean is None or not isinstance(pub, (int, float)):
+            return None
+        return stat.mean - float(pub)
+
+
+def build_rows(results: list[dict[str, Any]], metrics: Sequence[str], table: Optional[dict[str, Any]],
+               all_published: bool = False) -> list[Row]:
+    """Join our results (grouped, averaged over seeds) with the published rows."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for m in results:
+        key = (m["model"], m["method"], bits_label(m.get("weight_bits"), m.get("act_bits")))
+        groups.setdefault(key, []).append(m)
+
+    ours: dict[tuple[str, str, str], Row] = {}
+    for key, ms in groups.items():
+        row = Row(*key)
+        row.ours = {k: summarize([m.get(k) for m in ms]) for k in metrics}
+        row.seeds = sorted({m.get("seed") for m in ms if m.get("seed") is not None})
+        sizes = {m.get("n_samples") for m in ms}
+        row.n_samples = sizes.pop() if len(sizes) == 1 else None
+        ours[key] = row
+
+    rows: list[Row] = []
+    ran_methods = {k[1] for k in ours}
+    for pub in (table or {}).get("rows", []):
+        key = (pub["model"], pub["method"], pub["bits"])
+        if key not in ours and not all_published and pub["method"] not in ran_methods:
+            continue
+        row = ours.pop(key, None) or Row(*key)
+        row.paper_method = pub.get("paper_method", "")
+        row.paper = {k: pub[k] for k in metrics if k in pub}
+        rows.append(row)
+
+    def order(r: Row) -> tuple:
+        w = _bits_number(r.bits)
+        method = METHOD_ORDER.index(r.method) if r.method in METHOD_ORDER else len(METHOD_ORDER)
+        return (r.model, -w[0], -w[1], method, r.method)
+
+    rows.extend(sorted(ours.values(), key=order))
+    return rows
+
+
+def _bits_number(bits: str) -> tuple[float, float]:
+    try:
+        w, a = bits[1:].split("A", 1)
+        return float(w), float(a)
+    except ValueError:
+        return (0.0, 0.0)
+
+
+def choose_metrics(results: list[dict[str, Any]], table: Optional[dict[str, Any]],
+                   requested: Optional[Sequence[str]] = None) -> list[str]:
+    """``requested``, else the published table's metrics, else those of DEFAULT_METRICS we have."""
+    if requested:
+        return list(requested)
+    if table and table.get("metrics"):
+        return list(table["metrics"])
+    have = {k for m in results for k, v in m.items() if v is not None}
+    return [k for k in DEFAULT_METRICS if k in have] or ["fid"]
+
+
+def infer_experiment(results: list[dict[str, Any]]) -> Optional[str]:
+    names = sorted({m.get("experiment") for m in results if m.get("experiment")})
+    if len(names) > 1:
+        raise ValueError(f"the sweep mixes experiments {names}: pick one with --experiment")
+    return names[0] if names else None
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_num(value: Optional[float], metric: str, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    d = DECIMALS.get(metric, 2)
+    return f"{value:+.{d}f}" if signed else f"{value:.{d}f}"
+
+
+def fmt_ours(stat: Optional[Stat], metric: str, pm: str = "±") -> str:
+    if stat is None or stat.mean is None:
+        return "—"
+    text = fmt_num(stat.mean, metric)
+    return f"{text} {pm} {fmt_num(stat.std, metric)}" if stat.std is not None else text
+
+
+def fmt_paper(value: Any, metric: str) -> str:
+    if value is None:
+        return "—"
+    return fmt_num(float(value), metric) if isinstance(value, (int, float)) else str(value)
+
+
+def fmt_diff(row: Row, metric: str) -> str:
+    d = row.diff(metric)
+    return "—" if d is None else fmt_num(d, metric, signed=True)
+
+
+@dataclass
+class Table:
+    """Everything the renderers need."""
+
+    rows: list[Row]
+    metrics: list[str]
+    experiment: Optional[str]
+    published: Optional[dict[str, Any]]
+    sweep_dir: Path
+    n_jobs: int
+
+    @property
+    def has_paper(self) -> bool:
+        return bool(self.published and self.published.get("rows"))
+
+    def title(self) -> str:
+        if not self.published:
+            return f"Results of {self.sweep_dir}"
+        return f"{self.published['paper']} — {self.published['source']}"
+
+
+def header_cells(t: Table, labels: dict[str, str]) -> list[str]:
+    cells = ["Model", "Method", "W/A", "seeds", "n"]
+    if t.has_paper:
+        cells.insert(2, "Paper's name")
+    for k in t.metrics:
+        lab = labels.get(k, k)
+        cells += [f"{lab} ours", f"{lab} paper", f"{lab} Δ"] if t.has_paper else [lab]
+    return cells
+
+
+def body_cells(t: Table, row: Row, pm: str = "±", dash: str = "—") -> list[str]:
+    seeds = str(len(row.seeds)) if row.seeds else ""
+    cells = [row.model, row.method, row.bits, seeds, "" if row.n_samples is None else str(row.n_samples)]
+    if t.has_paper:
+        cells.insert(2, row.paper_method)
+    for k in t.metrics:
+        ours = fmt_ours(row.ours.get(k), k, pm)
+        cells += [ours, fmt_paper(row.paper.get(k), k), fmt_diff(row, k)] if t.has_paper else [ours]
+    return [dash if c == "—" else c for c in cells]
+
+
+def render_markdown(t: Table) -> str:
+    lines = [f"**{t.title()}**", ""]
+    if t.published and t.published.get("setting"):
+        lines += [f"{'Paper setting' if t.has_paper else 'Setting'}: {t.published['setting']}.", ""]
+    head = header_cells(t, METRIC_LABELS)
+    lines.append("| " + " | ".join(head) + " |")
+    n_text = 4 if t.has_paper else 3
+    lines.append("|" + "|".join("---" if i < n_text else "---:" for i in range(len(head))) + "|")
+    for row in t.rows:
+        lines.append("| " + " | ".join(body_cells(t, row)) + " |")
+    lines.append("")
+    foot = f"Ours: {t.n_jobs} jobs from `{t.sweep_dir}`; mean ± std over seeds; n = samples per job."
+    if t.has_paper:
+        foot += " Δ = ours − paper."
+        if t.published.get("notes"):
+            foot += f" Paper: {t.published['notes']}"
+    lines.append(foot)
+    return "\n".join(lines) + "\n"
+
+
+def tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        if a == "\\":
+            text = text.replace(a, "\x00")
+        else:
+            text = text.replace(a, b)
+    return text.replace("\x00", r"\textbackslash{}")
+
+
+def render_latex(t: Table) -> str:
+    head = header_cells(t, METRIC_LABELS_TEX)
+    n_text = 4 if t.has_paper else 3
+    spec = "l" * n_text + "r" * (len(head) - n_text)
+    esc_head = [h if "$" in h else tex_escape(h) for h in head]
+    esc_head = [h.replace("Δ", r"$\Delta$") for h in esc_head]
+    lines = [
+        "% Generated by `python -m diffquant.tables`; needs \\usepackage{booktabs}.",
+        r"\begin{table}[t]", r"\centering", r"\small",
+        rf"\caption{{{tex_escape(t.title())}. Ours: mean $\pm$ std over seeds"
+        + (r"; $\Delta$ = ours $-$ paper" if t.has_paper else "") + ".}",
+        rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+        " & ".join(esc_head) + r" \\", r"\midrule",
+    ]
+    for row in t.rows:
+        cells = body_cells(t, row, pm="$\\pm$", dash="--")
+        lines.append(" & ".join(c if "$" in c else tex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(t: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    head = ["model", "method", "paper_method", "bits", "seeds", "n_samples"]
+    for k in t.metrics:
+        head += [f"{k}_ours", f"{k}_ours_std", f"{k}_paper", f"{k}_diff"]
+    writer.writerow(head)
+    for row in t.rows:
+        cells: list[Any] = [row.model, row.method, row.paper_method, row.bits,
+                            " ".join(str(s) for s in row.seeds), row.n_samples]
+        for k in t.metrics:
+            stat = row.ours.get(k)
+            pub = row.paper.get(k)
+            cells += [None if stat is None else stat.mean, None if stat is None else stat.std,
+                      pub, row.diff(k)]
+        writer.writerow(["" if c is None else c for c in cells])
+    return buf.getvalue()
+
+
+RENDERERS = {"md": ("table.md", render_markdown), "tex": ("table.tex", render_latex),
+             "csv": ("table.csv", render_csv)}
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def build_table(sweep_dir: Path | str, experiment: Optional[str] = None,
+                published_path: Optional[Path] = None, metrics: Optional[Sequence[str]] = None,
+                all_published: bool = False, merge: bool = True) -> Table:
+    """Read ``sweep_dir`` (merging its shards first) and join the published numbers."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a folder")
+    if merge:
+        from diffquant.shards import find_shards, merge_sweep
+
+        if find_shards(sweep_dir):
+            merge_sweep(sweep_dir, device="cpu")
+    results = read_results(sweep_dir)
+    if not results:
+        raise ValueError(f"no finished jobs (metrics.json) under {sweep_dir}")
+    experiment = experiment or infer_experiment(results)
+    published = load_published(published_path) if (experiment or published_path) else {}
+    if experiment and experiment not in published:
+        raise KeyError(f"experiment {experiment!r} has no published table; known: {sorted(published)}")
+    table = published.get(experiment) if experiment else None
+    cols = choose_metrics(results, table, metrics)
+    rows = build_rows(results, cols, table, all_published=all_published)
+    return Table(rows, cols, experiment, table, sweep_dir, len(results))
+
+
+def write_table(t: Table, out_dir: Path | str, formats: Iterable[str] = FORMATS) -> dict[str, Path]:
+    """Write the chosen formats into ``out_dir``; returns {format: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from diffquant.cache import atomic_write_text
+
+    written = {}
+    for fmt in formats:
+        name, render = RENDERERS[fmt]
+        atomic_write_text(out_dir / name, render(t))
+        written[fmt] = out_dir / name
+    return written
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffquant.tables", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder (its */metrics.json)")
+    parser.add_argument("--experiment", help="published table to join (default: the jobs' `experiment`)")
+    parser.add_argument("--out", type=Path, help="where table.{md,tex,csv} go (default: the sweep folder)")
+    parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md,tex,csv")
+    parser.add_argument("--metrics", help="comma-separated metric keys (default: the paper's)")
+    parser.add_argument("--all-published", action="store_true",
+                        help="also list published rows of methods we did not run")
+    parser.add_argument("--published", type=Path, help="published numbers (default experiments/published.yaml)")
+    parser.add_argument("--no-merge", action="store_true", help="do not merge sharded evaluations first")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if bad := [f for f in formats if f not in RENDERERS]:
+        parser.error(f"--format {','.join(bad)}: choose from {','.join(FORMATS)}")
+    try:
+        table = build_table(args.sweep_dir, args.experiment, args.published,
+                            args.metrics.split(",") if args.metrics else None,
+                            all_published=args.all_published, merge=not args.no_merge)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    written = write_table(table, args.out or args.sweep_dir, formats)
+    print(render_markdown(table))
+    for fmt, path in written.items():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Calibration data (collect, cache, stream), block reconstruction, checkpoints, resume and the
+``ptq`` / ``ptq_minmax`` methods on a tiny class-conditional latent model with guidance."""
+
+import dataclasses
+import importlib
+import json
+
+import pytest
+import torch
+
+from diffquant.calib import (CalibSettings, ReconSettings, calibrate_act_ranges,
+                             collect_calibration, find_units, reconstruct)
+from diffquant.context import RunContext
+from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
+from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_unet,
+                             save_quantized)
+from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
+
+torch.set_num_threads(1)
+recon_module = importlib.import_module("diffquant.calib.reconstruct")  # the function shadows it
+
+CALIB = CalibSettings(n_samples=6, step_stride=2, batch_size=4, shard_rows=10)
+RECON = ReconSettings(weight_iters=24, act_iters=12, batch_size=8, capture_batch_size=16)
+W4A8 = QuantConfig(name="w4a8", weight_bits=4, act_bits=8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def stream(cache):
+    return collect_calibration(TinyDiffusion(), CALIB, cache)
+
+
+def _rows_close(unet_a, unet_b, stream, atol=0.0):
+    batch = next(stream.batches(12, stream.subset(12, 5)))
+    with torch.no_grad():
+        a, b = unet_a(**batch).sample, unet_b(**batch).sample
+    return torch.allclose(a, b, atol=atol) if atol else torch.equal(a, b)
+
+
+def test_calibration_rows_cover_the_trajectories(stream, cache, monkeypatch):
+    model = TinyDiffusion()
+    steps = list(range(0, 6, CALIB.step_stride))
+    assert len(stream) == CALIB.n_samples * len(steps) * 2  # guidance: uncond + cond rows
+    assert json.loads((stream.path / "index.json").read_text())["steps"] == steps
+    assert len(list(stream.path.glob("shard_*.pt"))) > 1  # sharded, streamed
+    seen = torch.cat([b["_step"] for b in stream.batches(7, with_step=True)])
+    assert seen.numel() == len(stream)
+    batch = next(stream.batches(1000, with_step=True))
+    assert set(batch) == {"sample", "timestep", "class_labels", "_step"}
+    assert torch.equal(batch["timestep"], model.timesteps[batch["_step"]])
+    n_null = int((batch["class_labels"] == N_CLASSES).sum())
+    assert n_null == len(stream) // 2  # the unconditional half
+    sub = stream.subset(10, seed=1)
+    assert sum(b["sample"].shape[0] for b in stream.batches(3, sub)) == 10
+
+    # the second request is served from the cache: no sampling
+    monkeypatch.setattr(TinyDiffusion, "sample_latents",
+                        lambda *a, **k: pytest.fail("calibration data was recomputed"))
+    again = collect_calibration(TinyDiffusion(), CALIB, cache)
+    assert again.path == stream.path
+
+
+def test_units_follow_execution_order(stream):
+    model = TinyDiffusion()
+    quantize_unet(model.unet, W4A8)
+    units = find_units(model.unet, next(stream.batches(2)))
+    names = [u.name for u in units]
+    assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    assert names[-1] == "conv_out"
+    kinds = {u.kind for u in units}
+    assert kinds == {"layer", "resnet", "attention"}
+    assert "down_blocks.1.attentions.0" in names and "up_blocks.0.resnets.1" in names
+    assert not any(n.startswith("down_blocks.1.attentions.0.") for n in names)
+
+
+def _calibrated(stream, progress_dir=None, on_unit_done=None, recon=RECON):
+    model = TinyDiffusion()
+    quantize_unet(model.unet, W4A8, timesteps=model.timesteps)
+    calibrate_act_ranges(model.unet, stream, method="lp", n_rows=24, batch_size=12)
+    report = reconstruct(model.unet, stream, recon, progress_dir=progress_dir,
+                         on_unit_done=on_unit_done)
+    return model, report
+
+
+def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
+    minmax = TinyDiffusion()
+    quantize_unet(minmax.unet, W4A8)
+    calibrate_act_ranges(minmax.unet, stream, method="lp", n_rows=24, batch_size=12)
+    model, report = _calibrated(stream)
+    assert len(report.units) == 18 and all(u.weight_loss is not None for u in report.units)
+
+    batch = next(stream.batches(len(stream)))
+    with torch.no_grad():
+        with quant_state(model.unet, weights=False, acts=False):
+            fp = model.unet(**batch).sample
+        err_recon = (model.unet(**batch).sample - fp).pow(2).mean()
+        err_init = (minmax.unet(**batch).sample - fp).pow(2).mean()
+    assert err_recon < err_init
+
+    path = save_quantized(model.unet, tmp_path / "q.pt", W4A8, meta={"x": 1})
+    fresh = TinyDiffusion()
+    summary, meta = load_quantized(fresh.unet, path)
+    assert meta == {"x": 1} and summary.n_quant_layers == 51
+    assert _rows_close(model.unet, fresh.unet, stream)  # identical outputs
+
+
+def test_resume_after_interruption_matches_uninterrupted(stream, tmp_path):
+    full, _ = _calibrated(stream, progress_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_5(i, report):
+        if i == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _calibrated(stream, progress_dir=tmp_path / "b", on_unit_done=stop_after_5)
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["done"] == 5
+    resumed, report = _calibrated(stream, progress_dir=tmp_path / "b")
+    assert report.resumed_from == 5 and len(report.units) == 18
+    assert _rows_close(full.unet, resumed.unet, stream)
+
+
+def test_divergence_names_the_fix(stream, monkeypatch):
+    monkeypatch.setattr(recon_module, "lp_loss", lambda *a: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="method.recon.weight_lr"):
+        _calibrated(stream)
+
+
+def test_ptq_methods_cache_and_metrics(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ctx = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
+    ptq = PTQConfig(calib=CALIB, recon=dataclasses.replace(RECON, weight_iters=8, act_iters=4),
+                    act_init_rows=24, save_checkpoint=True)
+    model = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx)
+    assert ctx.extra_metrics["n_quant_layers"] == 51 and ctx.extra_metrics["ptq_cached"] is False
+    assert ctx.extra_metrics["recon_units"] == 18 and (run_dir / "quantized_unet.pt").exists()
+
+    ctx2 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
+    again = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx2)
+    assert ctx2.extra_metrics["ptq_cached"] is True
+    assert ctx2.extra_metrics["ptq_calib_s"] == ctx.extra_metrics["ptq_calib_s"]
+    stream = collect_calibration(TinyDiffusion(), CALIB, cache)
+    assert _rows_close(model.unet, again.unet, stream)
+
+    ctx3 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
+    floor = load_or_run_ptq(TinyDiffusion(), W4A8, PTQMinMaxConfig(calib=CALIB), ctx3)
+    assert ctx3.extra_metrics["n_quant_layers"] == 51 and "recon_units" not in ctx3.extra_metrics
+    assert floor.unet.conv_in.weight_quantizer.rounding == "nearest"
+    assert model.unet.conv_in.weight_quantizer.rounding == "hard"
+
+
+def test_reconstruction_of_cross_attention_unet(tmp_path):
+    model = TinyTextDiffusion()
+    stream = collect_calibration(model, CalibSettings(n_samples=4, step_stride=2), tmp_path)
+    quantize_unet(model.unet, W4A8)
+    calibrate_act_ranges(model.unet, stream, n_rows=16, batch_size=16)
+    report = reconstruct(model.unet, stream, dataclasses.replace(RECON, weight_iters=6,
+                                                                 act_iters=4))
+    kinds = {u.name: u.kind for u in report.units}
+    assert "down_blocks.0.attentions.0.transformer_blocks.0" in kinds
+    assert kinds["down_blocks.0.attentions.0.proj_in"] == "layer"
+    assert set(kinds.values()) == {"layer", "resnet", "transformer"}
+    assert all(u.act_loss is not None and u.act_loss == u.act_loss for u in report.units)

@@ -1,0 +1,216 @@
+"""QuEST: only the selected parameters train, ablation switches change what trains, the
+sensitivity sweep finds a fragile layer, and the whole method runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from diffquant.calib import CalibSettings, ReconSettings, calibrate_act_ranges, collect_calibration
+from diffquant.context import RunContext
+from diffquant.methods.ptq import PTQConfig
+from diffquant.methods.quest import QuestConfig, apply_quest, make_timestep_aware
+from diffquant.methods.quest_finetune import (FPTeacher, load_rows, plan_stages, rows_per_step,
+                                              train_stage)
+from diffquant.methods.quest_sensitivity import SensitivitySettings, activation_sensitivity
+from diffquant.quant import (QuantConfig, iter_quantizers, load_quantized, quantize_unet,
+                             save_quantized)
+from diffquant.quant.typed import as_dataclass
+from tiny_models import TinyDiffusion, tiny_unet2d
+
+W4A4 = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
+TIME = [r"time_emb_proj\."]
+CRITICAL = [r"attentions\.\d+\.to_[qkv]\."]
+CALIB = CalibSettings(n_samples=4, step_stride=2, batch_size=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests are many tiny ops: one thread avoids thread contention on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny guided model (6 DDIM steps) and its calibration stream (3 recorded steps)."""
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=6)
+    stream = collect_calibration(model, CALIB, tmp_path_factory.mktemp("cache"))
+    return model, stream
+
+
+def quantized_copy(model, stream, quant_cfg=W4A4, groups=3):
+    """A W4A4 copy of the tiny UNet: hard AdaRound masks (as PTQ leaves them), calibrated
+    activation ranges, ``groups`` time-step groups."""
+    unet = tiny_unet2d(0)
+    unet.load_state_dict(model.unet.state_dict())
+    quantize_unet(unet, quant_cfg)
+    for _, wq in iter_quantizers(unet, "weight"):
+        wq.start_adaround(torch.randn(wq.weight_shape))
+        wq.harden()
+    calibrate_act_ranges(unet, stream, method="minmax", n_rows=None, batch_size=16)
+    if groups > 1:
+        make_timestep_aware(unet, model.timesteps, groups)
+        calibrate_act_ranges(unet, stream, method="minmax", n_rows=None, batch_size=16)
+    return unet.requires_grad_(False)
+
+
+def snapshot(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def train_all(unet, stages, stream, global_weight=2.0, lr=1e-2):
+    teacher = FPTeacher(unet, [p for s in stages for p in s.weights.values()])
+    rows = load_rows(stream, rows_per_step(stream, 4, seed=0))
+    for stage in stages:
+        train_stage(unet, stage, rows, teacher, weight_lr=lr, act_lr=lr,
+                    global_weight=global_weight, batch_size=6)
+
+
+def changed_keys(before, unet):
+    after = unet.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def trained_names(stages):
+    return {n for s in stages for n in (*s.weights, *s.act_scales)}
+
+
+# ---------------------------------------------------------------------------- what trains
+def test_only_selected_parameters_change(tiny):
+    model, stream = tiny
+    unet = quantized_copy(model, stream)
+    stages = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
+                         tla_epochs=1, cma_epochs=1)
+    selected = trained_names(stages)
+    before = snapshot(unet)
+    train_all(unet, stages, stream)
+    changed = changed_keys(before, unet)
+    assert changed, "finetuning changed nothing"
+    assert changed <= selected, f"unselected tensors changed: {sorted(changed - selected)[:5]}"
+    # latent weights of both stages and step sizes of both stages moved
+    assert any("time_emb_proj.weight" in k for k in changed)
+    assert any(k.endswith("to_q.weight") for k in changed)
+    assert any("time_emb_proj.input_quantizer.scale" in k for k in changed)
+    assert any("processor.q_quantizer.scale" in k for k in changed)
+    # nothing is left trainable, and no gradient is kept
+    assert not any(p.requires_grad or p.grad is not None for p in unet.parameters())
+
+
+def test_stage_parameter_sets(tiny):
+    model, stream = tiny
+    unet = quantized_copy(model, stream)
+    tla, cma = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
+                           tla_epochs=1, cma_epochs=1)
+    assert tla.weights and all("time_emb_proj" in n for n in tla.weights)
+    assert set(tla.act_scales) == {n for n, _ in unet.named_parameters()
+                                   if "time_emb_proj.input_quantizer" in n}
+    assert cma.weights and all(n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") for n in cma.weights)
+    assert not set(tla.act_scales) & set(cma.act_scales)
+    # CMA: every other step size below 16 bits (layer inputs, q/k/v, softmax)
+    all_scales = {n for n, _ in unet.named_parameters() if n.endswith(".scale")}
+    assert set(cma.act_scales) == all_scales - set(tla.act_scales)
+
+
+@pytest.mark.parametrize("option, stages_expected", [
+    ("quest", ["tla", "cma"]), ("quest_tla_only", ["tla"]), ("quest_cma_only", ["cma"]),
+    ("quest_no_global", ["tla", "cma"])])
+def test_ablation_configs_select_stages(option, stages_expected, make_cfg, tiny):
+    model, stream = tiny
+    cfg = as_dataclass(make_cfg([f"method={option}", "quant=w4a4"]).method, QuestConfig)
+    assert cfg.global_loss_weight == (0.0 if option == "quest_no_global" else 2.0)
+    unet = quantized_copy(model, stream)
+    stages = plan_stages(unet, time_layers=cfg.time_embedding_layers,
+                         critical_layers=cfg.critical_layers_by_family["ldm"], tla=cfg.tla,
+                         cma=cfg.cma, tla_epochs=1, cma_epochs=1)
+    assert [s.name for s in stages] == stages_expected
+
+
+def test_ablations_change_which_parameters_train(tiny):
+    model, stream = tiny
+    changed = {}
+    for label, tla, cma, lam in (("full", True, True, 2.0), ("tla_only", True, False, 2.0),
+                                 ("cma_only", False, True, 2.0), ("no_global", True, True, 0.0)):
+        unet = quantized_copy(model, stream)
+        stages = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=tla, cma=cma,
+                             tla_epochs=1, cma_epochs=1)
+        before = snapshot(unet)
+        train_all(unet, stages, stream, global_weight=lam)
+        changed[label] = changed_keys(before, unet)
+    is_tla = lambda k: "time_emb_proj" in k  # noqa: E731
+    assert changed["tla_only"] and all(is_tla(k) for k in changed["tla_only"])
+    assert changed["cma_only"] and not any(is_tla(k) for k in changed["cma_only"])
+    assert changed["full"] == changed["tla_only"] | changed["cma_only"]
+    # without L_G, step sizes that feed no trained layer get no gradient: the output conv's
+    # input (after every critical layer) only moves with the global loss
+    out_scale = "conv_out.input_quantizer.scale"
+    assert out_scale in changed["full"] and out_scale not in changed["no_global"]
+
+
+# ---------------------------------------------------------------------------- time steps
+def test_timestep_split_round_trips_through_checkpoint(tiny, tmp_path):
+    model, stream = tiny
+    unet = quantized_copy(model, stream, groups=3)
+    assert all(q.n_groups == 3 for _, q in iter_quantizers(unet, "act"))
+    path = save_quantized(unet, tmp_path / "q.pt",
+                          dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3))
+    fresh = tiny_unet2d(0)
+    fresh.load_state_dict(model.unet.state_dict())
+    load_quantized(fresh, path)
+    batch = next(stream.batches(6))
+    with torch.no_grad():
+        assert torch.equal(unet(**batch).sample, fresh(**batch).sample)
+
+
+# ---------------------------------------------------------------------------- sensitivity
+def test_sweep_ranks_fragile_layer_first(tiny):
+    model, stream = tiny
+    fp = tiny_unet2d(0)
+    fp.load_state_dict(model.unet.state_dict())
+    fragile = "down_blocks.0.resnets.0.conv2"
+    with torch.no_grad():
+        # one input channel of conv2 becomes a large constant that the conv ignores: a per-tensor
+        # 4-bit grid then has no levels left for the channels that matter
+        fp.down_blocks[0].resnets[0].norm2.bias[0] = 60.0
+        conv = fp.down_blocks[0].resnets[0].conv2
+        conv.weight[:, 0] = 0.0
+        conv.weight[:, 1:] *= 8.0
+    cfg = dataclasses.replace(W4A4, act_per_channel=False, act_init="minmax")
+    report = activation_sensitivity(fp, cfg, stream, SensitivitySettings(calib_rows=24,
+                                                                         eval_rows=12))
+    assert report.units[0].name == fragile
+    assert report.units[0].error > 2 * report.units[1].error
+    assert report.select(1) == [r"^down_blocks\.0\.resnets\.0\.conv2\."]
+    assert report.types[0].name == "resnets.conv2"
+    # the FP UNet itself was not touched
+    assert not any(True for _ in iter_quantizers(fp))
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_apply_quest_end_to_end(tmp_path):
+    model = TinyDiffusion(steps=6)
+    ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    ptq = PTQConfig(calib=CALIB, act_init_rows=16, act_init_batch_size=8,
+                    recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4,
+                                        capture_batch_size=8))
+    cfg = QuestConfig(ptq=ptq, critical_layers="auto", critical_top_k=2, tla_epochs=1,
+                      cma_epochs=1, samples_per_step=4, batch_size=6, eval_rows=8,
+                      timestep_init_rows=None,
+                      sensitivity=SensitivitySettings(calib_rows=16, eval_rows=8))
+    apply_quest(model, W4A4, cfg, ctx)
+    m = ctx.extra_metrics
+    assert m["timestep_groups"] == 3 and m["n_trainable_params"] > 0
+    assert m["tla_steps"] == 2 and m["cma_steps"] == 2 and m["finetune_s"] > 0
+    assert all(q.n_groups == 3 for _, q in iter_quantizers(model.unet, "act"))
+    ranking = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert ranking["selected"] == m["critical_layers"] and len(ranking["units"]) > 10
+    assert (tmp_path / "sensitivity.md").read_text().startswith("# Activation sensitivity")
+    with torch.no_grad():
+        x = model.sample_latents([0, 1], seed=0)
+    assert torch.isfinite(x).all()

@@ -1,0 +1,191 @@
+"""Sweeps on one machine: a basic and a submitit-local multirun, the table built from a sweep, a
+killed job that resumes to the same metrics, a cache entry two processes compute once, sharded
+evaluation merged into the unsharded metrics, and W&B grouping by sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from diffquant.app import run
+from diffquant.shards import merge_sweep, shard_indices
+
+FAST = ["model.num_inference_steps=5"]  # tests check plumbing, not image quality
+SMALL = [*FAST, "evaluator.n_samples=20", "evaluator.batch_size=20", "logger=none"]
+
+
+def metrics_of(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
+
+
+def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
+    """`experiment=embedded_digits` with the FP row's overrides, its 20 samples split over two jobs:
+    the experiment's callback merges the shards at the end of the sweep; the table command reads
+    the merged result."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["experiment=embedded_digits", "model=ldm_digits", "method=fp", "quant=fp32", *SMALL,
+                    "evaluator.batch_size=5", "evaluator.num_shards=2", "evaluator.shard_index=0,1",
+                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted(p.parent for p in sweep.glob("*/shard.pt"))
+    assert [p.name for p in shards] == ["0_ldm_digits_fp32_fp_s0", "1_ldm_digits_fp32_fp_s0"]
+    assert [metrics_of(p)["n_samples"] for p in shards] == [10, 10]
+    assert "[diffquant] merged shards ->" in proc.stdout
+    merged = metrics_of(next(sweep.glob("merged/*")))
+    assert merged["n_samples"] == 20 and merged["experiment"] == "embedded_digits" and merged["fid"] > 0
+
+    out = subprocess.run([sys.executable, "-m", "diffquant.tables", str(sweep), "--out", str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert f"| ldm_digits | fp | W32A32 | 1 | 20 | {merged['fid']:.2f} |" in out.stdout
+    for name in ("table.md", "table.tex", "table.csv"):
+        assert (tmp_path / "t" / name).stat().st_size > 0
+
+
+def test_submitit_local_multirun_groups_wandb_runs(tmp_path):
+    """hydra/launcher=local pickles each job into its own process (the SLURM launcher's path); each
+    job is one offline W&B run, grouped by the sweep folder, typed and tagged."""
+    sweep = tmp_path / "2026-01-02" / "03-04-05"
+    proc = run_cli(["-m", "hydra/launcher=local", "seed=0,1", *FAST, "evaluator.n_samples=20",
+                    "evaluator.batch_size=20", "logger=wandb", "logger.mode=offline", "logger.job_type=null",
+                    "logger.log_images=false",
+                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert len(jobs) == 2 and sorted(metrics_of(p)["seed"] for p in jobs) == [0, 1]
+    assert list((sweep / ".submitit").glob("*/*_result.pkl")), "jobs did not run through submitit"
+    for job in jobs:
+        runs = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, f"{job}: expected one W&B run"
+        record = runs[0].read_bytes()  # protobuf: the strings appear verbatim
+        for needle in (b"2026-01-02_03-04-05", b"evaluate", b"ldm_digits", b"fp32"):
+            assert needle in record, f"{needle!r} not in {runs[0]}"
+
+
+def test_wandb_group_job_type_and_tags(make_cfg, monkeypatch):
+    """The tracker's W&B arguments: group = sweep folder (or logger.group), job_type, tags."""
+    import wandb
+    from hydra.core.hydra_config import HydraConfig
+
+    from diffquant.tracking import group_name, make_tracker
+
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw) or object())
+    cfg = make_cfg(["logger=wandb", "hydra.mode=MULTIRUN", "hydra.sweep.dir=/x/sweeps/2026-05-06/07-08-09"])
+    HydraConfig().set_config(cfg)
+    make_tracker(cfg.logger, {}, Path("/tmp"), "job", ["ldm_digits", "w4a8", "ptq"], job_type="quantize")
+    assert seen["group"] == "2026-05-06_07-08-09" and seen["job_type"] == "quantize"
+    assert seen["tags"] == ["ldm_digits", "w4a8", "ptq"] and seen["reinit"] == "finish_previous"
+    cfg = make_cfg(["logger=wandb", "logger.group=mine", "logger.job_type=evaluate", "hydra.mode=MULTIRUN"])
+    HydraConfig().set_config(cfg)
+    make_tracker(cfg.logger, {}, Path("/tmp"), "job", [], job_type="quantize")
+    assert seen["group"] == "mine" and seen["job_type"] == "evaluate"
+    assert group_name("outputs/multiruns/2026-11-21_05-10-00_embedded_digits") == "2026-11-21_05-10-00_embedded_digits"
+
+
+def test_killed_job_resumes_to_the_same_metrics(tmp_path, make_cfg):
+    """SIGKILL mid-sampling (no cleanup runs), rerun in the same folder: finished batches are kept,
+    the rest sampled, and metrics.json equals an uninterrupted run's."""
+    args = [*FAST, "evaluator.n_samples=40", "evaluator.batch_size=5", "logger=none",
+            f"paths.cache_dir={tmp_path}/cache"]
+    run_dir = tmp_path / "job"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = run_dir / "progress"
+    deadline = time.monotonic() + 240
+    while len(list(progress.glob("batch_*.pt"))) < 2:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline, "no sample batch finished in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_dir / "metrics.json").exists(), "killed too late: the job had finished"
+    kept = {p.name: p.stat().st_mtime_ns for p in progress.glob("batch_*.pt")}
+    assert 2 <= len(kept) < 8
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name, mtime in kept.items():  # resumed, not redone
+        assert (progress / name).stat().st_mtime_ns == mtime
+    assert len(list(progress.glob("batch_*.pt"))) == 8
+
+    reference = run(make_cfg(args, name="uninterrupted"))
+    resumed = metrics_of(run_dir)
+    assert (resumed["n_samples"], resumed["config_hash"]) == (reference["n_samples"], reference["config_hash"])
+    for key in ("fid", "inception_score"):  # equal up to thread-count rounding (subprocess vs here)
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+
+
+CACHE_USER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from diffquant.cache import CacheEntry
+
+    root, marker, go = map(Path, sys.argv[1:4])
+    while not go.exists():
+        time.sleep(0.01)
+    entry = CacheEntry(root, "calib", {"model": "ldm_digits", "steps": 20})
+    with entry.lock():
+        if not entry.done():
+            with open(marker, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(1.0)  # long enough for the other process to ask meanwhile
+            with entry.writing() as tmp:
+                (tmp / "data.txt").write_text(str(os.getpid()))
+    print((entry.path / "data.txt").read_text())
+""")
+
+
+def test_two_concurrent_jobs_compute_a_cache_entry_once(tmp_path):
+    script = tmp_path / "use_cache.py"
+    script.write_text(CACHE_USER)
+    marker, go = tmp_path / "computed.txt", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(marker), str(go)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    computed = marker.read_text().split()
+    assert len(computed) == 1, f"computed {len(computed)} times"
+    assert outs == [computed[0], computed[0]]  # both read the one result
+    assert not list((tmp_path / "cache" / "calib").glob(".*")), "a temporary folder was left behind"
+
+
+def test_shard_indices_tile_the_samples():
+    slices = [shard_indices(10, 3, k) for k in range(3)]
+    assert [list(s) for s in slices] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert shard_indices(10) == range(10)
+    for bad, needle in [((10, 3, None), "range(0,3)"), ((10, 3, 3), "0..2"), ((10, 0, None), ">= 1"),
+                        ((10, 1, 2), "num_shards > 1"), ((2, 3, 0), "exceeds")]:
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            shard_indices(*bad)
+
+
+def test_sharded_evaluation_merges_to_the_unsharded_metrics(make_cfg, tmp_path):
+    base = [*FAST, "evaluator.n_samples=20", "evaluator.batch_size=5", "logger=none"]
+    whole = run(make_cfg(base, name="whole"))
+    sweep = tmp_path / "sweep"
+    for k in range(2):
+        part = run(make_cfg([*base, "evaluator.num_shards=2", f"evaluator.shard_index={k}"],
+                            name=f"sweep/{k}_shard"))
+        assert part["fid"] is None and part["n_samples"] == 10 and (sweep / f"{k}_shard" / "shard.pt").is_file()
+    merged_dirs = merge_sweep(sweep)
+    assert len(merged_dirs) == 1
+    merged = metrics_of(merged_dirs[0])
+    assert merged["n_samples"] == 20 and merged["num_shards"] == 2 and merged["shard_index"] is None
+    assert merged["config_hash"] == whole["config_hash"]
+    # the same features; only the order of torchmetrics' float64 sums differs (per batch vs per shard)
+    assert merged["fid"] == pytest.approx(whole["fid"], rel=1e-6)
+    assert merged["inception_score"] == pytest.approx(whole["inception_score"], rel=1e-6)
+    assert merged["fid_to_fp"] == 0.0

@@ -1,0 +1,136 @@
+"""The paper-table command on synthetic sweeps, and the published numbers it joins."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CONF, ROOT
+from diffquant.tables import build_table, load_published, main, render_markdown
+
+PUBLISHED = ROOT / "experiments" / "published.yaml"
+
+
+def write_job(sweep: Path, name: str, **metrics) -> None:
+    base = {"model": "ldm_imagenet", "method": "fp", "weight_bits": 32, "act_bits": 32, "seed": 0,
+            "n_samples": 100, "fid": None, "inception_score": None, "fid_to_fp": None,
+            "experiment": "quest_imagenet", "config_hash": name, "num_shards": 1, "shard_index": None}
+    (sweep / name).mkdir(parents=True)
+    (sweep / name / "metrics.json").write_text(json.dumps({**base, **metrics}))
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    s = tmp_path / "sweep"
+    write_job(s, "0_fp_s0", fid=11.0, inception_score=360.0, fid_to_fp=0.0)
+    write_job(s, "1_fp_s1", seed=1, fid=11.5, inception_score=370.0, fid_to_fp=0.0)
+    write_job(s, "2_ptq", method="ptq", weight_bits=4, act_bits=8, fid=9.0, inception_score=340.0, fid_to_fp=1.5)
+    write_job(s, "3_quest", method="quest", weight_bits=4, act_bits=8, fid=8.5, inception_score=350.0,
+              fid_to_fp=0.9)
+    write_job(s, "4_ptq_w4a4", method="ptq", weight_bits=4, act_bits=4, fid=150.0, inception_score=20.0,
+              fid_to_fp=120.0)
+    write_job(s, "5_ptq_w3a6", method="ptq", weight_bits=3, act_bits=6, fid=40.0)  # not in the paper
+    # one slice of a sharded evaluation: no FID of its own, so never a row
+    write_job(s, "6_shard", method="quest", weight_bits=8, act_bits=8, num_shards=2, shard_index=0)
+    return s
+
+
+def test_table_joins_ours_and_the_papers(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith((out / "table.md").read_text())
+    assert "QuEST (Wang et al., ICCV 2025; arXiv 2402.03666v6) — Table 4" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ldm_imagenet")]
+    # paper order (FP, W8A8 rows of methods we ran, W4A8, W4A4), then our extra W3A6 row
+    assert [ln.split(" | ")[1:4] for ln in lines] == [
+        ["fp", "FP", "W32A32"], ["ptq", "Q-Diffusion", "W8A8"], ["quest", "QuEST", "W8A8"],
+        ["ptq", "Q-Diffusion", "W4A8"], ["quest", "QuEST", "W4A8"],
+        ["ptq", "Q-Diffusion", "W4A4"], ["quest", "QuEST", "W4A4"], ["ptq", "", "W3A6"]]
+    fp = lines[0]
+    assert "| 2 | 100 | 11.25 ± 0.35 | 11.28 | -0.03 |" in fp  # mean ± std over two seeds, Δ
+    assert "| 8.50 | 8.48 | +0.02 |" in lines[4]  # one seed: no ±
+    assert "| 150.00 | N/A | — |" in lines[5]  # the paper's generation failure
+    assert "— | 10.60 | —" in lines[1]  # a published row we did not run
+    assert "PTQ-D" not in md and "EfficientDM" not in md  # other papers' methods: --all-published
+
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    fp_row = rows[0]
+    assert fp_row["seeds"] == "0 1" and float(fp_row["fid_ours"]) == pytest.approx(11.25)
+    assert float(fp_row["fid_ours_std"]) == pytest.approx(0.353553, rel=1e-5)
+    assert float(fp_row["fid_paper"]) == 11.28 and float(fp_row["fid_diff"]) == pytest.approx(-0.03)
+    assert rows[5]["fid_paper"] == "N/A" and rows[5]["fid_diff"] == ""
+
+    tex = (out / "table.tex").read_text()
+    assert r"\toprule" in tex and r"ldm\_imagenet" in tex and r"11.25 $\pm$ 0.35" in tex
+    assert r"FID $\Delta$" in tex and tex.count(r"\\") == len(rows) + 1
+
+
+def test_all_published_rows_and_formats(sweep, tmp_path):
+    table = build_table(sweep, all_published=True)
+    assert len(table.rows) == 14  # 13 published rows + our W3A6 row
+    assert main([str(sweep), "--out", str(tmp_path / "o"), "--format", "csv", "--metrics", "fid,fid_to_fp"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["table.csv"]
+    head = (tmp_path / "o" / "table.csv").read_text().splitlines()[0]
+    assert head.endswith("fid_to_fp_ours,fid_to_fp_ours_std,fid_to_fp_paper,fid_to_fp_diff")
+
+
+def test_table_without_published_numbers(tmp_path):
+    s = tmp_path / "sweep"
+    write_job(s, "0", model="ldm_digits", experiment="embedded_digits", fid=35.0, inception_score=8.0,
+              fid_to_fp=0.0)
+    write_job(s, "1", model="ldm_digits", experiment="embedded_digits", method="ptq", weight_bits=4,
+              act_bits=8, fid=40.0, inception_score=7.5, fid_to_fp=5.0)
+    md = render_markdown(build_table(s))
+    assert "| Model | Method | W/A | seeds | n | FID | IS | FID→FP |" in md
+    assert "| ldm_digits | ptq | W4A8 | 1 | 100 | 40.00 | 7.50 | 5.00 |" in md
+    assert "paper" not in md.split("\n\n")[1]
+
+
+def test_bad_arguments_name_the_fix(sweep, tmp_path, capsys):
+    assert main([str(sweep), "--experiment", "no_such_table"]) == 1
+    assert "no published table" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(sweep), "--format", "pdf"])
+    assert "choose from md,tex,csv" in capsys.readouterr().err
+
+
+def test_mixed_experiments_need_a_choice(sweep, capsys):
+    write_job(sweep, "9_other", experiment="quest_sd", fid=1.0)
+    assert main([str(sweep)]) == 1
+    assert "--experiment" in capsys.readouterr().err
+    assert main([str(sweep), "--experiment", "quest_imagenet", "--out", str(sweep / "t")]) == 0
+
+
+def test_published_numbers_cover_every_experiment_config():
+    published = load_published(PUBLISHED)
+    names = {yaml.safe_load(p.read_text())["experiment"] for p in (CONF / "experiment").glob("*.yaml")}
+    assert names <= set(published), f"experiments without published numbers: {names - set(published)}"
+    for name, table in published.items():
+        assert table["source"] and table["paper"]
+        for row in table["rows"]:
+            assert row["bits"].startswith("W") and "A" in row["bits"]
+            values = {k: v for k, v in row.items() if k in table["metrics"]}
+            assert values, f"{name}: a row without numbers: {row}"
+            assert all(isinstance(v, (int, float)) or v == "N/A" for v in values.values()), row
+
+
+@pytest.mark.parametrize("table, model, method, bits, metric, value", [
+    ("quest_lsun_bedroom", "ldm_bedroom", "quest", "W4A4", "fid", 5.64),
+    ("quest_lsun_church", "ldm_church", "ptq4dm", "W8A8", "fid", 63.93),
+    ("quest_imagenet", "ldm_imagenet", "quest", "W8A8", "inception_score", 365.12),
+    ("quest_sd", "sd_v1_4", "quest", "W4A4", "clip_score", 28.85),
+    ("accuquant_imagenet", "ldm_imagenet", "accuquant", "W3A6", "psnr", 19.0135),
+    ("accuquant_sd", "sd_v1_4", "accuquant", "W4A8", "fid_to_fp", 10.99),
+    ("qdiffusion_lsun_church", "ldm_church", "ptq", "W4A8", "fid", 7.80),
+])
+def test_published_numbers_match_the_notes(table, model, method, bits, metric, value):
+    rows = [r for r in load_published(PUBLISHED)[table]["rows"]
+            if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
+    assert len(rows) == 1 and rows[0][metric] == value
