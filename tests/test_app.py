@@ -84,3 +84,13 @@ def test_cli_bad_input_exits_nonzero_naming_the_fix(args, needle, tmp_path):
     proc = run_cli([*args, "logger=none", f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout
+
+
+def test_quantized_run_through_the_app(make_cfg):
+    """A whole quantized job: validate, FP reference, ptq_minmax calibration, evaluation."""
+    cfg = make_cfg([*SMALL, "quant=w8a8", "method=ptq_minmax", "method.calib.n_samples=8",
+                    "method.calib.step_stride=5", "method.act_init_rows=32"])
+    m = run(cfg)
+    assert m["method"] == "ptq_minmax" and m["weight_bits"] == 8 and m["act_bits"] == 8
+    assert m["n_quant_layers"] > 0 and m["fid_to_fp"] is not None and m["fid_to_fp"] >= 0
+    assert m["fp_sample_s"] is not None and m["calibrate_s"] > 0

@@ -67,3 +67,11 @@ def test_registries_list_names_on_unknown():
     assert "Registered methods" in str(err.value) and "fp" in str(err.value)
     assert "ldm" in MODELS.names()
     assert {"fid", "fid_to_fp", "inception_score"} <= set(EVALUATORS.names())
+
+
+def test_quantized_methods_validate_and_need_bits(make_cfg):
+    validate(make_cfg(["quant=w4a8", "method=ptq"]))  # a DictConfig-typed quant node validates
+    with pytest.raises(ValueError, match="needs a bit-width"):
+        validate(make_cfg(["method=ptq"]))
+    with pytest.raises(ValueError, match="method=fp evaluates the full-precision model"):
+        validate(make_cfg(["quant=w4a8"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffquant.data import digits as digits_module
 from diffquant.data import load_digits
 from diffquant.eval.backbones.digits_cnn import DigitsClassifier
 from diffquant.zoo import train as zoo_train
@@ -47,11 +48,12 @@ def test_split_is_deterministic_stratified_and_disjoint():
     train_x, train_y = load_digits("train", size=8)
     held_x, held_y = load_digits("heldout", size=8)
     all_x, all_y = load_digits("all", size=8)
-    # disjoint and covering: every image of "all" is in exactly one split (compare raw pixel rows)
-    key = lambda x: {tuple(row) for row in (x.flatten(1) * 16).round().to(torch.int64).tolist()}  # noqa: E731
-    assert not (key(train_x) & key(held_x)) or len(train_x) + len(held_x) == len(all_x)
-    assert len(train_x) + len(held_x) == len(all_x)
-    assert key(train_x) | key(held_x) == key(all_x)
+    # disjoint and covering: the splits are complementary index sets of scikit-learn's order
+    train_idx, held_idx = digits_module._split_indices(all_y.numpy())
+    assert len(set(train_idx.tolist()) & set(held_idx.tolist())) == 0
+    assert sorted([*train_idx.tolist(), *held_idx.tolist()]) == list(range(len(all_y)))
+    assert torch.equal(train_x, all_x[train_idx]) and torch.equal(train_y, all_y[train_idx])
+    assert torch.equal(held_x, all_x[held_idx]) and torch.equal(held_y, all_y[held_idx])
     # stratified: each class is 20% ± 1 image of its total
     for c in range(10):
         n_all, n_held = int((all_y == c).sum()), int((held_y == c).sum())

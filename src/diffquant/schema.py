@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from diffquant.quant.config import QuantConfig, validate_bits
+from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
 
 
 @dataclass
@@ -218,7 +218,11 @@ def validate(cfg) -> None:
     METHODS.get(cfg.method.name)
     for metric in cfg.evaluator.metrics:
         EVALUATORS.get(metric)
-    if cfg.method.name != "fp" and not cfg.quant.enabled:
+    quantized = cfg.quant.weight_bits < FP_BITS or cfg.quant.act_bits < FP_BITS
+    if cfg.method.name == "fp" and quantized:
+        raise ValueError(f"method=fp evaluates the full-precision model: drop quant={cfg.quant.name} "
+                         "(or pick a method, e.g. method=ptq).")
+    if cfg.method.name != "fp" and not quantized:
         raise ValueError(f"method={cfg.method.name} needs a bit-width: add quant=w8a8 (or w4a8, "
                          "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp.")
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):

@@ -87,7 +87,7 @@ class VaeRecipe:
 class UnetRecipe:
     """Hyper-parameters of the diffusion UNet run (epsilon prediction on scaled VAE latents)."""
 
-    steps: int = 5000
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 5e-4
     warmup_steps: int = 200
