@@ -37,6 +37,8 @@ clean:  ## remove outputs and caches (not the venv)
 # make sweep EXPERIMENT=quest_imagenet LAUNCHER=slurm ARGS='slurm.partition=gpu'
 # runs the experiment's FP row, then its grid, into one sweep folder, then builds its table.
 EXPERIMENT ?= embedded_digits
+EMBEDDED_COLUMNS ?= fid,inception_score,fid_to_fp,clip_score,erracc_accumulated_error_final
+EMBEDDED_COST_COLUMNS ?= calibrate_s,ptq_calib_s,finetune_s,accuquant_s,sample_s,peak_rss_mb
 LAUNCHER ?= basic
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 SWEEP_DIR = $(or $(SWEEP),outputs/multiruns/$(STAMP)_$(EXPERIMENT))
@@ -47,13 +49,22 @@ sweep: venv  ## EXPERIMENT=<conf/experiment name> [LAUNCHER=basic|local|slurm] [
 	$(PY) run.py experiment=$(EXPERIMENT) hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(PY) -m diffquant.tables $(SWEEP_DIR)
 
-sweep-embedded:  ## the embedded table (ldm_digits, sd_digits x bits x methods): make sweep for embedded_digits
-	$(MAKE) sweep EXPERIMENT=embedded_digits
+sweep-embedded: venv  ## the README's embedded table: FP rows, ldm/sd_digits x bits x methods, QuEST ablations
+	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits method=fp quant=fp32 $(ARGS)
+	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits $(ARGS)
+	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits quant=w4a4 method=quest_tla_only,quest_cma_only,quest_no_global $(ARGS)
+	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=sd_digits evaluator=clip_digits method=fp quant=fp32 $(ARGS)
+	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=sd_digits evaluator=clip_digits $(ARGS)
+	$(PY) -m diffquant.tables $(SWEEP_DIR) --metrics $(EMBEDDED_COLUMNS)
+	$(PY) -m diffquant.tables $(SWEEP_DIR) --metrics $(EMBEDDED_COST_COLUMNS) --out $(SWEEP_DIR)/cost
 
 tables: venv  ## SWEEP=<sweep dir>: table.{md,tex,csv} with the published numbers beside ours
 	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
 	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
 
-.PHONY: bench-accuquant
+.PHONY: bench-accuquant bench-speed
+bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -> outputs/bench/sampling_speed_*.json
+	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w8a8,w4a8,w4a4 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
+	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w4a4 method=quest +bench.samples=100 +bench.repeats=3 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

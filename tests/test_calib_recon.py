@@ -14,6 +14,7 @@ from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
 from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_unet,
                              save_quantized)
+from diffquant.quant.state import iter_quantizers
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
 
 torch.set_num_threads(1)
@@ -168,3 +169,21 @@ def test_reconstruction_of_cross_attention_unet(tmp_path):
     assert kinds["down_blocks.0.attentions.0.proj_in"] == "layer"
     assert set(kinds.values()) == {"layer", "resnet", "transformer"}
     assert all(u.act_loss is not None and u.act_loss == u.act_loss for u in report.units)
+
+
+def test_time_step_only_inputs_get_minmax_ranges(stream):
+    """``minmax_layers`` overrides the L_p search for the quantizers it names, and only those."""
+    ranges = {}
+    for forced in ((), (r"time_embedding\.",)):
+        model = TinyDiffusion()
+        quantize_unet(model.unet, QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
+        calibrate_act_ranges(model.unet, stream, method="lp", n_rows=24, batch_size=12,
+                             minmax_layers=forced)
+        ranges[forced] = {n: (q.scale.detach().clone(), q.zero_point.detach().clone())
+                          for n, q in iter_quantizers(model.unet, "act")}
+    lp, forced = ranges[()], ranges[(r"time_embedding\.",)]
+    temb = [n for n in lp if n.startswith("time_embedding.")]
+    assert temb and all(torch.equal(lp[n][0], forced[n][0]) for n in lp if n not in temb)
+    # min-max never clips, so its step is at least the L_p search's (which clips the tails)
+    assert all((forced[n][0] >= lp[n][0] - 1e-7).all() for n in temb)
+    assert any((forced[n][0] > lp[n][0] * 1.01).any() for n in temb)

@@ -138,3 +138,13 @@ def test_adaround_init_soft_hard_and_schedule():
     assert sched.loss(10, [r]).item() == 0.0 and sched.loss(50, [r]).detach().item() > 0
     binary = AdaRound(torch.full((3, 3), 50.0))  # h = 1 everywhere: no regulariser
     assert binary.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_subsampled_lp_search_keeps_the_outliers():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 4096, generator=g)
+    x[:, :3] *= 30  # rare outliers: a uniform subsample would miss them and over-clip
+    full_lo, full_hi = lp_search_range(x, 4, "affine")
+    lo, hi = find_range(x, 4, "affine", "lp", max_elems=16 * 256, generator=g)
+    assert torch.allclose(hi / full_hi, torch.ones(16), atol=0.15)
+    assert torch.allclose(lo / full_lo, torch.ones(16), atol=0.15)

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, run_cli
 from diffquant.app import run
 from diffquant.shards import merge_sweep, shard_indices
+from diffquant.tables import fmt_num
 
 FAST = ["model.num_inference_steps=5"]  # tests check plumbing, not image quality
 SMALL = [*FAST, "evaluator.n_samples=20", "evaluator.batch_size=20", "logger=none"]
@@ -46,7 +47,7 @@ def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
     out = subprocess.run([sys.executable, "-m", "diffquant.tables", str(sweep), "--out", str(tmp_path / "t")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert f"| ldm_digits | fp | W32A32 | 1 | 20 | {merged['fid']:.2f} |" in out.stdout
+    assert f"| ldm_digits | fp | W32A32 | 1 | 20 | {fmt_num(merged['fid'], 'fid')} |" in out.stdout
     for name in ("table.md", "table.tex", "table.csv"):
         assert (tmp_path / "t" / name).stat().st_size > 0
 

@@ -134,3 +134,15 @@ def test_published_numbers_match_the_notes(table, model, method, bits, metric, v
     rows = [r for r in load_published(PUBLISHED)[table]["rows"]
             if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
     assert len(rows) == 1 and rows[0][metric] == value
+
+
+def test_ablations_are_rows_of_their_own_after_their_method(tmp_path):
+    s = tmp_path / "sweep"
+    common = dict(model="ldm_digits", experiment="embedded_digits", weight_bits=4, act_bits=4)
+    write_job(s, "0", method="quest", method_label="quest", fid=1.0, **common)
+    write_job(s, "1", method="quest", method_label="quest[tla_only]", fid=2.0, **common)
+    write_job(s, "2", method="ptq", fid=3.0, **common)  # results written before method_label existed
+    md = render_markdown(build_table(s, metrics=["fid"]))
+    lines = [line for line in md.splitlines() if line.startswith("| ldm_digits")]
+    assert [line.split(" | ")[1] for line in lines] == ["ptq", "quest", "quest[tla_only]"]
+    assert "| quest[tla_only] | W4A4 | 1 | 100 | 2.00 |" in md

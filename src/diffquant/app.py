@@ -124,6 +124,12 @@ def summary_line(m: dict[str, Any], run_dir: Path) -> str:
             f"eval {m['eval_s']:.1f}s | {run_dir}")
 
 
+def method_label(cfg: DictConfig) -> str:
+    """The job's row name in tables: the method, with its ablation if it is one (``quest[tla_only]``)."""
+    ablation = cfg.method.get("ablation")
+    return f"{cfg.method.name}[{ablation}]" if ablation else cfg.method.name
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job described by ``cfg``; returns the metrics written to ``metrics.json``."""
     validate(cfg)
@@ -194,7 +200,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         rss, cuda = peak_memory()
         metrics: dict[str, Any] = {
-            "model": cfg.model.name, "method": cfg.method.name,
+            "model": cfg.model.name, "method": cfg.method.name, "method_label": method_label(cfg),
             "weight_bits": FP_BITS if is_fp else cfg.quant.weight_bits,
             "act_bits": FP_BITS if is_fp else cfg.quant.act_bits,
             "quant": cfg.quant.name, "seed": cfg.seed, "n_samples": len(indices),

@@ -33,9 +33,13 @@ import yaml
 
 DEFAULT_METRICS = ("fid", "inception_score", "fid_to_fp", "clip_score")
 METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "fid_to_fp": "FID→FP",
-                 "clip_score": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM"}
+                 "clip_score": "CLIP", "lpips": "LPIPS", "psnr": "PSNR", "ssim": "SSIM",
+                 "calibrate_s": "calib. s", "peak_rss_mb": "peak RSS MB", "sample_s": "sample s",
+                 "ptq_calib_s": "PTQ s", "finetune_s": "finetune s", "accuquant_s": "traj. calib. s",
+                 "erracc_accumulated_error_final": "final traj. err", "erracc_step_error_mean": "step err"}
 METRIC_LABELS_TEX = {**METRIC_LABELS, "fid_to_fp": r"FID$\to$FP"}
-DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2}
+DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2, "calibrate_s": 0, "peak_rss_mb": 0, "sample_s": 1,
+            "ptq_calib_s": 0, "finetune_s": 0, "accuquant_s": 0}
 METHOD_ORDER = ("fp", "ptq_minmax", "ptq", "quest", "accuquant")
 FORMATS = ("md", "tex", "csv")
 
@@ -147,7 +151,7 @@ def build_rows(results: list[dict[str, Any]], metrics: Sequence[str], table: Opt
     """Join our results (grouped, averaged over seeds) with the published rows."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for m in results:
-        key = (m["model"], m["method"], bits_label(m.get("weight_bits"), m.get("act_bits")))
+        key = (m["model"], m.get("method_label") or m["method"], bits_label(m.get("weight_bits"), m.get("act_bits")))
         groups.setdefault(key, []).append(m)
 
     ours: dict[tuple[str, str, str], Row] = {}
@@ -172,7 +176,8 @@ def build_rows(results: list[dict[str, Any]], metrics: Sequence[str], table: Opt
 
     def order(r: Row) -> tuple:
         w = _bits_number(r.bits)
-        method = METHOD_ORDER.index(r.method) if r.method in METHOD_ORDER else len(METHOD_ORDER)
+        base = r.method.split("[")[0]  # ablations (quest[tla_only]) follow their method
+        method = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
         return (r.model, -w[0], -w[1], method, r.method)
 
     rows.extend(sorted(ours.values(), key=order))
@@ -210,29 +215,53 @@ def infer_experiment(results: list[dict[str, Any]]) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_num(value: Optional[float], metric: str, signed: bool = False) -> str:
+def decimals(value: Optional[float], metric: str) -> int:
+    """Decimals to print: the metric's usual ones (2; 4 for LPIPS / SSIM), more for small values
+    so that at least 3 significant digits show (an FID of 0.0012 is not 0.00)."""
+    base = DECIMALS.get(metric, 2)
+    if value is None or value == 0 or not math.isfinite(value):
+        return base
+    return min(6, max(base, 2 - math.floor(math.log10(abs(value)))))
+
+
+def paper_decimals(value: Any, metric: str) -> int:
+    """The published number's own decimals (as printed in the paper, up to 4), at least the usual."""
+    if not isinstance(value, (int, float)):
+        return DECIMALS.get(metric, 2)
+    text = repr(float(value))
+    places = len(text.split(".")[1]) if "." in text and "e" not in text else 0
+    return max(DECIMALS.get(metric, 2), min(places, 4))
+
+
+def fmt_num(value: Optional[float], metric: str, signed: bool = False, places: Optional[int] = None) -> str:
     if value is None:
         return ""
-    d = DECIMALS.get(metric, 2)
+    d = decimals(value, metric) if places is None else places
     return f"{value:+.{d}f}" if signed else f"{value:.{d}f}"
 
 
 def fmt_ours(stat: Optional[Stat], metric: str, pm: str = "±") -> str:
     if stat is None or stat.mean is None:
         return "—"
-    text = fmt_num(stat.mean, metric)
-    return f"{text} {pm} {fmt_num(stat.std, metric)}" if stat.std is not None else text
+    d = decimals(stat.mean, metric)
+    text = fmt_num(stat.mean, metric, places=d)
+    return f"{text} {pm} {fmt_num(stat.std, metric, places=d)}" if stat.std is not None else text
 
 
 def fmt_paper(value: Any, metric: str) -> str:
     if value is None:
         return "—"
-    return fmt_num(float(value), metric) if isinstance(value, (int, float)) else str(value)
+    if isinstance(value, (int, float)):
+        return fmt_num(float(value), metric, places=paper_decimals(value, metric))
+    return str(value)
 
 
 def fmt_diff(row: Row, metric: str) -> str:
     d = row.diff(metric)
-    return "—" if d is None else fmt_num(d, metric, signed=True)
+    if d is None:
+        return "—"
+    places = max(decimals(row.ours[metric].mean, metric), paper_decimals(row.paper.get(metric), metric))
+    return fmt_num(d, metric, signed=True, places=places)
 
 
 @dataclass

@@ -125,8 +125,9 @@ def measure_error_accumulation(model: Any, n_samples: int = 64, seed: int = 0,
 
 # ---------------------------------------------------------------------------- plots
 def plot_curves(results: Sequence[ErrorAccumulation], out: Path | str, title: str = "") -> Path:
-    """Step error (dashed) and accumulated error (solid, ± std band) of each run against the
-    sampler step, one colour per run; writes a PNG and returns its path."""
+    """Step error (dashed) and accumulated error (solid, with a band of ± one standard error of
+    its mean over samples, std/√n) of each run against the sampler step, one colour per run;
+    writes a PNG and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,8 +139,9 @@ def plot_curves(results: Sequence[ErrorAccumulation], out: Path | str, title: st
     for k, r in enumerate(results):
         c = colors[k % len(colors)]
         x = [s + 1 for s in r.steps]  # steps completed
-        lo = [m - s for m, s in zip(r.accumulated_error_mean, r.accumulated_error_std)]
-        hi = [m + s for m, s in zip(r.accumulated_error_mean, r.accumulated_error_std)]
+        sem = [s / max(r.n_samples, 1) ** 0.5 for s in r.accumulated_error_std]
+        lo = [m - e for m, e in zip(r.accumulated_error_mean, sem)]
+        hi = [m + e for m, e in zip(r.accumulated_error_mean, sem)]
         name = r.label or f"run {k}"
         ax.plot(x, r.accumulated_error_mean, color=c, lw=2, label=f"{name}: accumulated")
         ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)

@@ -4,7 +4,8 @@ quantizer observing its input (see :class:`~diffquant.quant.quantizers.ActQuanti
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,19 +20,23 @@ log = logging.getLogger(__name__)
 def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = "lp",
                          n_rows: Optional[int] = 256, batch_size: int = 64, p: float = 2.4,
                          n_candidates: int = 80, seed: int = 0,
-                         device: Optional[torch.device] = None) -> int:
+                         device: Optional[torch.device] = None,
+                         minmax_layers: Sequence[str] = ()) -> int:
     """Set Δ, z of every activation quantizer of ``unet`` from ``n_rows`` calibration rows
     (a fixed random subset spread over all recorded steps; None = all rows).
 
     ``method``: ``minmax`` (min/max over all rows) or ``lp`` (per batch the L_p-optimal clipping
-    range, averaged over batches). Time-step-aware quantizers are calibrated per group (the UNet's
+    range, averaged over batches); quantizers whose name matches a regular expression of
+    ``minmax_layers`` use ``minmax`` whatever ``method`` is. Time-step-aware quantizers are calibrated per group (the UNet's
     time-step hook routes each row). Weights stay FP while observing. Returns the number of
     quantizers calibrated.
     """
     device = device or next(unet.parameters()).device
     quantizers = [(n, q) for n, q in iter_quantizers(unet, "act")]
-    for i, (_, q) in enumerate(quantizers):
-        q.start_observing(method, p, n_candidates, seed=seed * 100_003 + i)
+    forced = [re.compile(pattern) for pattern in minmax_layers]
+    for i, (name, q) in enumerate(quantizers):
+        own = "minmax" if any(f.search(name) for f in forced) else method
+        q.start_observing(own, p, n_candidates, seed=seed * 100_003 + i)
     try:
         with quant_state(unet, weights=False):
             for batch in stream.batches(batch_size, stream.subset(n_rows, seed), device=device):

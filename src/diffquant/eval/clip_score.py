@@ -13,6 +13,7 @@ it, so a resumed job does not need the images again.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,7 +111,9 @@ class ClipScoreMetric(Metric):
         self.metric.n_samples += len(scores)
 
     def compute(self) -> dict[str, float]:
-        return {self.name: float(self.metric.compute())}
+        with warnings.catch_warnings():  # states are filled by update() above, not CLIPScore.update
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return {self.name: float(self.metric.compute())}
 
 
 @EVALUATORS.register("clip_score")

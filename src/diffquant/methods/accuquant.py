@@ -14,10 +14,11 @@ Every choice the sources leave open is a field of :class:`AccuQuantConfig`:
    ``[i0, i0 + M)``: start from ``x_{i0}`` of the FP trajectory (``group_start: fp``; or from
    the quantized model's own trajectory, ``quant``), run M quantized steps with the same
    scheduler, guidance and noise as the FP chain, and minimise ``loss(x̃_{i0+M}, x_{i0+M})``
-   (MSE) over ``iters_per_group`` Adam iterations on mini-batches of ``batch_size``
-   trajectories. What is learned is ``learn``: activation step sizes (``act_scale``),
-   optionally weight rounding (``weight_round``: AdaRound α, started from the PTQ rounding and
-   hardened at the end) and biases (``bias``).
+   (MSE) with Adam on mini-batches of ``batch_size`` trajectories, ``iters_per_group`` steps
+   per group: ``order: sequential`` spends them group after group, ``interleaved`` cycles
+   through the groups (in sampler order) at every step. What is learned is ``learn``:
+   activation step sizes (``act_scale``), optionally weight rounding (``weight_round``:
+   AdaRound α, started from the PTQ rounding and hardened at the end) and biases (``bias``).
 4. **Gradient.** ``grad_mode: approx`` (default) uses the identity-Jacobian approximation of the
    overview figure — peak memory of one step whatever M is; ``exact`` back-propagates through
    all M steps (memory O(M)); see :func:`diffquant.methods.trajectory.group_backward`.
@@ -25,8 +26,9 @@ Every choice the sources leave open is a field of :class:`AccuQuantConfig`:
 Parameters are shared by all groups unless the quant config is time-step aware
 (``quant.timestep_aware=true``): then every step routes its own activation parameter group
 through the UNet's ``timestep`` argument, and a group's iterations only move the parameters of
-its steps' groups. With shared parameters, later groups continue from the values earlier groups
-reached (``revert_if_worse`` keeps a group's update only if it lowered that group's loss).
+its steps' groups. With shared parameters, ``sequential`` lets each group undo what earlier
+groups learned (on ldm_digits W4A4 the full-trajectory error got *worse* than PTQ's although
+every group's own loss fell), so the default is ``interleaved``: one optimiser fits all groups.
 
 Adds to ``ctx.extra_metrics``: ``accuquant_s`` (seconds of trajectory calibration, the PTQ base
 excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups of the group loss
@@ -83,7 +85,8 @@ class AccuQuantConfig:
         learn: what is learned, any of ``act_scale`` (activation step sizes Δ below
             ``max_act_bits``), ``weight_round`` (AdaRound α, from the PTQ rounding), ``bias``.
         act_lr / round_lr / bias_lr: Adam learning rates of each kind.
-        lr_schedule: ``cosine`` (to 0 over each group's iterations) or ``constant``.
+        lr_schedule: ``cosine`` (to 0 over each optimiser's steps: one group's when
+            sequential, all of an epoch's when interleaved) or ``constant``.
         iters_per_group: optimisation steps per group and epoch.
         epochs: passes over all groups (in sampler order each time).
         n_samples: FP trajectories the groups are calibrated on (classes balanced: sample ``i``
@@ -126,7 +129,7 @@ class AccuQuantConfig:
     seed: int = 20_000
     loss: str = "mse"
     group_start: str = "fp"
-    order: str = "sequential"
+    order: str = "interleaved"
     revert_if_worse: bool = True
     max_act_bits: int = 15
     round_reg: float = 0.01

@@ -42,6 +42,8 @@ from diffquant.registry import METHODS
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "quantized_unet.pt"
+# Bump when a code change alters PTQ results, so that cached results of older code are not reused.
+ALGORITHM_VERSION = 3
 
 
 @dataclass
@@ -102,7 +104,7 @@ def ptq_cache_key(identity: dict[str, Any], quant_cfg: QuantConfig,
     quant.pop("name", None)
     method = as_dict(method_cfg)
     method.pop("save_checkpoint", None)
-    return {"model": identity, "quant": quant, "method": method}
+    return {"model": identity, "quant": quant, "method": method, "version": ALGORITHM_VERSION}
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -145,7 +147,8 @@ def calibrate_ptq(model: Any, quant_cfg: QuantConfig, method_cfg: AnyPTQConfig, 
     calibrate_act_ranges(model.unet, stream, method=quant_cfg.act_init,
                          n_rows=method_cfg.act_init_rows,
                          batch_size=method_cfg.act_init_batch_size, p=quant_cfg.lp_norm,
-                         n_candidates=quant_cfg.lp_candidates, device=model.device)
+                         n_candidates=quant_cfg.lp_candidates, device=model.device,
+                         minmax_layers=quant_cfg.minmax_act_layers)
     report = None
     if not is_minmax:
         report = reconstruct(model.unet, stream, method_cfg.recon, progress_dir=progress_dir)

@@ -8,8 +8,9 @@ the same model, quant config and PTQ settings were calibrated before: ``method.p
    sampler steps — by default one per recorded calibration step, as the QuEST code keeps one
    quantizer per calibration time step (the paper's text says a single set; the code does not).
    The UNet's time-step hook picks the set at every sampler step. ``timestep_init``:
-   ``calibrate`` sets each group's range from that group's calibration rows (``quant.act_init``,
-   the QuEST code's init); ``ptq`` copies PTQ's (LSQ-refined) set into every group.
+   ``lp`` / ``minmax`` set each group's range from that group's calibration rows (the QuEST code
+   calibrates per time step; its search is a percentile one, ours the L_p one of the PTQ init);
+   ``ptq`` copies PTQ's (LSQ-refined) set into every group.
 2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections and of the
    critical layers with all remaining step sizes (:mod:`diffquant.methods.quest_finetune` says
    exactly which parameters train, the loss, and where targets come from).
@@ -67,7 +68,7 @@ from diffquant.registry import METHODS
 
 log = logging.getLogger(__name__)
 
-TIMESTEP_INITS = ("calibrate", "ptq")
+TIMESTEP_INITS = ("lp", "minmax", "ptq")
 
 
 def _default_critical_by_family() -> dict[str, list[str]]:
@@ -86,8 +87,9 @@ class QuestConfig:
             entry as ``method=ptq``).
         timestep_groups: activation parameter sets (groups of sampler steps); None = one per
             recorded calibration step (sampler steps / ``ptq.calib.step_stride``).
-        timestep_init: ``calibrate`` (per-group ranges from calibration rows) or ``ptq`` (copy).
-        timestep_init_rows: calibration rows for ``calibrate`` (None = all).
+        timestep_init: per-group initial ranges from calibration rows by the ``lp`` search or
+            ``minmax``, or ``ptq``: a copy of PTQ's single set in every group.
+        timestep_init_rows: calibration rows for ``lp`` / ``minmax`` (None = all).
         tla / cma: run the Temporal Layer Alignment / Critical Module Alignment stage.
         global_loss_weight: λ of the UNet-output loss L_G (paper: 2).
         weight_lr / act_lr: Adam learning rates of latent weights (and biases) / step sizes.
@@ -102,13 +104,15 @@ class QuestConfig:
         sensitivity: the sweep's settings (bits, rows).
         eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
         seed: row sampling and shuffling.
+        ablation: a label only (``tla_only``, ``cma_only``, ``no_global``): the job's table row is
+            ``quest[<ablation>]`` (``metrics.json``'s ``method_label``), not ``quest``.
         save_checkpoint: write the finetuned quantized UNet (with latent weights) to the run folder.
     """
 
     name: str = "quest"
     ptq: PTQConfig = field(default_factory=PTQConfig)
     timestep_groups: Optional[int] = None
-    timestep_init: str = "calibrate"
+    timestep_init: str = "lp"
     timestep_init_rows: Optional[int] = 512
     tla: bool = True
     cma: bool = True
@@ -128,6 +132,7 @@ class QuestConfig:
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     eval_rows: int = 128
     seed: int = 0
+    ablation: Optional[str] = None
     save_checkpoint: bool = False
 
 
@@ -258,12 +263,15 @@ def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
     split = groups > 1 and qcfg.act_bits < FP_BITS
     final_qcfg = dataclasses.replace(qcfg, timestep_aware=split,
                                      timestep_groups=groups if split else 1)
-    if split:
-        make_timestep_aware(unet, model.timesteps, groups)
-        if cfg.timestep_init == "calibrate":
-            calibrate_act_ranges(unet, stream, method=qcfg.act_init, n_rows=cfg.timestep_init_rows,
+    if qcfg.act_bits < FP_BITS:
+        if split:
+            make_timestep_aware(unet, model.timesteps, groups)
+        if cfg.timestep_init != "ptq":
+            calibrate_act_ranges(unet, stream, method=cfg.timestep_init,
+                                 n_rows=cfg.timestep_init_rows,
                                  batch_size=cfg.ptq.act_init_batch_size, p=qcfg.lp_norm,
-                                 n_candidates=qcfg.lp_candidates, seed=cfg.seed, device=device)
+                                 n_candidates=qcfg.lp_candidates, seed=cfg.seed, device=device,
+                         minmax_layers=qcfg.minmax_act_layers)
     stages = plan_stages(unet, time_layers=cfg.time_embedding_layers, critical_layers=critical,
                          tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
                          cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)

@@ -237,7 +237,8 @@ def activation_sensitivity(fp_unet: nn.Module, quant_cfg: Any, stream: CalibStre
         quantize_unet(unet, _acts_only(qcfg, bits))
         calibrate_act_ranges(unet, stream, method=qcfg.act_init, n_rows=s.calib_rows,
                              batch_size=s.batch_size, p=qcfg.lp_norm,
-                             n_candidates=qcfg.lp_candidates, seed=s.seed, device=device)
+                             n_candidates=qcfg.lp_candidates, seed=s.seed, device=device,
+                         minmax_layers=qcfg.minmax_act_layers)
         copies[label] = unet
     base, low = copies["base"], copies["low"]
     batches = list(stream.batches(s.batch_size, stream.subset(s.eval_rows, s.seed + 1),

@@ -97,12 +97,14 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: 
 
 def lp_search_range(x2d: Tensor, bits: int, mode: str, p: float = 2.4,
                     n_candidates: int = 80, lo: Optional[Tensor] = None,
-                    hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    hi: Optional[Tensor] = None,
+                    col_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Q-Diffusion's clipping search, per row of ``x2d`` ``(C, N)``: returns ``(lo, hi)``, each ``(C,)``.
 
     Candidate ``i`` (0 ≤ i < n_candidates ≤ 100) scales the full range by ``1 - 0.01 i``; the
     candidate with the smallest ``mean(|x - q(x)|^p)`` along the row wins. ``lo``/``hi`` override
-    the full range (e.g. computed on more data than the ``x2d`` sample the loss is measured on).
+    the full range (e.g. computed on more data than the ``x2d`` sample the loss is measured on);
+    ``col_weight`` ``(N,)`` replaces the mean by a weighted sum (for a weighted subsample).
     """
     if not 1 <= n_candidates <= 100:
         raise ValueError(f"lp_candidates={n_candidates} must be in 1..100 (ratios 1.00 - 0.01 i)")
@@ -118,7 +120,7 @@ def lp_search_range(x2d: Tensor, bits: int, mode: str, p: float = 2.4,
             c_lo, c_hi = lo0 * ratio, hi0 * ratio
             scale, zp = range_to_qparams(c_lo, c_hi, bits, mode)
             err = (fake_quant(x2d, scale[:, None], zp[:, None], q_min, q_max) - x2d).abs_().pow_(p)
-            loss = err.mean(dim=1)
+            loss = err.mean(dim=1) if col_weight is None else err @ col_weight
             better = loss < best
             best = torch.where(better, loss, best)
             best_lo = torch.where(better, c_lo, best_lo)
@@ -126,14 +128,33 @@ def lp_search_range(x2d: Tensor, bits: int, mode: str, p: float = 2.4,
     return best_lo, best_hi
 
 
+def _tail_preserving_sample(x2d: Tensor, keep: int, generator: Optional[torch.Generator]
+                            ) -> tuple[Tensor, Tensor]:
+    """``keep`` columns per row of ``x2d`` ``(C, N)`` and their weights ``(keep,)``: the
+    ``keep // 4`` largest ``|x|`` of the row exactly (weight 1/N), and a uniform sample of the
+    rest (weight (N - k)/(N · n_rest)), so the weighted L_p loss is an unbiased estimate of the
+    full mean that never misses the outliers the clipping decision hinges on."""
+    c, n = x2d.shape
+    n_top = max(1, keep // 4)
+    n_rest = keep - n_top
+    top = x2d.abs().topk(n_top, dim=1).indices
+    scores = torch.rand(c, n, generator=generator).to(x2d.device)
+    scores.scatter_(1, top, -1.0)
+    rest = scores.topk(n_rest, dim=1).indices
+    cols = torch.cat([top, rest], dim=1)
+    weight = torch.cat([torch.full((n_top,), 1.0 / n),
+                        torch.full((n_rest,), (n - n_top) / (n * n_rest))]).to(x2d.device)
+    return torch.gather(x2d, 1, cols), weight
+
+
 def find_range(x2d: Tensor, bits: int, mode: str, method: str, p: float = 2.4,
                n_candidates: int = 80, max_elems: int = 1 << 18,
                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """The initial clipping range ``(lo, hi)`` ``(C,)`` of data ``x2d`` ``(C, N)`` by ``method``.
 
-    ``minmax``: the row's min and max. ``lp``: :func:`lp_search_range`, with the loss measured on
-    at most ``max_elems`` elements (a random column subset, fixed by ``generator``) while the
-    candidate ranges still scale the full data's min/max.
+    ``minmax``: the row's min and max. ``lp``: :func:`lp_search_range` on the full data's
+    min/max, the loss measured on at most ``max_elems`` elements (each row's largest values
+    exactly plus a weighted random sample of the rest, fixed by ``generator``).
     """
     lo, hi = x2d.amin(dim=1).float(), x2d.amax(dim=1).float()
     if method == "minmax":
@@ -141,11 +162,11 @@ def find_range(x2d: Tensor, bits: int, mode: str, method: str, p: float = 2.4,
     if method != "lp":
         raise ValueError(f"unknown range init {method!r}; use 'lp' or 'minmax'")
     c, n = x2d.shape
-    keep = max(1, max_elems // max(c, 1))
-    if n > keep:
-        cols = torch.randperm(n, generator=generator)[:keep].to(x2d.device)
-        x2d = x2d[:, cols]
-    return lp_search_range(x2d, bits, mode, p, n_candidates, lo, hi)
+    keep = max(8, max_elems // max(c, 1))
+    if n <= keep:
+        return lp_search_range(x2d, bits, mode, p, n_candidates, lo, hi)
+    sample, weight = _tail_preserving_sample(x2d.float(), keep, generator)
+    return lp_search_range(sample, bits, mode, p, n_candidates, lo, hi, col_weight=weight)
 
 
 def channels_first(x: Tensor, per_channel: bool, ch_axis: int) -> Tensor:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m diffquant.zoo.train {ldm_digits,digits_classifier,all} [--out DIR] [--seed 0]
-                                  [--steps-scale 1.0] [--threads 2]
+                                  [--steps-scale 1.0] [--threads 1]
 
 * ``digits_classifier``: the :class:`~diffquant.eval.backbones.digits_cnn.DigitsClassifier`
   backbone for FID / Inception Score, written to ``DIR/digits_classifier/``.
@@ -14,7 +14,8 @@ Usage::
 ``DIR`` defaults to the package's ``zoo/weights/``. Every run is seeded (``torch.manual_seed`` and
 explicit generators), uses deterministic algorithms and a fixed thread count, so the same command
 on the same machine type writes the same weights. ``--steps-scale`` multiplies every step count
-(``0.01`` is a smoke run of a few seconds). The full ``all`` run takes about 13 minutes on 2 cores.
+(``0.01`` is a smoke run of a few seconds). The full ``all`` run needs about 20 CPU-minutes on one
+thread (classifier ~2, VAE ~8, UNet ~9); its wall time grows when other jobs share the cores.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ LATENT_SIZE = 8
 # Stable Diffusion's training noise schedule.
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 #: The embedded model's sampler (conf/model/sd_digits.yaml).
-SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0, "eta": 0.0}
+SAMPLING = {"num_inference_steps": 20, "guidance_scale": 2.0, "eta": 0.0}
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,8 @@ def load_or_train_vae(vae_dir: Path, seed: int, steps_scale: float) -> tuple[Any
 
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-        return vae.eval().requires_grad_(False), {"source": str(vae_dir)}
+        source = f"zoo:{vae_dir.relative_to(DEFAULT_OUT)}" if vae_dir.is_relative_to(DEFAULT_OUT) else str(vae_dir)
+        return vae.eval().requires_grad_(False), {"source": source}
     print(f"[sd_digits] no autoencoder at {vae_dir}: training one with ldm_digits' recipe", flush=True)
     vae, meta = train_vae(seed, steps_scale)
     images, _ = load_digits("train", IMAGE_SIZE)
