@@ -38,8 +38,9 @@ METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "fid_to_
                  "ptq_calib_s": "PTQ s", "finetune_s": "finetune s", "accuquant_s": "traj. calib. s",
                  "erracc_accumulated_error_final": "final traj. err", "erracc_step_error_mean": "step err"}
 METRIC_LABELS_TEX = {**METRIC_LABELS, "fid_to_fp": r"FID$\to$FP"}
-DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2, "calibrate_s": 0, "peak_rss_mb": 0, "sample_s": 1,
-            "ptq_calib_s": 0, "finetune_s": 0, "accuquant_s": 0}
+DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2, "calibrate_s": 1, "peak_rss_mb": 0, "sample_s": 1,
+            "ptq_calib_s": 1, "finetune_s": 1, "accuquant_s": 1}
+FIXED_DECIMALS = ("_s", "_mb")  # seconds and megabytes: always the decimals above
 METHOD_ORDER = ("fp", "ptq_minmax", "ptq", "quest", "accuquant")
 FORMATS = ("md", "tex", "csv")
 
@@ -219,7 +220,7 @@ def decimals(value: Optional[float], metric: str) -> int:
     """Decimals to print: the metric's usual ones (2; 4 for LPIPS / SSIM), more for small values
     so that at least 3 significant digits show (an FID of 0.0012 is not 0.00)."""
     base = DECIMALS.get(metric, 2)
-    if value is None or value == 0 or not math.isfinite(value):
+    if value is None or value == 0 or not math.isfinite(value) or metric.endswith(FIXED_DECIMALS):
         return base
     return min(6, max(base, 2 - math.floor(math.log10(abs(value)))))
 
