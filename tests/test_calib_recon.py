@@ -187,3 +187,18 @@ def test_time_step_only_inputs_get_minmax_ranges(stream):
     # min-max never clips, so its step is at least the L_p search's (which clips the tails)
     assert all((forced[n][0] >= lp[n][0] - 1e-7).all() for n in temb)
     assert any((forced[n][0] > lp[n][0] * 1.01).any() for n in temb)
+
+
+def test_cache_keys_name_the_numerics():
+    """Results differ with the CPU thread count (summation order), so cache keys include it."""
+    from diffquant.calib.collect import calib_cache_key
+
+    model, threads = TinyDiffusion(), torch.get_num_threads()
+    key = calib_cache_key(model, CALIB)
+    assert key["model"]["numerics"] == {"device": "cpu", "cpu_threads": threads}
+    try:
+        torch.set_num_threads(threads + 1)
+        assert calib_cache_key(model, CALIB) != key
+    finally:
+        torch.set_num_threads(threads)
+    assert calib_cache_key(model, CALIB) == key

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffquant.cache import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
+from diffquant.calib.collect import numerics_identity
 from diffquant.context import RunContext
 from diffquant.eval.evaluation import Evaluation
 from diffquant.eval.sampling import generate
@@ -78,7 +79,7 @@ def peak_memory() -> tuple[float, float | None]:
 def fp_reference_entry(evaluation: Evaluation, cfg: DictConfig, indices: range):
     """The cache entry of the FP model's features for samples ``indices`` of the job's seed
     (all ``n_samples``, or one shard's slice of them)."""
-    key = model_key(cfg)
+    key = {**model_key(cfg), "numerics": numerics_identity(resolve_device(cfg.device))}
     if len(indices) != cfg.evaluator.n_samples:
         key["indices"] = [indices.start, indices.stop]
     return evaluation.fp_reference_entry(key, cfg.evaluator.n_samples, cfg.seed)
