@@ -4,6 +4,8 @@ Returns the job's primary metric (``fid_to_fp`` for quantized models, ``fid`` fo
 Hydra sweepers can optimise it.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,5 +22,13 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("fid") if cfg.method.name == "fp" else metrics.get("fid_to_fp")
 
 
+def accept_appended_experiment(argv: list[str]) -> list[str]:
+    """``+experiment=X`` (the form many Hydra projects document) means ``experiment=X`` here: the
+    primary config already lists ``experiment: null`` in its defaults, where Hydra would reject
+    the ``+`` with a misleading "Multiple values" error."""
+    return [a[1:] if a.startswith("+experiment=") else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = accept_appended_experiment(sys.argv)
     main()

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import CONF
+from conftest import CONF, run_cli
 from diffquant.registry import EVALUATORS, METHODS, MODELS, UnknownNameError
 from diffquant.schema import validate
 
@@ -75,3 +75,10 @@ def test_quantized_methods_validate_and_need_bits(make_cfg):
         validate(make_cfg(["method=ptq"]))
     with pytest.raises(ValueError, match="method=fp evaluates the full-precision model"):
         validate(make_cfg(["quant=w4a8"]))
+
+
+@pytest.mark.parametrize("form", ["experiment=quest_imagenet", "+experiment=quest_imagenet"])
+def test_experiment_is_selected_with_or_without_plus(form):
+    out = run_cli([form, "--cfg", "job"], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "experiment: quest_imagenet" in out.stdout and "name: ldm_imagenet" in out.stdout
