@@ -246,7 +246,12 @@ def test_run_calibrates_all_groups_in_sampler_order_with_quant_starts(order):
     reports = aq.TrajectoryCalibration(model, cfg).run(traj)
     assert [(r.epoch, r.start, r.length) for r in reports] == [
         (e, s, n) for e in (0, 1) for s, n in ((0, 2), (2, 2), (4, 1))]
-    assert all(r.loss_after <= r.loss_before for r in reports)  # revert_if_worse
+    # revert_if_worse: per group when sequential, over the epoch's groups when interleaved
+    if order == "sequential":
+        assert all(r.loss_after <= r.loss_before for r in reports)
+    for epoch in (0, 1):
+        done = [r for r in reports if r.epoch == epoch]
+        assert sum(r.loss_after for r in done) <= sum(r.loss_before for r in done)
     assert group_starts(20, 8) == [0, 8, 16]
 
 

@@ -118,7 +118,7 @@ class AccuQuantConfig:
     group_size: int = 4
     grad_mode: str = "approx"
     learn: list[str] = field(default_factory=lambda: ["act_scale"])
-    act_lr: float = 1e-4
+    act_lr: float = 3e-3
     round_lr: float = 1e-3
     bias_lr: float = 1e-5
     lr_schedule: str = "cosine"
