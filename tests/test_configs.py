@@ -53,6 +53,7 @@ def test_bad_overrides_fail_at_compose(override, needle, make_cfg):
     ("quant.act_bits=17", "2..16"),
     ("evaluator.n_samples=0", "must be positive"),
     ("evaluator.metrics=[fid,fdi]", "Did you mean 'fid'"),
+    ("quant.minmax_act_layers=['time_emb[']", "not a regular expression"),
 ])
 def test_validate_names_the_fix(override, needle, make_cfg):
     cfg = make_cfg([override])

@@ -27,9 +27,9 @@ def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = 
 
     ``method``: ``minmax`` (min/max over all rows) or ``lp`` (per batch the L_p-optimal clipping
     range, averaged over batches); quantizers whose name matches a regular expression of
-    ``minmax_layers`` use ``minmax`` whatever ``method`` is. Time-step-aware quantizers are calibrated per group (the UNet's
-    time-step hook routes each row). Weights stay FP while observing. Returns the number of
-    quantizers calibrated.
+    ``minmax_layers`` use ``minmax`` whatever ``method`` is. Time-step-aware quantizers are
+    calibrated per group (the UNet's time-step hook routes each row). Weights stay FP while
+    observing. Returns the number of quantizers calibrated.
     """
     device = device or next(unet.parameters()).device
     quantizers = [(n, q) for n, q in iter_quantizers(unet, "act")]

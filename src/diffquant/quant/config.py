@@ -8,6 +8,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,5 +82,11 @@ def validate_bits(cfg) -> None:
     for key in ("weight_init", "act_init"):
         if getattr(cfg, key) not in ("lp", "minmax"):
             raise ValueError(f"quant.{key}={getattr(cfg, key)!r} is unknown: use 'lp' or 'minmax'.")
+    for pattern in cfg.minmax_act_layers:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"quant.minmax_act_layers: {pattern!r} is not a regular expression "
+                             f"({err}); e.g. 'quant.minmax_act_layers=[time_embedding\\.]'.") from err
     if cfg.timestep_groups < 1:
         raise ValueError(f"quant.timestep_groups={cfg.timestep_groups} must be >= 1.")
