@@ -282,6 +282,16 @@ def test_method_records_metrics_and_group_table(tmp_path, monkeypatch):
     groups = json.loads((tmp_path / "accuquant_groups.json").read_text())["groups"]
     assert [g["start"] for g in groups] == [0, 2]
 
+    # cached: the same model, quant and method config load the calibrated UNet and its metrics
+    torch.manual_seed(0)
+    again = TinyDiffusion(steps=4)
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    aq.apply_accuquant(again, QuantConfig(name="w4a4", weight_bits=4, act_bits=4), cfg, ctx2)
+    assert m["accuquant_cached"] is False and ctx2.extra_metrics["accuquant_cached"] is True
+    assert ctx2.extra_metrics["accuquant_group_losses"] == m["accuquant_group_losses"]
+    with torch.no_grad():
+        assert torch.equal(again.sample_latents([0, 1], 5), model.sample_latents([0, 1], 5))
+
 
 def test_accuquant_config_reuses_the_ptq_settings(make_cfg):
     from diffquant.quant.typed import as_dict

@@ -214,3 +214,13 @@ def test_apply_quest_end_to_end(tmp_path):
     with torch.no_grad():
         x = model.sample_latents([0, 1], seed=0)
     assert torch.isfinite(x).all()
+
+    # the finetuned UNet and its metrics are cached: a resumed job or a re-evaluation loads them
+    again = TinyDiffusion(steps=6)
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    apply_quest(again, W4A4, cfg, ctx2)
+    assert m["quest_cached"] is False and ctx2.extra_metrics["quest_cached"] is True
+    assert ({k: v for k, v in ctx2.extra_metrics.items() if not k.endswith("_cached")}
+            == {k: v for k, v in m.items() if not k.endswith("_cached")})
+    with torch.no_grad():
+        assert torch.equal(again.sample_latents([0, 1], seed=0), x)

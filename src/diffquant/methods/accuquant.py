@@ -35,7 +35,8 @@ excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups 
 on all calibration trajectories, FP starts, before / after the whole calibration),
 ``accuquant_groups``, ``accuquant_group_losses_init`` and ``accuquant_group_losses`` (per group,
 before / after); writes ``accuquant_groups.json`` into the run
-folder and logs the per-group table and the loss curve to the tracker.
+folder and logs the per-group table and the loss curve to the tracker. The calibrated UNet and
+these metrics are cached (:mod:`diffquant.methods.result_cache`; ``accuquant_cached``).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ from torch import Tensor, nn
 
 from diffquant.cache import atomic_write_json
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
+from diffquant.methods.result_cache import load_or_run_method
 from diffquant.methods.trajectory import (GRAD_MODES, Trajectories, check_stateless_scheduler,
                                           fp_trajectories, group_backward, group_length,
                                           group_starts, loss_fn, rollout)
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
+from diffquant.quant.config import QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
 from diffquant.quant.state import quant_parameters
@@ -496,12 +499,11 @@ def apply_accuquant(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> An
     cfg = as_dataclass(method_cfg, AccuQuantConfig)
     validate_config(cfg)
     check_stateless_scheduler(model.scheduler)
-    load_or_run_ptq(model, quant_cfg, cfg.ptq, ctx)
-    apply_accuquant_calibration(model, cfg, ctx)
-    if cfg.save_checkpoint:
-        from diffquant.quant.checkpoint import save_quantized
+    qcfg = as_dataclass(quant_cfg, QuantConfig)
 
-        save_quantized(model.unet, ctx.run_dir / "quantized_unet.pt", quant_cfg,
-                       meta={"method": "accuquant", **{k: v for k, v in ctx.extra_metrics.items()
-                                                      if k.startswith("accuquant")}})
-    return model
+    def run() -> QuantConfig:
+        load_or_run_ptq(model, qcfg, cfg.ptq, ctx)
+        apply_accuquant_calibration(model, cfg, ctx)
+        return qcfg
+
+    return load_or_run_method(model, qcfg, cfg, ctx, run)

@@ -35,7 +35,8 @@ time-step split and range init), ``n_trainable_params`` (scalars trained in any 
 ``trainable_param_frac`` of the UNet, per-stage counts, losses and steps (``tla_*``, ``cma_*``),
 and the UNet-output MSE against FP on calibration rows not trained on, after PTQ
 (``quest_eps_mse_ptq``), after the time-step split (``quest_eps_mse_init``) and at the end
-(``quest_eps_mse_final``).
+(``quest_eps_mse_final``). The finetuned UNet and these metrics are cached
+(:mod:`diffquant.methods.result_cache`; ``quest_cached`` says whether this job loaded them).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ from torch import Tensor, nn
 from diffquant.cache import CacheEntry
 from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
 from diffquant.calib.ranges import calibrate_act_ranges
-from diffquant.methods.ptq import CHECKPOINT_FILE, PTQConfig, load_or_run_ptq
+from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
 from diffquant.methods.quest_finetune import (FPTeacher, load_rows, output_mse, plan_stages,
                                               rows_per_step, train_stage)
 from diffquant.methods.quest_sensitivity import (JSON_FILE, SensitivityReport,
                                                  SensitivitySettings, activation_sensitivity,
                                                  load_report)
-from diffquant.quant.checkpoint import save_quantized
+from diffquant.methods.result_cache import load_or_run_method
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers
@@ -247,6 +248,12 @@ def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
     cfg = as_dataclass(method_cfg, QuestConfig)
     validate_quest(cfg)
     qcfg = as_dataclass(quant_cfg, QuantConfig)
+    return load_or_run_method(model, qcfg, cfg, ctx, lambda: run_quest(model, qcfg, cfg, ctx))
+
+
+def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> QuantConfig:
+    """QuEST on the FP ``model.unet`` (quantized in place); records its metrics in
+    ``ctx.extra_metrics`` and returns the final quant config (time-step aware when split)."""
     stream = collect_calibration(model, cfg.ptq.calib, ctx.cache_dir)  # shared with the PTQ base
     t_setup = time.perf_counter()
     critical = resolve_critical_layers(model, qcfg, cfg, stream, ctx) if cfg.cma else []
@@ -308,7 +315,4 @@ def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
         metrics.update(r.metrics())
     ctx.extra_metrics.update(metrics)
     log.info("QuEST done: %s", {k: v for k, v in metrics.items() if k != "critical_layers"})
-    if cfg.save_checkpoint:
-        save_quantized(unet, ctx.run_dir / CHECKPOINT_FILE, final_qcfg, include_weights=True,
-                       meta={"method": "quest", **{k: v for k, v in metrics.items()}})
-    return model
+    return final_qcfg
