@@ -55,3 +55,30 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | N
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): tiny models are many small ops, which run fastest on one thread and do not
+    stall when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict[str, str]:
+    """The environment (``SLURM_CONF``, ...) of a Slurm cluster that answers: an existing one, or
+    the single-node one ``slurm/start_local_cluster.sh`` starts. Skips without one, fails in CI."""
+    from slurm_cluster import ensure_cluster
+
+    try:
+        return ensure_cluster()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but no Slurm cluster could be started: {exc}", pytrace=False)
+        pytest.skip(f"no Slurm cluster: {exc}")

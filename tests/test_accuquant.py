@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffquant.analysis import error_accumulation as erracc
+from diffquant.calib import observing_act_ranges
 from diffquant.context import RunContext
 from diffquant.methods import accuquant as aq
 from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
@@ -31,12 +32,8 @@ def quantize_tiny(model: DiffusionModel, weight_bits: int = 4, act_bits: int = 4
     """W/A-quantize ``model.unet`` with min-max activation ranges from a few FP trajectories."""
     cfg = QuantConfig(name="t", weight_bits=weight_bits, act_bits=act_bits, **quant_kwargs)
     quantize_unet(model.unet, cfg, timesteps=model.timesteps)
-    acts = [q for _, q in iter_quantizers(model.unet, "act")]
-    for q in acts:
-        q.start_observing("minmax")
-    model.sample_latents(list(range(8)), 123)
-    for q in acts:
-        q.finish_observing()
+    with observing_act_ranges(model.unet, "minmax"):
+        model.sample_latents(list(range(8)), 123)
     return model
 
 
@@ -94,13 +91,7 @@ class IdentityJacobianDiffusion(TinyDiffusion):
                                 LATENT, latent_scale=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are many tiny ops: one thread avoids OpenMP contention on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,11 @@ from diffquant.eval.clip_score import ClipScoreMetric, clip_loader, to_clip_imag
 from diffquant.eval.metrics import EvalBatch
 from diffquant.models.loading import ZOO_DIR, MissingWeightsError
 from diffquant.zoo.captions import caption
-from tiny_components import one_thread, write_clip_folder
+from tiny_components import write_clip_folder
 
 DIGITS_CLIP = ZOO_DIR / "digits_clip"
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

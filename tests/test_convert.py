@@ -19,7 +19,7 @@ import yaml
 from diffquant.models.convert import main as convert_main
 from diffquant.models.loading import build_model
 from tiny_components import (TINY_CHURCH_UNET, TINY_CIN_UNET, TINY_LDM4_UNET, TINY_SD_UNET,
-                             compvis_original_config, ddim, one_thread, randomize, tiny_text_encoder,
+                             compvis_original_config, ddim, randomize, tiny_text_encoder,
                              tiny_unet2d, tiny_vae, to_compvis_checkpoint, write_tokenizer)
 
 KL = "ldm.models.autoencoder.AutoencoderKL"
@@ -32,10 +32,7 @@ CASES = {
     "sd_v1_4": dict(params=TINY_SD_UNET, vae="kl", target=KL, betas=(0.00085, 0.012), scale=0.18215),
 }
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

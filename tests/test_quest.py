@@ -27,17 +27,11 @@ CRITICAL = [r"attentions\.\d+\.to_[qkv]\."]
 CALIB = CalibSettings(n_samples=4, step_stride=2, batch_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are many tiny ops: one thread avoids thread contention on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_thread):
     """A tiny guided model (6 DDIM steps) and its calibration stream (3 recorded steps)."""
     torch.manual_seed(0)
     model = TinyDiffusion(steps=6)

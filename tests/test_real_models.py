@@ -13,7 +13,7 @@ from diffquant.context import RunContext
 from diffquant.models.loading import MissingWeightsError, build_model
 from diffquant.quant import is_quant_layer
 from diffquant.registry import METHODS
-from tiny_components import (TINY_CHURCH_UNET, one_thread, write_class_context_folder, write_ldm_folder,
+from tiny_components import (TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder,
                              write_sd_folder)
 
 #: The papers' sampler settings each config must carry: (steps, guidance, eta, scheduler class or None).
@@ -28,10 +28,7 @@ REAL_MODELS = list(PAPER_SAMPLERS)
 QUANT = ["method=ptq_minmax", "quant=w8a8", "method.calib.n_samples=1", "method.calib.batch_size=1",
          "method.act_init_rows=16"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -9,7 +9,7 @@ import torch
 from diffquant.models.loading import ZOO_DIR, MissingWeightsError, build_model
 from diffquant.zoo.captions import DIGIT_WORDS, PROMPTS_FILE, TEMPLATES, all_captions, label_of, prompt_lines
 from diffquant.zoo.tokenizer import words_of
-from tiny_components import one_thread, write_sd_folder, write_tokenizer
+from tiny_components import write_sd_folder, write_tokenizer
 
 SD_DIGITS = ZOO_DIR / "sd_digits"
 EMBEDDED = [SD_DIGITS / "model_index.json", ZOO_DIR / "digits_clip" / "config.json",
@@ -17,10 +17,7 @@ EMBEDDED = [SD_DIGITS / "model_index.json", ZOO_DIR / "digits_clip" / "config.js
 needs_embedded = pytest.mark.skipif(not all(p.exists() for p in EMBEDDED),
                                     reason="embedded weights not trained (python -m diffquant.zoo.train_sd all)")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

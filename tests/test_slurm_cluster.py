@@ -17,23 +17,14 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ on sys.path (pytest's default rootdir-relative import)
-    from slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, ensure_cluster, wait_for_file
+    from slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, wait_for_file
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, ensure_cluster, wait_for_file
+    from tests.slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, wait_for_file
 
 pytestmark = pytest.mark.slurm
 
 JOB_TIMEOUT_S = 60
 
-
-@pytest.fixture(scope="module")
-def slurm_env() -> dict[str, str]:
-    try:
-        return ensure_cluster()
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no Slurm cluster could be started: {exc}", pytrace=False)
-        pytest.skip(f"no Slurm cluster: {exc}")
 
 
 @pytest.fixture

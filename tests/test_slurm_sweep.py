@@ -17,24 +17,15 @@ from conftest import ROOT, run_cli
 from diffquant.app import run
 
 try:
-    from slurm_cluster import default_partition, ensure_cluster
+    from slurm_cluster import default_partition
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import default_partition, ensure_cluster
+    from tests.slurm_cluster import default_partition
 
 pytestmark = pytest.mark.slurm
 
 SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20",
          "logger=none"]
 
-
-@pytest.fixture(scope="module")
-def slurm_env() -> dict[str, str]:
-    try:
-        return ensure_cluster()
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no Slurm cluster could be started: {exc}", pytrace=False)
-        pytest.skip(f"no Slurm cluster: {exc}")
 
 
 def slurm_args(env: dict[str, str], sweep: Path, cache: Path) -> list[str]:

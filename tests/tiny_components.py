@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -28,16 +27,6 @@ from diffquant.zoo.tokenizer import save_tokenizer
 
 TEXT_DIM = 32
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ components
