@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffquant.calib import observing_act_ranges
 from diffquant.quant import (ActQuantizer, QuantAttnProcessor, QuantConfig, WeightQuantizer,
                              is_quant_layer, iter_quantizers, keep_fp_weights, quant_parameters,
                              quant_state, quantize_unet, set_quant_state, shortcut_splits)
@@ -19,13 +20,8 @@ MODELS = {"unet2d": (tiny_unet2d, unet2d_inputs),
 
 def _observe(unet, inputs, method="minmax"):
     """Set activation ranges from one batch (the calibration code path, without a stream)."""
-    qs = [q for _, q in iter_quantizers(unet, "act")]
-    for q in qs:
-        q.start_observing(method)
-    with torch.no_grad():
+    with observing_act_ranges(unet, method), torch.no_grad():
         unet(**inputs)
-    for q in qs:
-        q.finish_observing()
 
 
 def _quantized(name, cfg):

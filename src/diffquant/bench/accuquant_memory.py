@@ -89,8 +89,9 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from diffquant.calib.ranges import observing_act_ranges
     from diffquant.models.loading import build_model
-    from diffquant.quant import iter_quantizers, quantize_unet
+    from diffquant.quant import quantize_unet
     from diffquant.quant.config import QuantConfig
     from diffquant.quant.typed import as_dataclass
     from diffquant.schema import register_configs
@@ -111,12 +112,8 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
     qcfg = as_dataclass(cfg.quant, QuantConfig)
     qcfg.weight_init, qcfg.act_init = "minmax", "minmax"
     quantize_unet(model.unet, qcfg, timesteps=model.timesteps)
-    acts = [q for _, q in iter_quantizers(model.unet, "act")]
-    for q in acts:
-        q.start_observing("minmax")
-    model.sample_latents(list(range(8)), 99)
-    for q in acts:
-        q.finish_observing()
+    with observing_act_ranges(model.unet, "minmax"):
+        model.sample_latents(list(range(8)), 99)
     return model, weights
 
 

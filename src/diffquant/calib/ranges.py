@@ -5,15 +5,45 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from diffquant.calib.collect import CalibStream
+from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def observing_act_ranges(unet: nn.Module, method: str = "minmax", *, p: float = 2.4,
+                         n_candidates: int = 80, seed: int = 0, minmax_layers: Sequence[str] = ()
+                         ) -> Iterator[list[tuple[str, ActQuantizer]]]:
+    """Every activation quantizer of ``unet`` observes its inputs while the block runs and sets
+    its Δ, z from them when the block ends (``method`` ``minmax`` or ``lp``, see
+    :class:`~diffquant.quant.quantizers.ActQuantizer`); quantizers whose name matches a regular
+    expression of ``minmax_layers`` use ``minmax`` whatever ``method`` is. An exception drops the
+    partial statistics. Yields the ``(name, quantizer)`` pairs::
+
+        with observing_act_ranges(model.unet):
+            model.sample_latents(list(range(8)), seed)
+    """
+    quantizers = list(iter_quantizers(unet, "act"))
+    forced = [re.compile(pattern) for pattern in minmax_layers]
+    for i, (name, q) in enumerate(quantizers):
+        own = "minmax" if any(f.search(name) for f in forced) else method
+        q.start_observing(own, p, n_candidates, seed=seed * 100_003 + i)
+    try:
+        yield quantizers
+    except BaseException:
+        for _, q in quantizers:
+            q._observer = None  # drop partial statistics
+        raise
+    for _, q in quantizers:
+        q.finish_observing()
 
 
 @torch.no_grad()
@@ -32,21 +62,11 @@ def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = 
     observing. Returns the number of quantizers calibrated.
     """
     device = device or next(unet.parameters()).device
-    quantizers = [(n, q) for n, q in iter_quantizers(unet, "act")]
-    forced = [re.compile(pattern) for pattern in minmax_layers]
-    for i, (name, q) in enumerate(quantizers):
-        own = "minmax" if any(f.search(name) for f in forced) else method
-        q.start_observing(own, p, n_candidates, seed=seed * 100_003 + i)
-    try:
+    with observing_act_ranges(unet, method, p=p, n_candidates=n_candidates, seed=seed,
+                              minmax_layers=minmax_layers) as quantizers:
         with quant_state(unet, weights=False):
             for batch in stream.batches(batch_size, stream.subset(n_rows, seed), device=device):
                 unet(**batch)
-    except BaseException:
-        for _, q in quantizers:
-            q._observer = None  # drop partial statistics
-        raise
-    for _, q in quantizers:
-        q.finish_observing()
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
         log.warning("activation quantizers never called during calibration (left uncalibrated, "
