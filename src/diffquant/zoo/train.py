@@ -186,9 +186,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """The command that reproduces this run, as a shell string."""
-    return "python -m diffquant.zoo.train " + " ".join(shlex.quote(a) for a in argv)
+def command_line(argv: Sequence[str], module: str = "diffquant.zoo.train") -> str:
+    """The command that reproduces this run of ``python -m <module>``, as a shell string."""
+    return f"python -m {module} " + " ".join(shlex.quote(a) for a in argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,11 +505,11 @@ def train_ldm(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str])
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m diffquant.zoo.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=[*MODELS, "all"], help="which model to train")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights root (default: %(default)s)")
+def training_parser(module: str, doc: str, models: Sequence[str], default_out: Path) -> argparse.ArgumentParser:
+    """The options every zoo training command has (``diffquant.zoo.train``, ``.train_sd``)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("model", choices=[*models, "all"], help="which model to train")
+    parser.add_argument("--out", type=Path, default=default_out, help="weights root (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)")
     parser.add_argument(
@@ -519,10 +519,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="torch intra-op threads, fixed for reproducibility (default %(default)s: on a shared 2-core "
         "machine one thread is much faster than two, which stall each other when the cores are busy)",
     )
+    return parser
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, rejecting a non-positive ``--steps-scale``."""
     args = parser.parse_args(argv)
     if args.steps_scale <= 0:
         parser.error("--steps-scale must be positive")
     return args
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    return parse_training_args(training_parser("diffquant.zoo.train", __doc__, MODELS, DEFAULT_OUT), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

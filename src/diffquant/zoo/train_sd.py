@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -42,9 +41,11 @@ from torch import Tensor, nn
 from diffquant.data.digits import load_digits
 from diffquant.zoo.captions import TEMPLATES, all_captions
 from diffquant.zoo.tokenizer import save_tokenizer
-from diffquant.zoo.train import (Ema, Progress, cosine_lr, encode_posteriors, random_affine, random_batch,
-                                 reproducible, scaled_steps, set_lr, train_vae)
+from diffquant.zoo.train import (Ema, Progress, command_line, cosine_lr, encode_posteriors, parse_training_args,
+                                 random_affine, random_batch, reproducible, scaled_steps, set_lr, train_vae,
+                                 training_parser)
 
+MODULE = "diffquant.zoo.train_sd"
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
 MODELS = ("digits_clip", "sd_digits")
 
@@ -84,10 +85,6 @@ class SdUnetRecipe:
     caption_dropout: float = 0.1  # probability of training on the empty prompt
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-
-
-def command_line(argv: Sequence[str]) -> str:
-    return "python -m diffquant.zoo.train_sd " + " ".join(shlex.quote(a) for a in argv)
 
 
 def caption_corpus() -> list[str]:
@@ -183,7 +180,7 @@ def train_clip(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str]
     clip.eval()
     held, held_labels = load_digits("heldout", IMAGE_SIZE)
     meta = {
-        "command": command_line(argv), "seed": seed, "steps": steps, "seconds": round(progress.elapsed(), 1),
+        "command": command_line(argv, MODULE), "seed": seed, "steps": steps, "seconds": round(progress.elapsed(), 1),
         "final_loss": round(loss.item(), 5),
         "heldout_zero_shot_accuracy": round(clip_zero_shot_accuracy(clip, tokens, held, held_labels), 5),
         "recipe": asdict(recipe), "num_parameters": sum(p.numel() for p in clip.parameters()),
@@ -331,7 +328,7 @@ def train_sd(out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scal
     meta = {
         "family": "sd", "image_size": IMAGE_SIZE, "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
         "scaling_factor": scale, "sampling": SAMPLING, "prompts": "assets:prompts/digits.txt",
-        "train": {"command": command_line(argv), "seed": seed, "steps_scale": steps_scale,
+        "train": {"command": command_line(argv, MODULE), "seed": seed, "steps_scale": steps_scale,
                   "seconds": round(time.perf_counter() - start, 1), "text_encoder": f"text tower of {clip_dir.name}",
                   "vae": vae_meta, "unet": unet_meta, "noise_schedule": {**SCHEDULE, "prediction_type": "epsilon"},
                   "data": "sklearn digits, train split (1437 images), 32x32; captions: diffquant.zoo.captions",
@@ -348,18 +345,11 @@ def train_sd(out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scal
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.zoo.train_sd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=[*MODELS, "all"], help="which model to train")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights root (default: %(default)s)")
+    """Parse the command line (see the module docstring)."""
+    parser = training_parser(MODULE, __doc__, MODELS, DEFAULT_OUT)
     parser.add_argument("--vae", type=Path, default=None,
                         help="autoencoder folder to reuse (default: OUT/ldm_digits/vae, trained if absent)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for reproducibility)")
-    args = parser.parse_args(argv)
-    if args.steps_scale <= 0:
-        parser.error("--steps-scale must be positive")
-    return args
+    return parse_training_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
