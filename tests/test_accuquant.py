@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,7 @@ from diffquant.calib import observing_act_ranges
 from diffquant.context import RunContext
 from diffquant.methods import accuquant as aq
 from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
-                                          group_backward, group_loss, group_starts)
+                                          group_backward, group_starts)
 from diffquant.models.base import DiffusionModel, SamplerSettings
 from diffquant.quant import QuantConfig, iter_quantizers, quant_parameters, quantize_unet
 from diffquant.quant.state import quant_state
