@@ -18,7 +18,7 @@ from diffquant.methods import accuquant as aq
 from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
                                           group_backward, group_starts)
 from diffquant.models.base import DiffusionModel, SamplerSettings
-from diffquant.quant import QuantConfig, iter_quantizers, quant_parameters, quantize_unet
+from diffquant.quant import QuantConfig, iter_quantizers, quant_parameters, quantize_denoiser
 from diffquant.quant.state import quant_state
 from tiny_models import LATENT, TinyDiffusion, tiny_unet2d
 
@@ -28,16 +28,16 @@ SEED = 5
 # ---------------------------------------------------------------------------- helpers
 def quantize_tiny(model: DiffusionModel, weight_bits: int = 4, act_bits: int = 4,
                   **quant_kwargs) -> DiffusionModel:
-    """W/A-quantize ``model.unet`` with min-max activation ranges from a few FP trajectories."""
+    """W/A-quantize ``model.denoiser`` with min-max activation ranges from a few FP trajectories."""
     cfg = QuantConfig(name="t", weight_bits=weight_bits, act_bits=act_bits, **quant_kwargs)
-    quantize_unet(model.unet, cfg, timesteps=model.timesteps)
-    with observing_act_ranges(model.unet, "minmax"):
+    quantize_denoiser(model.denoiser, cfg, timesteps=model.timesteps)
+    with observing_act_ranges(model.denoiser, "minmax"):
         model.sample_latents(list(range(8)), 123)
     return model
 
 
 def act_scales(model: DiffusionModel) -> list[nn.Parameter]:
-    params = list(quant_parameters(model.unet, "act_scale", max_bits=15).values())
+    params = list(quant_parameters(model.denoiser, "act_scale", max_bits=15).values())
     for p in params:
         p.requires_grad_(True)
     return params
@@ -201,28 +201,28 @@ def test_calibrating_a_group_lowers_its_loss(mode, learn):
                              n_samples=16, batch_size=8, act_lr=1e-3, revert_if_worse=False)
     cal = aq.TrajectoryCalibration(model, cfg)
     start, m = 4, 2
-    learned = aq.LearnedParameters(model.unet, cfg)
+    learned = aq.LearnedParameters(model.denoiser, cfg)
     before = cal.group_loss_all(traj, traj.states[start], start, m)
     cal.calibrate_group(learned, traj, traj.states[start], start, m, torch.Generator().manual_seed(0))
     learned.restore()
     after = cal.group_loss_all(traj, traj.states[start], start, m)
     assert after < before
-    assert all(not p.requires_grad for p in quant_parameters(model.unet, "act_scale").values())
+    assert all(not p.requires_grad for p in quant_parameters(model.denoiser, "act_scale").values())
     if "weight_round" in learn:  # rounding hardened again
-        assert all(q.rounding == "hard" for _, q in iter_quantizers(model.unet, "weight"))
+        assert all(q.rounding == "hard" for _, q in iter_quantizers(model.denoiser, "weight"))
 
 
 def test_soft_rounding_starts_from_the_ptq_rounding(tiny):
     model, _ = tiny
-    hard = {n: q.round_up for n, q in iter_quantizers(model.unet, "weight")}
-    w_before = {n: m.quantized_weight().detach().clone() for n, m in model.unet.named_modules()
+    hard = {n: q.round_up for n, q in iter_quantizers(model.denoiser, "weight")}
+    w_before = {n: m.quantized_weight().detach().clone() for n, m in model.denoiser.named_modules()
                 if hasattr(m, "quantized_weight") and m.weight_quantizer is not None}
-    aq.start_soft_rounding(model.unet, 2.0)
-    aq.harden_rounding(model.unet)  # untouched α → the same choices as round-to-nearest
-    for n, m in model.unet.named_modules():
+    aq.start_soft_rounding(model.denoiser, 2.0)
+    aq.harden_rounding(model.denoiser)  # untouched α → the same choices as round-to-nearest
+    for n, m in model.denoiser.named_modules():
         if n in w_before:
             torch.testing.assert_close(m.quantized_weight(), w_before[n])
-    for n, q in iter_quantizers(model.unet, "weight"):  # back to the fixture's rounding mode
+    for n, q in iter_quantizers(model.denoiser, "weight"):  # back to the fixture's rounding mode
         q.round_up = hard[n]
 
 
@@ -303,7 +303,7 @@ def test_error_accumulation_curves_and_plot(tiny, tmp_path):
     # the first step starts from the same x_T: accumulated = step error there
     assert res.accumulated_error_mean[0] == pytest.approx(res.step_error_mean[0], rel=1e-6)
     assert res.accumulated_error_mean[-1] > 0
-    with quant_state(model.unet, weights=False, acts=False):
+    with quant_state(model.denoiser, weights=False, acts=False):
         fp = erracc.measure_error_accumulation(model, n_samples=4, seed=0)
     assert max(fp.accumulated_error_mean) == 0 and max(fp.step_error_mean) == 0
     a, b = tmp_path / "a", tmp_path / "b"

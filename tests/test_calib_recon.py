@@ -12,7 +12,7 @@ from diffquant.calib import (CalibSettings, ReconSettings, calibrate_act_ranges,
                              collect_calibration, find_units, reconstruct)
 from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
-from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_unet,
+from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_denoiser,
                              save_quantized)
 from diffquant.quant.state import iter_quantizers
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
@@ -67,8 +67,8 @@ def test_calibration_rows_cover_the_trajectories(stream, cache, monkeypatch):
 
 def test_units_follow_execution_order(stream):
     model = TinyDiffusion()
-    quantize_unet(model.unet, W4A8)
-    units = find_units(model.unet, next(stream.batches(2)))
+    quantize_denoiser(model.denoiser, W4A8)
+    units = find_units(model.denoiser, next(stream.batches(2)))
     names = [u.name for u in units]
     assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
     assert names[-1] == "conv_out"
@@ -80,33 +80,33 @@ def test_units_follow_execution_order(stream):
 
 def _calibrated(stream, progress_dir=None, on_unit_done=None, recon=RECON):
     model = TinyDiffusion()
-    quantize_unet(model.unet, W4A8, timesteps=model.timesteps)
-    calibrate_act_ranges(model.unet, stream, method="lp", n_rows=24, batch_size=12)
-    report = reconstruct(model.unet, stream, recon, progress_dir=progress_dir,
+    quantize_denoiser(model.denoiser, W4A8, timesteps=model.timesteps)
+    calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12)
+    report = reconstruct(model.denoiser, stream, recon, progress_dir=progress_dir,
                          on_unit_done=on_unit_done)
     return model, report
 
 
 def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
     minmax = TinyDiffusion()
-    quantize_unet(minmax.unet, W4A8)
-    calibrate_act_ranges(minmax.unet, stream, method="lp", n_rows=24, batch_size=12)
+    quantize_denoiser(minmax.denoiser, W4A8)
+    calibrate_act_ranges(minmax.denoiser, stream, method="lp", n_rows=24, batch_size=12)
     model, report = _calibrated(stream)
     assert len(report.units) == 18 and all(u.weight_loss is not None for u in report.units)
 
     batch = next(stream.batches(len(stream)))
     with torch.no_grad():
-        with quant_state(model.unet, weights=False, acts=False):
-            fp = model.unet(**batch).sample
-        err_recon = (model.unet(**batch).sample - fp).pow(2).mean()
-        err_init = (minmax.unet(**batch).sample - fp).pow(2).mean()
+        with quant_state(model.denoiser, weights=False, acts=False):
+            fp = model.denoiser(**batch).sample
+        err_recon = (model.denoiser(**batch).sample - fp).pow(2).mean()
+        err_init = (minmax.denoiser(**batch).sample - fp).pow(2).mean()
     assert err_recon < err_init
 
-    path = save_quantized(model.unet, tmp_path / "q.pt", W4A8, meta={"x": 1})
+    path = save_quantized(model.denoiser, tmp_path / "q.pt", W4A8, meta={"x": 1})
     fresh = TinyDiffusion()
-    summary, meta = load_quantized(fresh.unet, path)
+    summary, meta = load_quantized(fresh.denoiser, path)
     assert meta == {"x": 1} and summary.n_quant_layers == 51
-    assert _rows_close(model.unet, fresh.unet, stream)  # identical outputs
+    assert _rows_close(model.denoiser, fresh.denoiser, stream)  # identical outputs
 
 
 def test_resume_after_interruption_matches_uninterrupted(stream, tmp_path):
@@ -124,7 +124,7 @@ def test_resume_after_interruption_matches_uninterrupted(stream, tmp_path):
     assert json.loads((tmp_path / "b" / "progress.json").read_text())["done"] == 5
     resumed, report = _calibrated(stream, progress_dir=tmp_path / "b")
     assert report.resumed_from == 5 and len(report.units) == 18
-    assert _rows_close(full.unet, resumed.unet, stream)
+    assert _rows_close(full.denoiser, resumed.denoiser, stream)
 
 
 def test_divergence_names_the_fix(stream, monkeypatch):
@@ -141,28 +141,28 @@ def test_ptq_methods_cache_and_metrics(cache, tmp_path):
                     act_init_rows=24, save_checkpoint=True)
     model = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx)
     assert ctx.extra_metrics["n_quant_layers"] == 51 and ctx.extra_metrics["ptq_cached"] is False
-    assert ctx.extra_metrics["recon_units"] == 18 and (run_dir / "quantized_unet.pt").exists()
+    assert ctx.extra_metrics["recon_units"] == 18 and (run_dir / "quantized_denoiser.pt").exists()
 
     ctx2 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
     again = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx2)
     assert ctx2.extra_metrics["ptq_cached"] is True
     assert ctx2.extra_metrics["ptq_calib_s"] == ctx.extra_metrics["ptq_calib_s"]
     stream = collect_calibration(TinyDiffusion(), CALIB, cache)
-    assert _rows_close(model.unet, again.unet, stream)
+    assert _rows_close(model.denoiser, again.denoiser, stream)
 
     ctx3 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
     floor = load_or_run_ptq(TinyDiffusion(), W4A8, PTQMinMaxConfig(calib=CALIB), ctx3)
     assert ctx3.extra_metrics["n_quant_layers"] == 51 and "recon_units" not in ctx3.extra_metrics
-    assert floor.unet.conv_in.weight_quantizer.rounding == "nearest"
-    assert model.unet.conv_in.weight_quantizer.rounding == "hard"
+    assert floor.denoiser.conv_in.weight_quantizer.rounding == "nearest"
+    assert model.denoiser.conv_in.weight_quantizer.rounding == "hard"
 
 
 def test_reconstruction_of_cross_attention_unet(tmp_path):
     model = TinyTextDiffusion()
     stream = collect_calibration(model, CalibSettings(n_samples=4, step_stride=2), tmp_path)
-    quantize_unet(model.unet, W4A8)
-    calibrate_act_ranges(model.unet, stream, n_rows=16, batch_size=16)
-    report = reconstruct(model.unet, stream, dataclasses.replace(RECON, weight_iters=6,
+    quantize_denoiser(model.denoiser, W4A8)
+    calibrate_act_ranges(model.denoiser, stream, n_rows=16, batch_size=16)
+    report = reconstruct(model.denoiser, stream, dataclasses.replace(RECON, weight_iters=6,
                                                                  act_iters=4))
     kinds = {u.name: u.kind for u in report.units}
     assert "down_blocks.0.attentions.0.transformer_blocks.0" in kinds
@@ -176,11 +176,11 @@ def test_time_step_only_inputs_get_minmax_ranges(stream):
     ranges = {}
     for forced in ((), (r"time_embedding\.",)):
         model = TinyDiffusion()
-        quantize_unet(model.unet, QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
-        calibrate_act_ranges(model.unet, stream, method="lp", n_rows=24, batch_size=12,
+        quantize_denoiser(model.denoiser, QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
+        calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12,
                              minmax_layers=forced)
         ranges[forced] = {n: (q.scale.detach().clone(), q.zero_point.detach().clone())
-                          for n, q in iter_quantizers(model.unet, "act")}
+                          for n, q in iter_quantizers(model.denoiser, "act")}
     lp, forced = ranges[()], ranges[(r"time_embedding\.",)]
     temb = [n for n in lp if n.startswith("time_embedding.")]
     assert temb and all(torch.equal(lp[n][0], forced[n][0]) for n in lp if n not in temb)

@@ -109,7 +109,7 @@ def test_checkpoint_round_trips_through_the_model_config(model, converted, make_
         kwargs["encoder_hidden_states"] = torch.randn(2, 3, case["params"]["context_dim"], generator=g)
     with torch.no_grad():
         expected = orig["unet"](x, t, **kwargs).sample
-        got = wrapper.unet(x, t, **kwargs).sample
+        got = wrapper.denoiser(x, t, **kwargs).sample
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         z = torch.randn(2, c, 8, 8, generator=g)
         torch.testing.assert_close(wrapper.vae.decode(z).sample, orig["vae"].decode(z).sample, atol=1e-5, rtol=1e-5)
@@ -133,7 +133,7 @@ def test_checkpoint_round_trips_through_the_model_config(model, converted, make_
     if model == "ldm_church":
         from diffquant.models.compvis_unet import count_attention_heads
 
-        assert set(count_attention_heads(wrapper.unet)) == {TINY_CHURCH_UNET["num_heads"]}
+        assert set(count_attention_heads(wrapper.denoiser)) == {TINY_CHURCH_UNET["num_heads"]}
 
 
 # ------------------------------------------------------------------------ CompVis block semantics
@@ -177,7 +177,7 @@ def block_params(state: dict, prefix: str) -> dict:
 @pytest.mark.parametrize("model, heads", [("ldm_bedroom", 64 // 16), ("ldm_church", 4)])
 def test_converted_attention_matches_compvis_attention(model, heads, converted, make_cfg, tmp_path):
     out, orig = converted[model]
-    unet = load(make_cfg, model, out, tmp_path).unet
+    unet = load(make_cfg, model, out, tmp_path).denoiser
     x = torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = compvis_attention_block(x, block_params(orig["state"], "middle_block.1"), heads)
@@ -186,7 +186,7 @@ def test_converted_attention_matches_compvis_attention(model, heads, converted, 
 
 def test_converted_resampling_resblocks_match_compvis(converted, make_cfg, tmp_path):
     out, orig = converted["ldm_church"]
-    unet = load(make_cfg, "ldm_church", out, tmp_path).unet
+    unet = load(make_cfg, "ldm_church", out, tmp_path).denoiser
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(2, 128, generator=g)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from diffquant.methods.quest import QuestConfig, apply_quest, make_timestep_awar
 from diffquant.methods.quest_finetune import (FPTeacher, load_rows, plan_stages, rows_per_step,
                                               train_stage)
 from diffquant.methods.quest_sensitivity import SensitivitySettings, activation_sensitivity
-from diffquant.quant import (QuantConfig, iter_quantizers, load_quantized, quantize_unet,
+from diffquant.quant import (QuantConfig, iter_quantizers, load_quantized, quantize_denoiser,
                              save_quantized)
 from diffquant.quant.typed import as_dataclass
 from tiny_models import TinyDiffusion, tiny_unet2d
@@ -42,33 +42,33 @@ def tiny(tmp_path_factory, one_thread):
 def quantized_copy(model, stream, quant_cfg=W4A4, groups=3):
     """A W4A4 copy of the tiny UNet: hard AdaRound masks (as PTQ leaves them), calibrated
     activation ranges, ``groups`` time-step groups."""
-    unet = tiny_unet2d(0)
-    unet.load_state_dict(model.unet.state_dict())
-    quantize_unet(unet, quant_cfg)
-    for _, wq in iter_quantizers(unet, "weight"):
+    denoiser = tiny_unet2d(0)
+    denoiser.load_state_dict(model.denoiser.state_dict())
+    quantize_denoiser(denoiser, quant_cfg)
+    for _, wq in iter_quantizers(denoiser, "weight"):
         wq.start_adaround(torch.randn(wq.weight_shape))
         wq.harden()
-    calibrate_act_ranges(unet, stream, method="minmax", n_rows=None, batch_size=16)
+    calibrate_act_ranges(denoiser, stream, method="minmax", n_rows=None, batch_size=16)
     if groups > 1:
-        make_timestep_aware(unet, model.timesteps, groups)
-        calibrate_act_ranges(unet, stream, method="minmax", n_rows=None, batch_size=16)
-    return unet.requires_grad_(False)
+        make_timestep_aware(denoiser, model.timesteps, groups)
+        calibrate_act_ranges(denoiser, stream, method="minmax", n_rows=None, batch_size=16)
+    return denoiser.requires_grad_(False)
 
 
-def snapshot(unet):
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+def snapshot(denoiser):
+    return {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
 
 
-def train_all(unet, stages, stream, global_weight=2.0, lr=1e-2):
-    teacher = FPTeacher(unet, [p for s in stages for p in s.weights.values()])
+def train_all(denoiser, stages, stream, global_weight=2.0, lr=1e-2):
+    teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
     rows = load_rows(stream, rows_per_step(stream, 4, seed=0))
     for stage in stages:
-        train_stage(unet, stage, rows, teacher, weight_lr=lr, act_lr=lr,
+        train_stage(denoiser, stage, rows, teacher, weight_lr=lr, act_lr=lr,
                     global_weight=global_weight, batch_size=6)
 
 
-def changed_keys(before, unet):
-    after = unet.state_dict()
+def changed_keys(before, denoiser):
+    after = denoiser.state_dict()
     return {k for k, v in before.items() if not torch.equal(v, after[k])}
 
 
@@ -79,13 +79,13 @@ def trained_names(stages):
 # ---------------------------------------------------------------------------- what trains
 def test_only_selected_parameters_change(tiny):
     model, stream = tiny
-    unet = quantized_copy(model, stream)
-    stages = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
+    denoiser = quantized_copy(model, stream)
+    stages = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
                          tla_epochs=1, cma_epochs=1)
     selected = trained_names(stages)
-    before = snapshot(unet)
-    train_all(unet, stages, stream)
-    changed = changed_keys(before, unet)
+    before = snapshot(denoiser)
+    train_all(denoiser, stages, stream)
+    changed = changed_keys(before, denoiser)
     assert changed, "finetuning changed nothing"
     assert changed <= selected, f"unselected tensors changed: {sorted(changed - selected)[:5]}"
     # latent weights of both stages and step sizes of both stages moved
@@ -94,21 +94,21 @@ def test_only_selected_parameters_change(tiny):
     assert any("time_emb_proj.input_quantizer.scale" in k for k in changed)
     assert any("processor.q_quantizer.scale" in k for k in changed)
     # nothing is left trainable, and no gradient is kept
-    assert not any(p.requires_grad or p.grad is not None for p in unet.parameters())
+    assert not any(p.requires_grad or p.grad is not None for p in denoiser.parameters())
 
 
 def test_stage_parameter_sets(tiny):
     model, stream = tiny
-    unet = quantized_copy(model, stream)
-    tla, cma = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
+    denoiser = quantized_copy(model, stream)
+    tla, cma = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
                            tla_epochs=1, cma_epochs=1)
     assert tla.weights and all("time_emb_proj" in n for n in tla.weights)
-    assert set(tla.act_scales) == {n for n, _ in unet.named_parameters()
+    assert set(tla.act_scales) == {n for n, _ in denoiser.named_parameters()
                                    if "time_emb_proj.input_quantizer" in n}
     assert cma.weights and all(n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") for n in cma.weights)
     assert not set(tla.act_scales) & set(cma.act_scales)
     # CMA: every other step size below 16 bits (layer inputs, q/k/v, softmax)
-    all_scales = {n for n, _ in unet.named_parameters() if n.endswith(".scale")}
+    all_scales = {n for n, _ in denoiser.named_parameters() if n.endswith(".scale")}
     assert set(cma.act_scales) == all_scales - set(tla.act_scales)
 
 
@@ -119,8 +119,8 @@ def test_ablation_configs_select_stages(option, stages_expected, make_cfg, tiny)
     model, stream = tiny
     cfg = as_dataclass(make_cfg([f"method={option}", "quant=w4a4"]).method, QuestConfig)
     assert cfg.global_loss_weight == (0.0 if option == "quest_no_global" else 2.0)
-    unet = quantized_copy(model, stream)
-    stages = plan_stages(unet, time_layers=cfg.time_embedding_layers,
+    denoiser = quantized_copy(model, stream)
+    stages = plan_stages(denoiser, time_layers=cfg.time_embedding_layers,
                          critical_layers=cfg.critical_layers_by_family["ldm"], tla=cfg.tla,
                          cma=cfg.cma, tla_epochs=1, cma_epochs=1)
     assert [s.name for s in stages] == stages_expected
@@ -131,12 +131,12 @@ def test_ablations_change_which_parameters_train(tiny):
     changed = {}
     for label, tla, cma, lam in (("full", True, True, 2.0), ("tla_only", True, False, 2.0),
                                  ("cma_only", False, True, 2.0), ("no_global", True, True, 0.0)):
-        unet = quantized_copy(model, stream)
-        stages = plan_stages(unet, time_layers=TIME, critical_layers=CRITICAL, tla=tla, cma=cma,
+        denoiser = quantized_copy(model, stream)
+        stages = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=tla, cma=cma,
                              tla_epochs=1, cma_epochs=1)
-        before = snapshot(unet)
-        train_all(unet, stages, stream, global_weight=lam)
-        changed[label] = changed_keys(before, unet)
+        before = snapshot(denoiser)
+        train_all(denoiser, stages, stream, global_weight=lam)
+        changed[label] = changed_keys(before, denoiser)
     is_tla = lambda k: "time_emb_proj" in k  # noqa: E731
     assert changed["tla_only"] and all(is_tla(k) for k in changed["tla_only"])
     assert changed["cma_only"] and not any(is_tla(k) for k in changed["cma_only"])
@@ -150,23 +150,23 @@ def test_ablations_change_which_parameters_train(tiny):
 # ---------------------------------------------------------------------------- time steps
 def test_timestep_split_round_trips_through_checkpoint(tiny, tmp_path):
     model, stream = tiny
-    unet = quantized_copy(model, stream, groups=3)
-    assert all(q.n_groups == 3 for _, q in iter_quantizers(unet, "act"))
-    path = save_quantized(unet, tmp_path / "q.pt",
+    denoiser = quantized_copy(model, stream, groups=3)
+    assert all(q.n_groups == 3 for _, q in iter_quantizers(denoiser, "act"))
+    path = save_quantized(denoiser, tmp_path / "q.pt",
                           dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3))
     fresh = tiny_unet2d(0)
-    fresh.load_state_dict(model.unet.state_dict())
+    fresh.load_state_dict(model.denoiser.state_dict())
     load_quantized(fresh, path)
     batch = next(stream.batches(6))
     with torch.no_grad():
-        assert torch.equal(unet(**batch).sample, fresh(**batch).sample)
+        assert torch.equal(denoiser(**batch).sample, fresh(**batch).sample)
 
 
 # ---------------------------------------------------------------------------- sensitivity
 def test_sweep_ranks_fragile_layer_first(tiny):
     model, stream = tiny
     fp = tiny_unet2d(0)
-    fp.load_state_dict(model.unet.state_dict())
+    fp.load_state_dict(model.denoiser.state_dict())
     fragile = "down_blocks.0.resnets.0.conv2"
     with torch.no_grad():
         # one input channel of conv2 becomes a large constant that the conv ignores: a per-tensor
@@ -201,7 +201,7 @@ def test_apply_quest_end_to_end(tmp_path):
     m = ctx.extra_metrics
     assert m["timestep_groups"] == 3 and m["n_trainable_params"] > 0
     assert m["tla_steps"] == 2 and m["cma_steps"] == 2 and m["finetune_s"] > 0
-    assert all(q.n_groups == 3 for _, q in iter_quantizers(model.unet, "act"))
+    assert all(q.n_groups == 3 for _, q in iter_quantizers(model.denoiser, "act"))
     ranking = json.loads((tmp_path / "sensitivity.json").read_text())
     assert ranking["selected"] == m["critical_layers"] and len(ranking["units"]) > 10
     assert (tmp_path / "sensitivity.md").read_text().startswith("# Activation sensitivity")

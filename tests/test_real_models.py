@@ -85,7 +85,7 @@ def test_builds_from_tiny_components_and_samples_fp_and_w8a8(model_name, make_cf
 
     ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     model = METHODS.get("ptq_minmax")(model, cfg.quant, cfg.method, ctx)
-    assert sum(is_quant_layer(m) for m in model.unet.modules()) > 0
+    assert sum(is_quant_layer(m) for m in model.denoiser.modules()) > 0
     q_images, _ = model.sample([0], seed=0)
     assert q_images.shape == images.shape and torch.isfinite(q_images).all()
     for part, state in zip(untouched_parts(model), before):

@@ -49,7 +49,7 @@ def test_unet_call_has_unconditional_rows_then_conditional_rows(tiny_sd):
     cond = model.conditions([0, 1, 52], seed=0)
     assert cond.labels == [prompt_lines()[0], prompt_lines()[1], prompt_lines()[2]]
     x = torch.randn(3, *model.latent_shape)
-    kwargs = model.unet_kwargs(x, model.timesteps[0], cond)
+    kwargs = model.denoiser_kwargs(x, model.timesteps[0], cond)
     states = kwargs["encoder_hidden_states"]
     assert states.shape[0] == 6 and kwargs["timestep"].shape == (6,) and kwargs["sample"].shape[0] == 6
     empty = model.prompt_encoder([""])[0]
@@ -139,5 +139,5 @@ def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make
         model = METHODS.get(method)(model, cfg.quant, cfg.method, ctx)
         images, _ = model.sample([0, 1], seed=0)
         assert torch.isfinite(images).all(), method
-        assert any(is_quant_layer(m) for m in model.unet.modules())
+        assert any(is_quant_layer(m) for m in model.denoiser.modules())
         assert not any(is_quant_layer(m) for part in (model.vae, model.text_encoder) for m in part.modules())

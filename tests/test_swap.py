@@ -8,7 +8,7 @@ from torch import nn
 from diffquant.calib import observing_act_ranges
 from diffquant.quant import (ActQuantizer, QuantAttnProcessor, QuantConfig, WeightQuantizer,
                              is_quant_layer, iter_quantizers, keep_fp_weights, quant_parameters,
-                             quant_state, quantize_unet, set_quant_state, shortcut_splits)
+                             quant_state, quantize_denoiser, set_quant_state, shortcut_splits)
 from tiny_models import (tiny_unet2d, tiny_unet2d_condition, unet2d_condition_inputs,
                          unet2d_inputs)
 
@@ -18,32 +18,32 @@ MODELS = {"unet2d": (tiny_unet2d, unet2d_inputs),
           "unet2d_condition": (tiny_unet2d_condition, unet2d_condition_inputs)}
 
 
-def _observe(unet, inputs, method="minmax"):
+def _observe(denoiser, inputs, method="minmax"):
     """Set activation ranges from one batch (the calibration code path, without a stream)."""
-    with observing_act_ranges(unet, method), torch.no_grad():
-        unet(**inputs)
+    with observing_act_ranges(denoiser, method), torch.no_grad():
+        denoiser(**inputs)
 
 
 def _quantized(name, cfg):
     build, make_inputs = MODELS[name]
-    unet, inputs = build(), make_inputs()
+    denoiser, inputs = build(), make_inputs()
     with torch.no_grad():
-        ref = unet(**inputs).sample
-    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
-    n_attn = sum(type(m).__name__ == "Attention" for m in unet.modules())
-    summary = quantize_unet(unet, cfg)
-    _observe(unet, inputs)
-    return unet, inputs, ref, summary, n_layers, n_attn
+        ref = denoiser(**inputs).sample
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in denoiser.modules())
+    n_attn = sum(type(m).__name__ == "Attention" for m in denoiser.modules())
+    summary = quantize_denoiser(denoiser, cfg)
+    _observe(denoiser, inputs)
+    return denoiser, inputs, ref, summary, n_layers, n_attn
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_layer_and_matmul_quantized_exactly_once(name):
     cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8)
-    unet, inputs, _, summary, n_layers, n_attn = _quantized(name, cfg)
-    layers = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    denoiser, inputs, _, summary, n_layers, n_attn = _quantized(name, cfg)
+    layers = [m for m in denoiser.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert all(is_quant_layer(m) for m in layers) and len(layers) == n_layers
     assert summary.n_quant_layers == n_layers and summary.attention == n_attn > 0
-    procs = [m for m in unet.modules() if isinstance(m, QuantAttnProcessor)]
+    procs = [m for m in denoiser.modules() if isinstance(m, QuantAttnProcessor)]
     assert len(procs) == n_attn
     assert all(None not in (p.q_quantizer, p.k_quantizer, p.v_quantizer, p.prob_quantizer)
                for p in procs)
@@ -51,12 +51,12 @@ def test_every_layer_and_matmul_quantized_exactly_once(name):
 
     calls: dict[str, int] = {}
     handles = [q.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-               for n, q in iter_quantizers(unet)]
+               for n, q in iter_quantizers(denoiser)]
     with torch.no_grad():
-        unet(**inputs)
+        denoiser(**inputs)
     for h in handles:
         h.remove()
-    names = [n for n, _ in iter_quantizers(unet)]
+    names = [n for n, _ in iter_quantizers(denoiser)]
     assert calls == {n: 1 for n in names}  # every quantizer ran, and ran once
     matmul_qs = [n for n in names if ".processor." in n]
     assert len(matmul_qs) == 4 * n_attn  # q, k, v, softmax per attention
@@ -65,19 +65,19 @@ def test_every_layer_and_matmul_quantized_exactly_once(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_quant_off_is_fp_and_w8a8_is_close(name):
     cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8)
-    unet, inputs, ref, *_ = _quantized(name, cfg)
-    with torch.no_grad(), quant_state(unet, weights=False, acts=False):
-        fp = unet(**inputs).sample
+    denoiser, inputs, ref, *_ = _quantized(name, cfg)
+    with torch.no_grad(), quant_state(denoiser, weights=False, acts=False):
+        fp = denoiser(**inputs).sample
     assert torch.allclose(fp, ref, atol=1e-5)
     with torch.no_grad():
-        q8 = unet(**inputs).sample
+        q8 = denoiser(**inputs).sample
     rel = ((q8 - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.05
 
 
 def test_first_last_bits_split_shortcuts_and_fp_parts():
     cfg = QuantConfig(name="w4a4", weight_bits=4, act_bits=4, first_last_act_bits=8)
-    unet = tiny_unet2d()
+    denoiser = tiny_unet2d()
     inputs = unet2d_inputs()
     # the true split: channels of hidden_states before cat([hidden_states, skip]) in up blocks
     true_splits = {}
@@ -92,92 +92,92 @@ def test_first_last_bits_split_shortcuts_and_fp_parts():
         return hook
 
     handles = [b.register_forward_pre_hook(up_hook(f"up_blocks.{k}"), with_kwargs=True)
-               for k, b in enumerate(unet.up_blocks)]
+               for k, b in enumerate(denoiser.up_blocks)]
     with torch.no_grad():
-        unet(**inputs)
+        denoiser(**inputs)
     for h in handles:
         h.remove()
-    assert shortcut_splits(unet) == true_splits and len(true_splits) == 4
+    assert shortcut_splits(denoiser) == true_splits and len(true_splits) == 4
 
-    summary = quantize_unet(unet, cfg)
+    summary = quantize_denoiser(denoiser, cfg)
     assert sorted(summary.split_shortcuts) == sorted(true_splits)
-    assert unet.conv_in.input_quantizer.bits == 8 and unet.conv_out.input_quantizer.bits == 8
-    assert unet.conv_in.weight_quantizer.bits == 4
-    assert unet.down_blocks[0].resnets[0].conv1.input_quantizer.per_channel  # A4: per channel
-    sc = unet.up_blocks[0].resnets[0].conv_shortcut
+    assert denoiser.conv_in.input_quantizer.bits == 8 and denoiser.conv_out.input_quantizer.bits == 8
+    assert denoiser.conv_in.weight_quantizer.bits == 4
+    assert denoiser.down_blocks[0].resnets[0].conv1.input_quantizer.per_channel  # A4: per channel
+    sc = denoiser.up_blocks[0].resnets[0].conv_shortcut
     assert sc.input_quantizer.split == true_splits["up_blocks.0.resnets.0.conv_shortcut"]
     assert sc.weight_quantizer.head.weight_shape[1] == sc.input_quantizer.split
     assert not any(isinstance(m, (WeightQuantizer, ActQuantizer))
-                   for m in unet.class_embedding.modules())  # embeddings, norms stay FP
-    _observe(unet, inputs)
+                   for m in denoiser.class_embedding.modules())  # embeddings, norms stay FP
+    _observe(denoiser, inputs)
     with torch.no_grad():
-        assert torch.isfinite(unet(**inputs).sample).all()
+        assert torch.isfinite(denoiser(**inputs).sample).all()
 
 
 def test_switches_and_parameter_lookup():
     cfg = QuantConfig(name="w4a8", weight_bits=4, act_bits=8)
-    unet, inputs, ref, *_ = _quantized("unet2d_condition", cfg)
-    with quant_state(unet, weights=False):
-        assert not any(q.enabled for _, q in iter_quantizers(unet, "weight"))
-        assert all(q.enabled for _, q in iter_quantizers(unet, "act"))
-    assert all(q.enabled for _, q in iter_quantizers(unet))  # restored
-    previous = set_quant_state(unet, acts=False)
-    assert not any(q.enabled for _, q in iter_quantizers(unet, "act")) and all(previous.values())
-    set_quant_state(unet, acts=True)
+    denoiser, inputs, ref, *_ = _quantized("unet2d_condition", cfg)
+    with quant_state(denoiser, weights=False):
+        assert not any(q.enabled for _, q in iter_quantizers(denoiser, "weight"))
+        assert all(q.enabled for _, q in iter_quantizers(denoiser, "act"))
+    assert all(q.enabled for _, q in iter_quantizers(denoiser))  # restored
+    previous = set_quant_state(denoiser, acts=False)
+    assert not any(q.enabled for _, q in iter_quantizers(denoiser, "act")) and all(previous.values())
+    set_quant_state(denoiser, acts=True)
 
-    scales = quant_parameters(unet, "act_scale")
-    assert len(scales) == len(list(iter_quantizers(unet, "act")))
-    ff = quant_parameters(unet, "weight_latent", include=r"ff\.net")
+    scales = quant_parameters(denoiser, "act_scale")
+    assert len(scales) == len(list(iter_quantizers(denoiser, "act")))
+    ff = quant_parameters(denoiser, "weight_latent", include=r"ff\.net")
     assert ff and all(".ff.net." in n for n in ff)
     assert ff["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"] is \
-        unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight
-    attn_k = quant_parameters(unet, "act_scale", include=r"attn1\.", exclude=r"to_")
+        denoiser.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight
+    attn_k = quant_parameters(denoiser, "act_scale", include=r"attn1\.", exclude=r"to_")
     assert attn_k and all(".processor." in n for n in attn_k)
-    assert quant_parameters(unet, "weight_round") == {}  # no AdaRound running
-    assert quant_parameters(unet, "act_scale", max_bits=7) == {}
+    assert quant_parameters(denoiser, "weight_round") == {}  # no AdaRound running
+    assert quant_parameters(denoiser, "act_scale", max_bits=7) == {}
     with pytest.raises(ValueError, match="unknown parameter kind"):
-        quant_parameters(unet, "scales")
+        quant_parameters(denoiser, "scales")
 
 
 def test_fp_teacher_survives_latent_weight_finetuning():
     cfg = QuantConfig(name="w4a8", weight_bits=4, act_bits=8)
-    unet, inputs, ref, *_ = _quantized("unet2d_condition", cfg)
-    assert keep_fp_weights(unet, include=r"ff\.net") == 2 * 4  # 4 transformer blocks
-    params = quant_parameters(unet, "weight_latent", include=r"ff\.net")
+    denoiser, inputs, ref, *_ = _quantized("unet2d_condition", cfg)
+    assert keep_fp_weights(denoiser, include=r"ff\.net") == 2 * 4  # 4 transformer blocks
+    params = quant_parameters(denoiser, "weight_latent", include=r"ff\.net")
     with torch.no_grad():
-        q_before = unet(**inputs).sample
+        q_before = denoiser(**inputs).sample
         for p in params.values():
             p.add_(0.05)
-        with quant_state(unet, weights=False, acts=False):
-            assert torch.allclose(unet(**inputs).sample, ref, atol=1e-5)  # teacher unchanged
-        assert not torch.allclose(unet(**inputs).sample, q_before)  # student moved
+        with quant_state(denoiser, weights=False, acts=False):
+            assert torch.allclose(denoiser(**inputs).sample, ref, atol=1e-5)  # teacher unchanged
+        assert not torch.allclose(denoiser(**inputs).sample, q_before)  # student moved
 
 
 def test_timestep_aware_groups_follow_the_timestep_argument():
     schedule = [901, 701, 501, 301, 101, 1]
     cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8, timestep_aware=True,
                       timestep_groups=3)
-    unet, inputs = tiny_unet2d(), unet2d_inputs(n=6)
+    denoiser, inputs = tiny_unet2d(), unet2d_inputs(n=6)
     inputs["timestep"] = torch.tensor(schedule)
-    quantize_unet(unet, cfg, timesteps=schedule)
-    _observe(unet, inputs)
-    q = unet.down_blocks[0].resnets[0].conv1.input_quantizer
+    quantize_denoiser(denoiser, cfg, timesteps=schedule)
+    _observe(denoiser, inputs)
+    q = denoiser.down_blocks[0].resnets[0].conv1.input_quantizer
     assert q.scale.shape == (3, 1) and q.group_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert len(set(q.scale.detach().flatten().tolist())) == 3  # each group its own range
     with torch.no_grad():
-        unet(**{**inputs, "timestep": torch.tensor([1, 1, 1, 1, 1, 900])})
+        denoiser(**{**inputs, "timestep": torch.tensor([1, 1, 1, 1, 1, 900])})
     assert q.group_index.tolist() == [2, 2, 2, 2, 2, 0]
     with pytest.raises(ValueError, match="timesteps"):
-        quantize_unet(tiny_unet2d(), cfg)
+        quantize_denoiser(tiny_unet2d(), cfg)
 
 
 def test_weight_only_and_requantize_errors():
-    unet = tiny_unet2d()
-    summary = quantize_unet(unet, QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
-    assert summary.attention == 0 and not list(iter_quantizers(unet, "act"))
+    denoiser = tiny_unet2d()
+    summary = quantize_denoiser(denoiser, QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
+    assert summary.attention == 0 and not list(iter_quantizers(denoiser, "act"))
     with torch.no_grad():
-        assert torch.isfinite(unet(**unet2d_inputs()).sample).all()
+        assert torch.isfinite(denoiser(**unet2d_inputs()).sample).all()
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_unet(unet, QuantConfig(name="w8a8", weight_bits=8, act_bits=8))
+        quantize_denoiser(denoiser, QuantConfig(name="w8a8", weight_bits=8, act_bits=8))
     with pytest.raises(ValueError, match="weight_bits"):
-        quantize_unet(tiny_unet2d(), QuantConfig(name="bad", weight_bits=1, act_bits=8))
+        quantize_denoiser(tiny_unet2d(), QuantConfig(name="bad", weight_bits=1, act_bits=8))

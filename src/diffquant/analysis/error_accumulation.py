@@ -97,14 +97,14 @@ def measure_error_accumulation(model: Any, n_samples: int = 64, seed: int = 0,
     n_steps = len(model.timesteps)
     step_err: list[list[Tensor]] = [[] for _ in range(n_steps)]
     acc_err: list[list[Tensor]] = [[] for _ in range(n_steps)]
-    unet = model.unet
+    denoiser = model.denoiser
     for lo in range(0, n_samples, batch_size):
         idx = list(range(lo, min(n_samples, lo + batch_size)))
         cond = model.conditions(idx, seed).to(model.device)
         x_fp = model.initial_noise(idx, seed)
         x_q = x_fp.clone()
         for i in range(n_steps):
-            with quant_state(unet, weights=False, acts=False):
+            with quant_state(denoiser, weights=False, acts=False):
                 next_fp = model.step(x_fp, i, cond, idx, seed)
             q_on_fp = model.step(x_fp, i, cond, idx, seed)
             x_q = model.step(x_q, i, cond, idx, seed)

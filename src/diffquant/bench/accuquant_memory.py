@@ -91,7 +91,7 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
 
     from diffquant.calib.ranges import observing_act_ranges
     from diffquant.models.loading import build_model
-    from diffquant.quant import quantize_unet
+    from diffquant.quant import quantize_denoiser
     from diffquant.quant.config import QuantConfig
     from diffquant.quant.typed import as_dataclass
     from diffquant.schema import register_configs
@@ -111,8 +111,8 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
         model, weights = random_ldm_digits(cfg.model, device), "random"
     qcfg = as_dataclass(cfg.quant, QuantConfig)
     qcfg.weight_init, qcfg.act_init = "minmax", "minmax"
-    quantize_unet(model.unet, qcfg, timesteps=model.timesteps)
-    with observing_act_ranges(model.unet, "minmax"):
+    quantize_denoiser(model.denoiser, qcfg, timesteps=model.timesteps)
+    with observing_act_ranges(model.denoiser, "minmax"):
         model.sample_latents(list(range(8)), 99)
     return model, weights
 
@@ -149,7 +149,7 @@ def measure_point(mode: str, group_size: int, args: argparse.Namespace) -> dict[
                           n_samples=args.batch_size, batch_size=args.batch_size,
                           revert_if_worse=False)
     cal = TrajectoryCalibration(model, cfg)
-    learned = LearnedParameters(model.unet, cfg)
+    learned = LearnedParameters(model.denoiser, cfg)
     generator = torch.Generator().manual_seed(0)
     x_start = traj.states[0]
 
@@ -195,7 +195,7 @@ def measure_agreement(group_sizes: Sequence[int], args: argparse.Namespace) -> l
     model, weights = build_bench_model(args.model, args.quant, "cpu" if args.device == "auto"
                                        else args.device)
     traj = fp_trajectories(model, list(range(args.agreement_batch)), 20_000)
-    params = list(quant_parameters(model.unet, "act_scale", max_bits=15).values())
+    params = list(quant_parameters(model.denoiser, "act_scale", max_bits=15).values())
     for p in params:
         p.requires_grad_(True)
     rows = []

@@ -2,12 +2,12 @@
 (:mod:`ranges`) and BRECQ block reconstruction (:mod:`reconstruct`)."""
 
 from diffquant.calib.collect import (CalibSettings, CalibStream, calib_cache_key,
-                                     collect_calibration, model_identity, unet_fingerprint)
+                                     collect_calibration, model_identity, denoiser_fingerprint)
 from diffquant.calib.ranges import calibrate_act_ranges, observing_act_ranges
 from diffquant.calib.reconstruct import (ReconReport, ReconSettings, Unit, UnitReport, find_units,
                                          lp_loss, reconstruct)
 
 __all__ = ["CalibSettings", "CalibStream", "calib_cache_key", "collect_calibration",
-           "model_identity", "unet_fingerprint", "calibrate_act_ranges", "observing_act_ranges",
+           "model_identity", "denoiser_fingerprint", "calibrate_act_ranges", "observing_act_ranges",
            "ReconReport",
            "ReconSettings", "Unit", "UnitReport", "find_units", "lp_loss", "reconstruct"]

@@ -1,7 +1,7 @@
 """Calibration data: the UNet inputs of the FP model's own sampling trajectories, on disk.
 
 :func:`collect_calibration` samples ``n_samples`` trajectories with the FP model and records,
-through a forward pre-hook (with kwargs) on ``model.unet``, the inputs of every ``step_stride``-th
+through a forward pre-hook (with kwargs) on ``model.denoiser``, the inputs of every ``step_stride``-th
 sampler step (steps 0, k, 2k, ...; 0 = noisiest). Every row of the batched UNet call is a sample:
 with guidance a step gives ``2 · n_samples`` rows (unconditional and conditional inputs), as in
 Q-Diffusion's SD calibration set. A row holds the UNet keyword arguments (``sample`` (C, h, w),
@@ -56,12 +56,12 @@ class CalibSettings:
 
 
 # ---------------------------------------------------------------------------- identity
-def unet_fingerprint(unet: nn.Module) -> str:
+def denoiser_fingerprint(denoiser: nn.Module) -> str:
     """A short hash of the UNet's FP weights (quantizer state left out), so cache entries made
     from other weights under the same model name are never reused."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for name, p in denoiser.named_parameters():
             if "quantizer." in name or ".adaround." in name:
                 continue
             d = p.detach().double()
@@ -83,7 +83,7 @@ def model_identity(model: Any) -> dict[str, Any]:
     """What identifies the FP model, its sampler and the numerics, for cache keys (JSON-able)."""
     sched_cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
     return {"name": model.name, "family": model.family, "latent_shape": list(model.latent_shape),
-            "meta": model.meta, "weights": unet_fingerprint(model.unet),
+            "meta": model.meta, "weights": denoiser_fingerprint(model.denoiser),
             "scheduler": {"class": type(model.scheduler).__name__, **sched_cfg},
             "sampler": asdict(model.sampler), "timesteps": [int(t) for t in model.timesteps],
             "numerics": numerics_identity(model.device)}
@@ -114,7 +114,7 @@ class _Recorder:
             return
         if args:
             raise RuntimeError("calibration recording expects the UNet to be called with keyword "
-                               "arguments (DiffusionModel.unet_kwargs)")
+                               "arguments (DiffusionModel.denoiser_kwargs)")
         n = kwargs["sample"].shape[0]
         row: dict[str, Tensor] = {}
         for k, v in kwargs.items():
@@ -134,7 +134,7 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
                         identity: Optional[dict[str, Any]] = None) -> "CalibStream":
     """Gather (or reuse) the calibration set of ``model`` and return a stream over it.
 
-    The FP path is used even if ``model.unet`` is already quantized (quantization is switched
+    The FP path is used even if ``model.denoiser`` is already quantized (quantization is switched
     off while sampling).
     """
     s = as_dataclass(settings, CalibSettings)
@@ -165,9 +165,9 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
         atomic_torch_save(data, folder / name)
         shards.append({"file": name, "rows": int(data[STEP_KEY].shape[0])})
 
-    handle = model.unet.register_forward_pre_hook(recorder, with_kwargs=True)
+    handle = model.denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
-        with quant_state(model.unet, weights=False, acts=False):
+        with quant_state(model.denoiser, weights=False, acts=False):
             for start in range(0, s.n_samples, s.batch_size):
                 indices = list(range(start, min(s.n_samples, start + s.batch_size)))
                 recorder.rows.clear()
@@ -199,7 +199,7 @@ class CalibStream:
         self.path = Path(path)
         self.index = json.loads((self.path / INDEX_FILE).read_text())
         self.n_rows: int = int(self.index["rows"])
-        self.unet_keys = [k for k in self.index["keys"] if k != STEP_KEY]
+        self.denoiser_keys = [k for k in self.index["keys"] if k != STEP_KEY]
 
     def __len__(self) -> int:
         return self.n_rows

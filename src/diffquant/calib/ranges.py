@@ -19,19 +19,19 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def observing_act_ranges(unet: nn.Module, method: str = "minmax", *, p: float = 2.4,
+def observing_act_ranges(denoiser: nn.Module, method: str = "minmax", *, p: float = 2.4,
                          n_candidates: int = 80, seed: int = 0, minmax_layers: Sequence[str] = ()
                          ) -> Iterator[list[tuple[str, ActQuantizer]]]:
-    """Every activation quantizer of ``unet`` observes its inputs while the block runs and sets
+    """Every activation quantizer of ``denoiser`` observes its inputs while the block runs and sets
     its Δ, z from them when the block ends (``method`` ``minmax`` or ``lp``, see
     :class:`~diffquant.quant.quantizers.ActQuantizer`); quantizers whose name matches a regular
     expression of ``minmax_layers`` use ``minmax`` whatever ``method`` is. An exception drops the
     partial statistics. Yields the ``(name, quantizer)`` pairs::
 
-        with observing_act_ranges(model.unet):
+        with observing_act_ranges(model.denoiser):
             model.sample_latents(list(range(8)), seed)
     """
-    quantizers = list(iter_quantizers(unet, "act"))
+    quantizers = list(iter_quantizers(denoiser, "act"))
     forced = [re.compile(pattern) for pattern in minmax_layers]
     for i, (name, q) in enumerate(quantizers):
         own = "minmax" if any(f.search(name) for f in forced) else method
@@ -47,12 +47,12 @@ def observing_act_ranges(unet: nn.Module, method: str = "minmax", *, p: float = 
 
 
 @torch.no_grad()
-def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = "lp",
+def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: str = "lp",
                          n_rows: Optional[int] = 256, batch_size: int = 64, p: float = 2.4,
                          n_candidates: int = 80, seed: int = 0,
                          device: Optional[torch.device] = None,
                          minmax_layers: Sequence[str] = ()) -> int:
-    """Set Δ, z of every activation quantizer of ``unet`` from ``n_rows`` calibration rows
+    """Set Δ, z of every activation quantizer of ``denoiser`` from ``n_rows`` calibration rows
     (a fixed random subset spread over all recorded steps; None = all rows).
 
     ``method``: ``minmax`` (min/max over all rows) or ``lp`` (per batch the L_p-optimal clipping
@@ -61,12 +61,12 @@ def calibrate_act_ranges(unet: nn.Module, stream: CalibStream, *, method: str = 
     calibrated per group (the UNet's time-step hook routes each row). Weights stay FP while
     observing. Returns the number of quantizers calibrated.
     """
-    device = device or next(unet.parameters()).device
-    with observing_act_ranges(unet, method, p=p, n_candidates=n_candidates, seed=seed,
+    device = device or next(denoiser.parameters()).device
+    with observing_act_ranges(denoiser, method, p=p, n_candidates=n_candidates, seed=seed,
                               minmax_layers=minmax_layers) as quantizers:
-        with quant_state(unet, weights=False):
+        with quant_state(denoiser, weights=False):
             for batch in stream.batches(batch_size, stream.subset(n_rows, seed), device=device):
-                unet(**batch)
+                denoiser(**batch)
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
         log.warning("activation quantizers never called during calibration (left uncalibrated, "

@@ -117,12 +117,12 @@ class StopForward(Exception):
     """Raised by capture hooks to skip the rest of the UNet."""
 
 
-def find_units(unet: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
-    """The reconstruction units of ``unet`` in execution order (traced on ``example`` kwargs)."""
+def find_units(denoiser: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
+    """The reconstruction units of ``denoiser`` in execution order (traced on ``example`` kwargs)."""
     block_types = _block_types()
     candidates: list[Unit] = []
     inside: set[str] = set()
-    for name, m in unet.named_modules():
+    for name, m in denoiser.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
         kind = next((k for t, k in block_types.items() if isinstance(m, t)), None)
@@ -141,8 +141,8 @@ def find_units(unet: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
             order[name] = len(order)
         handles.append(u.module.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad(), quant_state(unet, weights=False, acts=False):
-            unet(**example)
+        with torch.no_grad(), quant_state(denoiser, weights=False, acts=False):
+            denoiser(**example)
     finally:
         for h in handles:
             h.remove()
@@ -298,18 +298,18 @@ class Reconstructor:
     to interrupt a run).
     """
 
-    def __init__(self, unet: nn.Module, stream: CalibStream, settings: Any, *,
+    def __init__(self, denoiser: nn.Module, stream: CalibStream, settings: Any, *,
                  progress_dir: Optional[Path] = None,
                  on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> None:
-        self.unet = unet
+        self.denoiser = denoiser
         self.stream = stream
         self.s: ReconSettings = as_dataclass(settings, ReconSettings)
         self.progress_dir = Path(progress_dir) if progress_dir is not None else None
         if self.progress_dir is not None:
             self.progress_dir.mkdir(parents=True, exist_ok=True)
         self.on_unit_done = on_unit_done
-        self.device = next(unet.parameters()).device
-        self.router = get_router(unet)
+        self.device = next(denoiser.parameters()).device
+        self.router = get_router(denoiser)
         self.rows = stream.subset(self.s.max_rows, self.s.seed)
 
     # -- progress
@@ -322,7 +322,7 @@ class Reconstructor:
             return 0
         state = torch.load(self.progress_dir / prog["state"], map_location=self.device,
                            weights_only=True)
-        load_quant_state(self.unet, state)
+        load_quant_state(self.denoiser, state)
         report.units = [UnitReport(**u) for u in prog["reports"]]
         log.info("resuming block reconstruction after unit %d/%d (%s)", prog["done"],
                  len(unit_names), unit_names[prog["done"] - 1] if prog["done"] else "-")
@@ -333,7 +333,7 @@ class Reconstructor:
             return
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         state_name = f"state_{done:04d}.pt"
-        atomic_torch_save(quantizer_state_dict(self.unet), self.progress_dir / state_name)
+        atomic_torch_save(quantizer_state_dict(self.denoiser), self.progress_dir / state_name)
         atomic_write_json(self.progress_dir / PROGRESS_FILE,
                           {"units": unit_names, "done": done, "state": state_name,
                            "reports": [asdict(u) for u in report.units]})
@@ -344,7 +344,7 @@ class Reconstructor:
     # -- main loop
     def run(self) -> ReconReport:
         example = next(self.stream.batches(1, self.rows[:1], device=self.device))
-        units = find_units(self.unet, example)
+        units = find_units(self.denoiser, example)
         names = [u.name for u in units]
         report = ReconReport()
         start = self._load_progress(names, report)
@@ -413,8 +413,8 @@ class Reconstructor:
                                              device=self.device):
                 n = batch["sample"].shape[0]
                 grabbed["stop_before"] = False
-                with quant_state(self.unet, weights=False, acts=False):
-                    _run_until_stop(self.unet, batch)
+                with quant_state(self.denoiser, weights=False, acts=False):
+                    _run_until_stop(self.denoiser, batch)
                 if spec is None:
                     spec = CallSpec(grabbed["args"], grabbed["kwargs"], n)
                 rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
@@ -422,8 +422,8 @@ class Reconstructor:
                 rows["t"] = batch["timestep"].detach().cpu()
                 if with_weight_inputs:
                     grabbed["stop_before"] = True
-                    with quant_state(self.unet, weights=True, acts=False):
-                        _run_until_stop(self.unet, batch)
+                    with quant_state(self.denoiser, weights=True, acts=False):
+                        _run_until_stop(self.denoiser, batch)
                     rows.update(spec.rows(grabbed["args"], grabbed["kwargs"], "w_"))
                 store.append(rows)
         finally:
@@ -508,9 +508,9 @@ class _Tail:
         return float(sum(self.values) / max(len(self.values), 1))
 
 
-def _run_until_stop(unet: nn.Module, batch: dict[str, Tensor]) -> None:
+def _run_until_stop(denoiser: nn.Module, batch: dict[str, Tensor]) -> None:
     try:
-        unet(**batch)
+        denoiser(**batch)
     except StopForward:
         return
     raise RuntimeError("capture hook did not fire: the unit is not on the UNet's forward path")
@@ -520,10 +520,10 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def reconstruct(unet: nn.Module, stream: CalibStream, settings: Any, *,
+def reconstruct(denoiser: nn.Module, stream: CalibStream, settings: Any, *,
                 progress_dir: Optional[Path] = None,
                 on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> ReconReport:
-    """Block-reconstruct the quantized ``unet`` (weights by AdaRound, then activation step sizes
+    """Block-reconstruct the quantized ``denoiser`` (weights by AdaRound, then activation step sizes
     by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc."""
-    return Reconstructor(unet, stream, settings, progress_dir=progress_dir,
+    return Reconstructor(denoiser, stream, settings, progress_dir=progress_dir,
                          on_unit_done=on_unit_done).run()

@@ -1,7 +1,7 @@
 """Quantization methods, registered in ``METHODS`` with their config schema.
 
 A method is ``apply(model, quant_cfg, method_cfg, ctx) -> model``: it may replace or modify
-``model.unet`` in place; the app times it (``calibrate_s``) and evaluates what it returns.
+``model.denoiser`` in place; the app times it (``calibrate_s``) and evaluates what it returns.
 """
 
 import importlib

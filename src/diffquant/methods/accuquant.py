@@ -177,11 +177,11 @@ def _round_up_choice(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
     return (w - torch.floor(w)) >= 0.5
 
 
-def start_soft_rounding(unet: nn.Module, margin: float) -> list[AdaRound]:
+def start_soft_rounding(denoiser: nn.Module, margin: float) -> list[AdaRound]:
     """Put every weight quantizer into AdaRound (``soft``) mode, started from its current rounding
     (α = ±``margin``) so that the soft weights begin at the PTQ result; returns the roundings."""
     roundings: list[AdaRound] = []
-    for m in unet.modules():
+    for m in denoiser.modules():
         if not is_quant_layer(m) or m.weight_quantizer is None:
             continue
         wq = m.weight_quantizer
@@ -196,8 +196,8 @@ def start_soft_rounding(unet: nn.Module, margin: float) -> list[AdaRound]:
     return roundings
 
 
-def harden_rounding(unet: nn.Module) -> None:
-    for m in unet.modules():
+def harden_rounding(denoiser: nn.Module) -> None:
+    for m in denoiser.modules():
         if is_quant_layer(m) and m.weight_quantizer is not None:
             m.weight_quantizer.harden()
 
@@ -209,12 +209,12 @@ class LearnedParameters:
     step sizes positive after every optimiser step.
     """
 
-    def __init__(self, unet: nn.Module, cfg: AccuQuantConfig) -> None:
-        self.unet = unet
-        self.roundings = start_soft_rounding(unet, cfg.round_init) if "weight_round" in cfg.learn else []
+    def __init__(self, denoiser: nn.Module, cfg: AccuQuantConfig) -> None:
+        self.denoiser = denoiser
+        self.roundings = start_soft_rounding(denoiser, cfg.round_init) if "weight_round" in cfg.learn else []
         self.by_kind: dict[str, list[nn.Parameter]] = {}
         for kind in cfg.learn:
-            found = quant_parameters(unet, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None)
+            found = quant_parameters(denoiser, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None)
             self.by_kind[kind] = list(found.values())
         self.lrs = {"act_scale": cfg.act_lr, "weight_round": cfg.round_lr, "bias": cfg.bias_lr}
         self._was = {p: p.requires_grad for ps in self.by_kind.values() for p in ps}
@@ -252,7 +252,7 @@ class LearnedParameters:
             p.requires_grad_(flag)
             p.grad = None
         if self.roundings:
-            harden_rounding(self.unet)
+            harden_rounding(self.denoiser)
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -360,7 +360,7 @@ class TrajectoryCalibration:
     def run(self, traj: Trajectories) -> list[GroupReport]:
         """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports."""
         cfg = self.cfg
-        learned = LearnedParameters(self.model.unet, cfg)
+        learned = LearnedParameters(self.model.denoiser, cfg)
         n_groups = len(group_starts(traj.n_steps, cfg.group_size))
         log.info("accuquant: %d groups of %d steps, %s gradient, %s, learning %s", n_groups,
                  cfg.group_size, cfg.grad_mode, cfg.order, learned.counts())

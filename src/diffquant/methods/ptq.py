@@ -1,6 +1,6 @@
 """Baseline post-training quantization: ``ptq_minmax`` (the floor) and ``ptq`` (Q-Diffusion).
 
-Both quantize ``model.unet`` (every Conv2d/Linear and the attention matmuls; VAE and text encoder
+Both quantize ``model.denoiser`` (every Conv2d/Linear and the attention matmuls; VAE and text encoder
 stay FP), gather calibration data from the FP model's own sampler and set initial ranges:
 
 * ``ptq_minmax`` — weights round-to-nearest on their initial per-channel ranges, activation
@@ -35,13 +35,13 @@ from diffquant.calib.reconstruct import ReconReport, ReconSettings, reconstruct
 from diffquant.quant.checkpoint import load_quantized, save_quantized
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.state import iter_quantizers
-from diffquant.quant.swap import QuantSummary, quantize_unet
+from diffquant.quant.swap import QuantSummary, quantize_denoiser
 from diffquant.quant.typed import as_dataclass, as_dict
 from diffquant.registry import METHODS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "quantized_unet.pt"
+CHECKPOINT_FILE = "quantized_denoiser.pt"
 # Bump when a code change alters PTQ results, so that cached results of older code are not reused.
 ALGORITHM_VERSION = 3
 
@@ -108,8 +108,8 @@ def ptq_cache_key(identity: dict[str, Any], quant_cfg: QuantConfig,
 
 
 # ---------------------------------------------------------------------------- calibration
-def _check_finite_quantizers(unet: torch.nn.Module, method_name: str) -> None:
-    bad = [n for n, q in iter_quantizers(unet)
+def _check_finite_quantizers(denoiser: torch.nn.Module, method_name: str) -> None:
+    bad = [n for n, q in iter_quantizers(denoiser)
            if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())]
     if bad:
         hint = ("lower method.recon.act_lr / method.recon.weight_lr" if method_name == "ptq"
@@ -119,10 +119,10 @@ def _check_finite_quantizers(unet: torch.nn.Module, method_name: str) -> None:
 
 
 @torch.no_grad()
-def _check_finite_output(unet: torch.nn.Module, stream: CalibStream, device, method_name: str
+def _check_finite_output(denoiser: torch.nn.Module, stream: CalibStream, device, method_name: str
                          ) -> None:
     batch = next(stream.batches(8, stream.subset(8, 0), device=device))
-    out = unet(**batch).sample
+    out = denoiser(**batch).sample
     if not torch.isfinite(out).all():
         hint = ("lower method.recon.act_lr (or method.recon.weight_lr)" if method_name == "ptq"
                 else "use quant.act_init=lp or more calibration rows")
@@ -133,28 +133,28 @@ def _check_finite_output(unet: torch.nn.Module, stream: CalibStream, device, met
 def calibrate_ptq(model: Any, quant_cfg: QuantConfig, method_cfg: AnyPTQConfig, ctx: Any, *,
                   identity: Optional[dict[str, Any]] = None,
                   progress_dir=None) -> tuple[QuantSummary, dict[str, Any], Optional[ReconReport]]:
-    """Quantize ``model.unet`` in place and calibrate it (no caching of the result).
+    """Quantize ``model.denoiser`` in place and calibrate it (no caching of the result).
 
     Returns the swap summary, metadata for the checkpoint, and the reconstruction report
     (None for ``ptq_minmax``).
     """
     is_minmax = isinstance(method_cfg, PTQMinMaxConfig)
     stream = collect_calibration(model, method_cfg.calib, ctx.cache_dir, identity=identity)
-    summary = quantize_unet(model.unet, quant_cfg, timesteps=model.timesteps)
+    summary = quantize_denoiser(model.denoiser, quant_cfg, timesteps=model.timesteps)
     text = summary.format()
     log.info("\n%s", text)
     ctx.tracker.log_text("quant_summary", text)
-    calibrate_act_ranges(model.unet, stream, method=quant_cfg.act_init,
+    calibrate_act_ranges(model.denoiser, stream, method=quant_cfg.act_init,
                          n_rows=method_cfg.act_init_rows,
                          batch_size=method_cfg.act_init_batch_size, p=quant_cfg.lp_norm,
                          n_candidates=quant_cfg.lp_candidates, device=model.device,
                          minmax_layers=quant_cfg.minmax_act_layers)
     report = None
     if not is_minmax:
-        report = reconstruct(model.unet, stream, method_cfg.recon, progress_dir=progress_dir)
+        report = reconstruct(model.denoiser, stream, method_cfg.recon, progress_dir=progress_dir)
     name = "ptq_minmax" if is_minmax else "ptq"
-    _check_finite_quantizers(model.unet, name)
-    _check_finite_output(model.unet, stream, model.device, name)
+    _check_finite_quantizers(model.denoiser, name)
+    _check_finite_output(model.denoiser, stream, model.device, name)
     meta: dict[str, Any] = {"method": name, "calib_rows": len(stream),
                             "summary": summary.metrics()}
     if report is not None:
@@ -164,7 +164,7 @@ def calibrate_ptq(model: Any, quant_cfg: QuantConfig, method_cfg: AnyPTQConfig, 
 
 
 def load_or_run_ptq(model: Any, quant_cfg: Any, ptq_cfg: Any, ctx: Any) -> Any:
-    """Quantize ``model.unet`` by ``ptq``/``ptq_minmax``, from the cache when this model, quant
+    """Quantize ``model.denoiser`` by ``ptq``/``ptq_minmax``, from the cache when this model, quant
     config and method config were calibrated before; returns ``model``.
 
     Adds to ``ctx.extra_metrics``: ``n_quant_layers`` (and per-type counts), ``ptq_calib_s``
@@ -180,7 +180,7 @@ def load_or_run_ptq(model: Any, quant_cfg: Any, ptq_cfg: Any, ctx: Any) -> Any:
         cached = entry.done()
         if cached:
             log.info("loading the cached %s result %s", mcfg.name, entry.path)
-            summary, meta = load_quantized(model.unet, entry.path / CHECKPOINT_FILE)
+            summary, meta = load_quantized(model.denoiser, entry.path / CHECKPOINT_FILE)
             text = summary.format()
             log.info("\n%s", text)
             ctx.tracker.log_text("quant_summary", text)
@@ -190,7 +190,7 @@ def load_or_run_ptq(model: Any, quant_cfg: Any, ptq_cfg: Any, ctx: Any) -> Any:
                                              progress_dir=entry.partial_dir())
             meta["calib_time_s"] = round(time.perf_counter() - t0, 3)
             with entry.writing() as tmp:
-                save_quantized(model.unet, tmp / CHECKPOINT_FILE, qcfg, meta=meta)
+                save_quantized(model.denoiser, tmp / CHECKPOINT_FILE, qcfg, meta=meta)
             entry.clear_partial()
     if mcfg.save_checkpoint:
         shutil.copyfile(entry.path / CHECKPOINT_FILE, ctx.run_dir / CHECKPOINT_FILE)

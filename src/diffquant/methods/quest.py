@@ -152,15 +152,15 @@ def validate_quest(cfg: QuestConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- time steps
-def make_timestep_aware(unet: nn.Module, timesteps, n_groups: int) -> int:
-    """Give every activation quantizer of ``unet`` ``n_groups`` parameter sets, each a copy of
+def make_timestep_aware(denoiser: nn.Module, timesteps, n_groups: int) -> int:
+    """Give every activation quantizer of ``denoiser`` ``n_groups`` parameter sets, each a copy of
     its current (single) set, and install the time-step router; returns the quantizers changed.
 
-    The new quantizers are exactly those :func:`~diffquant.quant.swap.quantize_unet` builds with
+    The new quantizers are exactly those :func:`~diffquant.quant.swap.quantize_denoiser` builds with
     ``timestep_aware=True``, so a checkpoint saved afterwards loads with that config.
     """
     changed = 0
-    for name, q in list(iter_quantizers(unet, "act")):
+    for name, q in list(iter_quantizers(denoiser, "act")):
         if q.n_groups == n_groups:
             continue
         if q.n_groups != 1:
@@ -174,9 +174,9 @@ def make_timestep_aware(unet: nn.Module, timesteps, n_groups: int) -> int:
             new.initialized.copy_(q.initialized)
         new.enabled = q.enabled
         parent, _, attr = name.rpartition(".")
-        setattr(unet.get_submodule(parent) if parent else unet, attr, new)
+        setattr(denoiser.get_submodule(parent) if parent else denoiser, attr, new)
         changed += 1
-    attach_timestep_router(unet, [int(t) for t in timesteps], n_groups)
+    attach_timestep_router(denoiser, [int(t) for t in timesteps], n_groups)
     return changed
 
 
@@ -195,7 +195,7 @@ def resolve_groups(cfg: QuestConfig, qcfg: QuantConfig, stream: CalibStream, n_s
 # ---------------------------------------------------------------------------- critical layers
 def sensitivity_report(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
                        ctx: Any) -> SensitivityReport:
-    """The activation sensitivity sweep of the FP ``model.unet``, cached by model, quant config,
+    """The activation sensitivity sweep of the FP ``model.denoiser``, cached by model, quant config,
     calibration set and sweep settings."""
     key = {"model": model_identity(model), "quant": {k: v for k, v in as_dict(qcfg).items()
                                                      if k != "name"},
@@ -203,7 +203,7 @@ def sensitivity_report(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: 
     entry = CacheEntry(ctx.cache_dir, "quest_sensitivity", key)
     with entry.lock():
         if not entry.done():
-            report = activation_sensitivity(model.unet, qcfg, stream, cfg.sensitivity,
+            report = activation_sensitivity(model.denoiser, qcfg, stream, cfg.sensitivity,
                                             model.device)
             with entry.writing() as tmp:
                 report.write(tmp)
@@ -252,7 +252,7 @@ def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
 
 
 def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> QuantConfig:
-    """QuEST on the FP ``model.unet`` (quantized in place); records its metrics in
+    """QuEST on the FP ``model.denoiser`` (quantized in place); records its metrics in
     ``ctx.extra_metrics`` and returns the final quant config (time-step aware when split)."""
     stream = collect_calibration(model, cfg.ptq.calib, ctx.cache_dir)  # shared with the PTQ base
     t_setup = time.perf_counter()
@@ -260,11 +260,11 @@ def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> Quan
     setup_s = time.perf_counter() - t_setup
 
     load_or_run_ptq(model, qcfg, cfg.ptq, ctx)
-    unet, device = model.unet, model.device
+    denoiser, device = model.denoiser, model.device
     t_setup = time.perf_counter()
     train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
     probe = _probe_batches(stream, train_rows, cfg, device)
-    metrics: dict[str, Any] = {"quest_eps_mse_ptq": output_mse(unet, probe, FPTeacher(unet, []))}
+    metrics: dict[str, Any] = {"quest_eps_mse_ptq": output_mse(denoiser, probe, FPTeacher(denoiser, []))}
 
     groups = resolve_groups(cfg, qcfg, stream, len(model.timesteps))
     split = groups > 1 and qcfg.act_bits < FP_BITS
@@ -272,18 +272,18 @@ def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> Quan
                                      timestep_groups=groups if split else 1)
     if qcfg.act_bits < FP_BITS:
         if split:
-            make_timestep_aware(unet, model.timesteps, groups)
+            make_timestep_aware(denoiser, model.timesteps, groups)
         if cfg.timestep_init != "ptq":
-            calibrate_act_ranges(unet, stream, method=cfg.timestep_init,
+            calibrate_act_ranges(denoiser, stream, method=cfg.timestep_init,
                                  n_rows=cfg.timestep_init_rows,
                                  batch_size=cfg.ptq.act_init_batch_size, p=qcfg.lp_norm,
                                  n_candidates=qcfg.lp_candidates, seed=cfg.seed, device=device,
                          minmax_layers=qcfg.minmax_act_layers)
-    stages = plan_stages(unet, time_layers=cfg.time_embedding_layers, critical_layers=critical,
+    stages = plan_stages(denoiser, time_layers=cfg.time_embedding_layers, critical_layers=critical,
                          tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
                          cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)
-    teacher = FPTeacher(unet, [p for s in stages for p in s.weights.values()])
-    metrics["quest_eps_mse_init"] = output_mse(unet, probe, teacher)
+    teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
+    metrics["quest_eps_mse_init"] = output_mse(denoiser, probe, teacher)
     rows = load_rows(stream, train_rows)
     setup_s += time.perf_counter() - t_setup
 
@@ -293,20 +293,20 @@ def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> Quan
                  "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
                  len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
                  stage.epochs)
-        reports.append(train_stage(unet, stage, rows, teacher, weight_lr=cfg.weight_lr,
+        reports.append(train_stage(denoiser, stage, rows, teacher, weight_lr=cfg.weight_lr,
                                    act_lr=cfg.act_lr, global_weight=cfg.global_loss_weight,
                                    batch_size=cfg.batch_size, seed=cfg.seed + i, device=device,
                                    tracker=ctx.tracker))
-    metrics["quest_eps_mse_final"] = output_mse(unet, probe, teacher)
+    metrics["quest_eps_mse_final"] = output_mse(denoiser, probe, teacher)
 
     trained = {id(p): p for s in stages for p in s.parameters()}
     n_trainable = sum(p.numel() for p in trained.values())
-    n_unet = sum(p.numel() for p in unet.parameters())
+    n_denoiser = sum(p.numel() for p in denoiser.parameters())
     metrics.update({
         "finetune_s": round(sum(r.seconds for r in reports), 3),
         "quest_setup_s": round(setup_s, 3),
         "n_trainable_params": n_trainable,
-        "trainable_param_frac": round(n_trainable / max(n_unet, 1), 5),
+        "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
         "timestep_groups": groups,
         "critical_layers": critical,
         "train_rows": int(len(next(iter(rows.values())))),

@@ -88,11 +88,11 @@ class Stage:
         return [*self.weights.values(), *self.act_scales.values()]
 
 
-def layers_matching(unet: nn.Module, patterns: Sequence[str],
+def layers_matching(denoiser: nn.Module, patterns: Sequence[str],
                     exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
     """Quantized layers whose ``<name>.weight`` matches a pattern of ``patterns`` and none of
     ``exclude`` (regular expressions, searched)."""
-    return {n: m for n, m in unet.named_modules()
+    return {n: m for n, m in denoiser.named_modules()
             if is_quant_layer(m) and _matches(f"{n}.weight", patterns)
             and not _matches(f"{n}.weight", exclude)}
 
@@ -106,19 +106,19 @@ def _layer_params(layers: dict[str, nn.Module], train_bias: bool) -> dict[str, n
     return out
 
 
-def plan_stages(unet: nn.Module, *, time_layers: Sequence[str], critical_layers: Sequence[str],
+def plan_stages(denoiser: nn.Module, *, time_layers: Sequence[str], critical_layers: Sequence[str],
                 tla: bool, cma: bool, tla_epochs: int, cma_epochs: int,
                 train_bias: bool = True) -> list[Stage]:
     """The TLA and/or CMA stages (see the module doc) in training order."""
     stages: list[Stage] = []
-    all_scales = quant_parameters(unet, "act_scale", max_bits=MAX_TRAINED_ACT_BITS)
+    all_scales = quant_parameters(denoiser, "act_scale", max_bits=MAX_TRAINED_ACT_BITS)
     tla_scales = {n: p for n, p in all_scales.items() if _matches(n, time_layers)}
     if tla:
-        layers = layers_matching(unet, time_layers)
+        layers = layers_matching(denoiser, time_layers)
         stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales,
                             tla_epochs))
     if cma:
-        layers = layers_matching(unet, critical_layers, exclude=time_layers)
+        layers = layers_matching(denoiser, critical_layers, exclude=time_layers)
         scales = {n: p for n, p in all_scales.items() if n not in tla_scales}
         stages.append(Stage("cma", layers, _layer_params(layers, train_bias), scales, cma_epochs))
     return stages
@@ -133,8 +133,8 @@ class FPTeacher:
     student trains.
     """
 
-    def __init__(self, unet: nn.Module, params: Sequence[nn.Parameter]) -> None:
-        self.unet = unet
+    def __init__(self, denoiser: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        self.denoiser = denoiser
         unique = {id(p): p for p in params}
         self.pretrained = [(p, p.detach().clone()) for p in unique.values()]
 
@@ -144,7 +144,7 @@ class FPTeacher:
         try:
             for p, pre in self.pretrained:
                 p.data = pre
-            with quant_state(self.unet, weights=False, acts=False):
+            with quant_state(self.denoiser, weights=False, acts=False):
                 yield
         finally:
             for (p, _), data in zip(self.pretrained, current):
@@ -217,13 +217,13 @@ class StageReport:
                 f"{n}_global_loss_last": last(self.global_)}
 
 
-def stage_loss(unet: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher, tap: OutputTap,
+def stage_loss(denoiser: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher, tap: OutputTap,
                global_weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(total, local, global)`` losses of one batch (see the module doc)."""
     with torch.no_grad(), teacher.active():
-        target = unet(**batch).sample
+        target = denoiser(**batch).sample
     layer_targets = tap.take()
-    out = unet(**batch).sample
+    out = denoiser(**batch).sample
     layer_outs = tap.take()
     local = out.new_zeros(())
     for name, y in layer_outs.items():
@@ -232,12 +232,12 @@ def stage_loss(unet: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher, ta
     return local + global_weight * glob, local, glob
 
 
-def train_stage(unet: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher: FPTeacher, *,
+def train_stage(denoiser: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher: FPTeacher, *,
                 weight_lr: float, act_lr: float, global_weight: float, batch_size: int,
                 seed: int = 0, device: Optional[torch.device] = None,
                 tracker: Any = None) -> StageReport:
     """Finetune ``stage``'s parameters on ``rows`` (UNet kwargs ``(N, ...)`` on the CPU); every
-    other parameter and buffer of ``unet`` stays bit-identical."""
+    other parameter and buffer of ``denoiser`` stays bit-identical."""
     report = StageReport(stage.name, stage.n_params, len(stage.layers))
     groups = [{"params": list(stage.weights.values()), "lr": weight_lr},
               {"params": list(stage.act_scales.values()), "lr": act_lr}]
@@ -249,7 +249,7 @@ def train_stage(unet: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher:
         log.warning("QuEST %s: no local layers and no global loss: nothing to learn from",
                     stage.name)
         return report
-    device = device or next(unet.parameters()).device
+    device = device or next(denoiser.parameters()).device
     n = int(next(iter(rows.values())).shape[0])
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(groups)
@@ -264,7 +264,7 @@ def train_stage(unet: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher:
             order = torch.randperm(n, generator=g)
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                total, local, glob = stage_loss(unet, _batch(rows, idx, device), teacher, tap,
+                total, local, glob = stage_loss(denoiser, _batch(rows, idx, device), teacher, tap,
                                                 global_weight)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"QuEST {stage.name}: non-finite loss at epoch "
@@ -299,13 +299,13 @@ def train_stage(unet: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher:
 
 
 @torch.no_grad()
-def output_mse(unet: nn.Module, batches: Sequence[dict[str, Tensor]], teacher: FPTeacher) -> float:
+def output_mse(denoiser: nn.Module, batches: Sequence[dict[str, Tensor]], teacher: FPTeacher) -> float:
     """Mean squared error of the quantized UNet's output against the FP teacher's on ``batches``."""
     total, count = 0.0, 0
     for batch in batches:
         with teacher.active():
-            target = unet(**batch).sample
-        out = unet(**batch).sample
+            target = denoiser(**batch).sample
+        out = denoiser(**batch).sample
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)

@@ -46,7 +46,7 @@ from diffquant.quant.attention import is_quant_attention
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.state import quant_state
-from diffquant.quant.swap import quantize_unet
+from diffquant.quant.swap import quantize_denoiser
 from diffquant.quant.typed import as_dataclass
 
 PROCESSOR_SLOTS = ("q_quantizer", "k_quantizer", "v_quantizer", "prob_quantizer")
@@ -163,10 +163,10 @@ class _Unit:
     weights: list[str]
 
 
-def activation_units(unet: nn.Module) -> list[_Unit]:
+def activation_units(denoiser: nn.Module) -> list[_Unit]:
     """Every unit of a quantized UNet in module order (see the module doc)."""
     units: list[_Unit] = []
-    for name, m in unet.named_modules():
+    for name, m in denoiser.named_modules():
         if is_quant_layer(m) and m.input_quantizer is not None:
             units.append(_Unit(name, [(name, "input_quantizer")], [name]))
         elif is_quant_attention(m):
@@ -207,21 +207,21 @@ def _acts_only(quant_cfg: QuantConfig, bits: int) -> QuantConfig:
 
 
 @torch.no_grad()
-def _output_error(unet: nn.Module, batches: list[dict[str, Tensor]],
+def _output_error(denoiser: nn.Module, batches: list[dict[str, Tensor]],
                   targets: list[Tensor]) -> float:
     total, count = 0.0, 0
     for batch, target in zip(batches, targets):
-        out = unet(**batch).sample
+        out = denoiser(**batch).sample
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def activation_sensitivity(fp_unet: nn.Module, quant_cfg: Any, stream: CalibStream,
+def activation_sensitivity(fp_denoiser: nn.Module, quant_cfg: Any, stream: CalibStream,
                            settings: Any = None, device: Optional[torch.device] = None
                            ) -> SensitivityReport:
-    """Run the sweep on copies of the FP ``fp_unet`` (left untouched) with calibration rows from
+    """Run the sweep on copies of the FP ``fp_denoiser`` (left untouched) with calibration rows from
     ``stream``; see the module doc. Cost: two range calibrations and (units + types + 1)
     forwards over ``eval_rows`` rows."""
     s = as_dataclass(settings or {}, SensitivitySettings)
@@ -230,16 +230,16 @@ def activation_sensitivity(fp_unet: nn.Module, quant_cfg: Any, stream: CalibStre
     if low_bits >= FP_BITS:
         raise ValueError("the sensitivity sweep needs quantized activations (quant.act_bits < 32 "
                          "or method.sensitivity.low_bits)")
-    device = device or next(fp_unet.parameters()).device
+    device = device or next(fp_denoiser.parameters()).device
     copies = {}
     for label, bits in (("base", s.base_bits), ("low", low_bits)):
-        unet = copy.deepcopy(fp_unet).to(device)
-        quantize_unet(unet, _acts_only(qcfg, bits))
-        calibrate_act_ranges(unet, stream, method=qcfg.act_init, n_rows=s.calib_rows,
+        denoiser = copy.deepcopy(fp_denoiser).to(device)
+        quantize_denoiser(denoiser, _acts_only(qcfg, bits))
+        calibrate_act_ranges(denoiser, stream, method=qcfg.act_init, n_rows=s.calib_rows,
                              batch_size=s.batch_size, p=qcfg.lp_norm,
                              n_candidates=qcfg.lp_candidates, seed=s.seed, device=device,
                          minmax_layers=qcfg.minmax_act_layers)
-        copies[label] = unet
+        copies[label] = denoiser
     base, low = copies["base"], copies["low"]
     batches = list(stream.batches(s.batch_size, stream.subset(s.eval_rows, s.seed + 1),
                                   device=device))

@@ -25,7 +25,7 @@ from diffquant.quant.typed import as_dataclass, as_dict
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "quantized_unet.pt"
+RESULT_FILE = "quantized_denoiser.pt"
 # Bump when a code change alters a method's results, so that older cached results are not reused.
 RESULT_VERSION = 1
 # Method config keys that do not change the quantized model.
@@ -43,9 +43,9 @@ def method_result_key(model: Any, quant_cfg: Any, method_cfg: Any) -> dict[str, 
 
 def load_or_run_method(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any,
                        run: Callable[[], QuantConfig]) -> Any:
-    """Quantize ``model.unet`` with ``run()`` unless the cache holds this method's result.
+    """Quantize ``model.denoiser`` with ``run()`` unless the cache holds this method's result.
 
-    ``run`` quantizes ``model.unet`` in place, records its metrics in ``ctx.extra_metrics`` and
+    ``run`` quantizes ``model.denoiser`` in place, records its metrics in ``ctx.extra_metrics`` and
     returns the final :class:`QuantConfig` (e.g. made time-step aware). On a cache hit the UNet is
     rebuilt from the cached checkpoint and ``ctx.extra_metrics`` gets the metrics of the run that
     made it (their times are that run's). ``<name>_cached`` tells which happened. With
@@ -57,14 +57,14 @@ def load_or_run_method(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any,
         cached = entry.done()
         if cached:
             log.info("loading the cached %s result %s", name, entry.path)
-            summary, meta = load_quantized(model.unet, entry.path / RESULT_FILE)
+            summary, meta = load_quantized(model.denoiser, entry.path / RESULT_FILE)
             ctx.tracker.log_text("quant_summary", summary.format())
             ctx.extra_metrics.update(meta.get("metrics", {}))
         else:
             final_qcfg = run()
             metrics = {k: v for k, v in ctx.extra_metrics.items() if not k.endswith("_cached")}
             with entry.writing() as tmp:
-                save_quantized(model.unet, tmp / RESULT_FILE, final_qcfg, include_weights=True,
+                save_quantized(model.denoiser, tmp / RESULT_FILE, final_qcfg, include_weights=True,
                                meta={"method": name, "metrics": metrics})
     ctx.extra_metrics[f"{name}_cached"] = cached
     if getattr(method_cfg, "save_checkpoint", False):

@@ -122,7 +122,7 @@ def fp_trajectories(model, indices: Sequence[int], seed: int, batch_size: int = 
     state: memory ``(S + 1) · N · prod(latent_shape)`` floats (e.g. 21 · 256 · 256 · 4 B = 5.5 MB)."""
     states, conds = [], []
     model.scheduler.set_timesteps(model.sampler.num_inference_steps)
-    with quant_state(model.unet, weights=False, acts=False):
+    with quant_state(model.denoiser, weights=False, acts=False):
         for start in range(0, len(indices), batch_size):
             idx = [int(i) for i in indices[start:start + batch_size]]
             cond = model.conditions(idx, seed).to(model.device)

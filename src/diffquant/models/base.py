@@ -6,7 +6,7 @@ denoising step. Everything else is built on that step:
 
 * sampling (``sample_latents`` → ``decode``) for evaluation;
 * calibration, which records the UNet inputs of the FP model's own trajectories (a forward
-  pre-hook on ``unet`` sees every call: see :meth:`unet_kwargs`);
+  pre-hook on ``denoiser`` sees every call: see :meth:`denoiser_kwargs`);
 * AccuQuant, which rolls ``step`` out over several steps;
 * time-step-aware quantizers, which read the ``timestep`` argument the UNet receives.
 
@@ -85,17 +85,17 @@ class DiffusionModel:
     """A latent diffusion model: UNet + autoencoder + scheduler (+ conditioning), family-agnostic.
 
     Subclasses implement :meth:`conditions` (what conditions sample ``i`` gets). The UNet may be
-    replaced in place by a quantized copy; ``unet`` is the only attribute methods modify.
+    replaced in place by a quantized copy; ``denoiser`` is the only attribute methods modify.
     """
 
     family: str = "base"
 
-    def __init__(self, name: str, unet: nn.Module, vae: nn.Module, scheduler: Any,
+    def __init__(self, name: str, denoiser: nn.Module, vae: nn.Module, scheduler: Any,
                  sampler: SamplerSettings, latent_shape: Sequence[int],
                  latent_scale: Optional[float] = None, device: torch.device | str = "cpu",
                  meta: Optional[dict] = None) -> None:
         self.name = name
-        self.unet = unet.eval().requires_grad_(False).to(device)
+        self.denoiser = denoiser.eval().requires_grad_(False).to(device)
         self.vae = vae.eval().requires_grad_(False).to(device)
         self.scheduler = scheduler
         self.sampler = sampler
@@ -127,7 +127,7 @@ class DiffusionModel:
         return x * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
 
     # ---------------------------------------------------------------- one step
-    def unet_kwargs(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> dict[str, Tensor]:
+    def denoiser_kwargs(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> dict[str, Tensor]:
         """The keyword arguments of the (single) UNet call for one step: ``sample`` (B, C, h, w),
         ``timestep`` (B,) and the condition rows; B = 2N with guidance ([uncond; cond]), else N."""
         if self.guided:
@@ -143,8 +143,8 @@ class DiffusionModel:
 
     def eps(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> Tensor:
         """The guided model output (epsilon) for x_t at timestep t: ``(N, C, h, w)``."""
-        kwargs = self.unet_kwargs(self.scheduler.scale_model_input(x_t, t), t, cond)
-        out = self.unet(**kwargs).sample
+        kwargs = self.denoiser_kwargs(self.scheduler.scale_model_input(x_t, t), t, cond)
+        out = self.denoiser(**kwargs).sample
         if not self.guided:
             return out
         e_u, e_c = out.chunk(2)
@@ -200,7 +200,7 @@ class DiffusionModel:
     # ---------------------------------------------------------------- bookkeeping
     def describe(self) -> dict[str, Any]:
         """A short, JSON-able description (for logs and the summary line)."""
-        n_params = sum(p.numel() for p in self.unet.parameters())
-        return {"name": self.name, "family": self.family, "unet_params_m": round(n_params / 1e6, 3),
+        n_params = sum(p.numel() for p in self.denoiser.parameters())
+        return {"name": self.name, "family": self.family, "denoiser_params_m": round(n_params / 1e6, 3),
                 "steps": self.sampler.num_inference_steps, "guidance": self.sampler.guidance_scale,
                 "eta": self.sampler.eta, "latent_shape": list(self.latent_shape)}

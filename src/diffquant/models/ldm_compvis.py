@@ -23,5 +23,5 @@ def build_ldm_compvis(model_cfg: Any, device: torch.device) -> LatentDiffusion:
     model = build_ldm(model_cfg, device)
     heads = model.meta.get("unet_attention_heads")
     if heads:
-        set_attention_heads(model.unet, int(heads))
+        set_attention_heads(model.denoiser, int(heads))
     return model

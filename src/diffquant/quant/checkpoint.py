@@ -13,8 +13,8 @@ A checkpoint holds
 
 Loading applies it to a fresh FP UNet of the same model, so evaluation never repeats calibration::
 
-    save_quantized(model.unet, path, quant_cfg, meta={"calib_time_s": 81.2})
-    summary, meta = load_quantized(fresh_unet, path)
+    save_quantized(model.denoiser, path, quant_cfg, meta={"calib_time_s": 81.2})
+    summary, meta = load_quantized(fresh_denoiser, path)
 """
 
 from __future__ import annotations
@@ -28,34 +28,34 @@ from torch import nn
 from diffquant.cache import atomic_torch_save
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.state import iter_quantizers, quant_parameters
-from diffquant.quant.swap import QuantSummary, quantize_unet
+from diffquant.quant.swap import QuantSummary, quantize_denoiser
 from diffquant.quant.timestep import get_router
 from diffquant.quant.typed import as_dataclass, as_dict
 
 FORMAT = "diffquant-quant-v1"
 
 
-def quantizer_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The entries of ``unet.state_dict()`` that belong to quantizers (detached, on CPU)."""
-    prefixes = tuple(f"{name}." for name, _ in iter_quantizers(unet))
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()
+def quantizer_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``denoiser.state_dict()`` that belong to quantizers (detached, on CPU)."""
+    prefixes = tuple(f"{name}." for name, _ in iter_quantizers(denoiser))
+    return {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()
             if k.startswith(prefixes)}
 
 
-def save_quantized(unet: nn.Module, path: Path | str, quant_cfg: Any, *,
+def save_quantized(denoiser: nn.Module, path: Path | str, quant_cfg: Any, *,
                    meta: Optional[dict[str, Any]] = None, include_weights: bool = False) -> Path:
-    """Write the quantization state of ``unet`` to ``path`` (atomically); returns ``path``."""
-    router = get_router(unet)
+    """Write the quantization state of ``denoiser`` to ``path`` (atomically); returns ``path``."""
+    router = get_router(denoiser)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "quant_cfg": as_dict(as_dataclass(quant_cfg, QuantConfig)),
         "timesteps": router.state() if router is not None else None,
-        "quantizers": quantizer_state_dict(unet),
+        "quantizers": quantizer_state_dict(denoiser),
         "weights": None,
         "meta": dict(meta or {}),
     }
     if include_weights:
-        params = {**quant_parameters(unet, "weight_latent"), **quant_parameters(unet, "bias")}
+        params = {**quant_parameters(denoiser, "weight_latent"), **quant_parameters(denoiser, "bias")}
         payload["weights"] = {k: v.detach().cpu().clone() for k, v in params.items()}
     path = Path(path)
     atomic_torch_save(payload, path)
@@ -70,10 +70,10 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return payload
 
 
-def load_quant_state(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load quantizer state into an already quantized ``unet``; every quantizer must be covered."""
-    expected = set(quantizer_state_dict(unet))
-    result = unet.load_state_dict(state, strict=False)
+def load_quant_state(denoiser: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load quantizer state into an already quantized ``denoiser``; every quantizer must be covered."""
+    expected = set(quantizer_state_dict(denoiser))
+    result = denoiser.load_state_dict(state, strict=False)
     missing = sorted(k for k in result.missing_keys if k in expected)
     if missing or result.unexpected_keys:
         raise ValueError("quantized checkpoint does not match the model's quantizers: "
@@ -82,21 +82,21 @@ def load_quant_state(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
                          "quant config?")
 
 
-def load_quantized(unet: nn.Module, path: Path | str) -> tuple[QuantSummary, dict[str, Any]]:
-    """Quantize the FP ``unet`` as recorded in ``path`` and load its state; returns the summary
+def load_quantized(denoiser: nn.Module, path: Path | str) -> tuple[QuantSummary, dict[str, Any]]:
+    """Quantize the FP ``denoiser`` as recorded in ``path`` and load its state; returns the summary
     and the checkpoint's ``meta``."""
     payload = read_checkpoint(path)
     cfg = as_dataclass(payload["quant_cfg"], QuantConfig)
     ts = payload["timesteps"]
-    summary = quantize_unet(unet, cfg, timesteps=None if ts is None else ts["schedule"],
+    summary = quantize_denoiser(denoiser, cfg, timesteps=None if ts is None else ts["schedule"],
                             init_weights=False)
-    if ts is not None and get_router(unet) is None:
+    if ts is not None and get_router(denoiser) is None:
         raise ValueError(f"{path}: time-step schedule saved but the config is not time-step aware")
     if payload["weights"]:
         with torch.no_grad():
-            params = {**quant_parameters(unet, "weight_latent"), **quant_parameters(unet, "bias")}
+            params = {**quant_parameters(denoiser, "weight_latent"), **quant_parameters(denoiser, "bias")}
             for k, v in payload["weights"].items():
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
-    device = next(unet.parameters()).device
-    load_quant_state(unet, {k: v.to(device) for k, v in payload["quantizers"].items()})
+    device = next(denoiser.parameters()).device
+    load_quant_state(denoiser, {k: v.to(device) for k, v in payload["quantizers"].items()})
     return summary, payload["meta"]

@@ -3,7 +3,7 @@
 They subclass the originals (``isinstance(m, nn.Conv2d)`` still holds, so diffusers code that
 checks types keeps working) and share the original ``weight`` and ``bias`` Parameters: the FP
 weight is kept as the *latent* weight, from which the quantized weight is computed at every call.
-That is what the FP teacher path uses (``quant_state(unet, weights=False)``) and what QuEST
+That is what the FP teacher path uses (``quant_state(denoiser, weights=False)``) and what QuEST
 finetunes through the STE.
 
 Each layer quantizes its weight (``weight_quantizer``, per output channel) and its input

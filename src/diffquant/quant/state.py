@@ -4,8 +4,8 @@
   everywhere (``None`` leaves a kind as it is), so one model object serves as FP teacher and as
   quantized student::
 
-      with quant_state(unet, weights=False, acts=False):
-          target = unet(**kwargs).sample            # the FP model
+      with quant_state(denoiser, weights=False, acts=False):
+          target = denoiser(**kwargs).sample            # the FP model
 
 * :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind.
 * :func:`quant_parameters` — the trainable tensors by kind and module-name pattern:

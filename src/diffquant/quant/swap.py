@@ -1,6 +1,6 @@
 """Module swapping: turn a diffusers UNet into its fake-quantized version, in place.
 
-:func:`quantize_unet` replaces
+:func:`quantize_denoiser` replaces
 
 * every ``nn.Conv2d`` / ``nn.Linear`` by :class:`QuantConv2d` / :class:`QuantLinear` (weight per
   output channel, input activation per tensor or per channel);
@@ -42,7 +42,7 @@ FIRST_LAST = ("conv_in", "conv_out")
 
 @dataclass
 class QuantSummary:
-    """What :func:`quantize_unet` quantized.
+    """What :func:`quantize_denoiser` quantized.
 
     ``layers``: quantized layer count per type (``Conv2d``, ``Linear``); ``attention``: number of
     ``Attention`` modules with quantized matmuls; ``split_shortcuts``: names of split convs;
@@ -105,7 +105,7 @@ def _out_channels(block: nn.Module) -> Optional[int]:
     return int(resnets[-1].out_channels)
 
 
-def shortcut_splits(unet: nn.Module) -> dict[str, int]:
+def shortcut_splits(denoiser: nn.Module) -> dict[str, int]:
     """``{qualified name of conv_shortcut: split}`` for the up-block resnets fed by a skip concat.
 
     In diffusers up blocks resnet ``j`` receives ``cat([h, skip])``; ``h`` has the previous
@@ -113,13 +113,13 @@ def shortcut_splits(unet: nn.Module) -> dict[str, int]:
     previous up block's output, or the mid block's / last down block's for the first up block).
     """
     splits: dict[str, int] = {}
-    up_blocks = getattr(unet, "up_blocks", None)
+    up_blocks = getattr(denoiser, "up_blocks", None)
     if up_blocks is None:
         return splits
-    mid = getattr(unet, "mid_block", None)
+    mid = getattr(denoiser, "mid_block", None)
     entering = _out_channels(mid) if mid is not None else None
-    if entering is None and len(getattr(unet, "down_blocks", [])):
-        entering = _out_channels(unet.down_blocks[-1])
+    if entering is None and len(getattr(denoiser, "down_blocks", [])):
+        entering = _out_channels(denoiser.down_blocks[-1])
     for k, block in enumerate(up_blocks):
         resnets = getattr(block, "resnets", None) or []
         h_channels = entering
@@ -133,10 +133,10 @@ def shortcut_splits(unet: nn.Module) -> dict[str, int]:
     return splits
 
 
-def _attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+def _attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
     from diffusers.models.attention_processor import Attention
 
-    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention)]
+    return [(n, m) for n, m in denoiser.named_modules() if isinstance(m, Attention)]
 
 
 # ---------------------------------------------------------------------------- swapping
@@ -182,12 +182,12 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def quantize_unet(unet: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[int]] = None, *,
+def quantize_denoiser(denoiser: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[int]] = None, *,
                   init_weights: bool = True) -> QuantSummary:
-    """Swap ``unet``'s layers and attention processors for fake-quantized ones, in place.
+    """Swap ``denoiser``'s layers and attention processors for fake-quantized ones, in place.
 
     Args:
-        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (any module works; the
+        denoiser: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (any module works; the
             first/last and split policies apply where the diffusers names exist).
         quant_cfg: a :class:`QuantConfig` (or a DictConfig of one).
         timesteps: the sampler's time steps (noisiest first); required when
@@ -200,15 +200,15 @@ def quantize_unet(unet: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[
     """
     cfg = as_dataclass(quant_cfg, QuantConfig)
     validate_bits(cfg)
-    if is_quantized(unet) or any(is_quant_layer(m) for m in unet.modules()):
+    if is_quantized(denoiser) or any(is_quant_layer(m) for m in denoiser.modules()):
         raise ValueError("the UNet is already quantized; quantize a fresh FP UNet")
     factory = _Factory(cfg)
-    splits = shortcut_splits(unet) if cfg.shortcut_split else {}
+    splits = shortcut_splits(denoiser) if cfg.shortcut_split else {}
     fl_bits = cfg.first_last_act_bits if cfg.first_last_act_bits is not None else cfg.act_bits
     summary = QuantSummary(quant={**dataclasses.asdict(cfg),
                                   "_acts_per_channel": cfg.acts_per_channel})
 
-    targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    targets = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for name, layer in targets:
         is_conv = isinstance(layer, nn.Conv2d)
         channels = layer.in_channels if is_conv else layer.in_features
@@ -221,14 +221,14 @@ def quantize_unet(unet: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[
         if a_q is not None:
             a_q.to(layer.weight.device)
         cls = QuantConv2d if is_conv else QuantLinear
-        _set_child(unet, name, cls.from_float(layer, w_q, a_q))
+        _set_child(denoiser, name, cls.from_float(layer, w_q, a_q))
         kind = "Conv2d" if is_conv else "Linear"
         summary.layers[kind] = summary.layers.get(kind, 0) + 1
         if split is not None and (w_q is not None or a_q is not None):
             summary.split_shortcuts.append(name)
 
     if cfg.act_bits < FP_BITS:
-        for name, attn in _attention_modules(unet):
+        for name, attn in _attention_modules(denoiser):
             inner, kv_inner = attn.inner_dim, attn.inner_kv_dim
             sm_bits = cfg.softmax_bits
             proc = QuantAttnProcessor(
@@ -238,17 +238,17 @@ def quantize_unet(unet: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[
             attn.set_processor(proc.to(attn.to_q.weight.device))
             summary.attention += 1
 
-    for name, q in iter_quantizers(unet):
+    for name, q in iter_quantizers(denoiser):
         k = type(q).__name__
         summary.quantizers[k] = summary.quantizers.get(k, 0) + 1
     if factory.groups > 1:
         if timesteps is None:
             raise ValueError("quant.timestep_aware=true needs the sampler's timesteps: call "
-                             "quantize_unet(unet, cfg, timesteps=model.timesteps)")
-        attach_timestep_router(unet, [int(t) for t in timesteps], factory.groups)
+                             "quantize_denoiser(denoiser, cfg, timesteps=model.timesteps)")
+        attach_timestep_router(denoiser, [int(t) for t in timesteps], factory.groups)
     return summary
 
 
-def quantized_attention_modules(unet: nn.Module) -> list[str]:
+def quantized_attention_modules(denoiser: nn.Module) -> list[str]:
     """Names of the ``Attention`` modules whose matmuls are quantized."""
-    return [n for n, m in unet.named_modules() if is_quant_attention(m)]
+    return [n for n, m in denoiser.named_modules() if is_quant_attention(m)]

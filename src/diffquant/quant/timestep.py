@@ -5,7 +5,7 @@ steps. The sampler's ``S`` steps (0 = noisiest) are split evenly: step ``i`` bel
 ``i · G // S`` (``G = S`` gives one set per step, as QuEST does).
 
 :func:`attach_timestep_router` installs a forward pre-hook on the UNet that reads its
-``timestep`` argument — a per-row tensor ``(B,)``, as :meth:`DiffusionModel.unet_kwargs` always
+``timestep`` argument — a per-row tensor ``(B,)``, as :meth:`DiffusionModel.denoiser_kwargs` always
 passes — and sets every time-step-aware quantizer's ``group_index`` to the rows' groups, so a
 batch may mix steps (calibration batches do). Time steps not in the schedule map to the
 nearest one. Code that calls a UNet sub-module directly (block reconstruction) routes with
@@ -69,35 +69,35 @@ def _timestep_arg(args: tuple, kwargs: dict) -> Any:
     raise RuntimeError("time-step-aware quantization: the UNet was called without a timestep")
 
 
-def attach_timestep_router(unet: nn.Module, schedule: Sequence[int] | Tensor,
+def attach_timestep_router(denoiser: nn.Module, schedule: Sequence[int] | Tensor,
                            n_groups: int) -> TimestepRouter:
     """Install (or replace) the UNet's router and its forward pre-hook; returns the router."""
-    detach_timestep_router(unet)
+    detach_timestep_router(denoiser)
     router = TimestepRouter(schedule, n_groups)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         router.route(module, _timestep_arg(args, kwargs))
 
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    object.__setattr__(unet, ROUTER_ATTR, (router, handle))
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    object.__setattr__(denoiser, ROUTER_ATTR, (router, handle))
     return router
 
 
-def detach_timestep_router(unet: nn.Module) -> None:
-    entry = getattr(unet, ROUTER_ATTR, None)
+def detach_timestep_router(denoiser: nn.Module) -> None:
+    entry = getattr(denoiser, ROUTER_ATTR, None)
     if entry is not None:
         entry[1].remove()
-        object.__delattr__(unet, ROUTER_ATTR)
+        object.__delattr__(denoiser, ROUTER_ATTR)
 
 
-def get_router(unet: nn.Module) -> Optional[TimestepRouter]:
-    """The router attached to ``unet`` (None when activations are not time-step aware)."""
-    entry = getattr(unet, ROUTER_ATTR, None)
+def get_router(denoiser: nn.Module) -> Optional[TimestepRouter]:
+    """The router attached to ``denoiser`` (None when activations are not time-step aware)."""
+    entry = getattr(denoiser, ROUTER_ATTR, None)
     return None if entry is None else entry[0]
 
 
-def set_timestep(unet: nn.Module, timestep: Tensor | int | float) -> None:
+def set_timestep(denoiser: nn.Module, timestep: Tensor | int | float) -> None:
     """Select the quantizer groups of ``timestep`` by hand (the hook does it on every call)."""
-    router = get_router(unet)
+    router = get_router(denoiser)
     if router is not None:
-        router.route(unet, timestep)
+        router.route(denoiser, timestep)
