@@ -1,34 +1,48 @@
 """The one pipeline every job runs, and the only place that knows the order of its steps:
 
-    cfg ─► build model ─► (FP reference) ─► apply method ─► sample ─► evaluate ─► record
-            MODELS                            METHODS                 EVALUATORS   metrics.json, W&B
+    1. configure  the composed config as typed dataclasses (validated before any work), folders,
+                  tracker
+    2. build      the model wrapper (MODELS); its weights are checked finite
+    3. reference  the evaluator, and the FP model's features for ``fid_to_fp`` (cached, keyed by
+                  the model's identity: weights, sampler, numerics)
+    4. quantize   the method (METHODS), through the result cache: a :class:`MethodResult`
+    5. sample     this job's samples, streamed into the metrics (resumable batch by batch)
+    6. analyse    optional analyses of the final model (error accumulation)
+    7. record     ``metrics.json`` (atomic, finite values only), sample grid, tracker
 
-``run(cfg) -> dict`` is plain Python (tests call it with a composed config); ``run.py`` wraps it in
-``@hydra.main`` and returns the primary metric for sweepers.
+``run(cfg) -> dict`` is plain Python (tests call it with a composed config); ``run.py`` wraps it
+in ``@hydra.main`` and returns the primary metric for sweepers. The shard merge
+(:mod:`diffquant.shards`) and the benchmarks reuse the steps' functions (:func:`score`,
+:func:`write_metrics`, :func:`quantize`) instead of re-stating them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffquant.cache import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
-from diffquant.calib.collect import numerics_identity
+from diffquant.calib.collect import model_identity
 from diffquant.context import RunContext
 from diffquant.eval.evaluation import Evaluation
+from diffquant.eval.metrics import EvalBatch
 from diffquant.eval.sampling import generate
+from diffquant.methods.base import MethodResult
+from diffquant.methods.result_cache import run_method
 from diffquant.models.loading import build_model, resolve_device
 from diffquant.quant.config import FP_BITS
 from diffquant.registry import METHODS
-from diffquant.schema import validate
+from diffquant.schema import RunConfig, typed_run_config
 from diffquant.shards import is_sharded, save_shard, shard_indices
 from diffquant.tracking import make_tracker, save_grid
 
@@ -53,14 +67,6 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def model_key(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the FP model's samples: weights and sampler, not where results go."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    for k in ("get_weights", "local_files_only"):
-        model.pop(k, None)
-    return model
-
-
 def config_hash(cfg: DictConfig) -> str:
     """A digest of everything that determines the metrics (not logging or folders; not the shard
     a job evaluates, so all shards of one evaluation and their merge share it)."""
@@ -76,44 +82,200 @@ def peak_memory() -> tuple[float, float | None]:
     return round(rss, 1), (round(cuda, 1) if cuda is not None else None)
 
 
-def fp_reference_entry(evaluation: Evaluation, cfg: DictConfig, indices: range):
-    """The cache entry of the FP model's features for samples ``indices`` of the job's seed
-    (all ``n_samples``, or one shard's slice of them)."""
-    key = {**model_key(cfg), "numerics": numerics_identity(resolve_device(cfg.device))}
-    if len(indices) != cfg.evaluator.n_samples:
-        key["indices"] = [indices.start, indices.stop]
-    return evaluation.fp_reference_entry(key, cfg.evaluator.n_samples, cfg.seed)
+def method_label(run: RunConfig) -> str:
+    """The job's row name in tables: the method, with its ablation if it is one (``quest[tla_only]``)."""
+    ablation = getattr(run.method, "ablation", None)
+    return f"{run.method.name}[{ablation}]" if ablation else run.method.name
 
 
-def fp_reference_features(model, evaluation: Evaluation, cfg: DictConfig,
-                          indices: range) -> tuple[torch.Tensor, float]:
-    """Features of the FP model's samples ``indices`` for the job's seed (cached; resumable), and
-    the seconds that sampling them took when they were made."""
-    ev = cfg.evaluator
-    entry = fp_reference_entry(evaluation, cfg, indices)
+def is_fp(run: RunConfig) -> bool:
+    """The FP reference job: ``method=fp`` evaluates the model as loaded, whatever ``quant`` says."""
+    return run.method.name == "fp"
+
+
+# ---------------------------------------------------------------------------- 1. configure
+@dataclass
+class Job:
+    """One job's typed config, folders, samples and tracker (what step 1 sets up)."""
+
+    run: RunConfig
+    raw: DictConfig
+    run_dir: Path
+    indices: range
+    ctx: RunContext
+    config_hash: str
+
+    @property
+    def is_fp(self) -> bool:
+        return is_fp(self.run)
+
+
+def configure(cfg: DictConfig) -> Job:
+    """Step 1: validate (every bad key or value fails here, naming the key and the fix), create
+    the run folder, seed, open the tracker."""
+    run = typed_run_config(cfg)
+    ev = run.evaluator
+    indices = shard_indices(ev.n_samples, ev.num_shards, ev.shard_index)
+    run_dir = Path(run.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(run.seed)
+    quant_name = "fp32" if is_fp(run) else run.quant.name
+    tags = [run.model.name, quant_name, run.method.name, *run.tags, *run.logger.tags]
+    if is_sharded(ev):
+        tags.append(f"shard{ev.shard_index}of{ev.num_shards}")
+    config = job_config(cfg)
+    tracker = make_tracker(run.logger, config, run_dir,
+                           f"{run.model.name}-{quant_name}-{run.method.name}-s{run.seed}", tags,
+                           job_type="evaluate" if is_fp(run) else "quantize")
+    ctx = RunContext(run_dir=run_dir, cache_dir=Path(run.paths.cache_dir),
+                     device=resolve_device(run.device), seed=run.seed, tracker=tracker)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
+    return Job(run, cfg, run_dir, indices, ctx, config_hash(cfg))
+
+
+# ---------------------------------------------------------------------------- 3. reference
+def fp_reference_entry(evaluation: Evaluation, model: Any, job: Job):
+    """The cache entry of the FP model's features for this job's samples (all ``n_samples``, or
+    one shard's slice), keyed by the model's identity (weights fingerprint, sampler, numerics)."""
+    key = model_identity(model)
+    if len(job.indices) != job.run.evaluator.n_samples:
+        key = {**key, "indices": [job.indices.start, job.indices.stop]}
+    return evaluation.fp_reference_entry(key, job.run.evaluator.n_samples, job.run.seed)
+
+
+def check_finite_features(features: torch.Tensor, what: str) -> None:
+    """Non-finite features are never cached nor scored: fail naming where they came from."""
+    if not torch.isfinite(features).all():
+        bad = int((~torch.isfinite(features)).any(dim=-1).sum())
+        raise FloatingPointError(f"{what}: {bad} of {len(features)} samples have NaN/inf "
+                                 "features: the model produced non-finite images")
+
+
+def fp_reference_features(model: Any, evaluation: Evaluation, job: Job
+                          ) -> tuple[torch.Tensor, float]:
+    """Features of the FP model's samples for this job's indices and seed (cached; resumable),
+    and the seconds that sampling them took when they were made."""
+    ev = job.run.evaluator
+    entry = fp_reference_entry(evaluation, model, job)
     with entry.lock():
         if not entry.done():
             feats, seconds = [], 0.0
-            for batch, s in generate(model, evaluation, len(indices), cfg.seed, ev.batch_size,
-                                     entry.partial_dir(), keep_images=0, desc="FP reference",
-                                     start=indices.start):
+            for batch, s in generate(model, evaluation, len(job.indices), job.run.seed,
+                                     ev.batch_size, entry.partial_dir(), keep_images=0,
+                                     desc="FP reference", start=job.indices.start):
                 feats.append(batch.features)
                 seconds += s
+            features = torch.cat(feats)
+            check_finite_features(features, "FP reference")
             with entry.writing() as tmp:
-                atomic_torch_save({"features": torch.cat(feats), "sample_s": seconds}, tmp / "features.pt")
+                atomic_torch_save({"features": features, "sample_s": seconds}, tmp / "features.pt")
             entry.clear_partial()
     rec = torch.load(entry.path / "features.pt")
     return rec["features"], rec["sample_s"]
 
 
-def store_fp_reference(evaluation: Evaluation, cfg: DictConfig, features: torch.Tensor, seconds: float,
-                       indices: range) -> None:
+def store_fp_reference(evaluation: Evaluation, model: Any, job: Job, features: torch.Tensor,
+                       seconds: float) -> None:
     """An FP job's own features are the FP reference of every quantized job with its seeds."""
-    entry = fp_reference_entry(evaluation, cfg, indices)
+    check_finite_features(features, "FP samples")
+    entry = fp_reference_entry(evaluation, model, job)
     with entry.lock():
         if not entry.done():
             with entry.writing() as tmp:
                 atomic_torch_save({"features": features, "sample_s": seconds}, tmp / "features.pt")
+
+
+def reference(job: Job, model: Any) -> tuple[Evaluation, Optional[float]]:
+    """Step 3: the evaluation, with the FP features set when ``fid_to_fp`` is computed; returns
+    it and the seconds the FP samples took when they were made (None if not needed)."""
+    evaluation = Evaluation(job.run.evaluator, job.ctx, skip=("fid_to_fp",) if job.is_fp else ())
+    if "fid_to_fp" not in evaluation.metric_names:
+        return evaluation, None
+    feats, seconds = fp_reference_features(model, evaluation, job)
+    evaluation.set_fp_features(feats)
+    return evaluation, seconds
+
+
+# ---------------------------------------------------------------------------- 4. quantize
+def quantize(model: Any, run: RunConfig, ctx: RunContext) -> MethodResult:
+    """Step 4: ``run.method`` applied to ``model`` at ``run.quant`` (cached); the tracker gets
+    the result's tables and text files."""
+    method = METHODS.get(run.method.name)()
+    result = run_method(method, model, run.quant, run.method, ctx)
+    for name, text in result.files.items():
+        if name.endswith(".txt"):
+            ctx.tracker.log_text(name.rsplit(".", 1)[0], text)
+    for name, table in result.tables.items():
+        ctx.tracker.log_table(name, table.columns, table.rows)
+    return result
+
+
+# ---------------------------------------------------------------------------- 5. sample
+@dataclass
+class Sampled:
+    """What step 5 produced: per-sample features (on the CPU) and the images of the grid."""
+
+    features: list[torch.Tensor] = field(default_factory=list)
+    logits: list[Optional[torch.Tensor]] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
+    per_sample: list[dict] = field(default_factory=list)
+    grid: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def keep(self, batches: Iterable[tuple[EvalBatch, float]]) -> Iterable[EvalBatch]:
+        """Pass ``batches`` through, keeping what recording and sharding need."""
+        for batch, seconds in batches:
+            self.seconds += seconds
+            self.features.append(batch.features)
+            self.logits.append(batch.logits)
+            self.labels.extend(batch.labels)
+            self.per_sample.append(getattr(batch, "per_sample", None) or {})
+            if batch.images is not None:
+                self.grid.append(batch.images)
+            yield batch
+
+
+def score(evaluation: Evaluation, batches: Iterable[EvalBatch]) -> dict[str, float]:
+    """Stream ``batches`` into the evaluation's metrics and compute them (the app's and the shard
+    merge's one scoring path)."""
+    evaluation.start()
+    for batch in batches:
+        evaluation.update(batch)
+    return evaluation.compute()
+
+
+def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[str, float]]:
+    """Step 5: sample this job's indices and score them (unsharded), or save the shard's
+    features for :mod:`diffquant.shards` to score with the others."""
+    ev = job.run.evaluator
+    seed_everything(job.run.seed)
+    sampled = Sampled()
+    batches = sampled.keep(generate(model, evaluation, len(job.indices), job.run.seed,
+                                    ev.batch_size, job.run_dir / "progress",
+                                    keep_images=ev.grid_size, start=job.indices.start))
+    if not is_sharded(ev):
+        return sampled, score(evaluation, batches)
+    for _ in batches:
+        pass
+    logits = None if sampled.logits[0] is None else torch.cat(sampled.logits)
+    fp_feats = evaluation._fp_features if "fid_to_fp" in evaluation.metric_names else None
+    save_shard(job.run_dir, job.indices, torch.cat(sampled.features), logits, sampled.labels,
+               fp_feats, ev, job.config_hash, sampled.per_sample)
+    return sampled, {}
+
+
+# ---------------------------------------------------------------------------- 7. record
+def check_finite_metrics(metrics: dict[str, Any]) -> None:
+    """A metric that is NaN/inf is never reported as a result: fail naming it."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics {bad}: not written as a result")
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` atomically, after checking that every value is finite."""
+    check_finite_metrics(metrics)
+    return atomic_write_json(Path(run_dir) / "metrics.json", metrics)
 
 
 def summary_line(m: dict[str, Any], run_dir: Path) -> str:
@@ -125,104 +287,77 @@ def summary_line(m: dict[str, Any], run_dir: Path) -> str:
             f"eval {m['eval_s']:.1f}s | {run_dir}")
 
 
-def method_label(cfg: DictConfig) -> str:
-    """The job's row name in tables: the method, with its ablation if it is one (``quest[tla_only]``)."""
-    ablation = cfg.method.get("ablation")
-    return f"{cfg.method.name}[{ablation}]" if ablation else cfg.method.name
+def job_metrics(job: Job, model: Any, result: MethodResult, quality: dict[str, float],
+                timings: dict[str, Optional[float]]) -> dict[str, Any]:
+    """The record of a job: what ran, its quality metrics, timings and the method's metrics."""
+    run = job.run
+    rss, cuda = peak_memory()
+    fp_job = job.is_fp
+    return {
+        "model": run.model.name, "method": run.method.name, "method_label": method_label(run),
+        "weight_bits": FP_BITS if fp_job else run.quant.weight_bits,
+        "act_bits": FP_BITS if fp_job else run.quant.act_bits,
+        "quant": "fp32" if fp_job else run.quant.name, "seed": run.seed,
+        "n_samples": len(job.indices), "fid": None, "inception_score": None, "fid_to_fp": None,
+        **quality,
+        **{k: None if v is None else round(v, 3) for k, v in timings.items()},
+        "peak_rss_mb": rss, "peak_cuda_mb": cuda, "config_hash": job.config_hash,
+        "device": str(model.device), "experiment": run.experiment,
+        "num_shards": run.evaluator.num_shards, "shard_index": run.evaluator.shard_index,
+        **result.metrics,
+    }
 
 
+def record(job: Job, metrics: dict[str, Any], sampled: Sampled, result: MethodResult) -> None:
+    """Step 7: ``metrics.json``, the result's files, the sample grid, the tracker."""
+    for name, text in result.files.items():
+        atomic_write_text(job.run_dir / name, text)
+    write_metrics(job.run_dir, metrics)
+    tracker, ev = job.ctx.tracker, job.run.evaluator
+    if sampled.grid:
+        grid_path = save_grid(torch.cat(sampled.grid)[: ev.grid_size], job.run_dir / "samples.png")
+        if job.run.logger.log_images:
+            tracker.log_image("samples", grid_path, caption=f"{metrics['method']} {metrics['quant']}")
+    tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    tracker.summary(metrics)
+
+
+# ---------------------------------------------------------------------------- the pipeline
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job described by ``cfg``; returns the metrics written to ``metrics.json``."""
-    validate(cfg)
-    ev = cfg.evaluator
-    indices = shard_indices(ev.n_samples, ev.num_shards, ev.shard_index)  # this job's samples
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    is_fp = cfg.method.name == "fp"
-    tags = [cfg.model.name, cfg.quant.name, cfg.method.name, *cfg.tags, *cfg.logger.tags]
-    if is_sharded(ev):
-        tags.append(f"shard{ev.shard_index}of{ev.num_shards}")
-    tracker = make_tracker(cfg.logger, job_config(cfg), run_dir,
-                           f"{cfg.model.name}-{cfg.quant.name}-{cfg.method.name}-s{cfg.seed}", tags,
-                           job_type="evaluate" if is_fp else "quantize")
+    job = configure(cfg)  # 1
     exit_code = 1
     try:
-        ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), device=device,
-                         seed=cfg.seed, tracker=tracker)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(job_config(cfg)))
-        model = build_model(cfg.model, device)
+        run_cfg, ctx = job.run, job.ctx
+        model = build_model(run_cfg.model, ctx.device)  # 2
         log.info("model: %s", model.describe())
-        evaluation = Evaluation(cfg.evaluator, ctx, skip=("fid_to_fp",) if is_fp else ())
-        fp_sample_s, fp_feats = None, None
-        if "fid_to_fp" in evaluation.metric_names:
-            fp_feats, fp_sample_s = fp_reference_features(model, evaluation, cfg, indices)
-            evaluation.set_fp_features(fp_feats)
+        evaluation, fp_sample_s = reference(job, model)  # 3
 
         t0 = time.perf_counter()
-        model = METHODS.get(cfg.method.name)(model, cfg.quant, cfg.method, ctx)
-        calibrate_s = 0.0 if is_fp else time.perf_counter() - t0
-        seed_everything(cfg.seed)
+        result = quantize(model, run_cfg, ctx)  # 4
+        calibrate_s = 0.0 if job.is_fp else time.perf_counter() - t0
 
-        evaluation.start()
-        t_start, sample_s, grid, feats = time.perf_counter(), 0.0, [], []
-        logits, labels, per_sample = [], [], []
-        new_sample_s = 0.0
-        for batch, seconds in generate(model, evaluation, len(indices), cfg.seed, ev.batch_size,
-                                       run_dir / "progress", keep_images=ev.grid_size,
-                                       start=indices.start):
-            sample_s += seconds
-            evaluation.update(batch)
-            feats.append(batch.features)
-            logits.append(batch.logits)
-            labels.extend(batch.labels)
-            per_sample.append(getattr(batch, "per_sample", None) or {})
-            if batch.images is not None:
-                grid.append(batch.images)
-        new_sample_s = time.perf_counter() - t_start
-        t_eval = time.perf_counter()
-        if is_sharded(ev):  # FID / IS come from all shards: `python -m diffquant.shards <sweep>`
-            save_shard(run_dir, indices, torch.cat(feats), None if logits[0] is None else torch.cat(logits),
-                       labels, fp_feats, ev, config_hash(cfg), per_sample)
-            metrics_vals = {}
-        else:
-            metrics_vals = evaluation.compute()
-        eval_s = time.perf_counter() - t_eval + max(0.0, new_sample_s - sample_s)
-        if is_fp and "fid_to_fp" in ev.metrics:
-            if not is_sharded(ev):
-                metrics_vals["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
-            store_fp_reference(evaluation, cfg, torch.cat(feats), sample_s, indices)
-        if cfg.analysis.error_accumulation:
+        t_start = time.perf_counter()
+        sampled, quality = sample(job, result.model, evaluation)  # 5
+        eval_s = max(0.0, time.perf_counter() - t_start - sampled.seconds)
+        if job.is_fp and "fid_to_fp" in run_cfg.evaluator.metrics:
+            if not is_sharded(run_cfg.evaluator):
+                quality["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
+            store_fp_reference(evaluation, model, job, torch.cat(sampled.features),
+                               sampled.seconds)
+        if run_cfg.analysis.error_accumulation:  # 6
             from diffquant.analysis.error_accumulation import run_error_accumulation
 
-            ctx.extra_metrics.update(run_error_accumulation(
-                model, cfg.analysis, ctx, label=f"{cfg.method.name} {cfg.quant.name}"))
+            result.metrics.update(run_error_accumulation(
+                model, run_cfg.analysis, ctx,
+                label=f"{run_cfg.method.name} {'fp32' if job.is_fp else run_cfg.quant.name}"))
 
-        rss, cuda = peak_memory()
-        metrics: dict[str, Any] = {
-            "model": cfg.model.name, "method": cfg.method.name, "method_label": method_label(cfg),
-            "weight_bits": FP_BITS if is_fp else cfg.quant.weight_bits,
-            "act_bits": FP_BITS if is_fp else cfg.quant.act_bits,
-            "quant": cfg.quant.name, "seed": cfg.seed, "n_samples": len(indices),
-            "fid": None, "inception_score": None, "fid_to_fp": None,
-            **metrics_vals,
-            "calibrate_s": round(calibrate_s, 3), "sample_s": round(sample_s, 3),
-            "fp_sample_s": None if fp_sample_s is None else round(fp_sample_s, 3),
-            "eval_s": round(eval_s, 3), "peak_rss_mb": rss, "peak_cuda_mb": cuda,
-            "config_hash": config_hash(cfg), "device": str(device), "experiment": cfg.experiment,
-            "num_shards": ev.num_shards, "shard_index": ev.shard_index,
-            **ctx.extra_metrics,
-        }
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        if grid:
-            grid_path = save_grid(torch.cat(grid)[: ev.grid_size], run_dir / "samples.png")
-            if cfg.logger.log_images:
-                tracker.log_image("samples", grid_path, caption=f"{cfg.method.name} {cfg.quant.name}")
-        tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-        tracker.summary(metrics)
-        print(summary_line(metrics, run_dir), flush=True)
+        timings = {"calibrate_s": calibrate_s, "sample_s": sampled.seconds,
+                   "fp_sample_s": fp_sample_s, "eval_s": eval_s}
+        metrics = job_metrics(job, model, result, quality, timings)  # 7
+        record(job, metrics, sampled, result)
+        print(summary_line(metrics, job.run_dir), flush=True)
         exit_code = 0
         return metrics
     finally:
-        tracker.finish(exit_code)
+        job.ctx.tracker.finish(exit_code)

@@ -33,10 +33,9 @@ class RunContext:
         run_dir: the job's output folder (Hydra's ``runtime.output_dir``): metrics, plots, grids.
         cache_dir: the cache shared by all jobs (calibration data, PTQ results, FP references),
             keyed by the settings that produced each entry (see :mod:`diffquant.cache`).
-        device: where the UNet runs.
+        device: where the denoiser runs.
         seed: the job's seed.
         tracker: W&B run or :class:`NullTracker`.
-        extra_metrics: metrics a method adds to ``metrics.json`` (e.g. ``n_quant_layers``).
     """
 
     run_dir: Path
@@ -44,4 +43,3 @@ class RunContext:
     device: torch.device
     seed: int = 0
     tracker: Any = field(default_factory=NullTracker)
-    extra_metrics: dict[str, Any] = field(default_factory=dict)

@@ -1,8 +1,10 @@
 """Dataclass schemas of every config group, stored in Hydra's ConfigStore.
 
 Each YAML option extends its group's schema (``defaults: [<group>_schema, _self_]``), so a misspelt
-key or a wrong type fails when the config is composed, naming the key. Value checks that types
-cannot express (bit ranges, positive counts) run in :func:`validate` before any work starts.
+key or a wrong type fails when the config is composed, naming the key. The app converts the
+composed config into these dataclasses once (:func:`typed_run_config`); value checks that types
+cannot express (bit ranges, positive counts, choices) run in each dataclass's ``__post_init__``,
+before any work starts, and fail naming the key's full path and the fix.
 
 Method schemas are declared by the methods themselves (``@METHODS.register(name, schema=...)``)
 and stored here as ``method/<name>_schema``; adding a method needs no edit to this file.
@@ -10,13 +12,17 @@ and stored here as ``method/<name>_schema``; adding a method needs no edit to th
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
+from diffquant.quant.config import QuantConfig
+from diffquant.validation import ConfigError, InvalidSetting, one_of, positive
 
 
 @dataclass
@@ -56,6 +62,11 @@ class ModelConfig:
     get_weights: str = ""
     random_weights: bool = False
 
+    def __post_init__(self) -> None:
+        positive(self, "num_inference_steps")
+        if not 0.0 <= self.eta <= 1.0:
+            raise InvalidSetting("eta", "must lie in [0, 1]")
+
 
 @dataclass
 class EvaluatorConfig:
@@ -89,6 +100,10 @@ class EvaluatorConfig:
     num_shards: int = 1
     shard_index: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        positive(self, "n_samples", "batch_size", "num_shards")
+        positive(self, "grid_size", allow_zero=True)
+
 
 @dataclass
 class LoggerConfig:
@@ -106,6 +121,9 @@ class LoggerConfig:
     job_type: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     log_images: bool = True
+
+    def __post_init__(self) -> None:
+        one_of(self, "mode", ("auto", "online", "offline", "disabled"))
 
 
 @dataclass
@@ -200,30 +218,63 @@ def register_configs() -> None:
             cs.store(group="method", name=f"{name}_schema", node=schema)
 
 
-def validate(cfg) -> None:
-    """Checks that types cannot express; raises ValueError naming the key and the fix."""
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def typed(node: Any, cls: type, path: str = "", types: Optional[dict[str, type]] = None) -> Any:
+    """``node`` (a DictConfig, dict or dataclass instance) as a ``cls`` instance, nested config
+    dataclasses included (``types`` overrides the type of some fields); each dataclass validates
+    itself in ``__post_init__``. Unknown keys and invalid values raise :class:`ConfigError`
+    naming the key's path and, for a misspelt key, the closest valid one."""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        node = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    hints = {**typing.get_type_hints(cls), **(types or {})}
+    names = [f.name for f in dataclasses.fields(cls)]
+    join = lambda key: f"{path}.{key}" if path else str(key)  # noqa: E731
+    for key in node:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = (f" Did you mean {join(close[0])}?" if close
+                    else f" Valid keys: {', '.join(names)}.")
+            raise ConfigError(f"{join(key)} is not a setting of {cls.__name__}.{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in node:
+            continue
+        value, hint = node[name], hints[name]
+        if value is not None and dataclasses.is_dataclass(hint):
+            kwargs[name] = typed(value, hint, join(name))
+        else:
+            kwargs[name] = _plain(value)
+    try:
+        return cls(**kwargs)
+    except InvalidSetting as err:
+        shown = kwargs.get(err.key, "?")
+        raise ConfigError(f"{join(err.key)}={shown!r} {err.message}") from None
+
+
+def typed_run_config(cfg: Any) -> RunConfig:
+    """The composed config as typed dataclasses, converted once (the method's part by its own
+    schema) and validated before any work: bad values fail naming their key and the fix."""
     from diffquant.registry import EVALUATORS, METHODS, MODELS
 
-    validate_bits(cfg.quant)
-    if cfg.evaluator.n_samples <= 0:
-        raise ValueError(f"evaluator.n_samples={cfg.evaluator.n_samples} must be positive "
-                         "(e.g. evaluator.n_samples=500).")
-    if cfg.evaluator.batch_size <= 0:
-        raise ValueError(f"evaluator.batch_size={cfg.evaluator.batch_size} must be positive.")
-    if cfg.model.num_inference_steps <= 0:
-        raise ValueError(f"model.num_inference_steps={cfg.model.num_inference_steps} must be positive.")
-    if not 0.0 <= cfg.model.eta <= 1.0:
-        raise ValueError(f"model.eta={cfg.model.eta} must lie in [0, 1].")
-    MODELS.get(cfg.model.family)
-    METHODS.get(cfg.method.name)
-    for metric in cfg.evaluator.metrics:
+    if isinstance(cfg, RunConfig):
+        return cfg
+    node = {k: cfg[k] for k in cfg if k != "hydra"}
+    method_name = node["method"]["name"]
+    METHODS.get(method_name)
+    run = typed(node, RunConfig, types={"method": METHODS.schema(method_name)})
+    MODELS.get(run.model.family)
+    for metric in run.evaluator.metrics:
         EVALUATORS.get(metric)
-    quantized = cfg.quant.weight_bits < FP_BITS or cfg.quant.act_bits < FP_BITS
-    if cfg.method.name == "fp" and quantized:
-        raise ValueError(f"method=fp evaluates the full-precision model: drop quant={cfg.quant.name} "
-                         "(or pick a method, e.g. method=ptq).")
-    if cfg.method.name != "fp" and not quantized:
-        raise ValueError(f"method={cfg.method.name} needs a bit-width: add quant=w8a8 (or w4a8, "
-                         "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp.")
-    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={cfg.logger.mode!r}: use auto, online, offline or disabled.")
+    if method_name != "fp" and not run.quant.enabled:
+        raise ConfigError(f"method={method_name} needs a bit-width: add quant=w8a8 (or w4a8, "
+                          "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp.")
+    return run
+
+
+def validate(cfg: Any) -> RunConfig:
+    """Checks that types cannot express; raises :class:`ConfigError` naming the key and the fix.
+    Returns the typed config (:func:`typed_run_config`)."""
+    return typed_run_config(cfg)

@@ -153,6 +153,7 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
 
     The backbone is built only for the real reference features, which the shard jobs have cached.
     """
+    from diffquant.app import score, write_metrics
     from diffquant.context import RunContext
     from diffquant.eval.evaluation import Evaluation
     from diffquant.eval.metrics import EvalBatch
@@ -185,11 +186,10 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
         if any(f is None for f in fp):
             raise ValueError("fid_to_fp: a shard saved no FP features")
         evaluation.set_fp_features(torch.cat(fp))
-    evaluation.start()
-    for rec in records:
-        extra = {"per_sample": rec["per_sample"]} if rec.get("per_sample") else {}
-        evaluation.update(EvalBatch(None, rec["labels"], rec["features"], rec["logits"], **extra))
-    quality = evaluation.compute()
+    quality = score(evaluation, (
+        EvalBatch(None, rec["labels"], rec["features"], rec["logits"],
+                  **({"per_sample": rec["per_sample"]} if rec.get("per_sample") else {}))
+        for rec in records))
     if is_fp and "fid_to_fp" in cfg.evaluator.metrics:
         quality["fid_to_fp"] = 0.0
 
@@ -217,7 +217,7 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
     shutil.copyfile(first.run_dir / "config.yaml", out_dir / "config.yaml")
     atomic_write_json(out_dir / "shards.json", [{"dir": str(s.run_dir), "indices": r["indices"]}
                                                 for s, r in zip(shards, records)])
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    write_metrics(out_dir, metrics)
     return metrics
 
 

@@ -20,11 +20,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
+from diffquant.app import quantize
 from diffquant.cache import atomic_write_json
 from diffquant.context import RunContext
 from diffquant.models.loading import build_model, resolve_device
-from diffquant.registry import METHODS
-from diffquant.schema import register_configs, validate
+from diffquant.schema import register_configs, typed_run_config
 
 CONF = str(Path(__file__).resolve().parents[3] / "conf")
 register_configs()
@@ -42,12 +42,13 @@ def main(cfg: DictConfig) -> dict:
         bench = cfg.get("bench") or {}
         n, repeats = int(bench.get("samples", 100)), int(bench.get("repeats", 3))
         cfg.logger.name, cfg.logger.mode = "none", "disabled"
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    ctx = RunContext(run_dir=Path(cfg.paths.output_dir), cache_dir=Path(cfg.paths.cache_dir),
-                     device=device, seed=cfg.seed)
-    fp = build_model(cfg.model, device)
-    quant = METHODS.get(cfg.method.name)(build_model(cfg.model, device), cfg.quant, cfg.method, ctx)
+        cfg.pop("bench", None)
+    run = typed_run_config(cfg)
+    device = resolve_device(run.device)
+    ctx = RunContext(run_dir=Path(run.paths.output_dir), cache_dir=Path(run.paths.cache_dir),
+                     device=device, seed=run.seed)
+    fp = build_model(run.model, device)
+    quant = quantize(build_model(run.model, device), run, ctx).model
     time_sampling(quant, min(n, 8), cfg.seed)  # warm-up both paths
     time_sampling(fp, min(n, 8), cfg.seed)
     fp_s, q_s = [], []

@@ -1,12 +1,13 @@
-"""Calibration data: the UNet inputs of the FP model's own sampling trajectories, on disk.
+"""Calibration data: the denoiser inputs of the FP model's own sampling trajectories, on disk.
 
 :func:`collect_calibration` samples ``n_samples`` trajectories with the FP model and records,
-through a forward pre-hook (with kwargs) on ``model.denoiser``, the inputs of every ``step_stride``-th
-sampler step (steps 0, k, 2k, ...; 0 = noisiest). Every row of the batched UNet call is a sample:
-with guidance a step gives ``2 · n_samples`` rows (unconditional and conditional inputs), as in
-Q-Diffusion's SD calibration set. A row holds the UNet keyword arguments (``sample`` (C, h, w),
-``timestep`` (), the condition: ``class_labels`` () or ``encoder_hidden_states`` (L, D)) and the
-sampler step index (``_step``).
+through a forward pre-hook (with kwargs) on ``model.denoiser``, the inputs of every
+``step_stride``-th sampler step (steps 0, k, 2k, ...; 0 = noisiest). Every row of the batched
+denoiser call is a sample: with guidance a step gives ``2 · n_samples`` rows (unconditional and
+conditional inputs), as in Q-Diffusion's SD calibration set. A row holds the denoiser's keyword
+arguments (the latents (C, h, w) and time step () under the names the family's
+:class:`~diffquant.models.denoiser.DenoiserSpec` gives, and the condition, e.g. ``class_labels``
+() or ``encoder_hidden_states`` (L, D)) and the sampler step index (``_step``).
 
 Rows are written in shards (``shard_00000.pt`` ...) under a :class:`~diffquant.cache.CacheEntry`
 keyed by everything that produced them (model identity and weights fingerprint, scheduler and
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from diffquant.cache import CacheEntry, atomic_torch_save
 from diffquant.quant.state import quant_state
 from diffquant.quant.typed import as_dataclass
+from diffquant.validation import positive
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,18 @@ class CalibSettings:
     """
 
     n_samples: int = 64
-    step_stride: int = 1
+    step_stride: int = 2
     batch_size: int = 64
     seed: int = 10_000
     shard_rows: int = 4096
 
+    def __post_init__(self) -> None:
+        positive(self, "n_samples", "step_stride", "batch_size", "shard_rows")
+
 
 # ---------------------------------------------------------------------------- identity
 def denoiser_fingerprint(denoiser: nn.Module) -> str:
-    """A short hash of the UNet's FP weights (quantizer state left out), so cache entries made
+    """A short hash of the denoiser's FP weights (quantizer state left out), so cache entries made
     from other weights under the same model name are never reused."""
     h = hashlib.sha256()
     with torch.no_grad():
@@ -99,10 +104,11 @@ def calib_cache_key(model: Any, settings: CalibSettings,
 
 # ---------------------------------------------------------------------------- recording
 class _Recorder:
-    """Forward pre-hook that keeps the UNet kwargs of recorded steps, row-wise on CPU."""
+    """Forward pre-hook that keeps the denoiser kwargs of recorded steps, row-wise on CPU."""
 
-    def __init__(self, stride: int) -> None:
+    def __init__(self, stride: int, spec: Any) -> None:
         self.stride = stride
+        self.spec = spec
         self.step: Optional[int] = None
         self.rows: list[dict[str, Tensor]] = []
 
@@ -113,15 +119,19 @@ class _Recorder:
         if self.step is None or self.step % self.stride:
             return
         if args:
-            raise RuntimeError("calibration recording expects the UNet to be called with keyword "
-                               "arguments (DiffusionModel.denoiser_kwargs)")
-        n = kwargs["sample"].shape[0]
+            raise RuntimeError("calibration recording expects the denoiser to be called with "
+                               "keyword arguments (DiffusionModel.denoiser_kwargs)")
+        n = self.spec.batch_size(kwargs)
         row: dict[str, Tensor] = {}
         for k, v in kwargs.items():
-            if isinstance(v, Tensor):
-                if v.dim() == 0 or v.shape[0] != n:
-                    raise RuntimeError(f"UNet argument {k!r} has no batch dimension of {n}")
-                row[k] = v.detach().to("cpu").clone()
+            if v is None:
+                continue
+            if not isinstance(v, Tensor):
+                raise RuntimeError(f"denoiser argument {k!r} is a {type(v).__name__}, not a "
+                                   "tensor: a calibration row can only hold per-row tensors")
+            if v.dim() == 0 or v.shape[0] != n:
+                raise RuntimeError(f"denoiser argument {k!r} has no batch dimension of {n}")
+            row[k] = v.detach().to("cpu").clone()
         row[STEP_KEY] = torch.full((n,), self.step, dtype=torch.long)
         self.rows.append(row)
 
@@ -138,8 +148,6 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
     off while sampling).
     """
     s = as_dataclass(settings, CalibSettings)
-    if s.n_samples < 1 or s.step_stride < 1 or s.batch_size < 1:
-        raise ValueError(f"calibration settings must be positive: {s}")
     entry = CacheEntry(cache_dir, "calib", calib_cache_key(model, s, identity))
     with entry.lock():
         if not entry.done():
@@ -151,7 +159,7 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
 
 
 def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
-    recorder = _Recorder(s.step_stride)
+    recorder = _Recorder(s.step_stride, model.spec)
     shards: list[dict[str, Any]] = []
     pending: list[dict[str, Tensor]] = []
     keys: list[str] = []
@@ -190,7 +198,7 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
 class CalibStream:
     """Read access to a calibration set on disk, one shard in memory at a time.
 
-    ``batches`` yields dicts of UNet keyword arguments with ``batch_size`` rows each (the last
+    ``batches`` yields dicts of denoiser keyword arguments with ``batch_size`` rows each (the last
     batch may be smaller); ``rows`` restricts it to given global row indices (in their order of
     storage). The sampler step of each row is included under ``_step`` when ``with_step``.
     """

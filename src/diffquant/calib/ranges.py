@@ -1,4 +1,4 @@
-"""Initial activation ranges: run calibration rows through the FP UNet with every activation
+"""Initial activation ranges: run calibration rows through the FP denoiser with every activation
 quantizer observing its input (see :class:`~diffquant.quant.quantizers.ActQuantizer`)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,17 @@ from diffquant.calib.collect import CalibStream
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
 
+if TYPE_CHECKING:
+    from diffquant.models.denoiser import DenoiserSpec
+
 log = logging.getLogger(__name__)
+
+
+def minmax_patterns(denoiser: nn.Module, spec: "DenoiserSpec", quant_cfg: Any) -> list[str]:
+    """The quantizer-name patterns that always get ``minmax`` ranges under ``quant_cfg``: the
+    input quantizers of the layers of its ``minmax_act_roles``, and its ``minmax_act_layers``."""
+    layers = spec.layers(denoiser, *quant_cfg.minmax_act_roles)
+    return [f"^{re.escape(name)}\\." for name in layers] + list(quant_cfg.minmax_act_layers)
 
 
 @contextmanager
@@ -58,7 +68,7 @@ def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: st
     ``method``: ``minmax`` (min/max over all rows) or ``lp`` (per batch the L_p-optimal clipping
     range, averaged over batches); quantizers whose name matches a regular expression of
     ``minmax_layers`` use ``minmax`` whatever ``method`` is. Time-step-aware quantizers are
-    calibrated per group (the UNet's time-step hook routes each row). Weights stay FP while
+    calibrated per group (the denoiser's time-step hook routes each row). Weights stay FP while
     observing. Returns the number of quantizers calibrated.
     """
     device = device or next(denoiser.parameters()).device

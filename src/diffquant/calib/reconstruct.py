@@ -1,11 +1,12 @@
-"""BRECQ block reconstruction (the Q-Diffusion recipe) on a quantized diffusers UNet.
+"""BRECQ block reconstruction (the Q-Diffusion recipe) on a quantized denoiser.
 
-Units, in the order the UNet executes them: every ``ResnetBlock2D``, transformer block
-(``BasicTransformerBlock``) and ``Attention`` block not inside another unit; every other quantized
-Conv2d/Linear on its own (``conv_in``, time-embedding linears, down/up-sampler convs,
-``proj_in``/``proj_out``, ``conv_out``).
+Units, in the order the denoiser executes them: every block the family's
+:class:`~diffquant.models.denoiser.DenoiserSpec` reconstructs as one (for diffusers UNets and
+transformers: residual blocks, transformer blocks and attention blocks) not inside another unit;
+every other quantized Conv2d/Linear on its own (a UNet's input and output convolutions,
+time-embedding linears, down/up-sampler convolutions, transformer input/output projections).
 
-For each unit, calibration rows are streamed through the UNet and two captures are taken by
+For each unit, calibration rows are streamed through the denoiser and two captures are taken by
 hooks (the forward stops at the unit, so only the prefix runs):
 
 * the FP network (quantization off): the unit's inputs ``x_fp`` and its output ``y`` (target);
@@ -53,6 +54,7 @@ from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
 from diffquant.quant.timestep import get_router
 from diffquant.quant.typed import as_dataclass
+from diffquant.validation import InvalidSetting, positive
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,10 @@ SOFTMAX_FP_BITS = 16  # activation quantizers at >= 16 bits are not trained (Q-D
 
 @dataclass
 class ReconSettings:
-    """Block-reconstruction hyper-parameters (paper values: 20k / 5k iterations, batch 32).
+    """Block-reconstruction hyper-parameters. The defaults are sized for the embedded models on
+    2 CPU cores (a few minutes); the paper's (20k / 5k iterations, lr 1e-3 / 4e-4, batch 32) are
+    in ``conf/method/ptq_paper.yaml``. With 1% of the paper's iterations, AdaRound needs 10x its
+    learning rate to converge.
 
     Attributes:
         weight_iters / act_iters: iterations of the AdaRound / LSQ stage per unit (0 skips).
@@ -72,27 +77,34 @@ class ReconSettings:
         warmup: fraction of weight iterations without the rounding regulariser.
         beta_start / beta_end: the regulariser's β annealing.
         round_reg: regulariser weight λ.
-        capture_batch_size: rows per UNet forward when capturing a unit's inputs.
+        capture_batch_size: rows per denoiser forward when capturing a unit's inputs.
         max_rows: calibration rows used (a fixed random subset; None = all).
         memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
         seed: base seed (each unit's optimisation is seeded by it and the unit's index).
     """
 
-    weight_iters: int = 20000
-    act_iters: int = 5000
+    weight_iters: int = 200
+    act_iters: int = 100
     batch_size: int = 32
-    weight_lr: float = 1e-3
-    act_lr: float = 4e-4
+    weight_lr: float = 1e-2
+    act_lr: float = 2e-3
     weight_p: float = 2.0
     act_p: float = 2.4
     warmup: float = 0.2
     beta_start: float = 20.0
     beta_end: float = 2.0
     round_reg: float = 0.01
-    capture_batch_size: int = 64
+    capture_batch_size: int = 128
     max_rows: Optional[int] = None
     memory_mb: int = 2048
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive(self, "weight_iters", "act_iters", allow_zero=True)
+        positive(self, "batch_size", "weight_lr", "act_lr", "weight_p", "act_p",
+                 "capture_batch_size", "max_rows", "memory_mb")
+        if not 0.0 <= self.warmup < 1.0:
+            raise InvalidSetting("warmup", "is not a fraction of the weight iterations: use [0, 1)")
 
 
 # ---------------------------------------------------------------------------- units
@@ -105,27 +117,19 @@ class Unit:
     kind: str
 
 
-def _block_types() -> dict[type, str]:
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
-    return {ResnetBlock2D: "resnet", BasicTransformerBlock: "transformer", Attention: "attention"}
-
-
 class StopForward(Exception):
-    """Raised by capture hooks to skip the rest of the UNet."""
+    """Raised by capture hooks to skip the rest of the denoiser."""
 
 
-def find_units(denoiser: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
-    """The reconstruction units of ``denoiser`` in execution order (traced on ``example`` kwargs)."""
-    block_types = _block_types()
+def find_units(denoiser: nn.Module, spec: Any, example: dict[str, Tensor]) -> list[Unit]:
+    """The reconstruction units of ``denoiser`` (blocks as ``spec.unit_kind`` says) in execution
+    order (traced on ``example`` kwargs)."""
     candidates: list[Unit] = []
     inside: set[str] = set()
     for name, m in denoiser.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        kind = next((k for t, k in block_types.items() if isinstance(m, t)), None)
+        kind = spec.unit_kind(m)
         if kind is not None and any(is_quant_layer(c) for c in m.modules()):
             candidates.append(Unit(name, m, kind))
             inside.add(name)
@@ -136,7 +140,7 @@ def find_units(denoiser: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
     for u in candidates:
         def hook(mod, args, name=u.name):
             if name in order:
-                raise RuntimeError(f"reconstruction unit {name} runs twice in one UNet call; "
+                raise RuntimeError(f"reconstruction unit {name} runs twice in one denoiser call; "
                                    "block reconstruction needs each unit to run once")
             order[name] = len(order)
         handles.append(u.module.register_forward_pre_hook(hook))
@@ -148,7 +152,8 @@ def find_units(denoiser: nn.Module, example: dict[str, Tensor]) -> list[Unit]:
             h.remove()
     skipped = [u.name for u in candidates if u.name not in order]
     if skipped:
-        log.warning("quantized modules never called by the UNet (not reconstructed): %s", skipped)
+        log.warning("quantized modules never called by the denoiser (not reconstructed): %s",
+                    skipped)
     return sorted((u for u in candidates if u.name in order), key=lambda u: order[u.name])
 
 
@@ -292,16 +297,17 @@ class ReconReport:
 
 
 class Reconstructor:
-    """Runs block reconstruction over a quantized UNet; see the module doc.
+    """Runs block reconstruction over a quantized denoiser; see the module doc.
 
     ``on_unit_done(index, report)`` is called after each unit is finished and saved (tests use it
     to interrupt a run).
     """
 
-    def __init__(self, denoiser: nn.Module, stream: CalibStream, settings: Any, *,
+    def __init__(self, denoiser: nn.Module, spec: Any, stream: CalibStream, settings: Any, *,
                  progress_dir: Optional[Path] = None,
                  on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> None:
         self.denoiser = denoiser
+        self.spec = spec
         self.stream = stream
         self.s: ReconSettings = as_dataclass(settings, ReconSettings)
         self.progress_dir = Path(progress_dir) if progress_dir is not None else None
@@ -344,7 +350,7 @@ class Reconstructor:
     # -- main loop
     def run(self) -> ReconReport:
         example = next(self.stream.batches(1, self.rows[:1], device=self.device))
-        units = find_units(self.denoiser, example)
+        units = find_units(self.denoiser, self.spec, example)
         names = [u.name for u in units]
         report = ReconReport()
         start = self._load_progress(names, report)
@@ -411,7 +417,7 @@ class Reconstructor:
         try:
             for batch in self.stream.batches(self.s.capture_batch_size, self.rows,
                                              device=self.device):
-                n = batch["sample"].shape[0]
+                n = self.spec.batch_size(batch)
                 grabbed["stop_before"] = False
                 with quant_state(self.denoiser, weights=False, acts=False):
                     _run_until_stop(self.denoiser, batch)
@@ -419,7 +425,7 @@ class Reconstructor:
                     spec = CallSpec(grabbed["args"], grabbed["kwargs"], n)
                 rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
                 rows["y"] = grabbed["out"].detach().cpu()
-                rows["t"] = batch["timestep"].detach().cpu()
+                rows["t"] = batch[self.spec.timestep_arg].detach().cpu()
                 if with_weight_inputs:
                     grabbed["stop_before"] = True
                     with quant_state(self.denoiser, weights=True, acts=False):
@@ -513,17 +519,17 @@ def _run_until_stop(denoiser: nn.Module, batch: dict[str, Tensor]) -> None:
         denoiser(**batch)
     except StopForward:
         return
-    raise RuntimeError("capture hook did not fire: the unit is not on the UNet's forward path")
+    raise RuntimeError("capture hook did not fire: the unit is not on the denoiser's forward path")
 
 
 def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def reconstruct(denoiser: nn.Module, stream: CalibStream, settings: Any, *,
+def reconstruct(denoiser: nn.Module, spec: Any, stream: CalibStream, settings: Any, *,
                 progress_dir: Optional[Path] = None,
                 on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> ReconReport:
     """Block-reconstruct the quantized ``denoiser`` (weights by AdaRound, then activation step sizes
     by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc."""
-    return Reconstructor(denoiser, stream, settings, progress_dir=progress_dir,
+    return Reconstructor(denoiser, spec, stream, settings, progress_dir=progress_dir,
                          on_unit_done=on_unit_done).run()

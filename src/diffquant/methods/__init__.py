@@ -1,14 +1,11 @@
 """Quantization methods, registered in ``METHODS`` with their config schema.
 
-A method is ``apply(model, quant_cfg, method_cfg, ctx) -> model``: it may replace or modify
-``model.denoiser`` in place; the app times it (``calibrate_s``) and evaluates what it returns.
+A method is a :class:`~diffquant.methods.base.Method`: ``calibrate(model, quant, cfg, ctx,
+progress) -> MethodResult`` quantizes ``model.denoiser`` in place and returns the model, the
+final quant config and its metrics; :func:`~diffquant.methods.result_cache.run_method` caches
+the result. The app times it (``calibrate_s``) and evaluates what it returns.
 """
 
-import importlib
-
-for _module in ("fp", "ptq", "quest", "accuquant"):
-    try:
-        importlib.import_module(f"diffquant.methods.{_module}")
-    except ModuleNotFoundError as err:  # a method not written yet; any other import error is a bug
-        if err.name != f"diffquant.methods.{_module}":
-            raise
+from diffquant.methods import accuquant, fp, ptq, quest  # noqa: F401  (register the methods)
+from diffquant.methods.base import Method, MethodResult, Table  # noqa: F401
+from diffquant.methods.result_cache import run_method  # noqa: F401

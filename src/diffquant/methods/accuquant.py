@@ -1,9 +1,9 @@
 """AccuQuant (Lee, Choi et al., NeurIPS 2025): calibrate so that the quantized sampler stays on
 the FP trajectory over several denoising steps, in memory that does not grow with the steps.
 
-The paper's full text could not be obtained; this is the reconstruction of
-``/work/shared/research/accuquant.md`` §1.3 (abstract, the official overview figure, a review).
-Every choice the sources leave open is a field of :class:`AccuQuantConfig`:
+The paper's full text was not available when this was written; this is a reconstruction from
+its abstract, its official overview figure and a public review. Every choice those sources leave
+open is a field of :class:`AccuQuantConfig`:
 
 1. **Base.** Start from the baseline PTQ result (``method.ptq``: the Q-Diffusion recipe, loaded
    from the cache when the same model/quant/PTQ settings were calibrated before).
@@ -25,35 +25,36 @@ Every choice the sources leave open is a field of :class:`AccuQuantConfig`:
 
 Parameters are shared by all groups unless the quant config is time-step aware
 (``quant.timestep_aware=true``): then every step routes its own activation parameter group
-through the UNet's ``timestep`` argument, and a group's iterations only move the parameters of
+through the denoiser's time-step argument, and a group's iterations only move the parameters of
 its steps' groups. With shared parameters, ``sequential`` lets each group undo what earlier
 groups learned (on ldm_digits W4A4 the full-trajectory error got *worse* than PTQ's although
 every group's own loss fell), so the default is ``interleaved``: one optimiser fits all groups.
 
-Adds to ``ctx.extra_metrics``: ``accuquant_s`` (seconds of trajectory calibration, the PTQ base
+Metrics of the result: ``accuquant_s`` (seconds of trajectory calibration, the PTQ base
 excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups of the group loss
 on all calibration trajectories, FP starts, before / after the whole calibration),
 ``accuquant_groups``, ``accuquant_group_losses_init`` and ``accuquant_group_losses`` (per group,
-before / after); writes ``accuquant_groups.json`` into the run
-folder and logs the per-group table and the loss curve to the tracker. The calibrated UNet and
-these metrics are cached (:mod:`diffquant.methods.result_cache`; ``accuquant_cached``).
+before / after); its files hold ``accuquant_groups.json`` and its tables the per-group table;
+the loss curve is logged to the tracker while it runs. The calibrated denoiser and all of these
+are cached (:mod:`diffquant.methods.result_cache`; ``accuquant_cached``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from diffquant.cache import atomic_write_json
+from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.methods.result_cache import load_or_run_method
-from diffquant.methods.trajectory import (GRAD_MODES, Trajectories, check_stateless_scheduler,
+from diffquant.methods.trajectory import (GRAD_MODES, LOSSES, Trajectories, check_stateless_scheduler,
                                           fp_trajectories, group_backward, group_length,
                                           group_starts, loss_fn, rollout)
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
@@ -61,8 +62,9 @@ from diffquant.quant.config import QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
 from diffquant.quant.state import quant_parameters
-from diffquant.quant.typed import as_dataclass
+
 from diffquant.registry import METHODS
+from diffquant.validation import InvalidSetting, one_of, positive
 
 log = logging.getLogger(__name__)
 
@@ -143,28 +145,22 @@ class AccuQuantConfig:
     eval_batch_size: int = 64
     save_checkpoint: bool = False
 
+    def __post_init__(self) -> None:
+        validate_config(self)
+
 
 def validate_config(cfg: AccuQuantConfig) -> None:
-    """Raise ValueError naming the key and the fix for values the schema's types allow."""
-    checks = [
-        (cfg.group_size >= 1, f"method.group_size={cfg.group_size} must be >= 1"),
-        (cfg.grad_mode in GRAD_MODES, f"method.grad_mode={cfg.grad_mode!r}: use one of {GRAD_MODES}"),
-        (bool(cfg.learn) and all(k in LEARNABLE for k in cfg.learn),
-         f"method.learn={list(cfg.learn)}: choose from {list(LEARNABLE)}"),
-        (cfg.group_start in GROUP_STARTS,
-         f"method.group_start={cfg.group_start!r}: use one of {GROUP_STARTS}"),
-        (cfg.order in ORDERS, f"method.order={cfg.order!r}: use one of {ORDERS}"),
-        (cfg.lr_schedule in LR_SCHEDULES,
-         f"method.lr_schedule={cfg.lr_schedule!r}: use one of {LR_SCHEDULES}"),
-        (cfg.iters_per_group >= 0 and cfg.epochs >= 1, "method.iters_per_group must be >= 0 and "
-         "method.epochs >= 1"),
-        (cfg.n_samples >= 1 and cfg.batch_size >= 1 and cfg.eval_batch_size >= 1,
-         "method.n_samples, method.batch_size and method.eval_batch_size must be positive"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    loss_fn(cfg.loss)
+    """Raise :class:`~diffquant.validation.InvalidSetting` naming the key and the fix for values
+    the schema's types allow (``AccuQuantConfig`` calls it on construction)."""
+    positive(cfg, "group_size", "epochs", "n_samples", "batch_size", "eval_batch_size")
+    positive(cfg, "iters_per_group", allow_zero=True)
+    one_of(cfg, "grad_mode", GRAD_MODES)
+    if not cfg.learn or any(k not in LEARNABLE for k in cfg.learn):
+        raise InvalidSetting("learn", f"is unknown: choose from {list(LEARNABLE)}")
+    one_of(cfg, "group_start", GROUP_STARTS)
+    one_of(cfg, "order", ORDERS)
+    one_of(cfg, "lr_schedule", LR_SCHEDULES)
+    one_of(cfg, "loss", LOSSES)
 
 
 # ---------------------------------------------------------------------------- learned tensors
@@ -461,9 +457,9 @@ class TrajectoryCalibration:
                  start + length - 1, before, after, " (reverted)" if reverted else "", seconds)
 
 
-def apply_accuquant_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any) -> list[GroupReport]:
-    """Run the trajectory calibration on an already quantized ``model`` (the PTQ base) and record
-    its metrics in ``ctx``; returns the group reports."""
+def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any) -> MethodResult:
+    """Run the trajectory calibration on an already quantized ``model`` (the PTQ base); returns
+    its metrics, per-group table and ``accuquant_groups.json``."""
     t0 = time.perf_counter()
     traj = fp_trajectories(model, list(range(cfg.n_samples)), cfg.seed, cfg.eval_batch_size)
 
@@ -476,34 +472,37 @@ def apply_accuquant_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any) -> l
     reports = calibration.run(traj)
     final = calibration.all_group_losses(traj)
     seconds = time.perf_counter() - t0
-    ctx.extra_metrics.update({
+    metrics = {
         "accuquant_s": round(seconds, 3),
         "accuquant_loss_init": sum(initial) / len(initial),
         "accuquant_loss_final": sum(final) / len(final),
         "accuquant_groups": len(final),
         "accuquant_group_losses_init": initial,
         "accuquant_group_losses": final,
-    })
-    columns = list(asdict(reports[0]))
-    ctx.tracker.log_table("accuquant_groups", columns, [list(asdict(r).values()) for r in reports])
-    atomic_write_json(ctx.run_dir / "accuquant_groups.json",
-                      {"config": asdict(cfg), "groups": [asdict(r) for r in reports],
-                       "group_losses_init": initial, "group_losses_final": final,
-                       "seconds": seconds})
-    return reports
+    }
+    table = Table(list(asdict(reports[0])), [list(asdict(r).values()) for r in reports])
+    groups_json = json.dumps({"config": asdict(cfg), "groups": [asdict(r) for r in reports],
+                              "group_losses_init": initial, "group_losses_final": final,
+                              "seconds": seconds}, indent=2) + "\n"
+    return MethodResult(model, None, metrics, {"accuquant_groups": table},
+                        {"accuquant_groups.json": groups_json})
 
 
 @METHODS.register("accuquant", schema=AccuQuantConfig)
-def apply_accuquant(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
-    cfg = as_dataclass(method_cfg, AccuQuantConfig)
-    validate_config(cfg)
-    check_stateless_scheduler(model.scheduler)
-    qcfg = as_dataclass(quant_cfg, QuantConfig)
 
-    def run() -> QuantConfig:
-        load_or_run_ptq(model, qcfg, cfg.ptq, ctx)
-        apply_accuquant_calibration(model, cfg, ctx)
-        return qcfg
+    version = 2
 
-    return load_or_run_method(model, qcfg, cfg, ctx, run)
+    def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
+        """The biases of the quantized layers (``learn: [bias]`` trains them)."""
+        return quant_parameters(model.denoiser, "bias")
+
+    def calibrate(self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any,
+                  progress: Path) -> MethodResult:
+        check_stateless_scheduler(model.scheduler)
+        base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
+        result = trajectory_calibration(model, cfg, ctx).merge(base)
+        result.quant = base.quant
+        result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's
+        return result

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from diffquant.methods.base import Method, MethodResult
 from diffquant.registry import METHODS
 
 
@@ -15,6 +18,11 @@ class FPConfig:
 
 
 @METHODS.register("fp", schema=FPConfig)
-def apply_fp(model, quant_cfg, method_cfg, ctx):
-    """Return the model unchanged (``quant`` must be ``fp32``; checked by ``schema.validate``)."""
-    return model
+class FP(Method):
+    """Returns the model unchanged; the job's ``quant`` is ignored (the FP row of any grid)."""
+
+    cached = False
+
+    def calibrate(self, model: Any, quant: Any, cfg: FPConfig, ctx: Any,
+                  progress: Path) -> MethodResult:
+        return MethodResult(model, None)

@@ -1,7 +1,7 @@
 """Baseline post-training quantization: ``ptq_minmax`` (the floor) and ``ptq`` (Q-Diffusion).
 
-Both quantize ``model.denoiser`` (every Conv2d/Linear and the attention matmuls; VAE and text encoder
-stay FP), gather calibration data from the FP model's own sampler and set initial ranges:
+Both quantize ``model.denoiser`` (every Conv2d/Linear and the attention matmuls; VAE and text
+encoder stay FP), gather calibration data from the FP model's own sampler and set initial ranges:
 
 * ``ptq_minmax`` — weights round-to-nearest on their initial per-channel ranges, activation
   ranges from calibration data; no reconstruction. ``range_init`` (default ``minmax``) overrides
@@ -9,11 +9,10 @@ stay FP), gather calibration data from the FP model's own sampler and set initia
 * ``ptq`` — then BRECQ block reconstruction (:mod:`diffquant.calib.reconstruct`): AdaRound for
   the weights, then LSQ for the activation step sizes, unit by unit.
 
-The result (quantization parameters and rounding choices) is cached under
-``<cache_dir>/ptq/<hash>/`` keyed by the FP model (name, weights fingerprint, scheduler, sampler),
-the quant config and the method config, so a second job — or QuEST, through
-:func:`load_or_run_ptq` — loads it instead of recalibrating. A stopped calibration resumes after
-the last finished unit.
+The result (quantization parameters and rounding choices) is cached by
+:func:`~diffquant.methods.result_cache.run_method` under ``<cache_dir>/ptq/<hash>/``, so a second
+job — or QuEST and AccuQuant, through :func:`load_or_run_ptq` — loads it instead of
+recalibrating. A stopped calibration resumes after the last finished unit.
 """
 
 from __future__ import annotations
@@ -21,29 +20,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from diffquant.cache import CacheEntry
-from diffquant.calib.collect import CalibSettings, CalibStream, collect_calibration, model_identity
-from diffquant.calib.ranges import calibrate_act_ranges
-from diffquant.calib.reconstruct import ReconReport, ReconSettings, reconstruct
-from diffquant.quant.checkpoint import load_quantized, save_quantized
+from diffquant.calib.collect import CalibSettings, CalibStream, collect_calibration
+from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
+from diffquant.calib.reconstruct import ReconSettings, reconstruct
+from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.result_cache import run_method
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.state import iter_quantizers
-from diffquant.quant.swap import QuantSummary, quantize_denoiser
-from diffquant.quant.typed import as_dataclass, as_dict
+from diffquant.quant.swap import quantize_denoiser
 from diffquant.registry import METHODS
+from diffquant.validation import one_of, positive
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "quantized_denoiser.pt"
-# Bump when a code change alters PTQ results, so that cached results of older code are not reused.
-ALGORITHM_VERSION = 3
 
 
 @dataclass
@@ -67,6 +61,10 @@ class PTQMinMaxConfig:
     act_init_batch_size: int = 64
     save_checkpoint: bool = False
 
+    def __post_init__(self) -> None:
+        one_of(self, "range_init", (None, "minmax", "lp"))
+        positive(self, "act_init_rows", "act_init_batch_size")
+
 
 @dataclass
 class PTQConfig:
@@ -88,26 +86,14 @@ class PTQConfig:
     recon: ReconSettings = field(default_factory=ReconSettings)
     save_checkpoint: bool = False
 
+    def __post_init__(self) -> None:
+        positive(self, "act_init_rows", "act_init_batch_size")
+
 
 AnyPTQConfig = Union[PTQConfig, PTQMinMaxConfig]
 
 
-def _typed_method_cfg(cfg: Any) -> AnyPTQConfig:
-    name = cfg.name if not isinstance(cfg, dict) else cfg["name"]
-    return as_dataclass(cfg, PTQMinMaxConfig if name == "ptq_minmax" else PTQConfig)
-
-
-def ptq_cache_key(identity: dict[str, Any], quant_cfg: QuantConfig,
-                  method_cfg: AnyPTQConfig) -> dict[str, Any]:
-    """The settings a PTQ result depends on (names and output options left out)."""
-    quant = as_dict(quant_cfg)
-    quant.pop("name", None)
-    method = as_dict(method_cfg)
-    method.pop("save_checkpoint", None)
-    return {"model": identity, "quant": quant, "method": method, "version": ALGORITHM_VERSION}
-
-
-# ---------------------------------------------------------------------------- calibration
+# ---------------------------------------------------------------------------- checks
 def _check_finite_quantizers(denoiser: torch.nn.Module, method_name: str) -> None:
     bad = [n for n, q in iter_quantizers(denoiser)
            if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())]
@@ -119,106 +105,71 @@ def _check_finite_quantizers(denoiser: torch.nn.Module, method_name: str) -> Non
 
 
 @torch.no_grad()
-def _check_finite_output(denoiser: torch.nn.Module, stream: CalibStream, device, method_name: str
-                         ) -> None:
-    batch = next(stream.batches(8, stream.subset(8, 0), device=device))
-    out = denoiser(**batch).sample
+def _check_finite_output(model: Any, stream: CalibStream, method_name: str) -> None:
+    batch = next(stream.batches(8, stream.subset(8, 0), device=model.device))
+    out = model.spec.forward(model.denoiser, batch)
     if not torch.isfinite(out).all():
         hint = ("lower method.recon.act_lr (or method.recon.weight_lr)" if method_name == "ptq"
                 else "use quant.act_init=lp or more calibration rows")
-        raise FloatingPointError(f"{method_name}: the quantized UNet outputs NaN/inf on "
+        raise FloatingPointError(f"{method_name}: the quantized denoiser outputs NaN/inf on "
                                  f"calibration inputs: {hint}")
 
 
-def calibrate_ptq(model: Any, quant_cfg: QuantConfig, method_cfg: AnyPTQConfig, ctx: Any, *,
-                  identity: Optional[dict[str, Any]] = None,
-                  progress_dir=None) -> tuple[QuantSummary, dict[str, Any], Optional[ReconReport]]:
-    """Quantize ``model.denoiser`` in place and calibrate it (no caching of the result).
-
-    Returns the swap summary, metadata for the checkpoint, and the reconstruction report
-    (None for ``ptq_minmax``).
-    """
-    is_minmax = isinstance(method_cfg, PTQMinMaxConfig)
-    stream = collect_calibration(model, method_cfg.calib, ctx.cache_dir, identity=identity)
-    summary = quantize_denoiser(model.denoiser, quant_cfg, timesteps=model.timesteps)
+# ---------------------------------------------------------------------------- calibration
+def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
+                  progress: Optional[Path]) -> MethodResult:
+    """Quantize ``model.denoiser`` in place and calibrate it: initial ranges, then (``ptq``)
+    block reconstruction, resumable through ``progress``."""
+    is_minmax = isinstance(cfg, PTQMinMaxConfig)
+    if is_minmax and cfg.range_init is not None:
+        quant = dataclasses.replace(quant, weight_init=cfg.range_init, act_init=cfg.range_init)
+    stream = collect_calibration(model, cfg.calib, ctx.cache_dir)
+    summary = quantize_denoiser(model.denoiser, model.spec, quant, timesteps=model.timesteps)
     text = summary.format()
     log.info("\n%s", text)
-    ctx.tracker.log_text("quant_summary", text)
-    calibrate_act_ranges(model.denoiser, stream, method=quant_cfg.act_init,
-                         n_rows=method_cfg.act_init_rows,
-                         batch_size=method_cfg.act_init_batch_size, p=quant_cfg.lp_norm,
-                         n_candidates=quant_cfg.lp_candidates, device=model.device,
-                         minmax_layers=quant_cfg.minmax_act_layers)
+    calibrate_act_ranges(model.denoiser, stream, method=quant.act_init, n_rows=cfg.act_init_rows,
+                         batch_size=cfg.act_init_batch_size, p=quant.lp_norm,
+                         n_candidates=quant.lp_candidates, device=model.device,
+                         minmax_layers=minmax_patterns(model.denoiser, model.spec, quant))
     report = None
     if not is_minmax:
-        report = reconstruct(model.denoiser, stream, method_cfg.recon, progress_dir=progress_dir)
-    name = "ptq_minmax" if is_minmax else "ptq"
-    _check_finite_quantizers(model.denoiser, name)
-    _check_finite_output(model.denoiser, stream, model.device, name)
-    meta: dict[str, Any] = {"method": name, "calib_rows": len(stream),
-                            "summary": summary.metrics()}
+        report = reconstruct(model.denoiser, model.spec, stream, cfg.recon, progress_dir=progress)
+    _check_finite_quantizers(model.denoiser, cfg.name)
+    _check_finite_output(model, stream, cfg.name)
+    metrics: dict[str, Any] = {**summary.metrics(), "calib_rows": len(stream)}
+    tables: dict[str, Table] = {}
     if report is not None:
-        meta["recon"] = report.metrics()
-        meta["recon_units"] = [dataclasses.asdict(u) for u in report.units]
-    return summary, meta, report
-
-
-def load_or_run_ptq(model: Any, quant_cfg: Any, ptq_cfg: Any, ctx: Any) -> Any:
-    """Quantize ``model.denoiser`` by ``ptq``/``ptq_minmax``, from the cache when this model, quant
-    config and method config were calibrated before; returns ``model``.
-
-    Adds to ``ctx.extra_metrics``: ``n_quant_layers`` (and per-type counts), ``ptq_calib_s``
-    (seconds the calibration took when it was made), ``ptq_cached`` and reconstruction losses.
-    """
-    qcfg = as_dataclass(quant_cfg, QuantConfig)
-    mcfg = _typed_method_cfg(ptq_cfg)
-    if isinstance(mcfg, PTQMinMaxConfig) and mcfg.range_init is not None:
-        qcfg = dataclasses.replace(qcfg, weight_init=mcfg.range_init, act_init=mcfg.range_init)
-    identity = model_identity(model)
-    entry = CacheEntry(ctx.cache_dir, "ptq", ptq_cache_key(identity, qcfg, mcfg))
-    with entry.lock():
-        cached = entry.done()
-        if cached:
-            log.info("loading the cached %s result %s", mcfg.name, entry.path)
-            summary, meta = load_quantized(model.denoiser, entry.path / CHECKPOINT_FILE)
-            text = summary.format()
-            log.info("\n%s", text)
-            ctx.tracker.log_text("quant_summary", text)
-        else:
-            t0 = time.perf_counter()
-            summary, meta, _ = calibrate_ptq(model, qcfg, mcfg, ctx, identity=identity,
-                                             progress_dir=entry.partial_dir())
-            meta["calib_time_s"] = round(time.perf_counter() - t0, 3)
-            with entry.writing() as tmp:
-                save_quantized(model.denoiser, tmp / CHECKPOINT_FILE, qcfg, meta=meta)
-            entry.clear_partial()
-    if mcfg.save_checkpoint:
-        shutil.copyfile(entry.path / CHECKPOINT_FILE, ctx.run_dir / CHECKPOINT_FILE)
-    _record(ctx, summary, meta, cached)
-    return model
-
-
-def _record(ctx: Any, summary: QuantSummary, meta: dict[str, Any], cached: bool) -> None:
-    ctx.extra_metrics.update(summary.metrics())
-    ctx.extra_metrics["ptq_calib_s"] = meta.get("calib_time_s")
-    ctx.extra_metrics["ptq_cached"] = cached
-    ctx.extra_metrics["calib_rows"] = meta.get("calib_rows")
-    for k, v in (meta.get("recon") or {}).items():
-        ctx.extra_metrics[k] = v if not isinstance(v, float) or math.isfinite(v) else None
-    units = meta.get("recon_units") or []
-    if units:
-        ctx.tracker.log_table("recon_units", ["unit", "kind", "weight_loss", "act_loss", "seconds"],
-                              [[u["name"], u["kind"], u["weight_loss"], u["act_loss"], u["seconds"]]
-                               for u in units])
+        metrics.update({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                        for k, v in report.metrics().items()})
+        tables["recon_units"] = Table(
+            ["unit", "kind", "weight_loss", "act_loss", "seconds"],
+            [[u.name, u.kind, u.weight_loss, u.act_loss, u.seconds] for u in report.units])
+    return MethodResult(model, quant, metrics, tables, {"quant_summary.txt": text})
 
 
 @METHODS.register("ptq_minmax", schema=PTQMinMaxConfig)
-def apply_ptq_minmax(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+class PTQMinMax(Method):
     """``method=ptq_minmax``: initial ranges only (the floor every method must beat)."""
-    return load_or_run_ptq(model, quant_cfg, method_cfg, ctx)
+
+    version = 4
+
+    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQMinMaxConfig, ctx: Any,
+                  progress: Path) -> MethodResult:
+        return calibrate_ptq(model, quant, cfg, ctx, progress)
 
 
 @METHODS.register("ptq", schema=PTQConfig)
-def apply_ptq(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+class PTQ(Method):
     """``method=ptq``: Q-Diffusion's BRECQ block reconstruction (AdaRound, then LSQ)."""
-    return load_or_run_ptq(model, quant_cfg, method_cfg, ctx)
+
+    version = 4
+
+    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any,
+                  progress: Path) -> MethodResult:
+        return calibrate_ptq(model, quant, cfg, ctx, progress)
+
+
+def load_or_run_ptq(model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any) -> MethodResult:
+    """The PTQ base of a method built on it (QuEST, AccuQuant): exactly ``method=ptq`` with
+    ``cfg``, so its cached result is shared with ``method=ptq`` jobs."""
+    return run_method(METHODS.get("ptq")(), model, quant, cfg, ctx)

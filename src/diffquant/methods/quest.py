@@ -7,44 +7,49 @@ the same model, quant config and PTQ settings were calibrated before: ``method.p
 1. **time-step-aware activations**: every activation quantizer gets one (Δ, z) set per group of
    sampler steps — by default one per recorded calibration step, as the QuEST code keeps one
    quantizer per calibration time step (the paper's text says a single set; the code does not).
-   The UNet's time-step hook picks the set at every sampler step. ``timestep_init``:
+   The denoiser's time-step hook picks the set at every sampler step. ``timestep_init``:
    ``lp`` / ``minmax`` set each group's range from that group's calibration rows (the QuEST code
    calibrates per time step; its search is a percentile one, ours the L_p one of the PTQ init);
    ``ptq`` copies PTQ's (LSQ-refined) set into every group.
-2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections and of the
-   critical layers with all remaining step sizes (:mod:`diffquant.methods.quest_finetune` says
-   exactly which parameters train, the loss, and where targets come from).
+2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections (the
+   denoiser roles ``tla_roles``, default ``time_projection``) and of the critical layers with all
+   remaining step sizes (:mod:`diffquant.methods.quest_finetune` says exactly which parameters
+   train, the loss, and where targets come from).
 
-Critical layers (``critical_layers``):
+Critical layers (``critical_layers``), read from the denoiser's roles
+(:mod:`diffquant.models.denoiser`), never from module names:
 
-* ``by_family`` (default) — the patterns of the model family in ``critical_layers_by_family``
-  (``conf/method/quest.yaml``): ``ldm`` (UNet2DModel with ``Attention`` blocks, e.g. ldm_digits,
-  LSUN LDMs) → ``to_q``, ``to_k``, ``to_v`` (the QuEST code's ``qkv`` for LSUN); ``sd``
-  (UNet2DConditionModel) → ``ff.net``, ``attn1.to_q/k/v``, ``attn2.to_q`` (the QuEST code's
-  ImageNet LDM-4 choice; its SD script uses ``ff.net`` only); any other family → ``default``.
+* ``by_family`` (default) — the roles of the model family in ``critical_roles_by_family``:
+  ``ldm`` (UNet2DModel with self-attention blocks, e.g. ldm_digits, LSUN LDMs) →
+  ``self_attention_qkv`` (the QuEST code's ``qkv`` for LSUN); ``sd`` → ``feed_forward``,
+  ``self_attention_qkv``, ``cross_attention_q`` (the QuEST code's ImageNet LDM-4 choice; its SD
+  script uses the feed-forward layers only); any other family → ``default``.
 * ``auto`` — the activation sensitivity sweep (:mod:`diffquant.methods.quest_sensitivity`) on
-  the FP model picks the ``critical_top_k`` most sensitive units; its ranking is written to the
-  run folder (``sensitivity.json`` / ``.md``) and cached.
-* a list of regular expressions searched in ``<layer>.weight``.
+  the FP model picks the ``critical_top_k`` most sensitive units; its ranking is a file of the
+  result (``sensitivity.md``) and is cached.
+* a list of regular expressions searched in ``<layer>.weight`` (for users naming layers).
 
 Ablations (``conf/method/quest_*.yaml``): ``tla: false`` (CMA only), ``cma: false`` (TLA only),
 ``global_loss_weight: 0`` (no L_G).
 
 Metrics added to ``metrics.json``: ``finetune_s`` (TLA + CMA seconds), ``quest_setup_s`` (sweep,
 time-step split and range init), ``n_trainable_params`` (scalars trained in any stage) and its
-``trainable_param_frac`` of the UNet, per-stage counts, losses and steps (``tla_*``, ``cma_*``),
-and the UNet-output MSE against FP on calibration rows not trained on, after PTQ
+``trainable_param_frac`` of the denoiser, per-stage counts, losses and steps (``tla_*``, ``cma_*``),
+and the denoiser-output MSE against FP on calibration rows not trained on, after PTQ
 (``quest_eps_mse_ptq``), after the time-step split (``quest_eps_mse_init``) and at the end
-(``quest_eps_mse_final``). The finetuned UNet and these metrics are cached
-(:mod:`diffquant.methods.result_cache`; ``quest_cached`` says whether this job loaded them).
+(``quest_eps_mse_final``; None when no row was held out). The finetuned denoiser and these
+metrics are cached (:mod:`diffquant.methods.result_cache`; ``quest_cached`` says whether this job
+loaded them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -52,20 +57,21 @@ from torch import Tensor, nn
 
 from diffquant.cache import CacheEntry
 from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
-from diffquant.calib.ranges import calibrate_act_ranges
+from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
+from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.methods.quest_finetune import (FPTeacher, load_rows, output_mse, plan_stages,
-                                              rows_per_step, train_stage)
+from diffquant.methods.quest_finetune import (FPTeacher, layers_matching, load_rows, output_mse,
+                                              plan_stages, rows_per_step, train_stage)
 from diffquant.methods.quest_sensitivity import (JSON_FILE, SensitivityReport,
                                                  SensitivitySettings, activation_sensitivity,
                                                  load_report)
-from diffquant.methods.result_cache import load_or_run_method
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.quantizers import ActQuantizer
-from diffquant.quant.state import iter_quantizers
+from diffquant.quant.state import iter_quantizers, quant_parameters
 from diffquant.quant.timestep import attach_timestep_router
-from diffquant.quant.typed import as_dataclass, as_dict
+from diffquant.quant.typed import as_dict
 from diffquant.registry import METHODS
+from diffquant.validation import InvalidSetting, one_of, positive
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +79,9 @@ TIMESTEP_INITS = ("lp", "minmax", "ptq")
 
 
 def _default_critical_by_family() -> dict[str, list[str]]:
-    return {"ldm": [r"attentions\.\d+\.to_[qkv]\."],
-            "sd": [r"ff\.net\.", r"attn1\.to_[qkv]\.", r"attn2\.to_q\."],
-            "default": [r"\.to_[qkv]\."]}
+    return {"ldm": ["self_attention_qkv"],
+            "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
+            "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"]}
 
 
 @dataclass
@@ -98,9 +104,9 @@ class QuestConfig:
         samples_per_step: training rows drawn per recorded calibration step.
         batch_size: rows per optimiser step.
         train_bias: also finetune the selected layers' biases (the QuEST code does in TLA).
-        time_embedding_layers: regexes of TLA's layers (searched in ``<layer>.weight``).
+        tla_roles: the denoiser roles TLA finetunes (default ``time_projection``).
         critical_layers: ``by_family``, ``auto`` or a list of regexes (CMA's layers).
-        critical_layers_by_family: model family → regexes, for ``by_family``.
+        critical_roles_by_family: model family → denoiser roles, for ``by_family``.
         critical_top_k: units ``auto`` picks from the sensitivity ranking.
         sensitivity: the sweep's settings (bits, rows).
         eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
@@ -125,9 +131,9 @@ class QuestConfig:
     samples_per_step: int = 32
     batch_size: int = 32
     train_bias: bool = True
-    time_embedding_layers: list[str] = field(default_factory=lambda: [r"time_emb_proj\."])
+    tla_roles: list[str] = field(default_factory=lambda: ["time_projection"])
     critical_layers: Any = "by_family"
-    critical_layers_by_family: dict[str, list[str]] = field(
+    critical_roles_by_family: dict[str, list[str]] = field(
         default_factory=_default_critical_by_family)
     critical_top_k: int = 4
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
@@ -136,23 +142,31 @@ class QuestConfig:
     ablation: Optional[str] = None
     save_checkpoint: bool = False
 
+    def __post_init__(self) -> None:
+        validate_quest(self)
+
 
 def validate_quest(cfg: QuestConfig) -> None:
-    """Raise ValueError naming the fix for settings that cannot work."""
-    if cfg.timestep_init not in TIMESTEP_INITS:
-        raise ValueError(f"method.timestep_init={cfg.timestep_init!r}: use one of {TIMESTEP_INITS}")
-    for key in ("samples_per_step", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"method.{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.global_loss_weight < 0:
-        raise ValueError(f"method.global_loss_weight={cfg.global_loss_weight} must be >= 0")
+    """Raise :class:`~diffquant.validation.InvalidSetting` naming the key and the fix for
+    settings that cannot work (``QuestConfig`` calls it on construction)."""
+    from diffquant.models.denoiser import ROLES
+
+    one_of(cfg, "timestep_init", TIMESTEP_INITS)
+    positive(cfg, "samples_per_step", "batch_size", "timestep_groups", "timestep_init_rows")
+    positive(cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", allow_zero=True)
     if isinstance(cfg.critical_layers, str) and cfg.critical_layers not in ("auto", "by_family"):
-        raise ValueError(f"method.critical_layers={cfg.critical_layers!r}: use 'auto', "
-                         "'by_family' or a list of name patterns, e.g. '[to_q,ff.net]'")
+        raise InvalidSetting("critical_layers", "is unknown: use 'auto', 'by_family' or a list of name "
+                                                "patterns, e.g. '[to_q,ff.net]'")
+    roles = [*cfg.tla_roles, *(r for rs in cfg.critical_roles_by_family.values() for r in rs)]
+    unknown = sorted({r for r in roles if r not in ROLES})
+    if unknown:
+        raise InvalidSetting("tla_roles" if set(unknown) & set(cfg.tla_roles)
+                             else "critical_roles_by_family",
+                             f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}")
 
 
 # ---------------------------------------------------------------------------- time steps
-def make_timestep_aware(denoiser: nn.Module, timesteps, n_groups: int) -> int:
+def make_timestep_aware(denoiser: nn.Module, spec: Any, timesteps, n_groups: int) -> int:
     """Give every activation quantizer of ``denoiser`` ``n_groups`` parameter sets, each a copy of
     its current (single) set, and install the time-step router; returns the quantizers changed.
 
@@ -176,7 +190,7 @@ def make_timestep_aware(denoiser: nn.Module, timesteps, n_groups: int) -> int:
         parent, _, attr = name.rpartition(".")
         setattr(denoiser.get_submodule(parent) if parent else denoiser, attr, new)
         changed += 1
-    attach_timestep_router(denoiser, [int(t) for t in timesteps], n_groups)
+    attach_timestep_router(denoiser, spec, [int(t) for t in timesteps], n_groups)
     return changed
 
 
@@ -195,38 +209,44 @@ def resolve_groups(cfg: QuestConfig, qcfg: QuantConfig, stream: CalibStream, n_s
 # ---------------------------------------------------------------------------- critical layers
 def sensitivity_report(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
                        ctx: Any) -> SensitivityReport:
-    """The activation sensitivity sweep of the FP ``model.denoiser``, cached by model, quant config,
-    calibration set and sweep settings."""
+    """The activation sensitivity sweep of the FP ``model.denoiser``, cached by model, quant
+    config, calibration set and sweep settings."""
     key = {"model": model_identity(model), "quant": {k: v for k, v in as_dict(qcfg).items()
                                                      if k != "name"},
            "calib": as_dict(cfg.ptq.calib), "sensitivity": as_dict(cfg.sensitivity)}
     entry = CacheEntry(ctx.cache_dir, "quest_sensitivity", key)
     with entry.lock():
         if not entry.done():
-            report = activation_sensitivity(model.denoiser, qcfg, stream, cfg.sensitivity,
-                                            model.device)
+            report = activation_sensitivity(model.denoiser, model.spec, qcfg, stream,
+                                            cfg.sensitivity, model.device)
             with entry.writing() as tmp:
                 report.write(tmp)
     return load_report(entry.path / JSON_FILE)
 
 
 def resolve_critical_layers(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
-                            ctx: Any) -> list[str]:
-    """CMA's layer patterns (see the module doc); runs the sweep for ``auto``."""
-    choice = cfg.critical_layers
+                            ctx: Any, exclude: list[str], result: MethodResult) -> list[str]:
+    """CMA's layers (qualified names; see the module doc), none of ``exclude``; runs the sweep
+    for ``auto`` and adds its ranking to ``result``."""
+    denoiser, spec, choice = model.denoiser, model.spec, cfg.critical_layers
     if choice == "auto":
         report = sensitivity_report(model, qcfg, cfg, stream, ctx)
-        selected = report.select(cfg.critical_top_k, exclude=cfg.time_embedding_layers)
-        report.write(ctx.run_dir, selected)
-        ctx.tracker.log_table("quest_sensitivity", ["rank", "unit", "type", "mse", "rel_mse"],
-                              [[i + 1, u.name, u.type, u.error, u.rel_error]
-                               for i, u in enumerate(report.units)])
+        selected = report.select(cfg.critical_top_k, exclude=exclude)
+        result.files["sensitivity.md"] = report.to_markdown(selected)
+        result.files["sensitivity.json"] = json.dumps({**report.to_dict(), "selected": selected},
+                                                      indent=2) + "\n"
+        result.tables["quest_sensitivity"] = Table(
+            ["rank", "unit", "type", "mse", "rel_mse"],
+            [[i + 1, u.name, u.type, u.error, u.rel_error] for i, u in enumerate(report.units)])
         log.info("QuEST critical layers (auto, top %d): %s", cfg.critical_top_k, selected)
         return selected
     if choice is None or choice == "by_family":
-        table = cfg.critical_layers_by_family
-        return list(table.get(model.family, table.get("default", [])))
-    return [choice] if isinstance(choice, str) else list(choice)
+        table = cfg.critical_roles_by_family
+        roles = table.get(model.family, table.get("default", []))
+        layers = spec.require(denoiser, *roles, purpose=f"QuEST's CMA (roles {roles})")
+    else:
+        layers = layers_matching(denoiser, [choice] if isinstance(choice, str) else list(choice))
+    return [n for n in layers if n not in exclude]
 
 
 # ---------------------------------------------------------------------------- the method
@@ -243,76 +263,88 @@ def _probe_batches(stream: CalibStream, train_rows: Tensor, cfg: QuestConfig, de
 
 
 @METHODS.register("quest", schema=QuestConfig)
-def apply_quest(model: Any, quant_cfg: Any, method_cfg: Any, ctx: Any) -> Any:
+class Quest(Method):
     """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
-    cfg = as_dataclass(method_cfg, QuestConfig)
-    validate_quest(cfg)
-    qcfg = as_dataclass(quant_cfg, QuantConfig)
-    return load_or_run_method(model, qcfg, cfg, ctx, lambda: run_quest(model, qcfg, cfg, ctx))
 
+    version = 2
 
-def run_quest(model: Any, qcfg: QuantConfig, cfg: QuestConfig, ctx: Any) -> QuantConfig:
-    """QuEST on the FP ``model.denoiser`` (quantized in place); records its metrics in
-    ``ctx.extra_metrics`` and returns the final quant config (time-step aware when split)."""
-    stream = collect_calibration(model, cfg.ptq.calib, ctx.cache_dir)  # shared with the PTQ base
-    t_setup = time.perf_counter()
-    critical = resolve_critical_layers(model, qcfg, cfg, stream, ctx) if cfg.cma else []
-    setup_s = time.perf_counter() - t_setup
+    def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
+        """The latent weights and biases of the quantized layers (TLA/CMA finetune them)."""
+        return {**quant_parameters(model.denoiser, "weight_latent"),
+                **quant_parameters(model.denoiser, "bias")}
 
-    load_or_run_ptq(model, qcfg, cfg.ptq, ctx)
-    denoiser, device = model.denoiser, model.device
-    t_setup = time.perf_counter()
-    train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
-    probe = _probe_batches(stream, train_rows, cfg, device)
-    metrics: dict[str, Any] = {"quest_eps_mse_ptq": output_mse(denoiser, probe, FPTeacher(denoiser, []))}
+    def calibrate(self, model: Any, quant: QuantConfig, cfg: QuestConfig, ctx: Any,
+                  progress: Path) -> MethodResult:
+        """QuEST on the FP ``model.denoiser`` (quantized in place); the result's quant config is
+        time-step aware when the activations were split into groups."""
+        denoiser, spec, device = model.denoiser, model.spec, model.device
+        result = MethodResult(model, quant)
+        stream = collect_calibration(model, cfg.ptq.calib, ctx.cache_dir)  # shared with the base
+        t_setup = time.perf_counter()
+        time_layers = spec.layers(denoiser, *cfg.tla_roles)
+        if cfg.tla:
+            spec.require(denoiser, *cfg.tla_roles, purpose=f"QuEST's TLA (roles {cfg.tla_roles})")
+        critical = (resolve_critical_layers(model, quant, cfg, stream, ctx, time_layers, result)
+                    if cfg.cma else [])
+        setup_s = time.perf_counter() - t_setup
 
-    groups = resolve_groups(cfg, qcfg, stream, len(model.timesteps))
-    split = groups > 1 and qcfg.act_bits < FP_BITS
-    final_qcfg = dataclasses.replace(qcfg, timestep_aware=split,
-                                     timestep_groups=groups if split else 1)
-    if qcfg.act_bits < FP_BITS:
-        if split:
-            make_timestep_aware(denoiser, model.timesteps, groups)
-        if cfg.timestep_init != "ptq":
-            calibrate_act_ranges(denoiser, stream, method=cfg.timestep_init,
-                                 n_rows=cfg.timestep_init_rows,
-                                 batch_size=cfg.ptq.act_init_batch_size, p=qcfg.lp_norm,
-                                 n_candidates=qcfg.lp_candidates, seed=cfg.seed, device=device,
-                         minmax_layers=qcfg.minmax_act_layers)
-    stages = plan_stages(denoiser, time_layers=cfg.time_embedding_layers, critical_layers=critical,
-                         tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
-                         cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)
-    teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
-    metrics["quest_eps_mse_init"] = output_mse(denoiser, probe, teacher)
-    rows = load_rows(stream, train_rows)
-    setup_s += time.perf_counter() - t_setup
+        result.merge(load_or_run_ptq(model, quant, cfg.ptq, ctx))
+        t_setup = time.perf_counter()
+        train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
+        probe = _probe_batches(stream, train_rows, cfg, device)
+        metrics: dict[str, Any] = {
+            "quest_eps_mse_ptq": output_mse(denoiser, spec, probe, FPTeacher(denoiser, []))}
 
-    reports = []
-    for i, stage in enumerate(stages):
-        log.info("QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
-                 "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
-                 len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
-                 stage.epochs)
-        reports.append(train_stage(denoiser, stage, rows, teacher, weight_lr=cfg.weight_lr,
-                                   act_lr=cfg.act_lr, global_weight=cfg.global_loss_weight,
-                                   batch_size=cfg.batch_size, seed=cfg.seed + i, device=device,
-                                   tracker=ctx.tracker))
-    metrics["quest_eps_mse_final"] = output_mse(denoiser, probe, teacher)
+        groups = resolve_groups(cfg, quant, stream, len(model.timesteps))
+        split = groups > 1 and quant.act_bits < FP_BITS
+        result.quant = dataclasses.replace(quant, timestep_aware=split,
+                                           timestep_groups=groups if split else 1)
+        if quant.act_bits < FP_BITS:
+            if split:
+                make_timestep_aware(denoiser, spec, model.timesteps, groups)
+            if cfg.timestep_init != "ptq":
+                calibrate_act_ranges(denoiser, stream, method=cfg.timestep_init,
+                                     n_rows=cfg.timestep_init_rows,
+                                     batch_size=cfg.ptq.act_init_batch_size, p=quant.lp_norm,
+                                     n_candidates=quant.lp_candidates, seed=cfg.seed,
+                                     device=device,
+                                     minmax_layers=minmax_patterns(denoiser, spec, quant))
+        stages = plan_stages(denoiser, time_layers=time_layers, critical_layers=critical,
+                             tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
+                             cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)
+        teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
+        metrics["quest_eps_mse_init"] = output_mse(denoiser, spec, probe, teacher)
+        rows = load_rows(stream, train_rows)
+        setup_s += time.perf_counter() - t_setup
 
-    trained = {id(p): p for s in stages for p in s.parameters()}
-    n_trainable = sum(p.numel() for p in trained.values())
-    n_denoiser = sum(p.numel() for p in denoiser.parameters())
-    metrics.update({
-        "finetune_s": round(sum(r.seconds for r in reports), 3),
-        "quest_setup_s": round(setup_s, 3),
-        "n_trainable_params": n_trainable,
-        "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
-        "timestep_groups": groups,
-        "critical_layers": critical,
-        "train_rows": int(len(next(iter(rows.values())))),
-    })
-    for r in reports:
-        metrics.update(r.metrics())
-    ctx.extra_metrics.update(metrics)
-    log.info("QuEST done: %s", {k: v for k, v in metrics.items() if k != "critical_layers"})
-    return final_qcfg
+        reports = []
+        for i, stage in enumerate(stages):
+            log.info("QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
+                     "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
+                     len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
+                     stage.epochs)
+            reports.append(train_stage(denoiser, spec, stage, rows, teacher,
+                                       weight_lr=cfg.weight_lr, act_lr=cfg.act_lr,
+                                       global_weight=cfg.global_loss_weight,
+                                       batch_size=cfg.batch_size, seed=cfg.seed + i,
+                                       device=device, tracker=ctx.tracker))
+        metrics["quest_eps_mse_final"] = output_mse(denoiser, spec, probe, teacher)
+
+        trained = {id(p): p for s in stages for p in s.parameters()}
+        n_trainable = sum(p.numel() for p in trained.values())
+        n_denoiser = sum(p.numel() for p in denoiser.parameters())
+        metrics.update({
+            "finetune_s": round(sum(r.seconds for r in reports), 3),
+            "quest_setup_s": round(setup_s, 3),
+            "n_trainable_params": n_trainable,
+            "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
+            "timestep_groups": groups,
+            "critical_layers": critical,
+            "train_rows": int(len(next(iter(rows.values())))),
+        })
+        for r in reports:
+            metrics.update(r.metrics())
+        result.metrics.update(metrics)
+        result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's
+        log.info("QuEST done: %s", {k: v for k, v in metrics.items() if k != "critical_layers"})
+        return result

@@ -1,13 +1,15 @@
 """QuEST's selective finetuning engine: which parameters train in each stage, and the loop.
 
-Two stages run in order on a quantized UNet (weights hard-rounded by PTQ, activations
+Two stages run in order on a quantized denoiser (weights hard-rounded by PTQ, activations
 time-step aware):
 
 * **TLA** (Temporal Layer Alignment) — the layers that project the time embedding into each
-  block (``time_emb_proj`` in diffusers ``ResnetBlock2D``; the ``emb_layers.1`` of the QuEST code):
-  their FP latent weights and biases, and the step sizes of their input activation quantizers.
+  block (the denoiser's ``time_projection`` role: a diffusers ``ResnetBlock2D``'s projection, the
+  ``emb_layers.1`` of the QuEST code): their FP latent weights and biases, and the step sizes of
+  their input activation quantizers.
 * **CMA** (Critical Module Alignment) — the critical layers (attention projections, feed-forward
-  layers: name patterns, see :mod:`diffquant.methods.quest`): their latent weights and biases; and
+  layers: roles or name patterns, see :mod:`diffquant.methods.quest`): their latent weights and
+  biases; and
   the step sizes of *every* activation quantizer below 16 bits not trained in TLA (all layer
   inputs, attention q/k/v and softmax probabilities), as the QuEST code does.
 
@@ -19,7 +21,7 @@ Loss of a stage, per batch of calibration rows (Eq. 4-7 of the paper)::
 
     L = Σ_{l in stage layers} mean((Õ_l - O_l)²)  +  λ · mean((ε̃ - ε)²)
 
-``O_l`` / ``ε`` are the outputs of layer ``l`` / of the whole UNet in the FP model on the same
+``O_l`` / ``ε`` are the outputs of layer ``l`` / of the whole denoiser in the FP model on the same
 inputs (:class:`FPTeacher`: quantization off and the trained parameters' pretrained values
 swapped in, so the teacher never drifts); ``Õ_l`` / ``ε̃`` are those of the quantized model, whose
 layer inputs are themselves quantized-path values (the paper's ``ž``). Every trained layer's
@@ -88,13 +90,23 @@ class Stage:
         return [*self.weights.values(), *self.act_scales.values()]
 
 
-def layers_matching(denoiser: nn.Module, patterns: Sequence[str],
-                    exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
-    """Quantized layers whose ``<name>.weight`` matches a pattern of ``patterns`` and none of
-    ``exclude`` (regular expressions, searched)."""
+def layers_matching(denoiser: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Quantized layers whose ``<name>.weight`` matches a pattern of ``patterns`` (regular
+    expressions, searched), in module order."""
+    return [n for n, m in denoiser.named_modules()
+            if is_quant_layer(m) and _matches(f"{n}.weight", patterns)]
+
+
+def _quant_layers(denoiser: nn.Module, names: Sequence[str],
+                  exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The quantized layers named in ``names`` and not in ``exclude``, in module order."""
+    wanted, skip = set(names), set(exclude)
     return {n: m for n, m in denoiser.named_modules()
-            if is_quant_layer(m) and _matches(f"{n}.weight", patterns)
-            and not _matches(f"{n}.weight", exclude)}
+            if is_quant_layer(m) and n in wanted and n not in skip}
+
+
+def _belongs(param_name: str, layers: Sequence[str]) -> bool:
+    return any(param_name.startswith(f"{layer}.") for layer in layers)
 
 
 def _layer_params(layers: dict[str, nn.Module], train_bias: bool) -> dict[str, nn.Parameter]:
@@ -109,16 +121,17 @@ def _layer_params(layers: dict[str, nn.Module], train_bias: bool) -> dict[str, n
 def plan_stages(denoiser: nn.Module, *, time_layers: Sequence[str], critical_layers: Sequence[str],
                 tla: bool, cma: bool, tla_epochs: int, cma_epochs: int,
                 train_bias: bool = True) -> list[Stage]:
-    """The TLA and/or CMA stages (see the module doc) in training order."""
+    """The TLA and/or CMA stages (see the module doc) in training order; ``time_layers`` /
+    ``critical_layers`` are qualified layer names (CMA never trains a TLA layer)."""
     stages: list[Stage] = []
     all_scales = quant_parameters(denoiser, "act_scale", max_bits=MAX_TRAINED_ACT_BITS)
-    tla_scales = {n: p for n, p in all_scales.items() if _matches(n, time_layers)}
+    tla_scales = {n: p for n, p in all_scales.items() if _belongs(n, time_layers)}
     if tla:
-        layers = layers_matching(denoiser, time_layers)
+        layers = _quant_layers(denoiser, time_layers)
         stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales,
                             tla_epochs))
     if cma:
-        layers = layers_matching(denoiser, critical_layers, exclude=time_layers)
+        layers = _quant_layers(denoiser, critical_layers, exclude=time_layers)
         scales = {n: p for n, p in all_scales.items() if n not in tla_scales}
         stages.append(Stage("cma", layers, _layer_params(layers, train_bias), scales, cma_epochs))
     return stages
@@ -152,7 +165,7 @@ class FPTeacher:
 
 
 class OutputTap:
-    """Forward hooks that keep the outputs ``(B, ...)`` of some layers during one UNet call."""
+    """Forward hooks that keep the outputs ``(B, ...)`` of some layers during one denoiser call."""
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.outputs: dict[str, Tensor] = {}
@@ -183,7 +196,7 @@ def rows_per_step(stream: CalibStream, per_step: int, seed: int) -> Tensor:
 
 
 def load_rows(stream: CalibStream, rows: Tensor) -> dict[str, Tensor]:
-    """The UNet keyword arguments of ``rows``, concatenated on the CPU: ``{key: (N, ...)}``."""
+    """The denoiser keyword arguments of ``rows``, concatenated on the CPU: ``{key: (N, ...)}``."""
     parts = list(stream.batches(max(len(rows), 1), rows))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -217,13 +230,13 @@ class StageReport:
                 f"{n}_global_loss_last": last(self.global_)}
 
 
-def stage_loss(denoiser: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher, tap: OutputTap,
-               global_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+def stage_loss(denoiser: nn.Module, spec: Any, batch: dict[str, Tensor], teacher: FPTeacher,
+               tap: OutputTap, global_weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(total, local, global)`` losses of one batch (see the module doc)."""
     with torch.no_grad(), teacher.active():
-        target = denoiser(**batch).sample
+        target = spec.forward(denoiser, batch)
     layer_targets = tap.take()
-    out = denoiser(**batch).sample
+    out = spec.forward(denoiser, batch)
     layer_outs = tap.take()
     local = out.new_zeros(())
     for name, y in layer_outs.items():
@@ -232,11 +245,12 @@ def stage_loss(denoiser: nn.Module, batch: dict[str, Tensor], teacher: FPTeacher
     return local + global_weight * glob, local, glob
 
 
-def train_stage(denoiser: nn.Module, stage: Stage, rows: dict[str, Tensor], teacher: FPTeacher, *,
+def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Tensor],
+                teacher: FPTeacher, *,
                 weight_lr: float, act_lr: float, global_weight: float, batch_size: int,
                 seed: int = 0, device: Optional[torch.device] = None,
                 tracker: Any = None) -> StageReport:
-    """Finetune ``stage``'s parameters on ``rows`` (UNet kwargs ``(N, ...)`` on the CPU); every
+    """Finetune ``stage``'s parameters on ``rows`` (denoiser kwargs ``(N, ...)`` on the CPU); every
     other parameter and buffer of ``denoiser`` stays bit-identical."""
     report = StageReport(stage.name, stage.n_params, len(stage.layers))
     groups = [{"params": list(stage.weights.values()), "lr": weight_lr},
@@ -264,8 +278,8 @@ def train_stage(denoiser: nn.Module, stage: Stage, rows: dict[str, Tensor], teac
             order = torch.randperm(n, generator=g)
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                total, local, glob = stage_loss(denoiser, _batch(rows, idx, device), teacher, tap,
-                                                global_weight)
+                total, local, glob = stage_loss(denoiser, spec, _batch(rows, idx, device), teacher,
+                                                tap, global_weight)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"QuEST {stage.name}: non-finite loss at epoch "
                                              f"{epoch}; lower method.weight_lr / method.act_lr")
@@ -299,13 +313,17 @@ def train_stage(denoiser: nn.Module, stage: Stage, rows: dict[str, Tensor], teac
 
 
 @torch.no_grad()
-def output_mse(denoiser: nn.Module, batches: Sequence[dict[str, Tensor]], teacher: FPTeacher) -> float:
-    """Mean squared error of the quantized UNet's output against the FP teacher's on ``batches``."""
+def output_mse(denoiser: nn.Module, spec: Any, batches: Sequence[dict[str, Tensor]],
+               teacher: FPTeacher) -> Optional[float]:
+    """Mean squared error of the quantized denoiser's output against the FP teacher's on
+    ``batches``; None when there are no batches (nothing was measured)."""
+    if not batches:
+        return None
     total, count = 0.0, 0
     for batch in batches:
         with teacher.active():
-            target = denoiser(**batch).sample
-        out = denoiser(**batch).sample
+            target = spec.forward(denoiser, batch)
+        out = spec.forward(denoiser, batch)
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)

@@ -1,4 +1,4 @@
-"""Activation sensitivity sweep: which layers' input activations break the UNet at low bits.
+"""Activation sensitivity sweep: which layers' input activations break the denoiser at low bits.
 
 QuEST (§3.3.3, Fig. 3) found its "critical" modules by an empirical sweep: lower the bit-width
 of one activation type while every other activation stays at 8 bits, and watch generation break.
@@ -7,7 +7,7 @@ CMA's layers (``method.critical_layers=auto``).
 
 Procedure (:func:`activation_sensitivity`):
 
-1. Two acts-only copies of the FP UNet are quantized with the job's quant config (weights stay in
+1. Two acts-only copies of the FP denoiser are quantized with the job's quant config (weights stay in
    full precision, so only activation error is measured; one parameter set for all time steps):
    one with every activation at ``base_bits`` (8), one at ``low_bits`` (the job's ``act_bits``).
    Both get their ranges from the same calibration rows (``quant.act_init``). The job's
@@ -16,14 +16,15 @@ Procedure (:func:`activation_sensitivity`):
 2. A *unit* is one quantized layer's input quantizer (``<layer>``; the two halves of a split
    shortcut count as one), or the q/k/v/softmax quantizers of one attention module
    (``<attention>.processor``). For each unit, its low-bit quantizers are swapped into the 8-bit
-   copy and the error of the UNet output is measured on fixed calibration rows:
+   copy and the error of the denoiser output is measured on fixed calibration rows:
    ``error = mean((eps_q - eps_fp)^2)``, and ``rel_error = error / mean(eps_fp^2)``.
 3. The same for every *type* of unit at once (the paper's granularity): the type is the name
-   without block indices, e.g. ``attentions.to_q`` or ``resnets.conv1``.
+   without its block path and indices (the family's
+   :meth:`~diffquant.models.denoiser.DenoiserSpec.layer_type`).
 
-:meth:`SensitivityReport.select` turns the ranking into name patterns for CMA: the ``k`` most
-sensitive units that own trainable weights (an attention processor stands for its ``to_q``,
-``to_k``, ``to_v``); layers trained by TLA are skipped.
+:meth:`SensitivityReport.select` turns the ranking into CMA's layers: those of the ``k`` most
+sensitive units that own trainable weights (an attention processor stands for its q/k/v
+projections); layers trained by TLA are skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -41,13 +41,15 @@ from torch import Tensor, nn
 
 from diffquant.cache import atomic_write_json, atomic_write_text
 from diffquant.calib.collect import CalibStream
-from diffquant.calib.ranges import calibrate_act_ranges
+from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
+from diffquant.models.denoiser import DenoiserSpec
 from diffquant.quant.attention import is_quant_attention
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.state import quant_state
 from diffquant.quant.swap import quantize_denoiser
 from diffquant.quant.typed import as_dataclass
+from diffquant.validation import positive
 
 PROCESSOR_SLOTS = ("q_quantizer", "k_quantizer", "v_quantizer", "prob_quantizer")
 JSON_FILE, MARKDOWN_FILE = "sensitivity.json", "sensitivity.md"
@@ -72,6 +74,9 @@ class SensitivitySettings:
     eval_rows: int = 128
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive(self, "base_bits", "low_bits", "calib_rows", "eval_rows", "batch_size")
 
 
 @dataclass
@@ -99,18 +104,17 @@ class SensitivityReport:
     types: list[UnitSensitivity]
 
     def select(self, k: int, exclude: Sequence[str] = ()) -> list[str]:
-        """Regex patterns of the layers of the ``k`` most sensitive units that have weights and
-        whose layers match none of ``exclude`` (patterns searched in ``<layer>.weight``)."""
+        """The layers (qualified names) of the ``k`` most sensitive units that have weights
+        outside ``exclude`` (layer names)."""
         picked: list[str] = []
         n_units = 0
         for unit in self.units:
             if n_units >= k:
                 break
-            layers = [w for w in unit.weights
-                      if not any(re.search(p, f"{w}.weight") for p in exclude)]
+            layers = [w for w in unit.weights if w not in exclude]
             if not layers:
                 continue
-            picked.extend(f"^{re.escape(w)}\\." for w in layers if f"^{re.escape(w)}\\." not in picked)
+            picked.extend(w for w in layers if w not in picked)
             n_units += 1
         return picked
 
@@ -126,7 +130,7 @@ class SensitivityReport:
     def to_markdown(self, selected: Sequence[str] = ()) -> str:
         lines = [f"# Activation sensitivity: one unit at A{self.low_bits}, the rest at "
                  f"A{self.base_bits} (weights FP)", "",
-                 f"UNet-output MSE with every activation at A{self.base_bits}: "
+                 f"Denoiser-output MSE with every activation at A{self.base_bits}: "
                  f"{self.base_error:.4g} (E[eps_fp^2] = {self.fp_power:.4g}).", ""]
         if selected:
             lines += ["Selected for CMA: " + ", ".join(f"`{p}`" for p in selected), ""]
@@ -149,13 +153,6 @@ class SensitivityReport:
 
 
 # ---------------------------------------------------------------------------- units
-def unit_type(name: str) -> str:
-    """``down_blocks.1.attentions.0.to_q`` → ``attentions.to_q``: the name without the block
-    path and indices (the paper's "activation type")."""
-    name = re.sub(r"^(down_blocks|up_blocks|mid_block)\.(\d+\.)?", "", name)
-    return re.sub(r"\.\d+(?=\.|$)", "", name)
-
-
 @dataclass
 class _Unit:
     name: str
@@ -163,8 +160,9 @@ class _Unit:
     weights: list[str]
 
 
-def activation_units(denoiser: nn.Module) -> list[_Unit]:
-    """Every unit of a quantized UNet in module order (see the module doc)."""
+def activation_units(denoiser: nn.Module, spec: DenoiserSpec) -> list[_Unit]:
+    """Every unit of a quantized denoiser in module order (see the module doc)."""
+    qkv = spec.layers(denoiser, "self_attention_qkv", "cross_attention_q", "cross_attention_kv")
     units: list[_Unit] = []
     for name, m in denoiser.named_modules():
         if is_quant_layer(m) and m.input_quantizer is not None:
@@ -172,8 +170,8 @@ def activation_units(denoiser: nn.Module) -> list[_Unit]:
         elif is_quant_attention(m):
             slots = [(f"{name}.processor", s) for s in PROCESSOR_SLOTS
                      if getattr(m.processor, s) is not None]
-            proj = [f"{name}.{p}" for p in ("to_q", "to_k", "to_v")
-                    if is_quant_layer(getattr(m, p, None))]
+            proj = [n for n in qkv if n.startswith(f"{name}.")
+                    and is_quant_layer(denoiser.get_submodule(n))]
             if slots:
                 units.append(_Unit(f"{name}.processor", slots, proj))
     return units
@@ -207,18 +205,19 @@ def _acts_only(quant_cfg: QuantConfig, bits: int) -> QuantConfig:
 
 
 @torch.no_grad()
-def _output_error(denoiser: nn.Module, batches: list[dict[str, Tensor]],
+def _output_error(denoiser: nn.Module, spec: DenoiserSpec, batches: list[dict[str, Tensor]],
                   targets: list[Tensor]) -> float:
     total, count = 0.0, 0
     for batch, target in zip(batches, targets):
-        out = denoiser(**batch).sample
+        out = spec.forward(denoiser, batch)
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def activation_sensitivity(fp_denoiser: nn.Module, quant_cfg: Any, stream: CalibStream,
+def activation_sensitivity(fp_denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
+                           stream: CalibStream,
                            settings: Any = None, device: Optional[torch.device] = None
                            ) -> SensitivityReport:
     """Run the sweep on copies of the FP ``fp_denoiser`` (left untouched) with calibration rows from
@@ -234,37 +233,37 @@ def activation_sensitivity(fp_denoiser: nn.Module, quant_cfg: Any, stream: Calib
     copies = {}
     for label, bits in (("base", s.base_bits), ("low", low_bits)):
         denoiser = copy.deepcopy(fp_denoiser).to(device)
-        quantize_denoiser(denoiser, _acts_only(qcfg, bits))
+        quantize_denoiser(denoiser, spec, _acts_only(qcfg, bits))
         calibrate_act_ranges(denoiser, stream, method=qcfg.act_init, n_rows=s.calib_rows,
                              batch_size=s.batch_size, p=qcfg.lp_norm,
                              n_candidates=qcfg.lp_candidates, seed=s.seed, device=device,
-                         minmax_layers=qcfg.minmax_act_layers)
+                             minmax_layers=minmax_patterns(denoiser, spec, qcfg))
         copies[label] = denoiser
     base, low = copies["base"], copies["low"]
     batches = list(stream.batches(s.batch_size, stream.subset(s.eval_rows, s.seed + 1),
                                   device=device))
     with quant_state(base, acts=False):
-        targets = [base(**b).sample for b in batches]
+        targets = [spec.forward(base, b) for b in batches]
     fp_power = sum(float(t.pow(2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
-    base_error = _output_error(base, batches, targets)
+    base_error = _output_error(base, spec, batches, targets)
 
     swap = _Swap(base, low)
-    units = activation_units(base)
+    units = activation_units(base, spec)
 
     def measure(name: str, group: list[_Unit]) -> UnitSensitivity:
         undo = swap.apply(group)
         try:
-            err = _output_error(base, batches, targets)
+            err = _output_error(base, spec, batches, targets)
         finally:
             swap.restore(undo)
         weights = [w for u in group for w in u.weights]
-        return UnitSensitivity(name, unit_type(group[0].name), err, err / max(fp_power, 1e-12),
+        return UnitSensitivity(name, spec.layer_type(group[0].name), err, err / max(fp_power, 1e-12),
                                weights)
 
     unit_rows = [measure(u.name, [u]) for u in units]
     by_type: dict[str, list[_Unit]] = {}
     for u in units:
-        by_type.setdefault(unit_type(u.name), []).append(u)
+        by_type.setdefault(spec.layer_type(u.name), []).append(u)
     type_rows = [dataclasses.replace(measure(t, group), name=t, weights=[])
                  for t, group in by_type.items()]
     key = lambda r: -r.error  # noqa: E731

@@ -1,23 +1,27 @@
 """The model wrapper every method and evaluator works through.
 
-A :class:`DiffusionModel` holds the diffusers components of a latent diffusion model (UNet,
-autoencoder, scheduler and, for text-to-image models, the text encoder) and exposes one guided
-denoising step. Everything else is built on that step:
+A :class:`DiffusionModel` holds the diffusers components of a latent diffusion model (the
+denoiser — a UNet or a transformer —, autoencoder, scheduler and, for text-to-image models, the
+text encoder) and exposes one guided denoising step. Everything else is built on that step:
 
 * sampling (``sample_latents`` → ``decode``) for evaluation;
-* calibration, which records the UNet inputs of the FP model's own trajectories (a forward
+* calibration, which records the denoiser inputs of the FP model's own trajectories (a forward
   pre-hook on ``denoiser`` sees every call: see :meth:`denoiser_kwargs`);
 * AccuQuant, which rolls ``step`` out over several steps;
-* time-step-aware quantizers, which read the ``timestep`` argument the UNet receives.
+* time-step-aware quantizers, which read the time-step argument the denoiser receives.
+
+Everything family-specific about the denoiser (its calling convention, which layers play which
+role) is declared by the wrapper's :attr:`DiffusionModel.spec`
+(:class:`~diffquant.models.denoiser.DenoiserSpec`); methods read it and never name modules.
 
 Conventions
 -----------
-* Latents ``x_t`` are ``(N, C, h, w)`` float tensors in the UNet's latent space (already multiplied
+* Latents ``x_t`` are ``(N, C, h, w)`` float tensors in the denoiser's latent space (already multiplied
   by the autoencoder's scaling factor).
 * Sample ``i`` of a job with seed ``s`` always gets the same initial noise, condition and (for
   eta > 0) per-step noise, whatever the batch size or shard it is drawn in: every random draw is
   made from a generator seeded by :func:`sample_seed` ``(s, i, stream)``.
-* With classifier-free guidance the UNet is called once on the batch ``[uncond; cond]`` (2N rows),
+* With classifier-free guidance the denoiser is called once on the batch ``[uncond; cond]`` (2N rows),
   each row with its own timestep entry, so that every row is an independent calibration sample.
 """
 
@@ -29,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from diffquant.models.denoiser import DenoiserSpec
 
 _SEED_MULT = 1_000_003
 
@@ -82,18 +88,23 @@ class SamplerSettings:
 
 
 class DiffusionModel:
-    """A latent diffusion model: UNet + autoencoder + scheduler (+ conditioning), family-agnostic.
+    """A latent diffusion model: denoiser + autoencoder + scheduler (+ conditioning).
 
-    Subclasses implement :meth:`conditions` (what conditions sample ``i`` gets). The UNet may be
-    replaced in place by a quantized copy; ``denoiser`` is the only attribute methods modify.
+    Subclasses set :attr:`spec` (their denoiser's description) and implement :meth:`conditions`
+    (what conditions sample ``i`` gets). The denoiser is quantized in place; ``denoiser`` is the
+    only attribute methods modify.
     """
 
     family: str = "base"
+    spec: DenoiserSpec
 
     def __init__(self, name: str, denoiser: nn.Module, vae: nn.Module, scheduler: Any,
                  sampler: SamplerSettings, latent_shape: Sequence[int],
                  latent_scale: Optional[float] = None, device: torch.device | str = "cpu",
                  meta: Optional[dict] = None) -> None:
+        if not isinstance(getattr(self, "spec", None), DenoiserSpec):
+            raise TypeError(f"{type(self).__name__} must declare its denoiser: a class attribute "
+                            "`spec` (a diffquant.models.denoiser.DenoiserSpec)")
         self.name = name
         self.denoiser = denoiser.eval().requires_grad_(False).to(device)
         self.vae = vae.eval().requires_grad_(False).to(device)
@@ -128,8 +139,9 @@ class DiffusionModel:
 
     # ---------------------------------------------------------------- one step
     def denoiser_kwargs(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> dict[str, Tensor]:
-        """The keyword arguments of the (single) UNet call for one step: ``sample`` (B, C, h, w),
-        ``timestep`` (B,) and the condition rows; B = 2N with guidance ([uncond; cond]), else N."""
+        """The keyword arguments of the (single) denoiser call for one step: the latents
+        (B, C, h, w) and time steps (B,) under the spec's argument names, and the condition rows;
+        B = 2N with guidance ([uncond; cond]), else N."""
         if self.guided:
             if cond.uncond is None:
                 raise ValueError(f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs "
@@ -139,12 +151,12 @@ class DiffusionModel:
         else:
             sample, extra = x_t, dict(cond.cond)
         ts = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(sample.shape[0]).clone()
-        return {"sample": sample, "timestep": ts, **extra}
+        return {self.spec.sample_arg: sample, self.spec.timestep_arg: ts, **extra}
 
     def eps(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> Tensor:
         """The guided model output (epsilon) for x_t at timestep t: ``(N, C, h, w)``."""
         kwargs = self.denoiser_kwargs(self.scheduler.scale_model_input(x_t, t), t, cond)
-        out = self.denoiser(**kwargs).sample
+        out = self.spec.forward(self.denoiser, kwargs)
         if not self.guided:
             return out
         e_u, e_c = out.chunk(2)

@@ -15,6 +15,7 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
+from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
 from diffquant.models.loading import check_weights, load_component, read_meta, resolve_location
 from diffquant.registry import MODELS
@@ -25,6 +26,7 @@ class LatentDiffusion(DiffusionModel):
     ``i % num_classes`` (balanced classes), and the null class ``num_classes`` for guidance."""
 
     family = "ldm"
+    spec = UNET
 
     def __init__(self, *args: Any, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
 from diffquant.models.ldm import load_scheduler, vae_class
 from diffquant.models.loading import check_weights, load_component, read_meta
@@ -48,6 +49,7 @@ class ClassContextDiffusion(DiffusionModel):
     """``UNet2DConditionModel`` whose cross-attention context is a learned class embedding."""
 
     family = "ldm_class_context"
+    spec = UNET
 
     def __init__(self, *args: Any, class_embedder: ClassEmbedder, num_classes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -21,6 +21,10 @@ class MissingWeightsError(FileNotFoundError):
     """The weights of a model or evaluator are not on this machine."""
 
 
+class CorruptWeightsError(OSError):
+    """The weights of a model are on this machine but cannot be read."""
+
+
 def resolve_location(pretrained: str) -> str:
     """``zoo:<name>`` → the packaged folder; anything else (hub id or path) unchanged."""
     if pretrained.startswith("zoo:"):
@@ -72,6 +76,14 @@ def load_component(cls: type, model_cfg: Any, subfolder: str, **kwargs: Any):
         return cls.from_pretrained(location, subfolder=subfolder, revision=model_cfg.revision,
                                    local_files_only=model_cfg.local_files_only, **kwargs)
     except (OSError, EnvironmentError) as err:
+        folder = Path(location).expanduser() / subfolder
+        weights = [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".pt")]
+        if weights and "Unable to load weights" in str(err):
+            raise CorruptWeightsError(
+                f"Weights of model '{model_cfg.name}' at {folder} exist but cannot be read "
+                f"({str(err).splitlines()[0]}): the file is corrupt or truncated. Re-download or "
+                "retrain them" + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "")
+                + ".") from err
         raise MissingWeightsError(missing_weights_message(model_cfg, location, str(err).splitlines()[0])) from err
 
 
@@ -89,8 +101,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class NonFiniteWeightsError(ValueError):
+    """A loaded component holds NaN or inf weights."""
+
+
+def check_finite_weights(model: Any, model_cfg: Any) -> None:
+    """Fail before any work when a component's weights hold NaN/inf, naming the first such
+    parameter (sampling would turn it into NaN images and cached NaN references)."""
+    for component in ("denoiser", "vae", "text_encoder"):
+        module = getattr(model, component, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                n_bad = int((~torch.isfinite(p)).sum())
+                raise NonFiniteWeightsError(
+                    f"model '{model_cfg.name}' ({model_cfg.pretrained}): {component} parameter "
+                    f"{name!r} holds {n_bad} NaN/inf value(s) of {p.numel()}. The weights are "
+                    "corrupt: re-download or retrain them"
+                    + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "") + ".")
+
+
 def build_model(model_cfg: Any, device: torch.device | str = "cpu"):
-    """Build the wrapper of ``model_cfg.family`` from the MODELS registry."""
+    """Build the wrapper of ``model_cfg.family`` from the MODELS registry; its weights are
+    checked finite (:func:`check_finite_weights`)."""
     from diffquant.registry import MODELS
 
-    return MODELS.get(model_cfg.family)(model_cfg, torch.device(device))
+    model = MODELS.get(model_cfg.family)(model_cfg, torch.device(device))
+    check_finite_weights(model, model_cfg)
+    return model

@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 
+from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
 from diffquant.models.ldm import load_scheduler
 from diffquant.models.loading import check_weights, load_component, read_meta
@@ -59,6 +60,7 @@ class TextToImageDiffusion(DiffusionModel):
     """``UNet2DConditionModel`` conditioned on CLIP text states through cross-attention."""
 
     family = "sd"
+    spec = UNET
 
     def __init__(self, *args: Any, prompt_encoder: PromptEncoder, prompts: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

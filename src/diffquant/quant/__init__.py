@@ -1,11 +1,12 @@
-"""Fake quantization of diffusers UNets (torchao/ModelOpt-style API).
+"""Fake quantization of a model's denoiser (torchao/ModelOpt-style API).
 
-    summary = quantize_denoiser(model.denoiser, quant_cfg, timesteps=model.timesteps)   # swap modules
+    summary = quantize_denoiser(model.denoiser, model.spec, quant_cfg,
+                                timesteps=model.timesteps)                           # swap modules
     calibrate_act_ranges(model.denoiser, stream)                                     # diffquant.calib
     with quant_state(model.denoiser, weights=False, acts=False):                     # the FP teacher
         ...
     quant_parameters(model.denoiser, "act_scale", include=r"attn")                   # for training
-    save_quantized(model.denoiser, path, quant_cfg); load_quantized(fresh_denoiser, path)
+    save_quantized(model.denoiser, path, quant_cfg); load_quantized(fresh.denoiser, fresh.spec, path)
 """
 
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
@@ -19,7 +20,7 @@ from diffquant.quant.quantizers import (ActQuantizer, SplitActQuantizer, SplitWe
                                         lp_search_range, range_to_qparams, round_ste)
 from diffquant.quant.state import (PARAM_KINDS, is_quantized, iter_quantizers, keep_fp_weights,
                                    quant_parameters, quant_state, set_quant_state)
-from diffquant.quant.swap import QuantSummary, quantize_denoiser, shortcut_splits
+from diffquant.quant.swap import QuantSummary, quantize_denoiser
 from diffquant.quant.timestep import (TimestepRouter, attach_timestep_router, get_router,
                                       set_group_index, set_timestep)
 
@@ -32,6 +33,6 @@ __all__ = [
     "range_to_qparams", "round_ste", "PARAM_KINDS", "is_quantized", "iter_quantizers",
     "keep_fp_weights",
     "quant_parameters", "quant_state", "set_quant_state", "QuantSummary", "quantize_denoiser",
-    "shortcut_splits", "TimestepRouter", "attach_timestep_router", "get_router",
+    "TimestepRouter", "attach_timestep_router", "get_router",
     "set_group_index", "set_timestep",
 ]

@@ -1,4 +1,4 @@
-"""Quantized checkpoints: the quantization state of a UNet, saved and loaded on its FP weights.
+"""Quantized checkpoints: the quantization state of a denoiser, saved and loaded on its FP weights.
 
 A checkpoint holds
 
@@ -7,30 +7,33 @@ A checkpoint holds
   (``round_up`` masks: the rounded integer weight is ``floor(W / Δ) + round_up``), activation
   Δ/z per time-step group;
 * the time-step schedule of time-step-aware quantizers;
-* optionally the latent FP weights/biases of the quantized layers (methods that finetune them,
-  e.g. QuEST, save them; PTQ leaves the pretrained weights unchanged and does not);
+* optionally parameters of the denoiser by name (the ones a method changed beyond the quantizer
+  state, e.g. the latent weights QuEST finetunes; PTQ leaves the pretrained weights unchanged);
 * free-form ``meta`` (calibration time, losses, ...).
 
 Loading applies it to a fresh FP UNet of the same model, so evaluation never repeats calibration::
 
     save_quantized(model.denoiser, path, quant_cfg, meta={"calib_time_s": 81.2})
-    summary, meta = load_quantized(fresh_denoiser, path)
+    summary, meta = load_quantized(fresh_model.denoiser, fresh_model.spec, path)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from diffquant.cache import atomic_torch_save
 from diffquant.quant.config import QuantConfig
-from diffquant.quant.state import iter_quantizers, quant_parameters
+from diffquant.quant.state import iter_quantizers
 from diffquant.quant.swap import QuantSummary, quantize_denoiser
 from diffquant.quant.timestep import get_router
 from diffquant.quant.typed import as_dataclass, as_dict
+
+if TYPE_CHECKING:
+    from diffquant.models.denoiser import DenoiserSpec
 
 FORMAT = "diffquant-quant-v1"
 
@@ -43,20 +46,19 @@ def quantizer_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(denoiser: nn.Module, path: Path | str, quant_cfg: Any, *,
-                   meta: Optional[dict[str, Any]] = None, include_weights: bool = False) -> Path:
-    """Write the quantization state of ``denoiser`` to ``path`` (atomically); returns ``path``."""
+                   meta: Optional[dict[str, Any]] = None,
+                   params: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write the quantization state of ``denoiser`` and the values of ``params`` (qualified
+    parameter names of ``denoiser``) to ``path`` (atomically); returns ``path``."""
     router = get_router(denoiser)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "quant_cfg": as_dict(as_dataclass(quant_cfg, QuantConfig)),
         "timesteps": router.state() if router is not None else None,
         "quantizers": quantizer_state_dict(denoiser),
-        "weights": None,
+        "weights": {k: v.detach().cpu().clone() for k, v in (params or {}).items()} or None,
         "meta": dict(meta or {}),
     }
-    if include_weights:
-        params = {**quant_parameters(denoiser, "weight_latent"), **quant_parameters(denoiser, "bias")}
-        payload["weights"] = {k: v.detach().cpu().clone() for k, v in params.items()}
     path = Path(path)
     atomic_torch_save(payload, path)
     return path
@@ -82,21 +84,27 @@ def load_quant_state(denoiser: nn.Module, state: dict[str, torch.Tensor]) -> Non
                          "quant config?")
 
 
-def load_quantized(denoiser: nn.Module, path: Path | str) -> tuple[QuantSummary, dict[str, Any]]:
-    """Quantize the FP ``denoiser`` as recorded in ``path`` and load its state; returns the summary
-    and the checkpoint's ``meta``."""
+def load_quantized(denoiser: nn.Module, spec: "DenoiserSpec", path: Path | str
+                   ) -> tuple[QuantSummary, dict[str, Any]]:
+    """Quantize the FP ``denoiser`` (described by ``spec``, its family's
+    :class:`~diffquant.models.denoiser.DenoiserSpec`) as recorded in ``path`` and load its state;
+    returns the summary and the checkpoint's ``meta``."""
     payload = read_checkpoint(path)
     cfg = as_dataclass(payload["quant_cfg"], QuantConfig)
     ts = payload["timesteps"]
-    summary = quantize_denoiser(denoiser, cfg, timesteps=None if ts is None else ts["schedule"],
-                            init_weights=False)
+    summary = quantize_denoiser(denoiser, spec, cfg,
+                                timesteps=None if ts is None else ts["schedule"],
+                                init_weights=False)
     if ts is not None and get_router(denoiser) is None:
         raise ValueError(f"{path}: time-step schedule saved but the config is not time-step aware")
     if payload["weights"]:
+        own = dict(denoiser.named_parameters())
+        unknown = sorted(set(payload["weights"]) - set(own))
+        if unknown:
+            raise ValueError(f"{path}: saved parameters {unknown[:5]} are not in the denoiser")
         with torch.no_grad():
-            params = {**quant_parameters(denoiser, "weight_latent"), **quant_parameters(denoiser, "bias")}
             for k, v in payload["weights"].items():
-                params[k].copy_(v.to(params[k].device, params[k].dtype))
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
     device = next(denoiser.parameters()).device
     load_quant_state(denoiser, {k: v.to(device) for k, v in payload["quantizers"].items()})
     return summary, payload["meta"]

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from diffquant.validation import InvalidSetting, one_of, positive
+
 FP_BITS = 32
 
 
@@ -27,18 +29,20 @@ class QuantConfig:
         symmetric_weights / symmetric_acts: symmetric (zero point 0) instead of affine ranges.
         act_per_channel: per-channel activation ranges (channel dim 1 for 4-D inputs, last dim for
             token inputs); None = automatic, on at ``act_bits <= 4`` as the QuEST code does.
-        first_last_act_bits: activation bits of the first and last layer (conv_in, conv_out);
-            None keeps them at ``act_bits``.
-        shortcut_split: quantize the two halves of the skip concatenation feeding an up-block
-            ``ResnetBlock2D.conv_shortcut`` separately (Q-Diffusion's split).
+        first_last_act_bits: activation bits of the input of the denoiser's first and last layer
+            (its ``first`` / ``last`` roles; a UNet's input and output convolutions); None keeps
+            them at ``act_bits``.
+        shortcut_split: quantize the two halves of a skip concatenation (a UNet up-block
+            shortcut's input) separately (Q-Diffusion's split), where the family declares one.
         weight_init / act_init: initial range, ``lp`` (Q-Diffusion's search over 80 clipping
             ratios minimising the L_p error, p = ``lp_norm``) or ``minmax``.
-        minmax_act_layers: regular expressions searched in activation quantizer names whose
-            initial range is always ``minmax``: inputs that are a function of the time step
-            alone (the time-embedding MLP, ``time_emb_proj``). Their rows hold one value per
-            recorded step, and an L_p-clipped range fit to those few values clips whole time
-            steps (ldm_digits W4A4: ``time_embedding.linear_1`` reconstruction loss 0.55 with
-            ``lp``, 0.04 with ``minmax``). ``[]`` applies ``act_init`` everywhere.
+        minmax_act_roles: denoiser roles (:mod:`diffquant.models.denoiser`) whose input
+            quantizers always get a ``minmax`` initial range: by default the inputs that are a
+            function of the time step alone (``time_embedding``, ``time_projection``). Their
+            rows hold one value per recorded step, and an L_p-clipped range fit to those few
+            values clips whole time steps. ``[]`` applies ``act_init`` everywhere.
+        minmax_act_layers: further regular expressions searched in activation quantizer names
+            (``<layer>.input_quantizer``) that always get ``minmax`` ranges.
         timestep_aware: one activation parameter set per group of sampler steps.
         timestep_groups: number of such groups (the sampler's steps split evenly).
     """
@@ -54,12 +58,16 @@ class QuantConfig:
     shortcut_split: bool = True
     weight_init: str = "lp"
     act_init: str = "lp"
-    minmax_act_layers: list[str] = field(
-        default_factory=lambda: [r"time_embedding\.", r"time_emb_proj"])
+    minmax_act_roles: list[str] = field(
+        default_factory=lambda: ["time_embedding", "time_projection"])
+    minmax_act_layers: list[str] = field(default_factory=list)
     lp_norm: float = 2.4
     lp_candidates: int = 80
     timestep_aware: bool = False
     timestep_groups: int = 1
+
+    def __post_init__(self) -> None:
+        validate_bits(self)
 
     @property
     def enabled(self) -> bool:
@@ -71,22 +79,28 @@ class QuantConfig:
 
 
 def validate_bits(cfg) -> None:
-    """Raise ValueError naming the fix for impossible bit-widths or unknown init methods."""
+    """Raise :class:`~diffquant.validation.InvalidSetting` naming the key and the fix for
+    impossible bit-widths, unknown init methods, roles or patterns (``QuantConfig`` calls it on
+    construction)."""
     for key in ("weight_bits", "act_bits", "softmax_bits", "first_last_act_bits"):
         bits = getattr(cfg, key)
         if bits is None and key == "first_last_act_bits":
             continue
         if bits != FP_BITS and not 2 <= bits <= 16:
-            raise ValueError(f"quant.{key}={bits} is impossible: use 2..16 bits, or 32 for full "
-                             f"precision (e.g. quant.{key}=4).")
+            raise InvalidSetting(key, f"is impossible: use 2..16 bits, or 32 for full precision "
+                                      f"(e.g. quant.{key}=4).")
     for key in ("weight_init", "act_init"):
-        if getattr(cfg, key) not in ("lp", "minmax"):
-            raise ValueError(f"quant.{key}={getattr(cfg, key)!r} is unknown: use 'lp' or 'minmax'.")
+        one_of(cfg, key, ("lp", "minmax"))
     for pattern in cfg.minmax_act_layers:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"quant.minmax_act_layers: {pattern!r} is not a regular expression "
-                             f"({err}); e.g. 'quant.minmax_act_layers=[time_embedding\\.]'.") from err
-    if cfg.timestep_groups < 1:
-        raise ValueError(f"quant.timestep_groups={cfg.timestep_groups} must be >= 1.")
+            raise InvalidSetting("minmax_act_layers", f"holds {pattern!r}, not a regular expression "
+                                 f"({err}); e.g. 'quant.minmax_act_layers=[\\.proj_in\\.]'.") from err
+    from diffquant.models.denoiser import ROLES
+
+    unknown = [r for r in cfg.minmax_act_roles if r not in ROLES]
+    if unknown:
+        raise InvalidSetting("minmax_act_roles", f"has unknown role(s) {unknown}; roles are "
+                                                 f"{', '.join(ROLES)}.")
+    positive(cfg, "timestep_groups", "lp_candidates")

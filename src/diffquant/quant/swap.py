@@ -1,4 +1,4 @@
-"""Module swapping: turn a diffusers UNet into its fake-quantized version, in place.
+"""Module swapping: turn a denoiser into its fake-quantized version, in place.
 
 :func:`quantize_denoiser` replaces
 
@@ -9,11 +9,13 @@
 
 with two policies from the :class:`QuantConfig`:
 
-* first/last layer: the input activations of ``conv_in`` and ``conv_out`` use
-  ``first_last_act_bits`` (their weights keep ``weight_bits``);
-* shortcut split: the ``conv_shortcut`` of an up-block ``ResnetBlock2D`` sees
-  ``cat([hidden_states, skip], dim=1)``; its input and weight are quantized in two halves split at
-  the hidden state's channel count, found from the block structure (see :func:`shortcut_splits`).
+* first/last layer: the input activations of the layers of the denoiser's ``first`` and
+  ``last`` roles (:mod:`diffquant.models.denoiser`) use ``first_last_act_bits`` (their weights
+  keep ``weight_bits``);
+* shortcut split: a layer fed by a concatenation of two tensors of different ranges (a UNet's
+  up-block shortcut sees ``cat([hidden_states, skip], dim=1)``) has its input and weight
+  quantized in two halves, split where the family's spec says
+  (:meth:`~diffquant.models.denoiser.DenoiserSpec.shortcut_splits`).
 
 The VAE and text encoder are separate modules and are never touched. A bit-width of 32 leaves
 that kind of tensor in full precision (no quantizer is created).
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +39,9 @@ from diffquant.quant.state import is_quantized, iter_quantizers
 from diffquant.quant.timestep import attach_timestep_router
 from diffquant.quant.typed import as_dataclass
 
-FIRST_LAST = ("conv_in", "conv_out")
+if TYPE_CHECKING:
+    from diffquant.models.denoiser import DenoiserSpec
+
 
 
 @dataclass
@@ -98,41 +102,6 @@ class QuantSummary:
 
 
 # ---------------------------------------------------------------------------- structure
-def _out_channels(block: nn.Module) -> Optional[int]:
-    resnets = getattr(block, "resnets", None)
-    if resnets is None or len(resnets) == 0:
-        return None
-    return int(resnets[-1].out_channels)
-
-
-def shortcut_splits(denoiser: nn.Module) -> dict[str, int]:
-    """``{qualified name of conv_shortcut: split}`` for the up-block resnets fed by a skip concat.
-
-    In diffusers up blocks resnet ``j`` receives ``cat([h, skip])``; ``h`` has the previous
-    resnet's output channels (``j > 0``) or the channels entering the up block (``j = 0``: the
-    previous up block's output, or the mid block's / last down block's for the first up block).
-    """
-    splits: dict[str, int] = {}
-    up_blocks = getattr(denoiser, "up_blocks", None)
-    if up_blocks is None:
-        return splits
-    mid = getattr(denoiser, "mid_block", None)
-    entering = _out_channels(mid) if mid is not None else None
-    if entering is None and len(getattr(denoiser, "down_blocks", [])):
-        entering = _out_channels(denoiser.down_blocks[-1])
-    for k, block in enumerate(up_blocks):
-        resnets = getattr(block, "resnets", None) or []
-        h_channels = entering
-        for j, resnet in enumerate(resnets):
-            shortcut = getattr(resnet, "conv_shortcut", None)
-            if (isinstance(shortcut, nn.Conv2d) and h_channels is not None
-                    and 0 < h_channels < shortcut.in_channels):
-                splits[f"up_blocks.{k}.resnets.{j}.conv_shortcut"] = int(h_channels)
-            h_channels = int(resnet.out_channels)
-        entering = _out_channels(block) or entering
-    return splits
-
-
 def _attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
     from diffusers.models.attention_processor import Attention
 
@@ -182,8 +151,9 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def quantize_denoiser(denoiser: nn.Module, quant_cfg: Any, timesteps: Optional[Sequence[int]] = None, *,
-                  init_weights: bool = True) -> QuantSummary:
+def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
+                      timesteps: Optional[Sequence[int]] = None, *,
+                      init_weights: bool = True) -> QuantSummary:
     """Swap ``denoiser``'s layers and attention processors for fake-quantized ones, in place.
 
     Args:
@@ -201,9 +171,10 @@ def quantize_denoiser(denoiser: nn.Module, quant_cfg: Any, timesteps: Optional[S
     cfg = as_dataclass(quant_cfg, QuantConfig)
     validate_bits(cfg)
     if is_quantized(denoiser) or any(is_quant_layer(m) for m in denoiser.modules()):
-        raise ValueError("the UNet is already quantized; quantize a fresh FP UNet")
+        raise ValueError("the denoiser is already quantized; quantize a fresh FP denoiser")
     factory = _Factory(cfg)
-    splits = shortcut_splits(denoiser) if cfg.shortcut_split else {}
+    splits = spec.shortcut_splits(denoiser) if cfg.shortcut_split else {}
+    first_last = set(spec.layers(denoiser, "first", "last"))
     fl_bits = cfg.first_last_act_bits if cfg.first_last_act_bits is not None else cfg.act_bits
     summary = QuantSummary(quant={**dataclasses.asdict(cfg),
                                   "_acts_per_channel": cfg.acts_per_channel})
@@ -213,8 +184,8 @@ def quantize_denoiser(denoiser: nn.Module, quant_cfg: Any, timesteps: Optional[S
         is_conv = isinstance(layer, nn.Conv2d)
         channels = layer.in_channels if is_conv else layer.in_features
         split = splits.get(name) if is_conv else None
-        bits = fl_bits if name in FIRST_LAST else cfg.act_bits
-        if name in FIRST_LAST and cfg.act_bits < FP_BITS:
+        bits = fl_bits if name in first_last else cfg.act_bits
+        if name in first_last and cfg.act_bits < FP_BITS:
             summary.first_last.append(name)
         w_q = factory.weight(layer.weight, split, init_weights)
         a_q = factory.layer_input(channels, bits, split)
@@ -245,7 +216,7 @@ def quantize_denoiser(denoiser: nn.Module, quant_cfg: Any, timesteps: Optional[S
         if timesteps is None:
             raise ValueError("quant.timestep_aware=true needs the sampler's timesteps: call "
                              "quantize_denoiser(denoiser, cfg, timesteps=model.timesteps)")
-        attach_timestep_router(denoiser, [int(t) for t in timesteps], factory.groups)
+        attach_timestep_router(denoiser, spec, [int(t) for t in timesteps], factory.groups)
     return summary
 
 

@@ -4,9 +4,9 @@ An :class:`ActQuantizer` with ``n_groups = G > 1`` holds one (Δ, z) set per gro
 steps. The sampler's ``S`` steps (0 = noisiest) are split evenly: step ``i`` belongs to group
 ``i · G // S`` (``G = S`` gives one set per step, as QuEST does).
 
-:func:`attach_timestep_router` installs a forward pre-hook on the UNet that reads its
-``timestep`` argument — a per-row tensor ``(B,)``, as :meth:`DiffusionModel.denoiser_kwargs` always
-passes — and sets every time-step-aware quantizer's ``group_index`` to the rows' groups, so a
+:func:`attach_timestep_router` installs a forward pre-hook on the denoiser that reads its
+time-step argument (where the family's :class:`~diffquant.models.denoiser.DenoiserSpec` says) —
+a per-row tensor ``(B,)``, as :meth:`DiffusionModel.denoiser_kwargs` always passes — and sets every time-step-aware quantizer's ``group_index`` to the rows' groups, so a
 batch may mix steps (calibration batches do). Time steps not in the schedule map to the
 nearest one. Code that calls a UNet sub-module directly (block reconstruction) routes with
 :meth:`TimestepRouter.route`.
@@ -14,12 +14,15 @@ nearest one. Code that calls a UNet sub-module directly (block reconstruction) r
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from diffquant.quant.quantizers import ActQuantizer
+
+if TYPE_CHECKING:
+    from diffquant.models.denoiser import DenoiserSpec
 
 ROUTER_ATTR = "_diffquant_timestep_router"
 
@@ -61,22 +64,15 @@ def set_group_index(module: nn.Module, group_index: Optional[Tensor | int]) -> N
             m.group_index = None if group_index is None else group_index.to(m.scale.device)
 
 
-def _timestep_arg(args: tuple, kwargs: dict) -> Any:
-    if "timestep" in kwargs:
-        return kwargs["timestep"]
-    if len(args) > 1:  # UNet2DModel / UNet2DConditionModel: forward(sample, timestep, ...)
-        return args[1]
-    raise RuntimeError("time-step-aware quantization: the UNet was called without a timestep")
-
-
-def attach_timestep_router(denoiser: nn.Module, schedule: Sequence[int] | Tensor,
+def attach_timestep_router(denoiser: nn.Module, spec: "DenoiserSpec", schedule: Sequence[int] | Tensor,
                            n_groups: int) -> TimestepRouter:
-    """Install (or replace) the UNet's router and its forward pre-hook; returns the router."""
+    """Install (or replace) the denoiser's router and its forward pre-hook, which reads the time
+    step where ``spec`` says the family passes it; returns the router."""
     detach_timestep_router(denoiser)
     router = TimestepRouter(schedule, n_groups)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        router.route(module, _timestep_arg(args, kwargs))
+        router.route(module, spec.timestep(args, kwargs))
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(denoiser, ROUTER_ATTR, (router, handle))

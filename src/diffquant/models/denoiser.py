@@ -1,0 +1,246 @@
+"""What a model family declares about its denoiser: how it is called and which layers play which
+role.
+
+Quantization, calibration, reconstruction and the methods never name a module of a denoiser.
+They ask the model wrapper's :class:`DenoiserSpec` (``model.spec``), in the spirit of the
+diffusers model classes that declare their special modules (``_keep_in_fp32_modules``,
+``_skip_layerwise_casting_patterns``). A new family (a DiT, say) declares its own spec in
+``models/`` and every method works on it, or fails naming the role the family lacks.
+
+Calling convention
+------------------
+The denoiser is called with keyword arguments only: the latents ``x_t`` under
+:attr:`DenoiserSpec.sample_arg` ``(B, C, h, w)``, the time step under
+:attr:`DenoiserSpec.timestep_arg` ``(B,)`` (one entry per row), and the family's condition tensors
+(``class_labels`` ``(B,)``, ``encoder_hidden_states`` ``(B, L, D)``, ...), every tensor with the
+batch dimension first. A calibration row is exactly one row of such a call.
+:meth:`DenoiserSpec.forward` calls the denoiser on such a batch and returns its output tensor
+``(B, C_out, h, w)``.
+
+Roles
+-----
+Each role is a set of ``nn.Conv2d`` / ``nn.Linear`` layers (their qualified names), resolved on the
+module (FP or quantized: quantized layers subclass the FP ones and keep their names):
+
+===================== ==========================================================================
+``first``             the layer that reads ``x_t`` (it gets ``quant.first_last_act_bits``)
+``last``              the layer that writes the output (likewise)
+``time_embedding``    the layers of the time-step embedding MLP (input: a function of t alone)
+``time_projection``   the per-block projections of the time embedding (input: a function of t
+                      alone; QuEST's TLA layers)
+``self_attention_qkv`` q, k, v projections of self-attention
+``cross_attention_q`` q projections of cross-attention (queries from the image tokens)
+``cross_attention_kv`` k, v projections of cross-attention (from the condition)
+``attention_out``     output projections of every attention
+``feed_forward``      the layers of the transformer feed-forward networks
+===================== ==========================================================================
+
+A role the family has but this model instance lacks (no cross-attention in an unconditional
+UNet) resolves to an empty list; :meth:`DenoiserSpec.require` turns that into an error naming the
+family, for methods that need the role. An unknown role name is always an error.
+
+Besides roles, a spec declares the reconstruction units (:meth:`DenoiserSpec.unit_kind`: blocks
+reconstructed as one), the shortcut splits of skip concatenations, and the "layer type" of a
+layer name (the name without its block path, for per-type reports).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+ROLES = ("first", "last", "time_embedding", "time_projection", "self_attention_qkv",
+         "cross_attention_q", "cross_attention_kv", "attention_out", "feed_forward")
+
+
+class RoleError(ValueError):
+    """A role that is unknown, or that a method needs and the model lacks."""
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Conv2d and Linear layers: what quantization swaps and what roles are made of."""
+    return isinstance(module, (nn.Conv2d, nn.Linear))
+
+
+class DenoiserSpec:
+    """The base description; families subclass it (see :class:`DiffusersSpec`, :class:`UNetSpec`).
+
+    Attributes:
+        family: the model family's name (for messages).
+        sample_arg / timestep_arg: keyword arguments carrying ``x_t`` ``(B, C, h, w)`` and the
+            time step ``(B,)``.
+    """
+
+    family: str = "base"
+    sample_arg: str = "sample"
+    timestep_arg: str = "timestep"
+
+    # ------------------------------------------------------------------ calling
+    def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The denoiser's output ``(B, C_out, h, w)`` on keyword arguments ``batch``."""
+        out = denoiser(**batch)
+        if isinstance(out, Tensor):
+            return out
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        """Rows of a denoiser call's keyword arguments."""
+        return int(batch[self.sample_arg].shape[0])
+
+    def timestep(self, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+        """The time-step argument of a call (a forward pre-hook's ``args``/``kwargs``)."""
+        if self.timestep_arg not in kwargs:
+            raise RuntimeError(f"{self.family} denoiser called without the keyword argument "
+                               f"{self.timestep_arg!r}: diffquant calls denoisers with keyword "
+                               "arguments only (DiffusionModel.denoiser_kwargs)")
+        return kwargs[self.timestep_arg]
+
+    # ------------------------------------------------------------------ roles
+    def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
+        """Every role → the qualified names of its layers, in module order."""
+        raise NotImplementedError
+
+    def layers(self, denoiser: nn.Module, *roles: str) -> list[str]:
+        """The layers of ``roles`` (union, module order); unknown roles are an error."""
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise RoleError(f"unknown denoiser role(s) {unknown}; roles are {', '.join(ROLES)}")
+        table = self.resolve(denoiser)
+        wanted = {n for r in roles for n in table[r]}
+        return [n for n, _ in denoiser.named_modules() if n in wanted]
+
+    def require(self, denoiser: nn.Module, *roles: str, purpose: str = "") -> list[str]:
+        """Like :meth:`layers`, but an empty role is an error naming the family and ``purpose``."""
+        table = self.resolve(denoiser)
+        for r in roles:
+            if r in ROLES and not table[r]:
+                raise RoleError(f"{purpose or 'this method'} needs the denoiser role {r!r}, which "
+                                f"this {self.family} model has no layers for")
+        return self.layers(denoiser, *roles)
+
+    # ------------------------------------------------------------------ structure
+    def unit_kind(self, module: nn.Module) -> Optional[str]:
+        """The reconstruction-unit kind of a block reconstructed as one (``resnet``,
+        ``transformer``, ``attention``), or None (its layers are units on their own)."""
+        return None
+
+    def shortcut_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        """``{layer name: channels of the first part}`` for layers fed by a concatenation of two
+        tensors of different ranges (quantized in two halves); ``{}`` if the family has none."""
+        return {}
+
+    def layer_type(self, name: str) -> str:
+        """A layer's name without its block path and indices (the "activation type" of per-type
+        reports)."""
+        return re.sub(r"\.\d+(?=\.|$)", "", name)
+
+
+# ---------------------------------------------------------------------------- diffusers
+class DiffusersSpec(DenoiserSpec):
+    """Roles found from diffusers' building blocks, whatever the architecture around them:
+    ``Attention`` (q/k/v/out, self or cross), ``FeedForward``, ``TimestepEmbedding``, and the
+    ``time_emb_proj`` of ``ResnetBlock2D``. Families name their ``first`` / ``last`` layers."""
+
+    first_layers: tuple[str, ...] = ()
+    last_layers: tuple[str, ...] = ()
+
+    def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
+        from diffusers.models.attention import FeedForward
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.embeddings import TimestepEmbedding
+        from diffusers.models.resnet import ResnetBlock2D
+
+        table: dict[str, list[str]] = {r: [] for r in ROLES}
+        modules = dict(denoiser.named_modules())
+        for role, names in (("first", self.first_layers), ("last", self.last_layers)):
+            for n in names:
+                if not is_layer(modules.get(n, nn.Identity())):
+                    raise RoleError(f"{self.family} denoiser: role {role!r} names layer {n!r}, "
+                                    "which is not a Conv2d/Linear of this model")
+                table[role].append(n)
+
+        def sub(prefix: str, attr: str) -> list[str]:
+            name = f"{prefix}.{attr}" if prefix else attr
+            return [name] if is_layer(modules.get(name, nn.Identity())) else []
+
+        for name, m in modules.items():
+            if isinstance(m, Attention):
+                if m.is_cross_attention:
+                    table["cross_attention_q"] += sub(name, "to_q")
+                    table["cross_attention_kv"] += sub(name, "to_k") + sub(name, "to_v")
+                else:
+                    table["self_attention_qkv"] += (sub(name, "to_q") + sub(name, "to_k")
+                                                    + sub(name, "to_v"))
+                table["attention_out"] += sub(name, "to_out.0")
+            elif isinstance(m, FeedForward):
+                table["feed_forward"] += [f"{name}.{n}" for n, c in m.named_modules()
+                                          if n and is_layer(c)]
+            elif isinstance(m, TimestepEmbedding):
+                table["time_embedding"] += [f"{name}.{n}" for n, c in m.named_modules()
+                                            if n and is_layer(c)]
+            elif isinstance(m, ResnetBlock2D):
+                table["time_projection"] += sub(name, "time_emb_proj")
+        return table
+
+    def unit_kind(self, module: nn.Module) -> Optional[str]:
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
+
+        for cls, kind in ((ResnetBlock2D, "resnet"), (BasicTransformerBlock, "transformer"),
+                          (Attention, "attention")):
+            if isinstance(module, cls):
+                return kind
+        return None
+
+
+class UNetSpec(DiffusersSpec):
+    """diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (the ``ldm``, ``ldm_compvis``,
+    ``ldm_class_context`` and ``sd`` families)."""
+
+    family = "unet"
+    first_layers = ("conv_in",)
+    last_layers = ("conv_out",)
+
+    def shortcut_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        """The ``conv_shortcut`` of each up-block ``ResnetBlock2D`` fed by ``cat([h, skip])``.
+
+        Resnet ``j`` of an up block receives ``cat([h, skip])``; ``h`` has the previous resnet's
+        output channels (``j > 0``) or the channels entering the up block (``j = 0``: the
+        previous up block's output, or the mid block's / last down block's for the first one).
+        """
+        splits: dict[str, int] = {}
+        up_blocks = getattr(denoiser, "up_blocks", None)
+        if up_blocks is None:
+            return splits
+        mid = getattr(denoiser, "mid_block", None)
+        entering = _out_channels(mid) if mid is not None else None
+        if entering is None and len(getattr(denoiser, "down_blocks", [])):
+            entering = _out_channels(denoiser.down_blocks[-1])
+        for k, block in enumerate(up_blocks):
+            h_channels = entering
+            for j, resnet in enumerate(getattr(block, "resnets", None) or []):
+                shortcut = getattr(resnet, "conv_shortcut", None)
+                if (isinstance(shortcut, nn.Conv2d) and h_channels is not None
+                        and 0 < h_channels < shortcut.in_channels):
+                    splits[f"up_blocks.{k}.resnets.{j}.conv_shortcut"] = int(h_channels)
+                h_channels = int(resnet.out_channels)
+            entering = _out_channels(block) or entering
+        return splits
+
+    def layer_type(self, name: str) -> str:
+        """``down_blocks.1.attentions.0.to_q`` → ``attentions.to_q``."""
+        name = re.sub(r"^(down_blocks|up_blocks|mid_block)\.(\d+\.)?", "", name)
+        return super().layer_type(name)
+
+
+def _out_channels(block: nn.Module) -> Optional[int]:
+    resnets = getattr(block, "resnets", None)
+    if resnets is None or len(resnets) == 0:
+        return None
+    return int(resnets[-1].out_channels)
+
+
+UNET = UNetSpec()
