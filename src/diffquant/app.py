@@ -102,7 +102,7 @@ def fp_reference_features(model, evaluation: Evaluation, cfg: DictConfig,
             with entry.writing() as tmp:
                 atomic_torch_save({"features": torch.cat(feats), "sample_s": seconds}, tmp / "features.pt")
             entry.clear_partial()
-    rec = torch.load(entry.path / "features.pt")
+    rec = entry.load("features.pt")
     return rec["features"], rec["sample_s"]
 
 
