@@ -170,7 +170,7 @@ def fp_reference_features(model: Any, evaluation: Evaluation, job: Job
             with entry.writing() as tmp:
                 atomic_torch_save({"features": features, "sample_s": seconds}, tmp / "features.pt")
             entry.clear_partial()
-    rec = torch.load(entry.path / "features.pt")
+    rec = entry.load("features.pt")
     return rec["features"], rec["sample_s"]
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from diffquant.cache import CacheEntry, atomic_torch_save
+from diffquant.cache import CacheEntry, atomic_torch_save, load_torch
 from diffquant.quant.state import quant_state
 from diffquant.quant.typed import as_dataclass
 from diffquant.validation import positive
@@ -232,7 +232,7 @@ class CalibStream:
                 local = wanted[(wanted >= lo) & (wanted < hi)] - lo
                 if local.numel() == 0:
                     continue
-            data = torch.load(self.path / shard["file"], map_location="cpu", weights_only=True)
+            data = load_torch(self.path / shard["file"], map_location="cpu", weights_only=True)
             if wanted is not None:
                 data = {k: v[local] for k, v in data.items()}
             if rest is not None:

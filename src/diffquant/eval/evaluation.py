@@ -60,7 +60,7 @@ class Evaluation:
                 with entry.writing() as tmp:
                     images = load_reference_images(self.cfg.reference)
                     atomic_torch_save(self.features(images)["features"], tmp / "features.pt")
-        return torch.load(entry.path / "features.pt")
+        return entry.load("features.pt")
 
     def fp_reference_entry(self, model_key: dict[str, Any], n: int, seed: int) -> CacheEntry:
         """Where the FP model's features for ``n`` samples of ``seed`` live."""

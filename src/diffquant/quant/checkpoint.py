@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from diffquant.cache import atomic_torch_save
+from diffquant.cache import atomic_torch_save, load_torch
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.state import iter_quantizers
 from diffquant.quant.swap import QuantSummary, quantize_denoiser
@@ -65,7 +65,7 @@ def save_quantized(denoiser: nn.Module, path: Path | str, quant_cfg: Any, *,
 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    payload = load_torch(Path(path), map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a diffquant quantized checkpoint "
                          f"(format {payload.get('format')!r}, expected {FORMAT!r})")
