@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.denoiser import UNET
 
 N_CLASSES = 4
 LATENT = (4, 8, 8)
@@ -61,6 +62,7 @@ class TinyDiffusion(DiffusionModel):
     """Class-conditional latent diffusion over :func:`tiny_unet2d`, guidance 2.0, DDIM."""
 
     family = "tiny"
+    spec = UNET
 
     def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0) -> None:
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
@@ -80,6 +82,7 @@ class TinyTextDiffusion(DiffusionModel):
     "prompt embedding" is a fixed random (5, 16) context, the null prompt is zeros; guidance 2.0."""
 
     family = "tiny_text"
+    spec = UNET
 
     def __init__(self, steps: int = 4, guidance: float = 2.0, seed: int = 0) -> None:
         scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False,
