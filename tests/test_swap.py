@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from diffquant.calib import observing_act_ranges
+from diffquant.models.denoiser import UNET
 from diffquant.quant import (ActQuantizer, QuantAttnProcessor, QuantConfig, WeightQuantizer,
                              is_quant_layer, iter_quantizers, keep_fp_weights, quant_parameters,
-                             quant_state, quantize_denoiser, set_quant_state, shortcut_splits)
+                             quant_state, quantize_denoiser, set_quant_state)
+from diffquant.validation import InvalidSetting
 from tiny_models import (tiny_unet2d, tiny_unet2d_condition, unet2d_condition_inputs,
                          unet2d_inputs)
 
@@ -28,10 +30,10 @@ def _quantized(name, cfg):
     build, make_inputs = MODELS[name]
     denoiser, inputs = build(), make_inputs()
     with torch.no_grad():
-        ref = denoiser(**inputs).sample
+        ref = UNET.forward(denoiser, inputs)
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in denoiser.modules())
     n_attn = sum(type(m).__name__ == "Attention" for m in denoiser.modules())
-    summary = quantize_denoiser(denoiser, cfg)
+    summary = quantize_denoiser(denoiser, UNET, cfg)
     _observe(denoiser, inputs)
     return denoiser, inputs, ref, summary, n_layers, n_attn
 
@@ -67,10 +69,10 @@ def test_quant_off_is_fp_and_w8a8_is_close(name):
     cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8)
     denoiser, inputs, ref, *_ = _quantized(name, cfg)
     with torch.no_grad(), quant_state(denoiser, weights=False, acts=False):
-        fp = denoiser(**inputs).sample
+        fp = UNET.forward(denoiser, inputs)
     assert torch.allclose(fp, ref, atol=1e-5)
     with torch.no_grad():
-        q8 = denoiser(**inputs).sample
+        q8 = UNET.forward(denoiser, inputs)
     rel = ((q8 - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.05
 
@@ -97,9 +99,9 @@ def test_first_last_bits_split_shortcuts_and_fp_parts():
         denoiser(**inputs)
     for h in handles:
         h.remove()
-    assert shortcut_splits(denoiser) == true_splits and len(true_splits) == 4
+    assert UNET.shortcut_splits(denoiser) == true_splits and len(true_splits) == 4
 
-    summary = quantize_denoiser(denoiser, cfg)
+    summary = quantize_denoiser(denoiser, UNET, cfg)
     assert sorted(summary.split_shortcuts) == sorted(true_splits)
     assert denoiser.conv_in.input_quantizer.bits == 8 and denoiser.conv_out.input_quantizer.bits == 8
     assert denoiser.conv_in.weight_quantizer.bits == 4
@@ -111,7 +113,7 @@ def test_first_last_bits_split_shortcuts_and_fp_parts():
                    for m in denoiser.class_embedding.modules())  # embeddings, norms stay FP
     _observe(denoiser, inputs)
     with torch.no_grad():
-        assert torch.isfinite(denoiser(**inputs).sample).all()
+        assert torch.isfinite(UNET.forward(denoiser, inputs)).all()
 
 
 def test_switches_and_parameter_lookup():
@@ -145,12 +147,13 @@ def test_fp_teacher_survives_latent_weight_finetuning():
     assert keep_fp_weights(denoiser, include=r"ff\.net") == 2 * 4  # 4 transformer blocks
     params = quant_parameters(denoiser, "weight_latent", include=r"ff\.net")
     with torch.no_grad():
-        q_before = denoiser(**inputs).sample
+        q_before = UNET.forward(denoiser, inputs)
         for p in params.values():
             p.add_(0.05)
         with quant_state(denoiser, weights=False, acts=False):
-            assert torch.allclose(denoiser(**inputs).sample, ref, atol=1e-5)  # teacher unchanged
-        assert not torch.allclose(denoiser(**inputs).sample, q_before)  # student moved
+            # the teacher is unchanged
+            assert torch.allclose(UNET.forward(denoiser, inputs), ref, atol=1e-5)
+        assert not torch.allclose(UNET.forward(denoiser, inputs), q_before)  # student moved
 
 
 def test_timestep_aware_groups_follow_the_timestep_argument():
@@ -159,7 +162,7 @@ def test_timestep_aware_groups_follow_the_timestep_argument():
                       timestep_groups=3)
     denoiser, inputs = tiny_unet2d(), unet2d_inputs(n=6)
     inputs["timestep"] = torch.tensor(schedule)
-    quantize_denoiser(denoiser, cfg, timesteps=schedule)
+    quantize_denoiser(denoiser, UNET, cfg, timesteps=schedule)
     _observe(denoiser, inputs)
     q = denoiser.down_blocks[0].resnets[0].conv1.input_quantizer
     assert q.scale.shape == (3, 1) and q.group_index.tolist() == [0, 0, 1, 1, 2, 2]
@@ -168,16 +171,21 @@ def test_timestep_aware_groups_follow_the_timestep_argument():
         denoiser(**{**inputs, "timestep": torch.tensor([1, 1, 1, 1, 1, 900])})
     assert q.group_index.tolist() == [2, 2, 2, 2, 2, 0]
     with pytest.raises(ValueError, match="timesteps"):
-        quantize_denoiser(tiny_unet2d(), cfg)
+        quantize_denoiser(tiny_unet2d(), UNET, cfg)
 
 
 def test_weight_only_and_requantize_errors():
     denoiser = tiny_unet2d()
-    summary = quantize_denoiser(denoiser, QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
+    summary = quantize_denoiser(denoiser, UNET,
+                                QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
     assert summary.attention == 0 and not list(iter_quantizers(denoiser, "act"))
     with torch.no_grad():
-        assert torch.isfinite(denoiser(**unet2d_inputs()).sample).all()
+        assert torch.isfinite(UNET.forward(denoiser, unet2d_inputs())).all()
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_denoiser(denoiser, QuantConfig(name="w8a8", weight_bits=8, act_bits=8))
+        quantize_denoiser(denoiser, UNET, QuantConfig(name="w8a8", weight_bits=8, act_bits=8))
+    # impossible bits are rejected before any work: by the config itself, and by
+    # quantize_denoiser for a plain mapping
+    with pytest.raises(InvalidSetting, match="weight_bits"):
+        QuantConfig(name="bad", weight_bits=1, act_bits=8)
     with pytest.raises(ValueError, match="weight_bits"):
-        quantize_denoiser(tiny_unet2d(), QuantConfig(name="bad", weight_bits=1, act_bits=8))
+        quantize_denoiser(tiny_unet2d(), UNET, {"name": "bad", "weight_bits": 1, "act_bits": 8})
