@@ -47,8 +47,6 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name] is not builder:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = builder
-            if isinstance(builder, type) and hasattr(builder, "name"):
-                builder.name = name  # a Method class learns its registry name
             if schema is not None:
                 self._schemas[name] = schema
             return builder
