@@ -12,9 +12,12 @@ from diffquant.calib import (CalibSettings, ReconSettings, calibrate_act_ranges,
                              collect_calibration, find_units, reconstruct)
 from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
+from diffquant.methods.result_cache import run_method
+from diffquant.models.denoiser import UNET
 from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_denoiser,
                              save_quantized)
 from diffquant.quant.state import iter_quantizers
+from diffquant.registry import METHODS
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
 
 torch.set_num_threads(1)
@@ -38,7 +41,7 @@ def stream(cache):
 def _rows_close(unet_a, unet_b, stream, atol=0.0):
     batch = next(stream.batches(12, stream.subset(12, 5)))
     with torch.no_grad():
-        a, b = unet_a(**batch).sample, unet_b(**batch).sample
+        a, b = UNET.forward(unet_a, batch), UNET.forward(unet_b, batch)
     return torch.allclose(a, b, atol=atol) if atol else torch.equal(a, b)
 
 
@@ -67,8 +70,8 @@ def test_calibration_rows_cover_the_trajectories(stream, cache, monkeypatch):
 
 def test_units_follow_execution_order(stream):
     model = TinyDiffusion()
-    quantize_denoiser(model.denoiser, W4A8)
-    units = find_units(model.denoiser, next(stream.batches(2)))
+    quantize_denoiser(model.denoiser, model.spec, W4A8)
+    units = find_units(model.denoiser, model.spec, next(stream.batches(2)))
     names = [u.name for u in units]
     assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
     assert names[-1] == "conv_out"
@@ -80,16 +83,16 @@ def test_units_follow_execution_order(stream):
 
 def _calibrated(stream, progress_dir=None, on_unit_done=None, recon=RECON):
     model = TinyDiffusion()
-    quantize_denoiser(model.denoiser, W4A8, timesteps=model.timesteps)
+    quantize_denoiser(model.denoiser, model.spec, W4A8, timesteps=model.timesteps)
     calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12)
-    report = reconstruct(model.denoiser, stream, recon, progress_dir=progress_dir,
+    report = reconstruct(model.denoiser, model.spec, stream, recon, progress_dir=progress_dir,
                          on_unit_done=on_unit_done)
     return model, report
 
 
 def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
     minmax = TinyDiffusion()
-    quantize_denoiser(minmax.denoiser, W4A8)
+    quantize_denoiser(minmax.denoiser, minmax.spec, W4A8)
     calibrate_act_ranges(minmax.denoiser, stream, method="lp", n_rows=24, batch_size=12)
     model, report = _calibrated(stream)
     assert len(report.units) == 18 and all(u.weight_loss is not None for u in report.units)
@@ -97,14 +100,14 @@ def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
     batch = next(stream.batches(len(stream)))
     with torch.no_grad():
         with quant_state(model.denoiser, weights=False, acts=False):
-            fp = model.denoiser(**batch).sample
-        err_recon = (model.denoiser(**batch).sample - fp).pow(2).mean()
-        err_init = (minmax.denoiser(**batch).sample - fp).pow(2).mean()
+            fp = model.spec.forward(model.denoiser, batch)
+        err_recon = (model.spec.forward(model.denoiser, batch) - fp).pow(2).mean()
+        err_init = (minmax.spec.forward(minmax.denoiser, batch) - fp).pow(2).mean()
     assert err_recon < err_init
 
     path = save_quantized(model.denoiser, tmp_path / "q.pt", W4A8, meta={"x": 1})
     fresh = TinyDiffusion()
-    summary, meta = load_quantized(fresh.denoiser, path)
+    summary, meta = load_quantized(fresh.denoiser, fresh.spec, path)
     assert meta == {"x": 1} and summary.n_quant_layers == 51
     assert _rows_close(model.denoiser, fresh.denoiser, stream)  # identical outputs
 
@@ -139,31 +142,36 @@ def test_ptq_methods_cache_and_metrics(cache, tmp_path):
     ctx = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
     ptq = PTQConfig(calib=CALIB, recon=dataclasses.replace(RECON, weight_iters=8, act_iters=4),
                     act_init_rows=24, save_checkpoint=True)
-    model = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx)
-    assert ctx.extra_metrics["n_quant_layers"] == 51 and ctx.extra_metrics["ptq_cached"] is False
-    assert ctx.extra_metrics["recon_units"] == 18 and (run_dir / "quantized_denoiser.pt").exists()
+    first = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx)
+    model, metrics = first.model, first.metrics
+    assert metrics["n_quant_layers"] == 51 and metrics["ptq_cached"] is False
+    assert metrics["recon_units"] == 18 and (run_dir / "quantized_denoiser.pt").exists()
+    assert first.quant == W4A8 and len(first.tables["recon_units"].rows) == 18
 
     ctx2 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
     again = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx2)
-    assert ctx2.extra_metrics["ptq_cached"] is True
-    assert ctx2.extra_metrics["ptq_calib_s"] == ctx.extra_metrics["ptq_calib_s"]
+    assert again.metrics["ptq_cached"] is True
+    assert again.metrics["ptq_calib_s"] == metrics["ptq_calib_s"]
+    assert again.quant == first.quant and again.tables == first.tables
     stream = collect_calibration(TinyDiffusion(), CALIB, cache)
-    assert _rows_close(model.denoiser, again.denoiser, stream)
+    assert _rows_close(model.denoiser, again.model.denoiser, stream)
 
     ctx3 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
-    floor = load_or_run_ptq(TinyDiffusion(), W4A8, PTQMinMaxConfig(calib=CALIB), ctx3)
-    assert ctx3.extra_metrics["n_quant_layers"] == 51 and "recon_units" not in ctx3.extra_metrics
-    assert floor.denoiser.conv_in.weight_quantizer.rounding == "nearest"
+    floor = run_method(METHODS.get("ptq_minmax")(), TinyDiffusion(), W4A8,
+                       PTQMinMaxConfig(calib=CALIB), ctx3)
+    assert floor.metrics["n_quant_layers"] == 51 and "recon_units" not in floor.metrics
+    assert floor.metrics["ptq_minmax_cached"] is False
+    assert floor.model.denoiser.conv_in.weight_quantizer.rounding == "nearest"
     assert model.denoiser.conv_in.weight_quantizer.rounding == "hard"
 
 
 def test_reconstruction_of_cross_attention_unet(tmp_path):
     model = TinyTextDiffusion()
     stream = collect_calibration(model, CalibSettings(n_samples=4, step_stride=2), tmp_path)
-    quantize_denoiser(model.denoiser, W4A8)
+    quantize_denoiser(model.denoiser, model.spec, W4A8)
     calibrate_act_ranges(model.denoiser, stream, n_rows=16, batch_size=16)
-    report = reconstruct(model.denoiser, stream, dataclasses.replace(RECON, weight_iters=6,
-                                                                 act_iters=4))
+    report = reconstruct(model.denoiser, model.spec, stream,
+                         dataclasses.replace(RECON, weight_iters=6, act_iters=4))
     kinds = {u.name: u.kind for u in report.units}
     assert "down_blocks.0.attentions.0.transformer_blocks.0" in kinds
     assert kinds["down_blocks.0.attentions.0.proj_in"] == "layer"
@@ -176,7 +184,8 @@ def test_time_step_only_inputs_get_minmax_ranges(stream):
     ranges = {}
     for forced in ((), (r"time_embedding\.",)):
         model = TinyDiffusion()
-        quantize_denoiser(model.denoiser, QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
+        quantize_denoiser(model.denoiser, model.spec,
+                          QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
         calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12,
                              minmax_layers=forced)
         ranges[forced] = {n: (q.scale.detach().clone(), q.zero_point.detach().clone())
