@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 from diffquant.calib import CalibSettings, ReconSettings, calibrate_act_ranges, collect_calibration
+from diffquant.calib.ranges import minmax_patterns
 from diffquant.context import RunContext
+from diffquant.methods.base import MethodResult
 from diffquant.methods.ptq import PTQConfig
-from diffquant.methods.quest import QuestConfig, apply_quest, make_timestep_aware
-from diffquant.methods.quest_finetune import (FPTeacher, load_rows, plan_stages, rows_per_step,
-                                              train_stage)
+from diffquant.methods.quest import QuestConfig, make_timestep_aware, resolve_critical_layers
+from diffquant.methods.quest_finetune import (FPTeacher, layers_matching, load_rows, plan_stages,
+                                              rows_per_step, train_stage)
 from diffquant.methods.quest_sensitivity import SensitivitySettings, activation_sensitivity
+from diffquant.methods.result_cache import run_method
+from diffquant.models.denoiser import UNET
 from diffquant.quant import (QuantConfig, iter_quantizers, load_quantized, quantize_denoiser,
                              save_quantized)
 from diffquant.quant.typed import as_dataclass
-from tiny_models import TinyDiffusion, tiny_unet2d
+from diffquant.registry import METHODS
+from tiny_models import TinyDiffusion, tiny_unet2d, tiny_unet2d_condition
 
 W4A4 = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
-TIME = [r"time_emb_proj\."]
-CRITICAL = [r"attentions\.\d+\.to_[qkv]\."]
 CALIB = CalibSettings(n_samples=4, step_stride=2, batch_size=4)
 
 
@@ -44,15 +51,31 @@ def quantized_copy(model, stream, quant_cfg=W4A4, groups=3):
     activation ranges, ``groups`` time-step groups."""
     denoiser = tiny_unet2d(0)
     denoiser.load_state_dict(model.denoiser.state_dict())
-    quantize_denoiser(denoiser, quant_cfg)
+    quantize_denoiser(denoiser, UNET, quant_cfg)
     for _, wq in iter_quantizers(denoiser, "weight"):
         wq.start_adaround(torch.randn(wq.weight_shape))
         wq.harden()
     calibrate_act_ranges(denoiser, stream, method="minmax", n_rows=None, batch_size=16)
     if groups > 1:
-        make_timestep_aware(denoiser, model.timesteps, groups)
+        make_timestep_aware(denoiser, UNET, model.timesteps, groups)
         calibrate_act_ranges(denoiser, stream, method="minmax", n_rows=None, batch_size=16)
     return denoiser.requires_grad_(False)
+
+
+def time_layers(denoiser):
+    """TLA's layers: the ``time_projection`` role (each resnet's ``time_emb_proj``)."""
+    return UNET.layers(denoiser, "time_projection")
+
+
+def critical_layers(denoiser):
+    """The ``ldm`` family's CMA layers: the ``self_attention_qkv`` role."""
+    return UNET.layers(denoiser, "self_attention_qkv")
+
+
+def plan(denoiser, **switches):
+    return plan_stages(denoiser, time_layers=time_layers(denoiser),
+                       critical_layers=critical_layers(denoiser), tla_epochs=1, cma_epochs=1,
+                       **switches)
 
 
 def snapshot(denoiser):
@@ -63,7 +86,7 @@ def train_all(denoiser, stages, stream, global_weight=2.0, lr=1e-2):
     teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
     rows = load_rows(stream, rows_per_step(stream, 4, seed=0))
     for stage in stages:
-        train_stage(denoiser, stage, rows, teacher, weight_lr=lr, act_lr=lr,
+        train_stage(denoiser, UNET, stage, rows, teacher, weight_lr=lr, act_lr=lr,
                     global_weight=global_weight, batch_size=6)
 
 
@@ -80,8 +103,7 @@ def trained_names(stages):
 def test_only_selected_parameters_change(tiny):
     model, stream = tiny
     denoiser = quantized_copy(model, stream)
-    stages = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
-                         tla_epochs=1, cma_epochs=1)
+    stages = plan(denoiser, tla=True, cma=True)
     selected = trained_names(stages)
     before = snapshot(denoiser)
     train_all(denoiser, stages, stream)
@@ -100,8 +122,7 @@ def test_only_selected_parameters_change(tiny):
 def test_stage_parameter_sets(tiny):
     model, stream = tiny
     denoiser = quantized_copy(model, stream)
-    tla, cma = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=True, cma=True,
-                           tla_epochs=1, cma_epochs=1)
+    tla, cma = plan(denoiser, tla=True, cma=True)
     assert tla.weights and all("time_emb_proj" in n for n in tla.weights)
     assert set(tla.act_scales) == {n for n, _ in denoiser.named_parameters()
                                    if "time_emb_proj.input_quantizer" in n}
@@ -120,9 +141,10 @@ def test_ablation_configs_select_stages(option, stages_expected, make_cfg, tiny)
     cfg = as_dataclass(make_cfg([f"method={option}", "quant=w4a4"]).method, QuestConfig)
     assert cfg.global_loss_weight == (0.0 if option == "quest_no_global" else 2.0)
     denoiser = quantized_copy(model, stream)
-    stages = plan_stages(denoiser, time_layers=cfg.time_embedding_layers,
-                         critical_layers=cfg.critical_layers_by_family["ldm"], tla=cfg.tla,
-                         cma=cfg.cma, tla_epochs=1, cma_epochs=1)
+    stages = plan_stages(denoiser, time_layers=UNET.layers(denoiser, *cfg.tla_roles),
+                         critical_layers=UNET.layers(denoiser,
+                                                     *cfg.critical_roles_by_family["ldm"]),
+                         tla=cfg.tla, cma=cfg.cma, tla_epochs=1, cma_epochs=1)
     assert [s.name for s in stages] == stages_expected
 
 
@@ -132,8 +154,7 @@ def test_ablations_change_which_parameters_train(tiny):
     for label, tla, cma, lam in (("full", True, True, 2.0), ("tla_only", True, False, 2.0),
                                  ("cma_only", False, True, 2.0), ("no_global", True, True, 0.0)):
         denoiser = quantized_copy(model, stream)
-        stages = plan_stages(denoiser, time_layers=TIME, critical_layers=CRITICAL, tla=tla, cma=cma,
-                             tla_epochs=1, cma_epochs=1)
+        stages = plan(denoiser, tla=tla, cma=cma)
         before = snapshot(denoiser)
         train_all(denoiser, stages, stream, global_weight=lam)
         changed[label] = changed_keys(before, denoiser)
@@ -156,10 +177,10 @@ def test_timestep_split_round_trips_through_checkpoint(tiny, tmp_path):
                           dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3))
     fresh = tiny_unet2d(0)
     fresh.load_state_dict(model.denoiser.state_dict())
-    load_quantized(fresh, path)
+    load_quantized(fresh, UNET, path)
     batch = next(stream.batches(6))
     with torch.no_grad():
-        assert torch.equal(denoiser(**batch).sample, fresh(**batch).sample)
+        assert torch.equal(UNET.forward(denoiser, batch), UNET.forward(fresh, batch))
 
 
 # ---------------------------------------------------------------------------- sensitivity
@@ -176,18 +197,87 @@ def test_sweep_ranks_fragile_layer_first(tiny):
         conv.weight[:, 0] = 0.0
         conv.weight[:, 1:] *= 8.0
     cfg = dataclasses.replace(W4A4, act_per_channel=False, act_init="minmax")
-    report = activation_sensitivity(fp, cfg, stream, SensitivitySettings(calib_rows=24,
-                                                                         eval_rows=12))
+    report = activation_sensitivity(fp, UNET, cfg, stream,
+                                    SensitivitySettings(calib_rows=24, eval_rows=12))
     assert report.units[0].name == fragile
     assert report.units[0].error > 2 * report.units[1].error
-    assert report.select(1) == [r"^down_blocks\.0\.resnets\.0\.conv2\."]
+    assert report.select(1) == [fragile]
+    assert report.select(1, exclude=[fragile]) == report.select(2)[1:]
     assert report.types[0].name == "resnets.conv2"
     # the FP UNet itself was not touched
     assert not any(True for _ in iter_quantizers(fp))
 
 
+# ---------------------------------------------------------------------------- roles
+#: What QuEST and range init named by regular expression before layers were read from roles:
+#: TLA's layers, CMA's critical layers by family (searched in ``<layer>.weight``) and the
+#: activation quantizers whose initial range is always min-max.
+OLD_TIME = [r"time_emb_proj\."]
+OLD_CRITICAL = {"ldm": [r"attentions\.\d+\.to_[qkv]\."],
+                "sd": [r"ff\.net\.", r"attn1\.to_[qkv]\.", r"attn2\.to_q\."],
+                "default": [r"\.to_[qkv]\."]}
+OLD_MINMAX = [r"time_embedding\.", r"time_emb_proj"]
+ZOO = Path(__file__).resolve().parent.parent / "src" / "diffquant" / "zoo" / "weights"
+
+
+def zoo_architecture(name, cls):
+    """The denoiser architecture of an embedded model (random weights: roles are structural)."""
+    torch.manual_seed(0)
+    return cls.from_config(cls.load_config(ZOO / name / "unet")).eval()
+
+
+DENOISERS = {  # name: (model family, builder)
+    "tiny_unet2d": ("ldm", tiny_unet2d),
+    "tiny_unet2d_condition": ("sd", tiny_unet2d_condition),
+    "ldm_digits": ("ldm", lambda: zoo_architecture("ldm_digits", UNet2DModel)),
+    "sd_digits": ("sd", lambda: zoo_architecture("sd_digits", UNet2DConditionModel)),
+}
+
+
+@pytest.mark.parametrize("name", list(DENOISERS))
+def test_roles_resolve_to_the_layers_the_old_patterns_named(name):
+    family, build = DENOISERS[name]
+    denoiser = build()
+    assert type(denoiser) is (UNet2DModel if family == "ldm" else UNet2DConditionModel)
+    quantize_denoiser(denoiser, UNET, W4A4)
+    cfg = QuestConfig()
+
+    # TLA: tla_roles (time_projection) = the layers `time_emb_proj\.` named
+    tla = UNET.layers(denoiser, *cfg.tla_roles)
+    assert tla and tla == layers_matching(denoiser, OLD_TIME)
+    # CMA by family: the family's roles = the layers its old patterns named (and the fallback
+    # for other families: every attention's q, k, v)
+    for fam in (family, "default"):
+        assert UNET.layers(denoiser, *cfg.critical_roles_by_family[fam]) == \
+            layers_matching(denoiser, OLD_CRITICAL[fam]), fam
+    old_critical = layers_matching(denoiser, OLD_CRITICAL[family])
+    assert old_critical
+    # ... and what the method resolves for this family (TLA's layers excluded), exactly
+    model = SimpleNamespace(family=family, denoiser=denoiser, spec=UNET)
+    resolved = resolve_critical_layers(model, W4A4, cfg, None, None, tla,
+                                       MethodResult(model, W4A4))
+    assert resolved == [n for n in old_critical if n not in layers_matching(denoiser, OLD_TIME)]
+    if family == "sd":  # the three roles are all present
+        assert {n.rsplit(".", 2)[-2] for n in resolved} >= {"attn1", "attn2", "net"}
+
+    # min-max initial ranges: quant.minmax_act_roles (default) force the same activation
+    # quantizers as the old default quant.minmax_act_layers regexes
+    qcfg = QuantConfig()
+    assert qcfg.minmax_act_roles == ["time_embedding", "time_projection"]
+    assert qcfg.minmax_act_layers == []
+    acts = [n for n, _ in iter_quantizers(denoiser, "act")]
+
+    def forced(patterns):
+        return {n for n in acts if any(re.search(p, n) for p in patterns)}
+
+    old = forced(OLD_MINMAX)
+    assert old and forced(minmax_patterns(denoiser, UNET, qcfg)) == old
+    assert any(n.startswith("time_embedding.") for n in old)
+    assert any(".time_emb_proj." in n for n in old)
+
+
 # ---------------------------------------------------------------------------- end to end
-def test_apply_quest_end_to_end(tmp_path):
+def test_quest_end_to_end(tmp_path):
     model = TinyDiffusion(steps=6)
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     ptq = PTQConfig(calib=CALIB, act_init_rows=16, act_init_batch_size=8,
@@ -197,24 +287,30 @@ def test_apply_quest_end_to_end(tmp_path):
                       cma_epochs=1, samples_per_step=4, batch_size=6, eval_rows=8,
                       timestep_init_rows=None,
                       sensitivity=SensitivitySettings(calib_rows=16, eval_rows=8))
-    apply_quest(model, W4A4, cfg, ctx)
-    m = ctx.extra_metrics
+    result = run_method(METHODS.get("quest")(), model, W4A4, cfg, ctx)
+    m = result.metrics
+    assert result.model is model
     assert m["timestep_groups"] == 3 and m["n_trainable_params"] > 0
+    assert result.quant == dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3)
     assert m["tla_steps"] == 2 and m["cma_steps"] == 2 and m["finetune_s"] > 0
     assert all(q.n_groups == 3 for _, q in iter_quantizers(model.denoiser, "act"))
-    ranking = json.loads((tmp_path / "sensitivity.json").read_text())
+    ranking = json.loads(result.files["sensitivity.json"])
     assert ranking["selected"] == m["critical_layers"] and len(ranking["units"]) > 10
-    assert (tmp_path / "sensitivity.md").read_text().startswith("# Activation sensitivity")
+    assert result.files["sensitivity.md"].startswith("# Activation sensitivity")
+    assert len(result.tables["quest_sensitivity"].rows) == len(ranking["units"])
     with torch.no_grad():
         x = model.sample_latents([0, 1], seed=0)
     assert torch.isfinite(x).all()
 
     # the finetuned UNet and its metrics are cached: a resumed job or a re-evaluation loads them
     again = TinyDiffusion(steps=6)
-    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-    apply_quest(again, W4A4, cfg, ctx2)
-    assert m["quest_cached"] is False and ctx2.extra_metrics["quest_cached"] is True
-    assert ({k: v for k, v in ctx2.extra_metrics.items() if not k.endswith("_cached")}
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache",
+                      device=torch.device("cpu"))
+    cached = run_method(METHODS.get("quest")(), again, W4A4, cfg, ctx2)
+    assert m["quest_cached"] is False and cached.metrics["quest_cached"] is True
+    assert ({k: v for k, v in cached.metrics.items() if not k.endswith("_cached")}
             == {k: v for k, v in m.items() if not k.endswith("_cached")})
+    assert cached.quant == result.quant and cached.files == result.files
+    assert cached.tables == result.tables
     with torch.no_grad():
         assert torch.equal(again.sample_latents([0, 1], seed=0), x)
