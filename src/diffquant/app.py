@@ -197,11 +197,11 @@ def reference(job: Job, model: Any) -> tuple[Evaluation, Optional[float]]:
 
 
 # ---------------------------------------------------------------------------- 4. quantize
-def quantize(model: Any, run: RunConfig, ctx: RunContext) -> MethodResult:
-    """Step 4: ``run.method`` applied to ``model`` at ``run.quant`` (cached); the tracker gets
-    the result's tables and text files."""
-    method = METHODS.get(run.method.name)()
-    result = run_method(method, model, run.quant, run.method, ctx)
+def quantize(model: Any, quant: Any, method_cfg: Any, ctx: RunContext) -> MethodResult:
+    """Step 4: the method of ``method_cfg`` applied to ``model`` at ``quant`` (typed configs;
+    cached); the tracker gets the result's tables and text files."""
+    method = METHODS.get(method_cfg.name)()
+    result = run_method(method, model, quant, method_cfg, ctx)
     for name, text in result.files.items():
         if name.endswith(".txt"):
             ctx.tracker.log_text(name.rsplit(".", 1)[0], text)
@@ -334,7 +334,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluation, fp_sample_s = reference(job, model)  # 3
 
         t0 = time.perf_counter()
-        result = quantize(model, run_cfg, ctx)  # 4
+        result = quantize(model, run_cfg.quant, run_cfg.method, ctx)  # 4
         calibrate_s = 0.0 if job.is_fp else time.perf_counter() - t0
 
         t_start = time.perf_counter()

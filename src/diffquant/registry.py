@@ -2,10 +2,11 @@
 
 A part registers itself with a decorator::
 
-    @METHODS.register("ptq")
-    def apply_ptq(model, quant_cfg, method_cfg, ctx): ...
+    @METHODS.register("ptq", schema=PTQConfig)
+    class PTQ(Method): ...
 
-and the app builds it from the config's ``name`` field with ``METHODS.get(name)``. An unknown name
+and the app builds it from the config's ``name`` field with ``METHODS.get(name)``. Every module
+of the registry's package is imported on first use, so a new part is one new module. An unknown name
 fails with the list of registered names and the closest match, so a typo names its own fix.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
@@ -53,16 +55,25 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register parts of their own clean up with it)."""
+        self._entries.pop(name, None)
+        self._schemas.pop(name, None)
+
     def schema(self, name: str) -> type | None:
         """The config dataclass registered with ``name`` (None if it registered none)."""
         self.get(name)
         return self._schemas.get(name)
 
     def _load(self) -> None:
+        """Import the built-in parts: each listed module and, for a package, every module in it
+        (so a new method or model is one new module, no list to edit)."""
         if not self._loaded:
             self._loaded = True
             for module in self._modules:
-                importlib.import_module(module)
+                package = importlib.import_module(module)
+                for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+                    importlib.import_module(f"{module}.{info.name}")
 
     def get(self, name: str) -> T:
         self._load()

@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> dict:
     ctx = RunContext(run_dir=Path(run.paths.output_dir), cache_dir=Path(run.paths.cache_dir),
                      device=device, seed=run.seed)
     fp = build_model(run.model, device)
-    quant = quantize(build_model(run.model, device), run, ctx).model
+    quant = quantize(build_model(run.model, device), run.quant, run.method, ctx).model
     time_sampling(quant, min(n, 8), cfg.seed)  # warm-up both paths
     time_sampling(fp, min(n, 8), cfg.seed)
     fp_s, q_s = [], []

@@ -72,14 +72,12 @@ class Method:
     """A quantization method; subclasses implement :meth:`calibrate`.
 
     Class attributes:
-        name: the registry name (set by ``METHODS.register``).
         cached: whether :func:`~diffquant.methods.result_cache.run_method` caches the result.
         version: bump when a code change alters the method's results, so that cached results of
             older code are not reused.
         not_in_key: config keys that do not change the result (left out of the cache key).
     """
 
-    name: ClassVar[str] = ""
     cached: ClassVar[bool] = True
     version: ClassVar[int] = 1
     not_in_key: ClassVar[tuple[str, ...]] = ("save_checkpoint", "ablation")

@@ -41,13 +41,13 @@ def method_result_key(method: Method, model: Any, quant: Any, cfg: Any) -> dict[
 
 
 def run_method(method: Method, model: Any, quant: Any, cfg: Any, ctx: Any) -> MethodResult:
-    """``method``'s result on ``model``: from the cache when these settings were calibrated
+    """``method``'s result on ``model`` (``cfg.name`` is the method's registered name): from the cache when these settings were calibrated
     before, else by :meth:`Method.calibrate` (then stored). Adds ``<name>_cached`` (whether it
     was loaded) and ``<name>_calib_s`` (seconds the calibration took when it was made) to the
     metrics. With ``cfg.save_checkpoint`` the checkpoint is copied into the run folder."""
     if not method.cached:
         return method.calibrate(model, quant, cfg, ctx, ctx.run_dir / "progress_method")
-    name = method.name
+    name = cfg.name
     entry = CacheEntry(ctx.cache_dir, name, method_result_key(method, model, quant, cfg))
     with entry.lock():
         cached = entry.done()

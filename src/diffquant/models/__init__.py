@@ -1,8 +1,6 @@
-"""Diffusion model wrappers, one builder per family, registered in ``MODELS``."""
+"""Diffusion model wrappers, one builder per family, registered in ``MODELS`` (one module each;
+:class:`~diffquant.registry.Registry` imports every module of this package). A family declares
+its denoiser in :mod:`diffquant.models.denoiser`."""
 
-from diffquant.models import ldm  # noqa: F401  (registers "ldm")
-from diffquant.models import ldm_compvis  # noqa: F401  (registers "ldm_compvis")
-from diffquant.models import ldm_cond  # noqa: F401  (registers "ldm_class_context")
-from diffquant.models import sd  # noqa: F401  (registers "sd")
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings  # noqa: F401
 from diffquant.models.loading import build_model  # noqa: F401

@@ -36,8 +36,9 @@ module (FP or quantized: quantized layers subclass the FP ones and keep their na
 ===================== ==========================================================================
 
 A role the family has but this model instance lacks (no cross-attention in an unconditional
-UNet) resolves to an empty list; :meth:`DenoiserSpec.require` turns that into an error naming the
-family, for methods that need the role. An unknown role name is always an error.
+UNet) resolves to an empty list; :meth:`DenoiserSpec.require` turns an empty selection into an
+error naming the family, for methods that need the layers. An unknown role name is always an
+error.
 
 Besides roles, a spec declares the reconstruction units (:meth:`DenoiserSpec.unit_kind`: blocks
 reconstructed as one), the shortcut splits of skip concatenations, and the "layer type" of a
@@ -71,11 +72,14 @@ class DenoiserSpec:
         family: the model family's name (for messages).
         sample_arg / timestep_arg: keyword arguments carrying ``x_t`` ``(B, C, h, w)`` and the
             time step ``(B,)``.
+        timestep_position: where the time step sits when a caller outside diffquant (a user's
+            diffusers pipeline) passes it positionally; None: keyword only.
     """
 
     family: str = "base"
     sample_arg: str = "sample"
     timestep_arg: str = "timestep"
+    timestep_position: Optional[int] = None
 
     # ------------------------------------------------------------------ calling
     def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -91,11 +95,12 @@ class DenoiserSpec:
 
     def timestep(self, args: tuple, kwargs: dict[str, Any]) -> Tensor:
         """The time-step argument of a call (a forward pre-hook's ``args``/``kwargs``)."""
-        if self.timestep_arg not in kwargs:
-            raise RuntimeError(f"{self.family} denoiser called without the keyword argument "
-                               f"{self.timestep_arg!r}: diffquant calls denoisers with keyword "
-                               "arguments only (DiffusionModel.denoiser_kwargs)")
-        return kwargs[self.timestep_arg]
+        if self.timestep_arg in kwargs:
+            return kwargs[self.timestep_arg]
+        if self.timestep_position is not None and len(args) > self.timestep_position:
+            return args[self.timestep_position]
+        raise RuntimeError(f"{self.family} denoiser called without its time step (keyword "
+                           f"argument {self.timestep_arg!r}): time-step-aware quantizers need it")
 
     # ------------------------------------------------------------------ roles
     def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
@@ -112,13 +117,13 @@ class DenoiserSpec:
         return [n for n, _ in denoiser.named_modules() if n in wanted]
 
     def require(self, denoiser: nn.Module, *roles: str, purpose: str = "") -> list[str]:
-        """Like :meth:`layers`, but an empty role is an error naming the family and ``purpose``."""
-        table = self.resolve(denoiser)
-        for r in roles:
-            if r in ROLES and not table[r]:
-                raise RoleError(f"{purpose or 'this method'} needs the denoiser role {r!r}, which "
-                                f"this {self.family} model has no layers for")
-        return self.layers(denoiser, *roles)
+        """Like :meth:`layers`, but no layer in any of ``roles`` is an error naming the family
+        and ``purpose`` (a method that needs them would otherwise silently train nothing)."""
+        layers = self.layers(denoiser, *roles)
+        if not layers:
+            raise RoleError(f"{purpose or 'this method'} needs layers in the denoiser role(s) "
+                            f"{list(roles)}, which this {self.family} model has none of")
+        return layers
 
     # ------------------------------------------------------------------ structure
     def unit_kind(self, module: nn.Module) -> Optional[str]:
@@ -145,6 +150,7 @@ class DiffusersSpec(DenoiserSpec):
 
     first_layers: tuple[str, ...] = ()
     last_layers: tuple[str, ...] = ()
+    timestep_position = 1  # diffusers denoisers: forward(sample / hidden_states, timestep, ...)
 
     def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
         from diffusers.models.attention import FeedForward
