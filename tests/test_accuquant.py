@@ -17,9 +17,15 @@ from diffquant.context import RunContext
 from diffquant.methods import accuquant as aq
 from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
                                           group_backward, group_starts)
+from diffquant.methods.base import MethodResult
+from diffquant.methods.result_cache import run_method
 from diffquant.models.base import DiffusionModel, SamplerSettings
+from diffquant.models.denoiser import UNetSpec
 from diffquant.quant import QuantConfig, iter_quantizers, quant_parameters, quantize_denoiser
 from diffquant.quant.state import quant_state
+from diffquant.registry import METHODS
+from diffquant.schema import typed
+from diffquant.validation import ConfigError, InvalidSetting
 from tiny_models import LATENT, TinyDiffusion, tiny_unet2d
 
 SEED = 5
@@ -30,7 +36,7 @@ def quantize_tiny(model: DiffusionModel, weight_bits: int = 4, act_bits: int = 4
                   **quant_kwargs) -> DiffusionModel:
     """W/A-quantize ``model.denoiser`` with min-max activation ranges from a few FP trajectories."""
     cfg = QuantConfig(name="t", weight_bits=weight_bits, act_bits=act_bits, **quant_kwargs)
-    quantize_denoiser(model.denoiser, cfg, timesteps=model.timesteps)
+    quantize_denoiser(model.denoiser, model.spec, cfg, timesteps=model.timesteps)
     with observing_act_ranges(model.denoiser, "minmax"):
         model.sample_latents(list(range(8)), 123)
     return model
@@ -81,8 +87,20 @@ class DetachedInputUNet(nn.Module):
         return self.inner(sample.detach(), timestep, class_labels=class_labels)
 
 
+class DetachedInputSpec(UNetSpec):
+    """The UNet's spec, its layer names under :class:`DetachedInputUNet`'s ``inner``."""
+
+    first_layers = ("inner.conv_in",)
+    last_layers = ("inner.conv_out",)
+
+    def shortcut_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        return {f"inner.{k}": v for k, v in super().shortcut_splits(denoiser.inner).items()}
+
+
 class IdentityJacobianDiffusion(TinyDiffusion):
     """TinyDiffusion's conditioning over :class:`ShiftScheduler` and a detached-input UNet."""
+
+    spec = DetachedInputSpec()
 
     def __init__(self) -> None:
         DiffusionModel.__init__(self, "identity_jacobian", DetachedInputUNet(tiny_unet2d(0)),
@@ -246,39 +264,51 @@ def test_run_calibrates_all_groups_in_sampler_order_with_quant_starts(order):
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="method.grad_mode"):
-        aq.validate_config(aq.AccuQuantConfig(grad_mode="bptt"))
-    with pytest.raises(ValueError, match="method.order"):
-        aq.validate_config(aq.AccuQuantConfig(order="random"))
-    with pytest.raises(ValueError, match="method.learn"):
-        aq.validate_config(aq.AccuQuantConfig(learn=["weights"]))
+    # the config validates itself (the key relative to it) ...
+    for key, value in (("grad_mode", "bptt"), ("order", "random"), ("learn", ["weights"])):
+        with pytest.raises(InvalidSetting, match=key) as err:
+            aq.AccuQuantConfig(**{key: value})
+        assert err.value.key == key
+    # ... and converting the method's config node names the full key
+    with pytest.raises(ConfigError, match="method.grad_mode"):
+        typed({"grad_mode": "bptt"}, aq.AccuQuantConfig, "method")
+    with pytest.raises(ConfigError, match="method.order"):
+        typed({"order": "random"}, aq.AccuQuantConfig, "method")
+    with pytest.raises(ConfigError, match="method.learn"):
+        typed({"learn": ["weights"]}, aq.AccuQuantConfig, "method")
 
 
 def test_method_records_metrics_and_group_table(tmp_path, monkeypatch):
     def fake_ptq(model, quant_cfg, ptq_cfg, ctx):  # the cached PTQ base, in miniature
-        return quantize_tiny(model)
+        return MethodResult(quantize_tiny(model), quant_cfg, {"ptq_cached": False})
 
     monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)
     torch.manual_seed(0)
     model = TinyDiffusion(steps=4)
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     cfg = aq.AccuQuantConfig(group_size=2, iters_per_group=2, n_samples=8, batch_size=4)
-    out = aq.apply_accuquant(model, QuantConfig(name="w4a4", weight_bits=4, act_bits=4), cfg, ctx)
-    assert out is model
-    m = ctx.extra_metrics
+    w4a4 = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
+    out = run_method(METHODS.get("accuquant")(), model, w4a4, cfg, ctx)
+    assert out.model is model and out.quant == w4a4
+    m = out.metrics
     assert m["accuquant_groups"] == 2 and len(m["accuquant_group_losses"]) == 2
     assert m["accuquant_s"] > 0  # loss lowering: test_calibrating_a_group_lowers_its_loss
     assert all(math.isfinite(m[k]) for k in ("accuquant_loss_init", "accuquant_loss_final"))
-    groups = json.loads((tmp_path / "accuquant_groups.json").read_text())["groups"]
+    assert "ptq_cached" not in m  # the base's provenance is not the result's
+    groups = json.loads(out.files["accuquant_groups.json"])["groups"]
     assert [g["start"] for g in groups] == [0, 2]
+    table = out.tables["accuquant_groups"]
+    assert [row[table.columns.index("start")] for row in table.rows] == [0, 2]
 
     # cached: the same model, quant and method config load the calibrated UNet and its metrics
     torch.manual_seed(0)
     again = TinyDiffusion(steps=4)
-    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-    aq.apply_accuquant(again, QuantConfig(name="w4a4", weight_bits=4, act_bits=4), cfg, ctx2)
-    assert m["accuquant_cached"] is False and ctx2.extra_metrics["accuquant_cached"] is True
-    assert ctx2.extra_metrics["accuquant_group_losses"] == m["accuquant_group_losses"]
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache",
+                      device=torch.device("cpu"))
+    cached = run_method(METHODS.get("accuquant")(), again, w4a4, cfg, ctx2)
+    assert m["accuquant_cached"] is False and cached.metrics["accuquant_cached"] is True
+    assert cached.metrics["accuquant_group_losses"] == m["accuquant_group_losses"]
+    assert cached.files == out.files and cached.tables == out.tables
     with torch.no_grad():
         assert torch.equal(again.sample_latents([0, 1], 5), model.sample_latents([0, 1], 5))
 
