@@ -117,8 +117,10 @@ def test_sd_digits_fp_run_end_to_end(make_cfg):
 def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make_cfg):
     """Tiny settings; the three share one cached PTQ base. Text encoder and VAE stay FP."""
     from diffquant.context import RunContext
+    from diffquant.methods.result_cache import run_method
     from diffquant.quant import is_quant_layer
     from diffquant.registry import METHODS
+    from diffquant.schema import typed_run_config
 
     folder = write_sd_folder(tmp_path / "sd", in_channels=1)
     recon = ["recon.weight_iters=2", "recon.act_iters=2", "recon.batch_size=4", "calib.n_samples=2",
@@ -136,8 +138,11 @@ def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make
                         f"method={method}", "quant=w4a8", *extra], name=method)
         model = build_model(cfg.model)
         ctx = RunContext(run_dir=tmp_path / method, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-        model = METHODS.get(method)(model, cfg.quant, cfg.method, ctx)
+        run = typed_run_config(cfg)
+        result = run_method(METHODS.get(method)(), model, run.quant, run.method, ctx)
+        assert result.model is model and result.quant.act_bits == 8, method
         images, _ = model.sample([0, 1], seed=0)
         assert torch.isfinite(images).all(), method
         assert any(is_quant_layer(m) for m in model.denoiser.modules())
         assert not any(is_quant_layer(m) for part in (model.vae, model.text_encoder) for m in part.modules())
+    assert len([p for p in (tmp_path / "cache" / "ptq").iterdir() if p.is_dir()]) == 1  # shared
