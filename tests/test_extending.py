@@ -161,3 +161,38 @@ def test_builtin_methods_run_on_the_new_family_through_its_roles(registered, mak
         assert metrics["recon_units"] == 2 + 3
     else:  # TLA trains the declared time projections, CMA the self-attention q/k/v (default)
         assert metrics["tla_n_layers"] == 3 and metrics["cma_n_layers"] == 6
+
+
+# ---------------------------------------------------------------------------- the README, as written
+def readme_blocks(section: str) -> dict[str, str]:
+    """The fenced code blocks of a README section, by language."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return {lang: code for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, re.S)}
+
+
+def test_readme_add_a_method_runs_as_written(make_cfg):
+    from omegaconf import OmegaConf
+
+    import sys
+    import types
+
+    blocks = readme_blocks("Add a method")
+    module = types.ModuleType("readme_my_method")  # as if it were src/diffquant/methods/my_method.py
+    sys.modules[module.__name__] = module
+    exec(compile(blocks["python"], "README.md#add-a-method", "exec"), module.__dict__)  # noqa: S102
+    try:
+        register_configs()
+        ConfigStore.instance().store(group="method", name="my_method",
+                                     node=OmegaConf.create(blocks["yaml"]))
+        metrics = run(make_cfg(["evaluator.n_samples=16", "evaluator.batch_size=16",
+                                "logger=none", "quant=w8a8", "method=my_method",
+                                "method.calib.n_samples=4", "method.calib.batch_size=4",
+                                "method.act_rows=32"]))
+        assert metrics["method"] == "my_method" and metrics["my_method_cached"] is False
+        assert metrics["my_attn_layers"] == 12  # ldm_digits' self-attention q, k, v
+    finally:
+        METHODS.unregister("my_method")
+        sys.modules.pop(module.__name__, None)

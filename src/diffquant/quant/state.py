@@ -1,4 +1,4 @@
-"""Model-wide switches and look-ups over the quantizers of a quantized UNet.
+"""Model-wide switches and look-ups over the quantizers of a quantized denoiser.
 
 * :func:`quant_state` — a context that turns weight and/or activation quantization on or off
   everywhere (``None`` leaves a kind as it is), so one model object serves as FP teacher and as
@@ -89,8 +89,8 @@ def quant_parameters(module: nn.Module, kind: str,
     """The parameters of one kind (see the module doc), keyed by qualified parameter name.
 
     ``include`` / ``exclude``: regular expressions (or lists of them) searched in the parameter's
-    qualified name, which contains its module path (e.g. ``"ff\\.net"``, ``"attn1\\.to_k"``,
-    ``"time_emb_proj"``). ``max_bits``: only quantizers/layers with at most that many bits (e.g.
+    qualified name, which contains its module path (a user's selection; methods select layers by
+    the denoiser's roles, :mod:`diffquant.models.denoiser`). ``max_bits``: only quantizers/layers with at most that many bits (e.g.
     15 leaves out 16-bit softmax quantizers, as Q-Diffusion's LSQ stage does).
     """
     if kind not in PARAM_KINDS:

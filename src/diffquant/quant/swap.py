@@ -206,7 +206,7 @@ def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
                 factory.act(inner), factory.act(kv_inner), factory.act(kv_inner),
                 None if sm_bits >= FP_BITS else
                 ActQuantizer(sm_bits, "unsigned", 1, factory.groups, per_channel=False))
-            attn.set_processor(proc.to(attn.to_q.weight.device))
+            attn.set_processor(proc.to(next(attn.parameters()).device))
             summary.attention += 1
 
     for name, q in iter_quantizers(denoiser):
