@@ -4,15 +4,18 @@ weights fail before any work, naming the command that gets them and the config k
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffquant.context import RunContext
+from diffquant.methods.result_cache import run_method
 from diffquant.models.loading import MissingWeightsError, build_model
 from diffquant.quant import is_quant_layer
 from diffquant.registry import METHODS
+from diffquant.schema import typed_run_config
 from tiny_components import (TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder,
                              write_sd_folder)
 
@@ -84,7 +87,12 @@ def test_builds_from_tiny_components_and_samples_fp_and_w8a8(model_name, make_cf
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in untouched_parts(model)]
 
     ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-    model = METHODS.get("ptq_minmax")(model, cfg.quant, cfg.method, ctx)
+    run = typed_run_config(cfg)
+    result = run_method(METHODS.get("ptq_minmax")(), model, run.quant, run.method, ctx)
+    assert result.model is model  # ptq_minmax's range_init (minmax) replaces the quant's inits
+    assert result.quant == dataclasses.replace(run.quant, weight_init="minmax", act_init="minmax")
+    assert result.metrics["n_quant_layers"] == sum(is_quant_layer(m)
+                                                   for m in model.denoiser.modules())
     assert sum(is_quant_layer(m) for m in model.denoiser.modules()) > 0
     q_images, _ = model.sample([0], seed=0)
     assert q_images.shape == images.shape and torch.isfinite(q_images).all()
