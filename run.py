@@ -29,6 +29,20 @@ def accept_appended_experiment(argv: list[str]) -> list[str]:
     return [a[1:] if a.startswith("+experiment=") else a for a in argv]
 
 
+def check_keys(argv: list[str]) -> None:
+    """Exit with a "did you mean" message when an override names a key that does not exist."""
+    from pathlib import Path
+
+    from diffquant.cli import misspelt_key_message
+
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    message = misspelt_key_message(overrides, Path(__file__).resolve().parent / "conf") if overrides else None
+    if message:
+        print(message, file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     sys.argv = accept_appended_experiment(sys.argv)
+    check_keys(sys.argv)
     main()

@@ -71,11 +71,40 @@ def test_registries_list_names_on_unknown():
 
 
 def test_quantized_methods_validate_and_need_bits(make_cfg):
-    validate(make_cfg(["quant=w4a8", "method=ptq"]))  # a DictConfig-typed quant node validates
+    run = validate(make_cfg(["quant=w4a8", "method=ptq"]))  # converted to dataclasses once
+    assert type(run.method) is METHODS.schema("ptq") and run.quant.weight_bits == 4
+    assert run.method.recon.weight_iters == 200  # the dataclass default is the one default
     with pytest.raises(ValueError, match="needs a bit-width"):
         validate(make_cfg(["method=ptq"]))
-    with pytest.raises(ValueError, match="method=fp evaluates the full-precision model"):
-        validate(make_cfg(["quant=w4a8"]))
+
+
+def test_fp_ignores_quant_so_it_can_sit_in_any_grid(make_cfg):
+    run = validate(make_cfg(["quant=w4a8", "method=fp"]))
+    assert run.method.name == "fp"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["method=ptq", "method.recon.weight_iters=-1"], "method.recon.weight_iters=-1 must be >= 0"),
+    (["method=ptq", "method.calib.n_samples=0"], "method.calib.n_samples=0 must be positive"),
+    (["method=ptq", "method.recon.warmup=1.5"], "method.recon.warmup=1.5 is not a fraction"),
+    (["method=quest", "method.timestep_init=pct"], "method.timestep_init='pct' is unknown"),
+    (["method=quest", "method.tla_roles=[time_proj]"], "has unknown role(s) ['time_proj']"),
+    (["method=accuquant", "method.grad_mode=fast"], "method.grad_mode='fast' is unknown"),
+    (["method=ptq", "quant.minmax_act_roles=[first,lasst]"], "unknown role(s) ['lasst']"),
+])
+def test_method_settings_are_validated_up_front_naming_the_key(overrides, needle, make_cfg):
+    with pytest.raises(ValueError) as err:
+        validate(make_cfg(["quant=w4a8", *overrides]))
+    assert needle in str(err.value)
+
+
+def test_cli_misspelt_key_names_the_closest_valid_key():
+    out = run_cli(["quant=w4a8", "method=ptq", "quant.wieght_bits=4", "method.recon.wieght_iters=3",
+                   "logger=none"], timeout=120)
+    assert out.returncode == 2
+    assert "Did you mean quant.weight_bits" in out.stderr
+    assert "Did you mean method.recon.weight_iters" in out.stderr
+    assert "+quant.wieght_bits" not in out.stderr  # not Hydra's append advice
 
 
 @pytest.mark.parametrize("form", ["experiment=quest_imagenet", "+experiment=quest_imagenet"])
