@@ -93,8 +93,7 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
     from diffquant.models.loading import build_model
     from diffquant.quant import quantize_denoiser
     from diffquant.quant.config import QuantConfig
-    from diffquant.quant.typed import as_dataclass
-    from diffquant.schema import register_configs
+    from diffquant.schema import register_configs, typed
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -109,9 +108,8 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
         print(f"[bench] trained {model_name} weights not found ({type(err).__name__}); using the "
               "same architecture with random weights", file=sys.stderr)
         model, weights = random_ldm_digits(cfg.model, device), "random"
-    qcfg = as_dataclass(cfg.quant, QuantConfig)
-    qcfg.weight_init, qcfg.act_init = "minmax", "minmax"
-    quantize_denoiser(model.denoiser, qcfg, timesteps=model.timesteps)
+    qcfg = typed({**cfg.quant, "weight_init": "minmax", "act_init": "minmax"}, QuantConfig, "quant")
+    quantize_denoiser(model.denoiser, model.spec, qcfg, timesteps=model.timesteps)
     with observing_act_ranges(model.denoiser, "minmax"):
         model.sample_latents(list(range(8)), 99)
     return model, weights

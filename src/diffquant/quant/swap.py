@@ -215,7 +215,7 @@ def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
     if factory.groups > 1:
         if timesteps is None:
             raise ValueError("quant.timestep_aware=true needs the sampler's timesteps: call "
-                             "quantize_denoiser(denoiser, cfg, timesteps=model.timesteps)")
+                             "quantize_denoiser(model.denoiser, model.spec, cfg, timesteps=model.timesteps)")
         attach_timestep_router(denoiser, spec, [int(t) for t in timesteps], factory.groups)
     return summary
 
