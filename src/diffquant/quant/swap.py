@@ -81,7 +81,7 @@ class QuantSummary:
         a = "FP" if q["act_bits"] >= FP_BITS else f"{q['act_bits']}-bit {gran}"
         groups = q["timestep_groups"] if q.get("timestep_aware") else 1
         fl = q.get("first_last_act_bits") or q["act_bits"]
-        lines = [f"Quantized UNet [{q.get('name', '?')}]: weights {w}, activations {a}"
+        lines = [f"Quantized denoiser [{q.get('name', '?')}]: weights {w}, activations {a}"
                  + (f", {groups} time-step groups" if groups > 1 else ""),
                  f"  {'module type':<28}{'count':>6}  {'W bits':>6}  {'A bits':>6}"]
         for kind in ("Conv2d", "Linear"):
