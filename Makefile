@@ -34,31 +34,22 @@ clean:  ## remove outputs and caches (not the venv)
 	rm -rf outputs multirun cache .pytest_cache
 
 # --- Sweeps and paper tables (experiments/README.md) ------------------------------------------
+# One run.py command per table: the sweep config (conf/sweep/) launches the experiment's FP row and
+# grid, then writes table.{md,tex,csv} into the sweep folder.
 # make sweep EXPERIMENT=quest_imagenet LAUNCHER=slurm ARGS='slurm.partition=gpu'
-# runs the experiment's FP row, then its grid, into one sweep folder, then builds its table.
 EXPERIMENT ?= embedded_digits
-EMBEDDED_COLUMNS ?= fid,inception_score,fid_to_fp,clip_score,erracc_accumulated_error_final
-EMBEDDED_COST_COLUMNS ?= calibrate_s,ptq_calib_s,finetune_s,accuquant_s,sample_s,peak_rss_mb
+SWEEP_CONFIG ?= paper
 LAUNCHER ?= basic
-STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
-SWEEP_DIR = $(or $(SWEEP),outputs/multiruns/$(STAMP)_$(EXPERIMENT))
+SWEEP_ARGS = hydra/launcher=$(LAUNCHER) $(if $(SWEEP),hydra.sweep.dir=$(SWEEP))
 
 .PHONY: sweep sweep-embedded tables
-sweep: venv  ## EXPERIMENT=<conf/experiment name> [LAUNCHER=basic|local|slurm] [SWEEP=dir] [ARGS=overrides]
-	$(PY) run.py experiment=$(EXPERIMENT) hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) method=fp quant=fp32 $(ARGS)
-	$(PY) run.py experiment=$(EXPERIMENT) hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(PY) -m diffquant.tables $(SWEEP_DIR)
+sweep: venv  ## EXPERIMENT=<conf/experiment name> [SWEEP_CONFIG=paper|ablations] [LAUNCHER=basic|local|slurm] [SWEEP=dir] [ARGS=overrides]
+	$(PY) run.py experiment=$(EXPERIMENT) sweep=$(SWEEP_CONFIG) $(SWEEP_ARGS) $(ARGS)
 
-sweep-embedded: venv  ## the README's embedded table: FP rows, ldm/sd_digits x bits x methods, QuEST ablations
-	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits method=fp quant=fp32 $(ARGS)
-	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits $(ARGS)
-	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=ldm_digits quant=w4a4 method=quest_tla_only,quest_cma_only,quest_no_global $(ARGS)
-	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=sd_digits evaluator=clip_digits method=fp quant=fp32 $(ARGS)
-	$(PY) run.py experiment=embedded_digits hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(SWEEP_DIR) model=sd_digits evaluator=clip_digits $(ARGS)
-	$(PY) -m diffquant.tables $(SWEEP_DIR) --metrics $(EMBEDDED_COLUMNS)
-	$(PY) -m diffquant.tables $(SWEEP_DIR) --metrics $(EMBEDDED_COST_COLUMNS) --out $(SWEEP_DIR)/cost
+sweep-embedded: venv  ## the README's embedded tables (quality + cost): both digits models x bits x methods, QuEST ablations
+	$(PY) run.py experiment=embedded_digits sweep=embedded $(SWEEP_ARGS) $(ARGS)
 
-tables: venv  ## SWEEP=<sweep dir>: table.{md,tex,csv} with the published numbers beside ours
+tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g. one with failed jobs
 	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
 	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
 

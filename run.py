@@ -23,10 +23,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def accept_appended_experiment(argv: list[str]) -> list[str]:
-    """``+experiment=X`` (the form many Hydra projects document) means ``experiment=X`` here: the
-    primary config already lists ``experiment: null`` in its defaults, where Hydra would reject
-    the ``+`` with a misleading "Multiple values" error."""
-    return [a[1:] if a.startswith("+experiment=") else a for a in argv]
+    """``+experiment=X`` (the form many Hydra projects document) means ``experiment=X`` here, and
+    ``+sweep=X`` means ``sweep=X``: the primary config already lists ``experiment: null`` and
+    ``sweep: null`` in its defaults, where Hydra would reject the ``+`` with a misleading
+    "Multiple values" error."""
+    return [a[1:] if a.startswith(("+experiment=", "+sweep=")) else a for a in argv]
 
 
 def check_keys(argv: list[str]) -> None:

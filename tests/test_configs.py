@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -27,6 +28,78 @@ def test_every_experiment_composes(make_cfg):
     for option in options("experiment"):
         cfg = make_cfg([f"experiment={option}"])
         assert cfg.experiment is not None
+
+
+def test_experiment_files_pin_values_only():
+    """Experiments hold no `hydra:` block (the sweep configs own sweeping) and pin their grid."""
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        assert "hydra" not in data, f"{path.name}: move sweeping into conf/sweep/"
+        assert data["grid"]["quant"] and data["grid"]["methods"], path.name
+        assert "fp" not in data["grid"]["methods"], f"{path.name}: the sweep config adds the FP row"
+
+
+def sweep_jobs(cfg) -> list[dict[str, str]]:
+    """The jobs the composed sweep config launches ({key: value} each), as the sweeper expands them."""
+    from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
+
+    grids = OmegaConf.to_container(cfg.hydra.sweeper.grids, resolve=True)
+    return [dict(o.split("=", 1) for o in job) for job in expand_grids(grids, [])]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_with_sweep_paper(experiment, make_cfg):
+    """`experiment=X sweep=paper`: a multirun of the FP row once, then grid.quant x grid.methods,
+    ending with the table callback."""
+    cfg = make_cfg([f"experiment={experiment}", "sweep=paper"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper._target_.endswith("GridSweeper")
+    assert cfg.hydra.callbacks.table._target_ == "diffquant.tables.TableCallback"
+    assert f"_{experiment}_paper" in cfg.hydra.sweep.dir
+    grid = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())["grid"]
+    jobs = sweep_jobs(cfg)
+    assert jobs[0] == {"method": "fp", "quant": "fp32"}  # first, so its features are cached first
+    assert [j for j in jobs if j["method"] == "fp"] == [jobs[0]]  # once, not once per bit-width
+    assert jobs[1:] == [{"quant": q, "method": m} for q in grid["quant"] for m in grid["methods"]]
+
+
+def test_embedded_sweep_is_the_readme_grid(make_cfg):
+    """`sweep=embedded`: both digits models (sd_digits with the CLIP evaluator), FP rows once,
+    the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
+    cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) == 29  # 2 FP + 2 x 12 grid + 3 ablations
+    assert len({frozenset(j.items()) for j in jobs}) == 29
+    for model, evaluator in [("ldm_digits", "digits"), ("sd_digits", "clip_digits")]:
+        mine = [j for j in jobs if j["model"] == model]
+        assert all(j["evaluator"] == evaluator for j in mine)
+        assert [j["quant"] for j in mine if j["method"] == "fp"] == ["fp32"]
+    ablations = [j["method"] for j in jobs if j["model"] == "ldm_digits" and j["quant"] == "w4a4"]
+    assert ablations == ["ptq_minmax", "ptq", "quest", "accuquant",
+                         "quest_tla_only", "quest_cma_only", "quest_no_global"]
+    assert cfg.hydra.callbacks.cost_table.out == "cost"
+    assert "clip_score" in cfg.hydra.callbacks.table.metrics
+
+
+def test_ablation_sweep(make_cfg):
+    cfg = make_cfg(["experiment=embedded_digits", "sweep=ablations"])
+    assert sweep_jobs(cfg) == [{"method": "fp", "quant": "fp32"}] + [
+        {"quant": "w4a4", "method": m} for m in ("quest", "quest_tla_only", "quest_cma_only", "quest_no_global")]
+
+
+def test_grid_values_are_overridable(make_cfg):
+    cfg = make_cfg(["experiment=quest_imagenet", "sweep=paper", "grid.quant=[w4a4]",
+                    "grid.methods=[quest_paper]", "hydra.sweeper.grids.fp=null"])
+    assert sweep_jobs(cfg) == [{"quant": "w4a4", "method": "quest_paper"}]
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(["experiment=quest_imagenet", "grid.quants=[w4a4]"])  # typo: the schema names it
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_sweep_configs_compose_with_every_launcher(sweep, make_cfg):
+    for launcher in options("hydra/launcher"):
+        cfg = make_cfg(["experiment=embedded_digits", f"sweep={sweep}", f"hydra/launcher={launcher}"])
+        assert "_target_" in cfg.hydra.launcher and cfg.hydra.sweeper.grids.fp is not None
 
 
 def test_hydra_launcher_options_compose(make_cfg):
@@ -112,3 +185,9 @@ def test_experiment_is_selected_with_or_without_plus(form):
     out = run_cli([form, "--cfg", "job"], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "experiment: quest_imagenet" in out.stdout and "name: ldm_imagenet" in out.stdout
+
+
+def test_sweep_is_selected_with_or_without_plus():
+    out = run_cli(["+experiment=quest_imagenet", "+sweep=paper", "--cfg", "hydra"], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "GridSweeper" in out.stdout and "sweep: paper" in out.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,12 +29,50 @@ def metrics_of(path: Path) -> dict:
     return json.loads((path / "metrics.json").read_text())
 
 
-def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
-    """`experiment=embedded_digits` with the FP row's overrides, its 20 samples split over two jobs:
-    the experiment's callback merges the shards at the end of the sweep; the table command reads
-    the merged result."""
+def test_paper_sweep_runs_fp_once_then_the_grid_then_writes_the_table(tmp_path):
+    """One command, `experiment=embedded_digits sweep=paper` with the grid cut to W8A8 x
+    ptq_minmax: the FP row (once, first), the grid's job, then the table callback's table."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(["experiment=embedded_digits", "model=ldm_digits", "method=fp", "quant=fp32", *SMALL,
+    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.quant=[w8a8]", "grid.methods=[ptq_minmax]",
+                    *SMALL, "analysis.error_accumulation=false",
+                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == [
+        "0_ldm_digits_fp32_fp_s0", "1_ldm_digits_w8a8_ptq_minmax_s0"]
+    fp, q = (metrics_of(sweep / n) for n in ("0_ldm_digits_fp32_fp_s0", "1_ldm_digits_w8a8_ptq_minmax_s0"))
+    assert q["fp_sample_s"] == fp["sample_s"]  # the FP reference is the FP job's cached features
+    md = (sweep / "table.md").read_text()
+    assert f"| ldm_digits | fp | W32A32 | 1 | 20 | {fmt_num(fp['fid'], 'fid')} |" in md
+    assert f"| ldm_digits | ptq_minmax | W8A8 | 1 | 20 | {fmt_num(q['fid'], 'fid')} |" in md
+    assert f"[diffquant] table -> {sweep / 'table.md'}" in proc.stdout
+    for name in ("table.tex", "table.csv"):
+        assert (sweep / name).stat().st_size > 0
+
+
+@pytest.mark.slurm
+def test_paper_sweep_on_slurm_writes_the_table(slurm_env, tmp_path):
+    """The same one command through `hydra/launcher=slurm`: the grid is one job array, and the
+    table callback runs in the launching process once the array has finished."""
+    from slurm_cluster import default_partition
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.quant=[w8a8]", "grid.methods=[ptq_minmax]",
+                    *SMALL, "analysis.error_accumulation=false", "hydra/launcher=slurm",
+                    f"slurm.partition={default_partition(slurm_env)}", "slurm.gpus_per_node=null",
+                    "slurm.cpus_per_task=1", "slurm.mem_gb=1", "slurm.timeout_min=10",
+                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"],
+                   env={**slurm_env, "WANDB_MODE": "offline"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#SBATCH --array=0-1" in next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
+    md = (sweep / "table.md").read_text()
+    assert "| ldm_digits | fp | W32A32 | 1 | 20 |" in md and "| ldm_digits | ptq_minmax | W8A8 | 1 | 20 |" in md
+
+
+def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
+    """`sweep=paper` with only its FP row (empty method list), the 20 samples split over two jobs:
+    the sweep's callbacks merge the shards, then table the merged result."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.methods=[]", *SMALL,
                     "evaluator.batch_size=5", "evaluator.num_shards=2", "evaluator.shard_index=0,1",
                     f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,13 +82,68 @@ def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
     assert "[diffquant] merged shards ->" in proc.stdout
     merged = metrics_of(next(sweep.glob("merged/*")))
     assert merged["n_samples"] == 20 and merged["experiment"] == "embedded_digits" and merged["fid"] > 0
+    row = f"| ldm_digits | fp | W32A32 | 1 | 20 | {fmt_num(merged['fid'], 'fid')} |"
+    assert row in (sweep / "table.md").read_text()
 
     out = subprocess.run([sys.executable, "-m", "diffquant.tables", str(sweep), "--out", str(tmp_path / "t")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert f"| ldm_digits | fp | W32A32 | 1 | 20 | {fmt_num(merged['fid'], 'fid')} |" in out.stdout
+    assert row in out.stdout
     for name in ("table.md", "table.tex", "table.csv"):
         assert (tmp_path / "t" / name).stat().st_size > 0
+
+
+def test_grid_sweeper_expands_a_union_of_grids():
+    """The grids sweeper: each grid's product with the command line's sweeps, in order, duplicates
+    once; null grids skipped, empty lists give no job; a key both swept by a grid and set on the
+    command line is an error naming the fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
+
+    parse = OverridesParser.create().parse_overrides
+    grids = {"fp": {"method": "fp", "quant": "fp32"},
+             "q": {"quant": ["w8a8", "w4a4"], "method": ["ptq", "quest"]},
+             "abl": {"quant": "w4a4", "method": ["quest", "quest_tla_only"]},
+             "off": None, "empty": {"method": []}}
+    jobs = expand_grids(grids, parse(["experiment=x", "seed=0,1"]))
+    assert [" ".join(j[2:]) for j in jobs if j[1] == "seed=0"] == [
+        "method=fp quant=fp32", "quant=w8a8 method=ptq", "quant=w8a8 method=quest",
+        "quant=w4a4 method=ptq", "quant=w4a4 method=quest", "quant=w4a4 method=quest_tla_only"]
+    assert len(jobs) == 12 and all(j[0] == "experiment=x" for j in jobs)
+    assert expand_grids({}, parse(["a=1,2"])) == [["a=1"], ["a=2"]]  # no grids: the basic sweeper
+    jobs = expand_grids({"g": {"x": "range(0,2)", "s": ["a b", "c"]}}, [])  # sweep strings; quoting
+    assert [[o.split("=")[0] for o in j] for j in jobs] == [["x", "s"]] * 4
+    assert [[o.value() for o in parse(j)] for j in jobs] == [[0, "a b"], [0, "c"], [1, "a b"], [1, "c"]]
+    with pytest.raises(HydraException, match=r"`quant=w4a4` sets 'quant'.*grid\.quant=\[w4a4\]"):
+        expand_grids(grids, parse(["quant=w4a4"]))
+
+
+def test_makefile_sweep_targets_are_one_run_py_call_each():
+    """`make sweep` / `make sweep-embedded` are one run.py command with a sweep config, and what
+    they run composes into the grid sweep."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+
+    def recipe(*args: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "-s", "-o", ".venv/.installed", *args, "PY=python"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [line.split() for line in out.stdout.splitlines() if line.strip()]
+
+    for args, expected in [
+        (["sweep", "EXPERIMENT=quest_imagenet", "LAUNCHER=slurm", "ARGS=slurm.partition=gpu"],
+         ["experiment=quest_imagenet", "sweep=paper", "hydra/launcher=slurm", "slurm.partition=gpu"]),
+        (["sweep", "EXPERIMENT=embedded_digits", "SWEEP_CONFIG=ablations", "SWEEP=out/a"],
+         ["experiment=embedded_digits", "sweep=ablations", "hydra/launcher=basic", "hydra.sweep.dir=out/a"]),
+        (["sweep-embedded", "LAUNCHER=local"],
+         ["experiment=embedded_digits", "sweep=embedded", "hydra/launcher=local"]),
+    ]:
+        lines = recipe(*args)
+        assert len(lines) == 1 and lines[0][:2] == ["python", "run.py"], lines
+        assert lines[0][2:] == expected
+        sweep_cfg = next(a for a in expected if a.startswith("sweep="))
+        assert (ROOT / "conf" / "sweep" / f"{sweep_cfg.split('=')[1]}.yaml").is_file()
 
 
 def test_submitit_local_multirun_groups_wandb_runs(tmp_path):

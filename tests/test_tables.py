@@ -146,3 +146,51 @@ def test_ablations_are_rows_of_their_own_after_their_method(tmp_path):
     lines = [line for line in md.splitlines() if line.startswith("| ldm_digits")]
     assert [line.split(" | ")[1] for line in lines] == ["ptq", "quest", "quest[tla_only]"]
     assert "| quest[tla_only] | W4A4 | 1 | 100 | 2.00 |" in md
+
+
+def test_sweep_config_table_callback_writes_the_table(sweep, make_cfg):
+    """`sweep=paper`'s callback, as Hydra builds it, on a finished (fake) sweep: table.{md,tex,csv}
+    in the sweep folder, with the published numbers (the experiment read from the jobs)."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(["experiment=quest_imagenet", "sweep=paper", f"hydra.sweep.dir={sweep}"])
+    callback = instantiate(cfg.hydra.callbacks.table)
+    callback.on_multirun_end(config=cfg)
+    md = (sweep / "table.md").read_text()
+    assert "QuEST (Wang et al., ICCV 2025; arXiv 2402.03666v6) — Table 4" in md
+    assert "| 2 | 100 | 11.25 ± 0.35 | 11.28 | -0.03 |" in md
+    assert (sweep / "table.csv").is_file() and (sweep / "table.tex").is_file()
+
+
+def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsys):
+    from hydra.utils import instantiate
+
+    s = tmp_path / "sweep"
+    common = dict(model="ldm_digits", experiment="embedded_digits", calibrate_s=1.5, sample_s=2.0,
+                  peak_rss_mb=900.0)
+    write_job(s, "0", fid=0.3, inception_score=7.7, fid_to_fp=0.0, **common)
+    write_job(s, "1", method="ptq", weight_bits=4, act_bits=4, fid=0.4, fid_to_fp=0.38,
+              erracc_accumulated_error_final=4.0, ptq_calib_s=12.0, **common)
+    cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded", f"hydra.sweep.dir={s}"])
+    for name in ("table", "cost_table"):
+        instantiate(cfg.hydra.callbacks[name]).on_multirun_end(config=cfg)
+    assert "| ldm_digits | ptq | W4A4 | 1 | 100 | 0.400 | — | 0.380 | — | 4.00 |" in (s / "table.md").read_text()
+    cost = (s / "cost" / "table.md").read_text()
+    assert "| calib. s | PTQ s |" in cost and "| ldm_digits | ptq | W4A4 | 1 | 100 | 1.5 | 12.0 |" in cost
+    assert f"[diffquant] table -> {s / 'cost' / 'table.csv'}" in capsys.readouterr().out
+
+
+def test_table_callback_never_fails_a_finished_sweep(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from diffquant.tables import TableCallback
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    TableCallback(out="cost", metrics=["fid"]).on_multirun_end(
+        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+    err = capsys.readouterr().err
+    assert "table not written" in err and f"python -m diffquant.tables {empty} --out {empty / 'cost'}" in err
+    assert not list(empty.iterdir())
+    with pytest.raises(ValueError, match="choose from"):
+        TableCallback(formats=["pdf"])

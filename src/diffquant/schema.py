@@ -172,6 +172,25 @@ class AnalysisConfig:
 
 
 @dataclass
+class GridConfig:
+    """The values a sweep config (``conf/sweep/*.yaml``) sweeps; an experiment pins them. Jobs do
+    not read this node: the sweep config interpolates it into ``hydra.sweeper.grids``.
+
+    Attributes:
+        quant: the table's bit-widths (``quant`` options).
+        methods: the methods run at every bit-width (``method`` options; the FP row is the
+            sweep config's own grid).
+        ablation_quant / ablations: ``sweep=ablations`` (and ``sweep=embedded``) runs these
+            methods (the full method and its ablations) at this one bit-width.
+    """
+
+    quant: list[str] = field(default_factory=lambda: ["w8a8", "w4a8", "w4a4"])
+    methods: list[str] = field(default_factory=lambda: ["ptq_minmax", "ptq", "quest", "accuquant"])
+    ablation_quant: str = "w4a4"
+    ablations: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PathsConfig:
     """Folders: the project root, the shared cache, this job's output folder, model weights."""
 
@@ -199,6 +218,7 @@ class RunConfig:
     experiment: Optional[str] = None
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
 
 
 def register_configs() -> None:

@@ -12,7 +12,8 @@ the slices in index order gives the FID / IS that one unsharded job would report
     python -m diffquant.shards <sweep dir>          # -> <sweep dir>/merged/<job>/metrics.json
 
 :class:`MergeShardsCallback` does the merge at the end of a multirun (``hydra.callbacks``); the
-table command (:mod:`diffquant.tables`) also merges before it reads a sweep.
+table command (:mod:`diffquant.tables`) and the sweep configs' table callback also merge before
+they read a sweep.
 """
 
 from __future__ import annotations
@@ -255,8 +256,10 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 class MergeShardsCallback(_HydraCallback):
     """Hydra callback: after a multirun, merge its finished shards (a no-op for unsharded sweeps).
 
-    Enable with ``hydra.callbacks.merge_shards._target_=diffquant.shards.MergeShardsCallback`` (the
-    paper experiments do). With SLURM it runs in the launching process, after all tasks returned.
+    Enable with ``+hydra.callbacks.merge_shards._target_=diffquant.shards.MergeShardsCallback`` for
+    a plain ``-m`` sweep; the sweep configs (``sweep=paper`` ...) need not: their table callback
+    (:class:`diffquant.tables.TableCallback`) merges before it reads. With SLURM it runs in the
+    launching process, after all tasks returned.
     """
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:

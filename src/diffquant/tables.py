@@ -21,6 +21,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import os
 import statistics
@@ -43,6 +44,8 @@ DECIMALS = {"lpips": 4, "ssim": 4, "psnr": 2, "calibrate_s": 1, "peak_rss_mb": 0
 FIXED_DECIMALS = ("_s", "_mb")  # seconds and megabytes: always the decimals above
 METHOD_ORDER = ("fp", "ptq_minmax", "ptq", "quest", "accuquant")
 FORMATS = ("md", "tex", "csv")
+
+log = logging.getLogger("diffquant")
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,18 +389,35 @@ RENDERERS = {"md": ("table.md", render_markdown), "tex": ("table.tex", render_la
 # --------------------------------------------------------------------------------------------
 
 
+def merges_pending(sweep_dir: Path | str) -> bool:
+    """Whether a complete group of shards under ``sweep_dir`` has no merged result yet, or one older
+    than a shard's ``metrics.json`` (then :func:`diffquant.shards.merge_sweep` is due)."""
+    from diffquant.shards import MERGED_DIR, find_shards, merged_name, missing_shards
+
+    for shards in find_shards(Path(sweep_dir)).values():
+        if missing_shards(shards):
+            log.warning("%s: shards %s of %d missing: not merged", merged_name(shards[0].metrics),
+                        missing_shards(shards), shards[0].num_shards)
+            continue
+        merged = Path(sweep_dir) / MERGED_DIR / merged_name(shards[0].metrics) / "metrics.json"
+        newest = max((s.run_dir / "metrics.json").stat().st_mtime for s in shards)
+        if not merged.is_file() or merged.stat().st_mtime < newest:
+            return True
+    return False
+
+
 def build_table(sweep_dir: Path | str, experiment: Optional[str] = None,
                 published_path: Optional[Path] = None, metrics: Optional[Sequence[str]] = None,
                 all_published: bool = False, merge: bool = True) -> Table:
-    """Read ``sweep_dir`` (merging its shards first) and join the published numbers."""
+    """Read ``sweep_dir`` (merging its shards first, where a merge is due) and join the published
+    numbers."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a folder")
-    if merge:
-        from diffquant.shards import find_shards, merge_sweep
+    if merge and merges_pending(sweep_dir):
+        from diffquant.shards import merge_sweep
 
-        if find_shards(sweep_dir):
-            merge_sweep(sweep_dir, device="cpu")
+        merge_sweep(sweep_dir, device="cpu")
     results = read_results(sweep_dir)
     if not results:
         raise ValueError(f"no finished jobs (metrics.json) under {sweep_dir}")
@@ -423,6 +443,77 @@ def write_table(t: Table, out_dir: Path | str, formats: Iterable[str] = FORMATS)
         atomic_write_text(out_dir / name, render(t))
         written[fmt] = out_dir / name
     return written
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object
+
+
+class TableCallback(_HydraCallback):
+    """Hydra callback: when a multirun has finished, write its table into the sweep folder (what
+    ``python -m diffquant.tables <sweep dir>`` writes), so one ``run.py`` command gives a table.
+
+    The sweep configs register it (``conf/sweep/*.yaml``: ``hydra.callbacks.table``). It runs in
+    the launching process after every job returned, with the basic launcher as with the submitit
+    (local or SLURM) one. It first merges sharded evaluations (:mod:`diffquant.shards`) that have
+    no merged result yet, so several table callbacks of one sweep merge once (Hydra calls
+    ``on_multirun_end`` callbacks in reverse order, so ordering them would not do). Hydra calls it
+    only when every job succeeded; after a failure, build the table from the finished jobs with
+    ``python -m diffquant.tables <sweep dir>``.
+
+    Args:
+        out: folder of the table, relative to the sweep folder (None: the sweep folder itself).
+        metrics: columns (None: the published table's, else those of DEFAULT_METRICS we have).
+        experiment: published table to join (None: the jobs' ``experiment``).
+        formats: any of md, tex, csv.
+        all_published: also list published rows of methods we did not run.
+        merge: merge sharded evaluations first (where a merge is due).
+    """
+
+    def __init__(self, out: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
+                 experiment: Optional[str] = None, formats: Sequence[str] = FORMATS,
+                 all_published: bool = False, merge: bool = True) -> None:
+        self.out = out
+        self.metrics = list(metrics) if metrics else None
+        self.experiment = experiment
+        self.formats = list(formats)
+        if bad := [f for f in self.formats if f not in RENDERERS]:
+            raise ValueError(f"TableCallback formats {bad}: choose from {', '.join(FORMATS)}")
+        self.all_published = all_published
+        self.merge = merge
+
+    def write(self, sweep_dir: Path | str) -> dict[str, Path]:
+        """Merge the sweep's shards (where due), build and write the table of ``sweep_dir``;
+        returns {format: path}."""
+        sweep_dir = Path(sweep_dir)
+        if self.merge and merges_pending(sweep_dir):
+            from diffquant.shards import merge_sweep
+
+            for path in merge_sweep(sweep_dir, device="cpu"):
+                print(f"[diffquant] merged shards -> {path}/metrics.json", flush=True)
+        table = build_table(sweep_dir, self.experiment, metrics=self.metrics,
+                            all_published=self.all_published, merge=False)
+        written = write_table(table, sweep_dir / self.out if self.out else sweep_dir, self.formats)
+        print(render_markdown(table), flush=True)
+        return written
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            written = self.write(sweep_dir)
+        except Exception as err:  # never turn a finished sweep into a failure; say what to run
+            cmd = f"python -m diffquant.tables {sweep_dir}"
+            if self.out:
+                cmd += f" --out {sweep_dir / self.out}"
+            if self.metrics:
+                cmd += f" --metrics {','.join(self.metrics)}"
+            print(f"[diffquant] table not written ({type(err).__name__}: {err}); run `{cmd}`",
+                  file=sys.stderr, flush=True)
+            return
+        for path in written.values():
+            print(f"[diffquant] table -> {path}", flush=True)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
