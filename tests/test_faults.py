@@ -521,7 +521,7 @@ def test_corrupted_cache_of_a_real_run_is_recomputed_with_the_same_metrics(make_
 
     first = run(make_cfg(E2E, name="first"))
     cache = tmp_path / "cache"
-    checkpoint = next(cache.glob("ptq/*/quantized_denoiser.pt"))
+    checkpoint = next(cache.glob("ptq_minmax/*/quantized_denoiser.pt"))
     features = next(cache.glob("fp_samples/*/features.pt"))
     flip_64_bytes(checkpoint)
     truncate(features)
@@ -530,7 +530,85 @@ def test_corrupted_cache_of_a_real_run_is_recomputed_with_the_same_metrics(make_
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for damaged in (checkpoint, features):
         assert any(str(damaged.parent) in m and damaged.name in m for m in warned), warned
-    assert first["ptq_cached"] is False and second["ptq_cached"] is False  # recomputed
+    assert first["ptq_minmax_cached"] is False and second["ptq_minmax_cached"] is False  # recomputed
     for key in ("fid", "inception_score", "fid_to_fp"):
         assert second[key] == first[key], key
     assert main(["verify", "--cache-dir", str(cache)]) == 0
+
+
+# ---------------------------------------------------------------------------- 8. model weights
+def zoo_copy(tmp_path: Path) -> Path:
+    """A copy of the embedded ldm_digits folder that a test may damage."""
+    import shutil
+
+    from diffquant.models.loading import ZOO_DIR
+
+    dst = tmp_path / "ldm_digits_copy"
+    shutil.copytree(ZOO_DIR / "ldm_digits", dst)
+    return dst
+
+
+def poke_weight(folder: Path, value: float) -> str:
+    """Set one denoiser weight of ``folder`` to ``value``; returns the parameter's name."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    name = "conv_in.weight"
+    state[name].view(-1)[0] = value
+    save_file(state, path)
+    return name
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_fails_at_load_naming_the_parameter(value, make_cfg, tmp_path):
+    from diffquant.app import run
+    from diffquant.models.loading import NonFiniteWeightsError
+
+    folder = zoo_copy(tmp_path)
+    name = poke_weight(folder, value)
+    cfg = make_cfg([*E2E, f"model.pretrained={folder}"])
+    with pytest.raises(NonFiniteWeightsError, match=f"denoiser parameter '{name}'"):
+        run(cfg)
+    cache = Path(cfg.paths.cache_dir)
+    assert not any(cache.glob("fp_samples/*")) and not any(cache.glob("calib/*"))  # before any work
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_weights_changed_in_place_get_a_fresh_fp_reference(make_cfg, tmp_path):
+    """The FP reference is keyed by the weights, not the path: retraining (here: changing one
+    weight) at the same path never reuses the old model's FP samples."""
+    from diffquant.app import run
+
+    folder = zoo_copy(tmp_path)
+    run(make_cfg([*E2E, f"model.pretrained={folder}"], name="first"))
+    poke_weight(folder, 0.5)
+    run(make_cfg([*E2E, f"model.pretrained={folder}"], name="second"))
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("fp_samples/*/features.pt"))) == 2
+    assert len(list(cache.glob("ptq_minmax/*/quantized_denoiser.pt"))) == 2
+
+
+def test_corrupt_weights_are_reported_as_corrupt_not_missing(make_cfg, tmp_path):
+    from diffquant.models.loading import CorruptWeightsError, build_model
+
+    folder = zoo_copy(tmp_path)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated download
+    cfg = make_cfg([f"model.pretrained={folder}"])
+    with pytest.raises(CorruptWeightsError, match="exist but cannot be read") as err:
+        build_model(cfg.model)
+    assert "python -m diffquant.zoo.train ldm_digits" in str(err.value)
+
+
+def test_non_finite_features_are_never_cached_and_non_finite_metrics_never_written(tmp_path):
+    from diffquant.app import check_finite_features, write_metrics
+
+    with pytest.raises(FloatingPointError, match="1 of 3 samples"):
+        check_finite_features(torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [2.0, 3.0]]), "FP reference")
+    with pytest.raises(FloatingPointError, match="fid_to_fp"):
+        write_metrics(tmp_path, {"fid": 0.3, "fid_to_fp": float("nan")})
+    assert not (tmp_path / "metrics.json").exists()
+    write_metrics(tmp_path, {"fid": 0.3, "fid_to_fp": None})
+    assert json.loads((tmp_path / "metrics.json").read_text())["fid"] == 0.3
