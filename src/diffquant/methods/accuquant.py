@@ -37,6 +37,11 @@ on all calibration trajectories, FP starts, before / after the whole calibration
 before / after); its files hold ``accuquant_groups.json`` and its tables the per-group table;
 the loss curve is logged to the tracker while it runs. The calibrated denoiser and all of these
 are cached (:mod:`diffquant.methods.result_cache`; ``accuquant_cached``).
+
+A stopped job resumes where it was saved last (:mod:`diffquant.methods.progress`): after every
+group (``sequential``) or epoch (``interleaved``) and every ``progress_every`` optimiser steps;
+the FP trajectories are kept in the progress folder once sampled. The result is that of an
+uninterrupted job.
 """
 
 from __future__ import annotations
@@ -53,11 +58,14 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.progress import Checkpointer, load_file, save_file, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
 from diffquant.methods.trajectory import (GRAD_MODES, LOSSES, Trajectories, check_stateless_scheduler,
                                           fp_trajectories, group_backward, group_length,
                                           group_starts, loss_fn, rollout)
+from diffquant.models.base import Conditioning
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
+from diffquant.quant.checkpoint import quantizer_state_dict
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
@@ -115,6 +123,10 @@ class AccuQuantConfig:
             over all ``weight_round`` iterations (as in PTQ's weight stage).
         round_init: |α| the PTQ rounding choices are started from (h(±2) = 0.957 / 0.043).
         eval_batch_size: trajectories per no-grad forward when measuring group losses.
+        progress_every: besides after every group (``sequential``) / epoch (``interleaved``),
+            save the calibration's progress every that many optimiser steps (0: at those
+            boundaries only), so that a stopped job resumes there
+            (:mod:`diffquant.methods.progress`; results do not depend on it).
         save_checkpoint: write the quantized checkpoint to the run folder.
     """
 
@@ -143,6 +155,7 @@ class AccuQuantConfig:
     round_beta_end: float = 2.0
     round_init: float = 2.0
     eval_batch_size: int = 64
+    progress_every: int = 20
     save_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -153,7 +166,7 @@ def validate_config(cfg: AccuQuantConfig) -> None:
     """Raise :class:`~diffquant.validation.InvalidSetting` naming the key and the fix for values
     the schema's types allow (``AccuQuantConfig`` calls it on construction)."""
     positive(cfg, "group_size", "epochs", "n_samples", "batch_size", "eval_batch_size")
-    positive(cfg, "iters_per_group", allow_zero=True)
+    positive(cfg, "iters_per_group", "progress_every", allow_zero=True)
     one_of(cfg, "grad_mode", GRAD_MODES)
     if not cfg.learn or any(k not in LEARNABLE for k in cfg.learn):
         raise InvalidSetting("learn", f"is unknown: choose from {list(LEARNABLE)}")
@@ -340,24 +353,60 @@ class TrajectoryCalibration:
 
         ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory.
         """
+        opt, sched = self._optimizer(learned, self.cfg.iters_per_group)
+        losses: list[list[float]] = [[]]
+        self._train(opt, sched, learned, traj, [(start, length)], [x_start], losses, 0,
+                    generator, schedule)
+        return losses[0]
+
+    def _optimizer(self, learned: LearnedParameters, total: int):
+        """A fresh Adam over the learned tensors and its LR schedule over ``total`` steps."""
         opt = learned.optimizer()
-        iters = self.cfg.iters_per_group
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1))
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
                  if self.cfg.lr_schedule == "cosine" else None)
-        losses = []
-        for _ in range(iters):
-            losses.append(self._optimizer_step(opt, learned, traj, x_start, start, length,
-                                               generator, schedule))
+        return opt, sched
+
+    def _train(self, opt: torch.optim.Optimizer, sched: Any, learned: LearnedParameters,
+               traj: Trajectories, groups: list[tuple[int, int]], x_starts: list[Tensor],
+               losses: list[list[float]], done: int, generator: torch.Generator,
+               schedule: Optional[RoundingSchedule],
+               save: Optional[Any] = None) -> None:
+        """Optimiser steps ``done .. iters_per_group · len(groups) - 1``; step ``j`` trains group
+        ``j mod len(groups)`` and appends its loss to ``losses``. ``save(j)`` is called after
+        step ``j - 1`` where a mid-phase progress save is due."""
+        total = self.cfg.iters_per_group * len(groups)
+        for j in range(done, total):
+            k = j % len(groups)
+            (start, length), x_start = groups[k], x_starts[k]
+            losses[k].append(self._optimizer_step(opt, learned, traj, x_start, start, length,
+                                                  generator, schedule))
             if sched is not None:
                 sched.step()
-        return losses
+            if save is not None and j + 1 < total:
+                save(j + 1)
 
     # -- the whole run
-    def run(self, traj: Trajectories) -> list[GroupReport]:
-        """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports."""
+    def phases(self, traj: Trajectories) -> list[tuple[int, list[int]]]:
+        """The run as ``(epoch, group indices)`` phases, in order. A phase trains its groups with
+        one fresh optimiser, then keeps or reverts the update (``revert_if_worse``):
+        ``sequential`` has one phase per group, ``interleaved`` one per epoch (all groups)."""
+        n = len(self._groups(traj))
+        if self.cfg.order == "sequential":
+            return [(e, [g]) for e in range(self.cfg.epochs) for g in range(n)]
+        return [(e, list(range(n))) for e in range(self.cfg.epochs)]
+
+    def run(self, traj: Trajectories, progress: Any = None,
+            resume: Optional[dict[str, Any]] = None) -> list[GroupReport]:
+        """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports.
+
+        ``progress`` (a :class:`~diffquant.methods.progress.Checkpointer`) saves the run's state
+        after every phase (a group when sequential, an epoch when interleaved) and every
+        ``progress.every`` optimiser steps; ``resume``, such a saved state, continues the run
+        where it was, with the same result as an uninterrupted run.
+        """
         cfg = self.cfg
         learned = LearnedParameters(self.model.denoiser, cfg)
-        n_groups = len(group_starts(traj.n_steps, cfg.group_size))
+        n_groups, phases = len(self._groups(traj)), self.phases(traj)
         log.info("accuquant: %d groups of %d steps, %s gradient, %s, learning %s", n_groups,
                  cfg.group_size, cfg.grad_mode, cfg.order, learned.counts())
         schedule = None
@@ -366,12 +415,12 @@ class TrajectoryCalibration:
             schedule = RoundingSchedule(total, cfg.round_reg, cfg.round_warmup,
                                         cfg.round_beta_start, cfg.round_beta_end)
         generator = torch.Generator().manual_seed(cfg.seed)
+        run = _RunState(self, learned, generator, traj)
+        first, in_phase = (run.load(resume) if resume is not None else (0, None))
         try:
-            for epoch in range(cfg.epochs):
-                if cfg.order == "sequential":
-                    self._sequential_epoch(epoch, learned, traj, generator, schedule)
-                else:
-                    self._interleaved_epoch(epoch, learned, traj, generator, schedule)
+            for p in range(first, len(phases)):
+                self._phase(p, phases[p], run, schedule, progress, in_phase)
+                in_phase = None
         finally:
             learned.restore()
         return self.reports
@@ -398,54 +447,66 @@ class TrajectoryCalibration:
             x = self.advance(traj, x, s, n)
         return out
 
-    def _sequential_epoch(self, epoch: int, learned: LearnedParameters, traj: Trajectories,
-                          generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> None:
-        cfg = self.cfg
-        x_quant = traj.states[0]
-        for start, length in self._groups(traj):
-            x_start = traj.states[start] if cfg.group_start == "fp" else x_quant
-            t0 = time.perf_counter()
-            before = self.group_loss_all(traj, x_start, start, length)
-            saved = learned.snapshot() if cfg.revert_if_worse else None
-            losses = self.calibrate_group(learned, traj, x_start, start, length, generator, schedule)
-            after = self.group_loss_all(traj, x_start, start, length)
-            reverted = saved is not None and after > before
-            if reverted:
-                learned.load(saved)
-                after = before
-            if cfg.group_start == "quant":
-                x_quant = self.advance(traj, x_start, start, length)
-            self._report(epoch, start, length, before, after, losses, reverted,
-                         time.perf_counter() - t0)
-
-    def _interleaved_epoch(self, epoch: int, learned: LearnedParameters, traj: Trajectories,
-                           generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> None:
-        cfg = self.cfg
-        groups = self._groups(traj)
+    def _phase(self, index: int, phase: tuple[int, list[int]], run: "_RunState",
+               schedule: Optional[RoundingSchedule], progress: Any,
+               resume: Optional[dict[str, Any]]) -> None:
+        """One phase (see :meth:`phases`): ``iters_per_group`` optimiser steps per group, then
+        keep the update only if it lowered the loss (summed over the phase's groups) on all
+        trajectories (``revert_if_worse``), and report every group."""
+        cfg, traj, learned = self.cfg, run.traj, run.learned
+        epoch, members = phase
+        groups = [self._groups(traj)[g] for g in members]
+        sequential = cfg.order == "sequential"
+        quant_start = cfg.group_start == "quant"
+        if sequential and quant_start and members[0] == 0:
+            run.carry = traj.states[0]  # each epoch's quantized chain starts from x_T
         t0 = time.perf_counter()
-        x_starts = self._start_states(traj)
-        before = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
-        saved = learned.snapshot() if cfg.revert_if_worse else None
-        opt = learned.optimizer()
-        total = cfg.iters_per_group * len(groups)
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
-                 if cfg.lr_schedule == "cosine" else None)
-        losses: list[list[float]] = [[] for _ in groups]
-        for j in range(total):
-            g = j % len(groups)
-            (start, length), x_start = groups[g], x_starts[g]
-            losses[g].append(self._optimizer_step(opt, learned, traj, x_start, start, length,
-                                                  generator, schedule))
+        opt, sched = self._optimizer(learned, cfg.iters_per_group * len(groups))
+        if resume is None:
+            if sequential:
+                x_starts = [run.carry if quant_start else traj.states[groups[0][0]]]
+            else:
+                x_starts = self._start_states(traj)
+            before = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
+            saved = learned.snapshot() if cfg.revert_if_worse else None
+            losses: list[list[float]] = [[] for _ in groups]
+            done = 0
+        else:
+            x_starts = ([x.to(traj.states.device) for x in resume["x_starts"]] if quant_start
+                        else [traj.states[s] for s, _ in groups])
+            before, saved, losses, done = (resume["before"], resume["saved"], resume["losses"],
+                                           resume["done"])
+            opt.load_state_dict(resume["optimizer"])
             if sched is not None:
-                sched.step()
+                sched.load_state_dict(resume["scheduler"])
+            t0 -= resume["seconds"]
+
+        def save(j: int) -> None:
+            if progress is None or not progress.due(self._iter):
+                return
+            progress.save(run.state(index, {
+                "x_starts": [x.cpu() for x in x_starts] if quant_start else None,
+                "before": before, "saved": saved, "losses": losses, "done": j,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "seconds": time.perf_counter() - t0}),
+                f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}")
+
+        self._train(opt, sched, learned, traj, groups, x_starts, losses, done, run.generator,
+                    schedule, save)
         after = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
         reverted = saved is not None and sum(after) > sum(before)
         if reverted:
             learned.load(saved)
             after = before
+        if sequential and quant_start:
+            run.carry = self.advance(traj, x_starts[0], *groups[0])
         seconds = (time.perf_counter() - t0) / len(groups)
         for (start, length), b, a, ls in zip(groups, before, after, losses):
             self._report(epoch, start, length, b, a, ls, reverted, seconds)
+        if progress is not None:
+            progress.save(run.state(index + 1, None),
+                          f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done")
 
     def _report(self, epoch: int, start: int, length: int, before: float, after: float,
                 losses: list[float], reverted: bool, seconds: float) -> None:
@@ -457,19 +518,93 @@ class TrajectoryCalibration:
                  start + length - 1, before, after, " (reverted)" if reverted else "", seconds)
 
 
-def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any) -> MethodResult:
-    """Run the trajectory calibration on an already quantized ``model`` (the PTQ base); returns
-    its metrics, per-group table and ``accuquant_groups.json``."""
-    t0 = time.perf_counter()
+@dataclass
+class _RunState:
+    """What a trajectory calibration carries from phase to phase, and its saved form: the
+    learned tensors, the batch generator, the iteration counter, the reports and (sequential
+    with ``group_start: quant``) the quantized chain's state where the next group starts."""
+
+    calibration: TrajectoryCalibration
+    learned: LearnedParameters
+    generator: torch.Generator
+    traj: Trajectories
+    carry: Optional[Tensor] = None
+
+    def state(self, phase: int, in_phase: Optional[dict[str, Any]]) -> dict[str, Any]:
+        """The run's state at phase ``phase`` (``in_phase``: where the phase is; None = at its
+        start)."""
+        cal = self.calibration
+        return {"phase": phase, "in_phase": in_phase,
+                "learned": [t.cpu() for t in self.learned.snapshot()],
+                "generator": self.generator.get_state(), "iter": cal._iter,
+                "reports": [asdict(r) for r in cal.reports],
+                "carry": self.carry.cpu() if self.carry is not None else None}
+
+    def load(self, state: dict[str, Any]) -> tuple[int, Optional[dict[str, Any]]]:
+        """Restore a :meth:`state`; returns its phase and where in the phase."""
+        cal, values = self.calibration, state["learned"]
+        if [tuple(v.shape) for v in values] != [tuple(p.shape) for p in self.learned.params]:
+            raise ValueError("saved accuquant progress learned other tensors")
+        self.learned.load(values)
+        self.generator.set_state(state["generator"])
+        cal._iter = state["iter"]
+        cal.reports = [GroupReport(**r) for r in state["reports"]]
+        if state["carry"] is not None:
+            self.carry = state["carry"].to(self.traj.states.device)
+        return state["phase"], state["in_phase"]
+
+
+# ---------------------------------------------------------------------------- the method's run
+TRAJECTORIES_FILE = "fp_trajectories.pt"
+
+
+def calibration_trajectories(model: Any, cfg: AccuQuantConfig,
+                             progress: Optional[Path] = None) -> Trajectories:
+    """The FP trajectories the groups are calibrated on: sampled, or loaded from ``progress``
+    where a stopped job of the same settings kept them (they are kept there once sampled)."""
+    key = {"n_samples": cfg.n_samples, "seed": cfg.seed, "batch_size": cfg.eval_batch_size,
+           "steps": [int(t) for t in model.timesteps]}
+    saved = load_file(progress, TRAJECTORIES_FILE, key)
+    if saved is not None:
+        model.scheduler.set_timesteps(model.sampler.num_inference_steps)  # as sampling does
+        to = lambda d: None if d is None else {k: v.to(model.device) for k, v in d.items()}  # noqa: E731
+        return Trajectories(saved["states"].to(model.device),
+                            Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
+                            saved["indices"], saved["seed"])
     traj = fp_trajectories(model, list(range(cfg.n_samples)), cfg.seed, cfg.eval_batch_size)
+    cpu = lambda d: None if d is None else {k: v.cpu() for k, v in d.items()}  # noqa: E731
+    save_file(progress, TRAJECTORIES_FILE, key, {
+        "states": traj.states.cpu(), "cond": cpu(traj.cond.cond), "uncond": cpu(traj.cond.uncond),
+        "labels": traj.cond.labels, "indices": traj.indices, "seed": traj.seed})
+    return traj
+
+
+def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
+                           progress: Optional[Path] = None,
+                           fingerprint: Optional[dict[str, Any]] = None) -> MethodResult:
+    """Run the trajectory calibration on an already quantized ``model`` (the PTQ base); returns
+    its metrics, per-group table and ``accuquant_groups.json``. ``progress``: a folder where it
+    keeps its FP trajectories and saves its progress, resumed from there by a restarted job whose
+    ``fingerprint`` (settings and PTQ base) is the same."""
+    t0 = time.perf_counter()
+    fingerprint = fingerprint or {"method": asdict(cfg)}
+    fingerprint = {**fingerprint, "start": tensor_digest(
+        {**quantizer_state_dict(model.denoiser), **quant_parameters(model.denoiser, "bias")})}
+    ckpt = Checkpointer(progress, fingerprint, every=cfg.progress_every,
+                        what="accuquant calibration")
+    traj = calibration_trajectories(model, cfg, progress)
 
     def on_iteration(it: int, start: int, value: float) -> None:
         if it % 10 == 0:
             ctx.tracker.log({"accuquant/loss": value, "accuquant/group_start": start})
 
     calibration = TrajectoryCalibration(model, cfg, on_iteration=on_iteration)
-    initial = calibration.all_group_losses(traj)
-    reports = calibration.run(traj)
+    resume = ckpt.load()
+    initial = resume["initial"] if resume else calibration.all_group_losses(traj)
+    reports = calibration.run(traj, progress=ckpt.within(lambda s: {**s, "initial": initial}),
+                              resume=resume)
+    if ckpt.written:
+        log.info("accuquant: %s", ckpt.summary())
     final = calibration.all_group_losses(traj)
     seconds = time.perf_counter() - t0
     metrics = {
@@ -493,6 +628,7 @@ class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
 
     version = 2
+    not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
         """The biases of the quantized layers (``learn: [bias]`` trains them)."""
@@ -502,7 +638,9 @@ class AccuQuant(Method):
                   progress: Path) -> MethodResult:
         check_stateless_scheduler(model.scheduler)
         base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
-        result = trajectory_calibration(model, cfg, ctx).merge(base)
+        settings = {"method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
+                    "quant": asdict(quant)}
+        result = trajectory_calibration(model, cfg, ctx, progress, settings).merge(base)
         result.quant = base.quant
         result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's
         return result

@@ -39,7 +39,10 @@ and the denoiser-output MSE against FP on calibration rows not trained on, after
 (``quest_eps_mse_ptq``), after the time-step split (``quest_eps_mse_init``) and at the end
 (``quest_eps_mse_final``; None when no row was held out). The finetuned denoiser and these
 metrics are cached (:mod:`diffquant.methods.result_cache`; ``quest_cached`` says whether this job
-loaded them).
+loaded them). A stopped job resumes the finetuning where it was saved last — after every epoch and
+every ``progress_every`` optimiser steps (:mod:`diffquant.methods.progress`) — with the result of
+an uninterrupted job; everything before it (PTQ base, time-step split, ranges) is loaded from the
+cache or recomputed, and must match the saved fingerprint.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ from diffquant.calib.collect import CalibStream, collect_calibration, model_iden
 from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.methods.quest_finetune import (FPTeacher, layers_matching, load_rows, output_mse,
-                                              plan_stages, rows_per_step, train_stage)
+from diffquant.methods.progress import Checkpointer, cpu_tensors, load_tensors, tensor_digest
+from diffquant.methods.quest_finetune import (FPTeacher, Stage, StageReport, layers_matching,
+                                              load_rows, output_mse, plan_stages, rows_per_step,
+                                              train_stage)
 from diffquant.methods.quest_sensitivity import (JSON_FILE, SensitivityReport,
                                                  SensitivitySettings, activation_sensitivity,
                                                  load_report)
+from diffquant.quant.checkpoint import quantizer_state_dict
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_parameters
@@ -111,6 +117,9 @@ class QuestConfig:
         sensitivity: the sweep's settings (bits, rows).
         eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
         seed: row sampling and shuffling.
+        progress_every: besides after every epoch, save the finetuning progress every that many
+            optimiser steps (0: after epochs only), so that a stopped job resumes there
+            (:mod:`diffquant.methods.progress`; results do not depend on it).
         ablation: a label only (``tla_only``, ``cma_only``, ``no_global``): the job's table row is
             ``quest[<ablation>]`` (``metrics.json``'s ``method_label``), not ``quest``.
         save_checkpoint: write the finetuned quantized UNet (with latent weights) to the run folder.
@@ -139,6 +148,7 @@ class QuestConfig:
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     eval_rows: int = 128
     seed: int = 0
+    progress_every: int = 20
     ablation: Optional[str] = None
     save_checkpoint: bool = False
 
@@ -153,7 +163,8 @@ def validate_quest(cfg: QuestConfig) -> None:
 
     one_of(cfg, "timestep_init", TIMESTEP_INITS)
     positive(cfg, "samples_per_step", "batch_size", "timestep_groups", "timestep_init_rows")
-    positive(cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", allow_zero=True)
+    positive(cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", "progress_every",
+             allow_zero=True)
     if isinstance(cfg.critical_layers, str) and cfg.critical_layers not in ("auto", "by_family"):
         raise InvalidSetting("critical_layers", "is unknown: use 'auto', 'by_family' or a list of name "
                                                 "patterns, e.g. '[to_q,ff.net]'")
@@ -267,11 +278,25 @@ class Quest(Method):
     """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
 
     version = 2
+    not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
         """The latent weights and biases of the quantized layers (TLA/CMA finetune them)."""
         return {**quant_parameters(model.denoiser, "weight_latent"),
                 **quant_parameters(model.denoiser, "bias")}
+
+    def fingerprint(self, cfg: QuestConfig, quant: QuantConfig, stages: list[Stage],
+                    rows: dict[str, Tensor], denoiser: nn.Module) -> dict[str, Any]:
+        """What saved finetuning progress must match to be resumed: the settings, the stage plan
+        and the denoiser's state when finetuning starts (PTQ base, time-step split, ranges)."""
+        start = {**quantizer_state_dict(denoiser),
+                 **{n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}}
+        return {"method": {k: v for k, v in as_dict(cfg).items() if k not in self.not_in_key},
+                "quant": as_dict(quant),
+                "stages": [[s.name, s.epochs, list(s.weights), list(s.act_scales)]
+                           for s in stages],
+                "rows": tensor_digest(rows),
+                "start": tensor_digest(start)}
 
     def calibrate(self, model: Any, quant: QuantConfig, cfg: QuestConfig, ctx: Any,
                   progress: Path) -> MethodResult:
@@ -315,19 +340,34 @@ class Quest(Method):
         teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
         metrics["quest_eps_mse_init"] = output_mse(denoiser, spec, probe, teacher)
         rows = load_rows(stream, train_rows)
+        finetuned = {n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}
+        ckpt = Checkpointer(progress, self.fingerprint(cfg, quant, stages, rows, denoiser),
+                            every=cfg.progress_every, what="QuEST finetuning")
+        resume = ckpt.load()
+        reports = [StageReport(**r) for r in resume["reports"]] if resume else []
+        if resume:
+            load_tensors(finetuned, resume["params"])
         setup_s += time.perf_counter() - t_setup
 
-        reports = []
         for i, stage in enumerate(stages):
+            if i < len(reports):
+                continue  # finished before the job was stopped
             log.info("QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
                      "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
                      len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
                      stage.epochs)
+            saver = ckpt.within(lambda stage_state, i=i: {
+                "stage": i, "stage_state": stage_state, "params": cpu_tensors(finetuned),
+                "reports": [dataclasses.asdict(r) for r in reports]})
             reports.append(train_stage(denoiser, spec, stage, rows, teacher,
                                        weight_lr=cfg.weight_lr, act_lr=cfg.act_lr,
                                        global_weight=cfg.global_loss_weight,
                                        batch_size=cfg.batch_size, seed=cfg.seed + i,
-                                       device=device, tracker=ctx.tracker))
+                                       device=device, tracker=ctx.tracker, progress=saver,
+                                       resume=resume["stage_state"]
+                                       if resume and resume["stage"] == i else None))
+        if ckpt.written:
+            log.info("QuEST: %s", ckpt.summary())
         metrics["quest_eps_mse_final"] = output_mse(denoiser, spec, probe, teacher)
 
         trained = {id(p): p for s in stages for p in s.parameters()}

@@ -36,6 +36,7 @@ Optimiser: Adam, ``weight_lr`` for weights/biases and ``act_lr`` for step sizes,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -249,9 +250,16 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
                 teacher: FPTeacher, *,
                 weight_lr: float, act_lr: float, global_weight: float, batch_size: int,
                 seed: int = 0, device: Optional[torch.device] = None,
-                tracker: Any = None) -> StageReport:
+                tracker: Any = None, progress: Any = None,
+                resume: Optional[dict[str, Any]] = None) -> StageReport:
     """Finetune ``stage``'s parameters on ``rows`` (denoiser kwargs ``(N, ...)`` on the CPU); every
-    other parameter and buffer of ``denoiser`` stays bit-identical."""
+    other parameter and buffer of ``denoiser`` stays bit-identical.
+
+    ``progress`` (a :class:`~diffquant.methods.progress.Checkpointer` or its
+    :meth:`~diffquant.methods.progress.Checkpointer.within`) saves the loop's state after every
+    epoch and every ``progress.every`` optimiser steps; ``resume``, such a saved state, continues
+    the loop where it was (the trained parameters themselves are the caller's to restore).
+    """
     report = StageReport(stage.name, stage.n_params, len(stage.layers))
     groups = [{"params": list(stage.weights.values()), "lr": weight_lr},
               {"params": list(stage.act_scales.values()), "lr": act_lr}]
@@ -267,16 +275,34 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
     n = int(next(iter(rows.values())).shape[0])
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(groups)
+    # where the loop is: epoch, this epoch's row order and next position, its loss sums
+    epoch, order, start = 0, None, 0
+    sums, count = torch.zeros(3, dtype=torch.float64), 0
+    seconds_before = 0.0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        g.set_state(resume["generator"])
+        report = StageReport(**resume["report"])
+        epoch, order, start = resume["epoch"], resume["order"], resume["start"]
+        sums, count = resume["sums"], resume["count"]
+        seconds_before = report.seconds
     tap = OutputTap(stage.layers)
     params = stage.parameters()
     t0 = time.perf_counter()
+
+    def state() -> dict[str, Any]:
+        report.seconds = seconds_before + time.perf_counter() - t0
+        return {"optimizer": optimizer.state_dict(), "generator": g.get_state(),
+                "report": dataclasses.asdict(report), "epoch": epoch, "order": order,
+                "start": start, "sums": sums.clone(), "count": count}
+
     try:
         for p in params:
             p.requires_grad_(True)
-        for epoch in range(stage.epochs):
-            sums, count = torch.zeros(3, dtype=torch.float64), 0
-            order = torch.randperm(n, generator=g)
-            for start in range(0, n, batch_size):
+        while epoch < stage.epochs:
+            if order is None:
+                order = torch.randperm(n, generator=g)
+            while start < n:
                 idx = order[start:start + batch_size]
                 total, local, glob = stage_loss(denoiser, spec, _batch(rows, idx, device), teacher,
                                                 tap, global_weight)
@@ -293,6 +319,9 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
                                      dtype=torch.float64) * len(idx)
                 count += len(idx)
                 report.steps += 1
+                start += batch_size
+                if progress is not None and start < n and progress.due(report.steps):
+                    progress.save(state(), f"{stage.name} epoch {epoch + 1} step {report.steps}")
             means = (sums / max(count, 1)).tolist()
             report.total.append(means[0])
             report.local.append(means[1])
@@ -303,12 +332,16 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
                 tracker.log({f"quest/{stage.name}_loss": means[0],
                              f"quest/{stage.name}_local_loss": means[1],
                              f"quest/{stage.name}_global_loss": means[2]})
+            epoch, order, start = epoch + 1, None, 0
+            sums, count = torch.zeros(3, dtype=torch.float64), 0
+            if progress is not None:
+                progress.save(state(), f"{stage.name} epoch {epoch}/{stage.epochs}")
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
         tap.remove()
-        report.seconds = time.perf_counter() - t0
+        report.seconds = seconds_before + time.perf_counter() - t0
     return report
 
 

@@ -12,9 +12,9 @@ Two ways to put ``∂L/∂θ`` into the ``.grad`` of the learned quantization pa
 
 * :func:`group_backward` with ``mode="exact"`` back-propagates through all ``M`` steps (the graphs
   of ``M`` UNet calls are alive at once: memory grows linearly with ``M``).
-* ``mode="approx"`` (our reconstruction of AccuQuant's O(1)-memory technique from its abstract
-  and overview figure, see :mod:`diffquant.methods.accuquant`): roll the quantized chain out without graphs,
-  keeping only the ``M`` input states (a few KB each; the last step keeps its graph), take
+* ``mode="approx"`` (our reconstruction of AccuQuant's O(1)-memory technique, see
+  :mod:`diffquant.methods.accuquant`): roll the quantized chain out without graphs, keeping
+  only the ``M`` input states (a few KB each; the last step keeps its graph), take
   ``g = ∂L/∂x̃_{i0+M}``, back-propagate it into the last step, then for each earlier step ``k``
   recompute ``x̃_{i0+k+1} = step(x̃_{i0+k})`` with a graph and back-propagate ``g`` into it
   (``2M − 1`` UNet forwards and ``M`` backwards per iteration, vs ``M`` and ``M`` for exact):
