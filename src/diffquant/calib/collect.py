@@ -2,7 +2,9 @@
 
 :func:`collect_calibration` samples ``n_samples`` trajectories with the FP model and records,
 through a forward pre-hook (with kwargs) on ``model.denoiser``, the inputs of every
-``step_stride``-th sampler step (steps 0, k, 2k, ...; 0 = noisiest). Every row of the batched
+``step_stride``-th sampler step (steps 0, k, 2k, ...; 0 = noisiest), or of ``n_steps`` evenly
+spaced steps chosen as Q-Diffusion / QuEST do (``qdiff/utils.py`` ``get_train_samples``:
+``range(0, nsteps, nsteps // cali_st)``; :meth:`CalibSettings.stride`). Every row of the batched
 denoiser call is a sample: with guidance a step gives ``2 · n_samples`` rows (unconditional and
 conditional inputs), as in Q-Diffusion's SD calibration set. A row holds the denoiser's keyword
 arguments (the latents (C, h, w) and time step () under the names the family's
@@ -12,7 +14,9 @@ arguments (the latents (C, h, w) and time step () under the names the family's
 Rows are written in shards (``shard_00000.pt`` ...) under a :class:`~diffquant.cache.CacheEntry`
 keyed by everything that produced them (model identity and weights fingerprint, scheduler and
 sampler settings, calibration settings), so concurrent jobs compute it once and later jobs reuse
-it. :class:`CalibStream` reads it back one shard at a time: the whole set is never in memory.
+it. :class:`CalibStream` reads it back one shard at a time: the whole set is never in memory;
+:meth:`CalibStream.reference_order` gives the rows in the reference code's order (time-step
+major, conditional rows before unconditional ones), independent of the sampling batch size.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 from diffquant.cache import CacheEntry, atomic_torch_save, load_torch
 from diffquant.quant.state import quant_state
 from diffquant.quant.typed import as_dataclass
-from diffquant.validation import positive
+from diffquant.validation import InvalidSetting, positive
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ class CalibSettings:
     Attributes:
         n_samples: trajectories sampled (rows per recorded step: n_samples, ×2 with guidance).
         step_stride: record every k-th sampler step (1 = all steps).
+        n_steps: when set, record ``n_steps`` evenly spaced steps exactly as Q-Diffusion / QuEST
+            select them (``cali_st``): stride ``nsteps // n_steps`` over the sampler's ``nsteps``
+            denoiser calls, i.e. ``range(0, nsteps, nsteps // n_steps)``, which overrides
+            ``step_stride``. When ``nsteps`` is not a multiple, that is more than ``n_steps``
+            steps (51 PNDM calls / 25 → stride 2 → 26 steps), as in the reference.
         batch_size: trajectories sampled together.
         seed: seed of the calibration trajectories (keep it apart from evaluation seeds).
         shard_rows: rows per shard file.
@@ -52,12 +62,26 @@ class CalibSettings:
 
     n_samples: int = 64
     step_stride: int = 2
+    n_steps: Optional[int] = None
     batch_size: int = 64
     seed: int = 10_000
     shard_rows: int = 4096
 
     def __post_init__(self) -> None:
-        positive(self, "n_samples", "step_stride", "batch_size", "shard_rows")
+        positive(self, "n_samples", "step_stride", "n_steps", "batch_size", "shard_rows")
+
+    def stride(self, n_sampler_steps: int) -> int:
+        """The stride of recorded steps for a sampler of ``n_sampler_steps`` denoiser calls."""
+        if self.n_steps is None:
+            return self.step_stride
+        if self.n_steps > n_sampler_steps:
+            raise InvalidSetting("n_steps", f"={self.n_steps} is more than the sampler's "
+                                 f"{n_sampler_steps} steps: use at most {n_sampler_steps}.")
+        return n_sampler_steps // self.n_steps
+
+    def recorded_steps(self, n_sampler_steps: int) -> list[int]:
+        """The sampler steps (0 = noisiest) whose denoiser inputs are recorded."""
+        return list(range(0, n_sampler_steps, self.stride(n_sampler_steps)))
 
 
 # ---------------------------------------------------------------------------- identity
@@ -99,6 +123,8 @@ def calib_cache_key(model: Any, settings: CalibSettings,
     s = asdict(settings)
     s.pop("batch_size")  # does not change the rows (per-sample seeding)
     s.pop("shard_rows")
+    s.pop("n_steps")  # the stride it selects is what changes the rows
+    s["step_stride"] = settings.stride(len(model.timesteps))
     return {"model": identity or model_identity(model), "calib": s}
 
 
@@ -152,14 +178,16 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
     with entry.lock():
         if not entry.done():
             log.info("collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
-                     s.n_samples, s.step_stride, len(model.timesteps), entry.path)
+                     s.n_samples, s.stride(len(model.timesteps)), len(model.timesteps),
+                     entry.path)
             with entry.writing() as tmp:
                 _write_shards(model, s, tmp)
     return CalibStream(entry.path)
 
 
 def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
-    recorder = _Recorder(s.step_stride, model.spec)
+    stride = s.stride(len(model.timesteps))
+    recorder = _Recorder(stride, model.spec)
     shards: list[dict[str, Any]] = []
     pending: list[dict[str, Tensor]] = []
     keys: list[str] = []
@@ -189,8 +217,11 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
     finally:
         handle.remove()
     index = {"rows": sum(sh["rows"] for sh in shards), "shards": shards, "keys": keys,
-             "steps": list(range(0, len(model.timesteps), s.step_stride)),
-             "guided": bool(model.guided)}
+             "steps": list(range(0, len(model.timesteps), stride)),
+             "guided": bool(model.guided),
+             # how rows were written (trajectory batches x steps x [uncond; cond]): lets
+             # CalibStream.reference_order sort them independently of the batch size
+             "layout": {"n_samples": s.n_samples, "batch_size": s.batch_size}}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -218,6 +249,87 @@ class CalibStream:
             return torch.arange(self.n_rows)
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(self.n_rows, generator=g)[:n].sort().values
+
+    def reference_order(self) -> Tensor:
+        """Every global row index in the order of the reference code's calibration tensor
+        (Q-Diffusion / QuEST ``get_train_samples``: time-step major — all rows of the first
+        recorded step, then the next, ... — and with guidance all conditional rows first, then
+        all unconditional ones; within a step by trajectory index). Independent of the sampling
+        batch size the set was written with."""
+        steps = list(self.index["steps"])
+        guided = bool(self.index.get("guided"))
+        n, bs = self._layout(steps, guided)
+        branch, step, traj = [], [], []
+        for start in range(0, n, bs):
+            ids = list(range(start, min(n, start + bs)))
+            for s in steps:
+                for b in ((1, 0) if guided else (0,)):  # stored [uncond; cond]: cond sorts first
+                    branch += [b] * len(ids)
+                    step += [s] * len(ids)
+                    traj += ids
+        if len(step) != self.n_rows:
+            raise RuntimeError(f"calibration set {self.path}: {self.n_rows} rows, but its layout "
+                               f"gives {len(step)}")
+        key = (torch.tensor(branch) * (max(steps) + 1) + torch.tensor(step)) * n + torch.tensor(traj)
+        return torch.argsort(key, stable=True)
+
+    def _layout(self, steps: list[int], guided: bool) -> tuple[int, int]:
+        """(trajectories, trajectories per sampling batch) the set was written with: from the
+        index, or, for sets written before it was recorded, from the step column (the first
+        denoiser call holds ``batch`` rows, ``2 · batch`` with guidance)."""
+        layout = self.index.get("layout")
+        if layout is not None:
+            return int(layout["n_samples"]), int(layout["batch_size"])
+        per_row = len(steps) * (2 if guided else 1)
+        n = self.n_rows // per_row
+        recorded = torch.cat([b[STEP_KEY] for b in self.batches(4096, with_step=True)])
+        if len(steps) == 1:
+            if guided:
+                raise RuntimeError(f"calibration set {self.path} predates the row layout record "
+                                   "and has one recorded step: delete it to collect it again")
+            return n, n
+        first = int((recorded != recorded[0]).nonzero()[0])  # rows of the first call
+        return n, first // (2 if guided else 1)
+
+    def ordered_batches(self, batch_size: int, rows: Tensor, *,
+                        device: torch.device | str = "cpu", drop_last: bool = False,
+                        with_step: bool = False, cache_shards: int = 4
+                        ) -> Iterator[dict[str, Tensor]]:
+        """Batches of ``batch_size`` rows in exactly the order of ``rows`` (global indices; any
+        order, e.g. :meth:`reference_order` or a permutation). Shards are loaded on demand and
+        the last ``cache_shards`` kept. ``drop_last`` drops a last, smaller batch."""
+        rows = torch.as_tensor(rows).long()
+        bounds = torch.tensor([0] + [sh["rows"] for sh in self.index["shards"]]).cumsum(0)
+        loaded: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+
+        def shard(i: int) -> dict[str, Tensor]:
+            if i in loaded:
+                loaded.move_to_end(i)
+                return loaded[i]
+            data = load_torch(self.path / self.index["shards"][i]["file"], map_location="cpu",
+                              weights_only=True)
+            loaded[i] = data
+            while len(loaded) > cache_shards:
+                loaded.popitem(last=False)
+            return data
+
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                return
+            if chunk.numel() and (chunk.min() < 0 or chunk.max() >= self.n_rows):
+                raise IndexError(f"row indices outside the {self.n_rows} calibration rows")
+            which = torch.bucketize(chunk, bounds[1:], right=True)
+            parts, positions = [], []
+            for i in which.unique().tolist():
+                sel = (which == i).nonzero().flatten()
+                data = shard(i)
+                local = chunk[sel] - bounds[i]
+                parts.append({k: v[local] for k, v in data.items()})
+                positions.append(sel)
+            back = torch.argsort(torch.cat(positions))  # parts are grouped by shard: restore order
+            batch = {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
+            yield self._out(batch, device, with_step)
 
     def batches(self, batch_size: int, rows: Optional[Tensor] = None, *,
                 device: torch.device | str = "cpu", with_step: bool = False

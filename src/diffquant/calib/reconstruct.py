@@ -16,7 +16,7 @@ hooks (the forward stops at the unit, so only the prefix runs):
 Then
 
 1. **weight stage** — AdaRound: Adam(lr ``weight_lr``) on α for ``weight_iters`` iterations,
-   loss ``‖unit(x_w) - y‖_p^p`` (p = ``weight_p``, summed over channels, mean over the rest) +
+   loss ``‖unit(x_w) - y‖_p^p`` (p = ``weight_p``, summed over ``loss_axis``, mean over the rest) +
    the rounding regulariser (weight ``round_reg``, β ``beta_start → beta_end`` after ``warmup``);
    activations off; the choices are frozen at the end;
 2. **activation stage** — LSQ: Adam(lr ``act_lr``, cosine to 0) on the step sizes of the unit's
@@ -28,6 +28,21 @@ so no more than one unit's data (and at most ``memory_mb`` of it) is ever held. 
 finished unit the quantizer state and a progress file are written atomically under
 ``progress_dir``; a stopped calibration resumes after the last finished unit and gives the same
 result as an uninterrupted one (every unit's optimisation is seeded by its index).
+
+The two stages of a unit depend on no other unit's activation quantizers (the weight stage runs
+with activations off, the activation stage on FP inputs), so running every unit's weight stage
+first (``act_iters=0``) and then every unit's activation stage (``weight_iters=0``), as
+Q-Diffusion does, gives the same result as the unit-by-unit order; ``method=ptq`` does that when
+activation ranges are initialised after weight reconstruction (``act_init_stage=after_weights``).
+
+Loss axis (``loss_axis``): BRECQ's and Q-Diffusion's ``lp_loss`` sums ``|pred - tgt|^p`` over
+dim 1 and averages the rest (``qdiff/quant_layer.py`` line 31). For 4-D outputs ``(B, C, H, W)``
+that is the channel axis; for the token outputs ``(B, L, C)`` of transformer blocks it is the
+token axis. ``dim1`` reproduces that; ``channels`` sums over the channel axis of every output (dim
+1 of 4-D tensors, the last one of token tensors). The two differ by the constant factor ``L / C``
+on a token output, which matters only against the AdaRound regulariser's weight (and Adam's ε):
+with ``dim1`` a 64×64-token transformer block's reconstruction term is 4096 / 320 ≈ 13× heavier
+relative to the rounding term than with ``channels``.
 """
 
 from __future__ import annotations
@@ -54,12 +69,13 @@ from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
 from diffquant.quant.timestep import get_router
 from diffquant.quant.typed import as_dataclass
-from diffquant.validation import InvalidSetting, positive
+from diffquant.validation import InvalidSetting, one_of, positive
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 SOFTMAX_FP_BITS = 16  # activation quantizers at >= 16 bits are not trained (Q-Diffusion)
+LOSS_AXES = ("channels", "dim1")
 
 
 @dataclass
@@ -79,6 +95,9 @@ class ReconSettings:
         round_reg: regulariser weight λ.
         capture_batch_size: rows per denoiser forward when capturing a unit's inputs.
         max_rows: calibration rows used (a fixed random subset; None = all).
+        loss_axis: the axis the L_p error is summed over before the mean: ``channels`` (dim 1 of
+            4-D outputs, the last dim of token outputs) or ``dim1`` (dim 1 of every output, the
+            reference code's; see the module doc).
         memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
         seed: base seed (each unit's optimisation is seeded by it and the unit's index).
     """
@@ -96,6 +115,7 @@ class ReconSettings:
     round_reg: float = 0.01
     capture_batch_size: int = 128
     max_rows: Optional[int] = None
+    loss_axis: str = "channels"
     memory_mb: int = 2048
     seed: int = 0
 
@@ -105,6 +125,7 @@ class ReconSettings:
                  "capture_batch_size", "max_rows", "memory_mb")
         if not 0.0 <= self.warmup < 1.0:
             raise InvalidSetting("warmup", "is not a fraction of the weight iterations: use [0, 1)")
+        one_of(self, "loss_axis", LOSS_AXES)
 
 
 # ---------------------------------------------------------------------------- units
@@ -253,10 +274,15 @@ class RowStore:
 
 
 # ---------------------------------------------------------------------------- losses
-def lp_loss(pred: Tensor, target: Tensor, p: float) -> Tensor:
-    """``|pred - target|^p`` summed over channels (dim 1 of 4-D tensors, the last dim of token
-    tensors), averaged over the rest — BRECQ's loss with a consistent channel axis."""
+def lp_loss(pred: Tensor, target: Tensor, p: float, axis: str = "channels") -> Tensor:
+    """``|pred - target|^p`` summed over one axis and averaged over the rest: ``channels`` (dim 1
+    of 4-D tensors, the last dim of token tensors) or ``dim1`` (dim 1 whatever the layout, as
+    BRECQ's / Q-Diffusion's ``lp_loss``)."""
     err = (pred - target).abs().pow(p)
+    if axis == "dim1":
+        return err.sum(dim=1).mean()
+    if axis != "channels":
+        raise ValueError(f"unknown loss axis {axis!r}; use one of {LOSS_AXES}")
     ch = 1 if err.dim() == 4 else err.dim() - 1
     return err.sum(dim=ch).mean()
 
@@ -455,7 +481,7 @@ class Reconstructor:
             for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = spec.call(unit.module, batch, "w_")
-                rec = lp_loss(out, batch["y"], s.weight_p)
+                rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
                 loss = rec + schedule.loss(it, roundings).to(rec.device)
                 _check_finite(loss, unit.name, "weight")
                 opt.zero_grad(set_to_none=True)
@@ -482,7 +508,7 @@ class Reconstructor:
                     if self.router is not None:
                         self.router.route(unit.module, batch["t"])
                     out = spec.call(unit.module, batch, "fp_")
-                    loss = lp_loss(out, batch["y"], s.act_p)
+                    loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
                     _check_finite(loss, unit.name, "act")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -36,6 +36,14 @@ class QuantConfig:
             shortcut's input) separately (Q-Diffusion's split), where the family declares one.
         weight_init / act_init: initial range, ``lp`` (Q-Diffusion's search over 80 clipping
             ratios minimising the L_p error, p = ``lp_norm``) or ``minmax``.
+        act_running_stat: after the initial range, follow Q-Diffusion's running statistics
+            (``--running_stat``, ``qdiff/quant_layer.py`` ``act_momentum_update``): every further
+            calibration batch moves the activation range to the exponential moving average of
+            the per-batch min and max (per channel when per-channel), ``m · old + (1 - m) · new``,
+            started from the raw min / max of the initial rows; the range is then that EMA
+            (the initial ``act_init`` clipping only shapes what the next layers saw first).
+            Which rows and in which order is the method's choice (``method.act_running_*``).
+        act_momentum: the EMA momentum ``m`` (Q-Diffusion: 0.95).
         minmax_act_roles: denoiser roles (:mod:`diffquant.models.denoiser`) whose input
             quantizers always get a ``minmax`` initial range: by default the inputs that are a
             function of the time step alone (``time_embedding``, ``time_projection``). Their
@@ -58,6 +66,8 @@ class QuantConfig:
     shortcut_split: bool = True
     weight_init: str = "lp"
     act_init: str = "lp"
+    act_running_stat: bool = False
+    act_momentum: float = 0.95
     minmax_act_roles: list[str] = field(
         default_factory=lambda: ["time_embedding", "time_projection"])
     minmax_act_layers: list[str] = field(default_factory=list)
@@ -104,3 +114,6 @@ def validate_bits(cfg) -> None:
         raise InvalidSetting("minmax_act_roles", f"has unknown role(s) {unknown}; roles are "
                                                  f"{', '.join(ROLES)}.")
     positive(cfg, "timestep_groups", "lp_candidates")
+    if not 0.0 <= cfg.act_momentum < 1.0:
+        raise InvalidSetting("act_momentum", "must lie in [0, 1) (Q-Diffusion: 0.95), e.g. "
+                                             "quant.act_momentum=0.95.")

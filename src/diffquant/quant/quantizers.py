@@ -317,8 +317,13 @@ class ActQuantizer(nn.Module):
     set by the UNet's time-step hook, see :mod:`diffquant.quant.timestep`).
 
     Range calibration: between :meth:`start_observing` and :meth:`finish_observing` the quantizer
-    passes inputs through unchanged and records, per group, the batch's clipping range (``minmax``:
-    running min/max over all batches; ``lp``: the mean over batches of each batch's best range).
+    records, per group, the batch's clipping range (``minmax``: min/max over all batches; ``lp``:
+    the mean over batches of each batch's best range) and passes its input through unchanged, or,
+    with ``quantize=True``, quantizes it with the range observed so far (Q-Diffusion's
+    initialisation: each quantizer is set on its first input and quantizes at once, so later
+    layers see quantized inputs). After :meth:`start_running` every further batch moves the range
+    to the exponential moving average of the per-batch min / max (Q-Diffusion's running
+    statistics), started from the raw min / max of the batches seen before.
     """
 
     kind = "act"
@@ -375,7 +380,9 @@ class ActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._observer is not None:
             self._observer.observe(x, self._row_groups(x))
-            return x
+            if not self._observer.quantize:
+                return x
+            self._set_qparams(*self._observer.ranges())
         if not self.enabled:
             return x
         if not bool(self.initialized):
@@ -389,8 +396,17 @@ class ActQuantizer(nn.Module):
 
     # -- range calibration
     def start_observing(self, method: str, p: float = 2.4, n_candidates: int = 80,
-                        seed: int = 0) -> None:
-        self._observer = _RangeObserver(self, method, p, n_candidates, seed)
+                        seed: int = 0, quantize: bool = False) -> None:
+        """Start recording ranges by ``method`` (``minmax`` / ``lp``); with ``quantize`` the
+        inputs are quantized with the range observed so far instead of passed through."""
+        self._observer = _RangeObserver(self, method, p, n_candidates, seed, quantize)
+
+    def start_running(self, momentum: float) -> None:
+        """From now on, further batches update the range as an EMA of per-batch min / max with
+        ``momentum`` (Q-Diffusion's ``act_momentum_update``); needs :meth:`start_observing`."""
+        if self._observer is None:
+            raise RuntimeError("start_running needs start_observing first (the initial range)")
+        self._observer.momentum = float(momentum)
 
     @torch.no_grad()
     def finish_observing(self) -> None:
@@ -398,7 +414,10 @@ class ActQuantizer(nn.Module):
         obs, self._observer = self._observer, None
         if obs is None:
             return
-        lo, hi = obs.ranges()
+        self._set_qparams(*obs.ranges())
+
+    @torch.no_grad()
+    def _set_qparams(self, lo: Optional[Tensor], hi: Optional[Tensor]) -> None:
         if lo is None:
             return  # never called: stays uninitialised
         scale, zp = range_to_qparams(lo, hi, self.bits, self.mode)
@@ -421,17 +440,29 @@ class ActQuantizer(nn.Module):
 
 
 class _RangeObserver:
-    """Accumulates clipping ranges per time-step group for one :class:`ActQuantizer`."""
+    """Accumulates clipping ranges per time-step group for one :class:`ActQuantizer`.
+
+    Before ``momentum`` is set (the initial rows), ``minmax`` keeps the min / max over batches and
+    ``lp`` the row-weighted mean of per-batch optima; the raw min / max is kept as well. Once
+    ``momentum`` is set (:meth:`ActQuantizer.start_running`), each further batch of a group that
+    was seen moves its raw min / max to ``m · old + (1 - m) · batch`` and that EMA is the range.
+    """
 
     MAX_ELEMS = 1 << 16  # elements per batch the L_p loss is measured on (a random subset)
 
-    def __init__(self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int):
+    def __init__(self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int,
+                 quantize: bool = False):
         self.q, self.method, self.p, self.n_candidates = q, method, p, n_candidates
+        self.quantize = bool(quantize)
+        self.momentum: Optional[float] = None
         self.generator = torch.Generator().manual_seed(seed)
         g, c = q.n_groups, q.channels
         self.lo = torch.zeros(g, c, dtype=torch.float64)
         self.hi = torch.zeros(g, c, dtype=torch.float64)
+        self.raw_lo = torch.zeros(g, c, dtype=torch.float64)
+        self.raw_hi = torch.zeros(g, c, dtype=torch.float64)
         self.count = torch.zeros(g, dtype=torch.float64)
+        self.running = torch.zeros(g, dtype=torch.bool)
 
     @torch.no_grad()
     def observe(self, x: Tensor, groups: Optional[Tensor]) -> None:
@@ -446,6 +477,20 @@ class _RangeObserver:
     def _add(self, g: int, x: Tensor, n_rows: int) -> None:
         q = self.q
         x2d = channels_first(x, q.per_channel, q._ch_axis(x))
+        raw_lo = x2d.amin(dim=1).float().double().cpu()
+        raw_hi = x2d.amax(dim=1).float().double().cpu()
+        if self.momentum is not None and self.count[g] > 0:  # running statistics
+            m = self.momentum
+            self.raw_lo[g] = self.raw_lo[g] * m + raw_lo * (1 - m)
+            self.raw_hi[g] = self.raw_hi[g] * m + raw_hi * (1 - m)
+            self.running[g] = True
+            self.count[g] += n_rows
+            return
+        if self.count[g] == 0:
+            self.raw_lo[g], self.raw_hi[g] = raw_lo, raw_hi
+        else:
+            self.raw_lo[g] = torch.minimum(self.raw_lo[g], raw_lo)
+            self.raw_hi[g] = torch.maximum(self.raw_hi[g], raw_hi)
         lo, hi = find_range(x2d, q.bits, q.mode, self.method, self.p, self.n_candidates,
                             max_elems=self.MAX_ELEMS, generator=self.generator)
         lo, hi = lo.double().cpu(), hi.double().cpu()
@@ -468,6 +513,7 @@ class _RangeObserver:
         if self.method != "minmax":
             lo[seen] /= self.count[seen, None]
             hi[seen] /= self.count[seen, None]
+        lo[self.running], hi[self.running] = self.raw_lo[self.running], self.raw_hi[self.running]
         seen_idx = seen.nonzero().flatten()
         for g in (~seen).nonzero().flatten().tolist():
             nearest = seen_idx[(seen_idx - g).abs().argmin()]
