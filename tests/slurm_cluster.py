@@ -204,13 +204,13 @@ def job_state(job_id: str, extra: dict[str, str] | None = None) -> tuple[str, st
 
 def release_requeued(job_id: str, extra: dict[str, str] | None = None,
                      timeout_s: float = 90.0) -> float:
-    """Wait until ``job_id`` is back in the queue (PENDING) after a requeue and let it start now:
-    Slurm holds a requeued batch job until a begin time about 2 minutes later. Returns the
-    seconds waited; raises TimeoutError."""
+    """Wait until ``job_id`` is back in the queue after a requeue (PENDING, reason BeginTime:
+    Slurm holds a requeued batch job until about 2 minutes later) and let it start now. Returns
+    the seconds waited; raises TimeoutError."""
     t0 = time.monotonic()
     while True:
         state, reason = job_state(job_id, extra)
-        if state == "PENDING":
+        if (state, reason) == ("PENDING", "BeginTime"):
             break
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"job {job_id} was not requeued within {timeout_s:.0f}s "

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ on sys.path (pytest's default rootdir-relative import)
-    from slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, release_requeued,
-                               uninterrupted_metrics, wait_for_file, wait_for_glob)
+    from slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
+                               release_requeued, uninterrupted_metrics, wait_for_file,
+                               wait_for_glob)
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, release_requeued,
-                                     uninterrupted_metrics, wait_for_file, wait_for_glob)
+    from tests.slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
+                                     release_requeued, uninterrupted_metrics, wait_for_file,
+                                     wait_for_glob)
 
 pytestmark = pytest.mark.slurm
 
@@ -160,6 +162,43 @@ def test_sweep_array_sbatch(cluster: dict[str, str], partition: str, tmp_path: P
     assert Path(r0["python"]).parent.parent.resolve() == Path(sys.prefix).resolve()
     # Stable folder per line: the same line hashes to the same folder name.
     assert (dir0 / "overrides.txt").read_text().strip() == "quant=w8a8 seed=0"
+
+
+STOPPING_RUN_PY = """\
+import os, sys
+run_dir = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.run.dir=")][-1]
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "runs.txt"), "a") as f:
+    f.write(os.environ.get("SLURM_RESTART_COUNT", "0") + "\\n")
+sys.exit(75)  # what run.py does after SIGUSR2
+"""
+
+
+def test_sweep_array_sbatch_requeues_a_task_that_exits_75(cluster: dict[str, str], partition: str,
+                                                          tmp_path: Path) -> None:
+    """An array task whose run.py exits 75 is requeued by the script (same task, same folder),
+    at most DIFFQUANT_MAX_REQUEUES times; after that the status is passed on."""
+    if not Path(sys.prefix, "bin", "activate").is_file():
+        pytest.skip("tests are not running from a virtual environment")
+    (tmp_path / "run.py").write_text(STOPPING_RUN_PY)
+    (tmp_path / "grid.txt").write_text("seed=0\n")
+    env = {**_script_env(tmp_path), "DIFFQUANT_MAX_REQUEUES": "1"}
+    job_id = _sbatch([f"--partition={partition}", *SMALL, "--array=0", f"--output={tmp_path}/slurm-%A_%a.out",
+                      str(REPO_ROOT / "slurm" / "sweep_array.sbatch"), "grid.txt"], tmp_path, env=env)
+    task = f"{job_id}_0"
+    try:
+        runs = wait_for_glob(tmp_path / "sweeps" / "grid", "0_*/runs.txt", 60)[0]
+        release_requeued(task, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while runs.read_text().split() != ["0", "1"] or job_state(task)[0] not in ("FAILED", ""):
+            assert time.monotonic() < deadline, f"{runs.read_text()!r}, state {job_state(task)}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = (tmp_path / f"slurm-{job_id}_0.out").read_text()
+    assert "stopped to be resumed (exit 75): requeueing it (restart 1)" in log
+    assert "(restart 1) on " in log
+    assert "stopped (exit 75) but was restarted 1 times already (DIFFQUANT_MAX_REQUEUES=1)" in log
 
 
 def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path) -> None:
