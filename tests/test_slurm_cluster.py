@@ -17,9 +17,13 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ on sys.path (pytest's default rootdir-relative import)
-    from slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, wait_for_file
+    from slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
+                               release_requeued, uninterrupted_metrics, wait_for_file,
+                               wait_for_glob)
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import REPO_ROOT, START_SCRIPT, default_partition, wait_for_file
+    from tests.slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
+                                     release_requeued, uninterrupted_metrics, wait_for_file,
+                                     wait_for_glob)
 
 pytestmark = pytest.mark.slurm
 
@@ -160,6 +164,43 @@ def test_sweep_array_sbatch(cluster: dict[str, str], partition: str, tmp_path: P
     assert (dir0 / "overrides.txt").read_text().strip() == "quant=w8a8 seed=0"
 
 
+STOPPING_RUN_PY = """\
+import os, sys
+run_dir = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.run.dir=")][-1]
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "runs.txt"), "a") as f:
+    f.write(os.environ.get("SLURM_RESTART_COUNT", "0") + "\\n")
+sys.exit(75)  # what run.py does after SIGUSR2
+"""
+
+
+def test_sweep_array_sbatch_requeues_a_task_that_exits_75(cluster: dict[str, str], partition: str,
+                                                          tmp_path: Path) -> None:
+    """An array task whose run.py exits 75 is requeued by the script (same task, same folder),
+    at most DIFFQUANT_MAX_REQUEUES times; after that the status is passed on."""
+    if not Path(sys.prefix, "bin", "activate").is_file():
+        pytest.skip("tests are not running from a virtual environment")
+    (tmp_path / "run.py").write_text(STOPPING_RUN_PY)
+    (tmp_path / "grid.txt").write_text("seed=0\n")
+    env = {**_script_env(tmp_path), "DIFFQUANT_MAX_REQUEUES": "1"}
+    job_id = _sbatch([f"--partition={partition}", *SMALL, "--array=0", f"--output={tmp_path}/slurm-%A_%a.out",
+                      str(REPO_ROOT / "slurm" / "sweep_array.sbatch"), "grid.txt"], tmp_path, env=env)
+    task = f"{job_id}_0"
+    try:
+        runs = wait_for_glob(tmp_path / "sweeps" / "grid", "0_*/runs.txt", 60)[0]
+        release_requeued(task, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while runs.read_text().split() != ["0", "1"] or job_state(task)[0] not in ("FAILED", ""):
+            assert time.monotonic() < deadline, f"{runs.read_text()!r}, state {job_state(task)}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = (tmp_path / f"slurm-{job_id}_0.out").read_text()
+    assert "stopped to be resumed (exit 75): requeueing it (restart 1)" in log
+    assert "(restart 1) on " in log
+    assert "stopped (exit 75) but was restarted 1 times already (DIFFQUANT_MAX_REQUEUES=1)" in log
+
+
 def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path) -> None:
     if not Path(sys.prefix, "bin", "activate").is_file():
         pytest.skip("tests are not running from a virtual environment")
@@ -175,6 +216,63 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
     r = json.loads(args_file.read_text())
     assert r["args"] == [f"hydra.run.dir=outputs/slurm/diffquant/{job_id}", "quant=w8a8", "seed=3"]
     assert r["wandb_mode"] == "offline"
+
+
+# The real run.py, tiny (8 batches of one sample, 20 steps: long enough to be signalled mid-way).
+TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "logger=none"]
+
+
+@pytest.mark.parametrize("how", ["usr2", "requeue"])
+def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, partition, tmp_path, how):
+    """Plain sbatch (slurm/run_one.sbatch, python under srun):
+
+    * ``usr2``: ``scancel --signal=USR2`` (what ``--signal=USR2@120`` sends before the time
+      limit): python stops after the batch in progress with exit 75 and the script requeues
+      the job itself;
+    * ``requeue``: ``scontrol requeue`` (Slurm's preemption path: SIGTERM, SIGKILL after
+      KillWait): python stops after the batch in progress with exit 143; Slurm requeues.
+
+    Either way stopped.json says where, and the requeued job resumes in the same folder to the
+    metrics of an uninterrupted run."""
+    if not Path(sys.prefix, "bin", "activate").is_file():
+        pytest.skip("tests are not running from a virtual environment")
+    run_dir = tmp_path / "run"
+    env = {**_script_env(tmp_path), "DIFFQUANT_RUN_DIR": str(run_dir), "DIFFQUANT_STOP_GRACE_S": "60",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "slurm.out"
+    job_id = _sbatch([f"--partition={partition}", *SMALL, "--mem=2G", f"--output={log}",
+                      str(REPO_ROOT / "slurm" / "run_one.sbatch"), *TINY, f"paths.cache_dir={tmp_path}/cache"],
+                     REPO_ROOT, env=env)
+    try:
+        wait_for_glob(run_dir, "progress/batch_*.pt", 120)
+        if how == "usr2":
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        else:
+            subprocess.run(["scontrol", "requeue", job_id], check=True)
+        release_requeued(job_id, timeout_s=60)
+        stopped = json.loads((run_dir / "stopped.json").read_text())
+        saved = {p.name: p.stat().st_mtime_ns for p in (run_dir / "progress").glob("batch_*.pt")}
+        wait_for_file(run_dir / "metrics.json", "fid", 120)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    assert (stopped["signal"], stopped["exit_code"]) == (("SIGUSR2", 75) if how == "usr2" else ("SIGTERM", 143))
+    assert (stopped["step"], stopped["safe_point"], stopped["handler"]) == ("sample", True, "diffquant")
+    assert stopped["where"] == f"sampling: {len(saved)} of 8 batches done" and 1 <= len(saved) < 8
+    assert stopped["slurm_job_id"] == job_id and stopped["slurm_restart_count"] == 0
+    text = log.read_text()
+    if how == "usr2":
+        assert "task 0: Exited with exit code 75" in text  # srun reports python's status
+        assert f"[run_one] job {job_id} stopped to be resumed (exit 75): requeueing it (restart 1)" in text
+    assert f"[run_one] job {job_id} (restart 1)" in text
+    assert "resuming after a stop: " + stopped["signal"] in (run_dir / "run.log").read_text()
+    assert not (run_dir / "stopped.json").exists()
+    for name, mtime in saved.items():  # resumed, not redone
+        assert (run_dir / "progress" / name).stat().st_mtime_ns == mtime
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    reference = uninterrupted_metrics(TINY, tmp_path)
+    assert (resumed["n_samples"], resumed["config_hash"]) == (8, reference["config_hash"])
+    for key in ("fid", "inception_score"):
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
 
 
 def test_start_script_is_idempotent(cluster: dict[str, str]) -> None:

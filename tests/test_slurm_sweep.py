@@ -17,14 +17,18 @@ from conftest import ROOT, run_cli
 from diffquant.app import run
 
 try:
-    from slurm_cluster import default_partition
+    from slurm_cluster import (default_partition, job_state, release_requeued,
+                               uninterrupted_metrics, wait_for_glob)
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import default_partition
+    from tests.slurm_cluster import (default_partition, job_state, release_requeued,
+                                     uninterrupted_metrics, wait_for_glob)
 
 pytestmark = pytest.mark.slurm
 
 SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20",
          "logger=none"]
+# Tiny jobs that sample long enough (8 batches of one sample, 20 steps) to be signalled mid-way.
+TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "logger=none"]
 
 
 
@@ -100,3 +104,80 @@ def test_slurm_requeued_job_resumes_to_the_same_metrics(slurm_env, tmp_path, mak
     assert (resumed["n_samples"], resumed["config_hash"]) == (reference["n_samples"], reference["config_hash"])
     for key in ("fid", "inception_score"):  # the job ran with 1 thread, the reference with 2
         assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+
+
+def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_slurm_usr2_stops_at_a_batch_and_submitit_requeues_it(slurm_env, tmp_path):
+    """SIGUSR2 (Slurm's warning before the time limit, or preemption with send_user_signal):
+    the job finishes the sample batch in progress, writes stopped.json, and submitit's own
+    handler (deferred to that point) requeues it; the requeued job resumes from the saved batches
+    and the sweep reports the metrics of an uninterrupted run."""
+    env = {**os.environ, **slurm_env, "WANDB_MODE": "offline", "DIFFQUANT_STOP_GRACE_S": "60"}
+    sweep = tmp_path / "sweep"
+    launcher = _launch([*slurm_args(slurm_env, sweep, tmp_path / "cache"), *TINY], env)
+    job_id = None
+    try:
+        progress = wait_for_glob(sweep, "0_*/progress", 120, lambda: launcher.poll() is None)[0]
+        wait_for_glob(progress, "batch_*.pt", 120, lambda: launcher.poll() is None)
+        job_id = next(p.name for p in sweep.glob(".submitit/*") if p.name.isdigit())
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+        release_requeued(job_id, slurm_env, timeout_s=60)
+        stopped = json.loads((progress.parent / "stopped.json").read_text())
+        saved = {p.name: p.stat().st_mtime_ns for p in progress.glob("batch_*.pt")}
+        out, _ = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if job_id is not None:
+            subprocess.run(["scancel", job_id], env=env, check=False)
+    assert launcher.returncode == 0, out[-3000:]
+    assert (stopped["signal"], stopped["step"], stopped["safe_point"]) == ("SIGUSR2", "sample", True)
+    assert stopped["handler"].endswith("SignalHandler.checkpoint_and_try_requeue")
+    assert stopped["where"] == f"sampling: {len(saved)} of 8 batches done" and 1 <= len(saved) < 8
+    assert stopped["slurm_job_id"] == job_id and stopped["slurm_restart_count"] == 0
+    job_dir = progress.parent
+    assert not (job_dir / "stopped.json").exists()  # removed by the resumed run
+    log = (job_dir / "run.log").read_text()
+    assert log.count("model: ") == 2 and "resuming after a stop: SIGUSR2 at step sample" in log
+    for name, mtime in saved.items():  # resumed, not redone
+        assert (progress / name).stat().st_mtime_ns == mtime
+    resumed = json.loads((job_dir / "metrics.json").read_text())
+    reference = uninterrupted_metrics(TINY, tmp_path)
+    assert (resumed["n_samples"], resumed["config_hash"]) == (8, reference["config_hash"])
+    for key in ("fid", "inception_score"):  # the job ran with 1 thread, the reference with 2
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+
+
+def test_slurm_cancelled_array_task_fails_the_sweep_in_bounded_time(slurm_env, tmp_path):
+    """`scancel` of one array task on a cluster without accounting (sacct fails): the launcher
+    learns the state from squeue, collects the other task, and exits non-zero naming the
+    cancelled one (submitit alone waits forever)."""
+    env = {**os.environ, **slurm_env, "WANDB_MODE": "offline"}
+    sweep = tmp_path / "sweep"
+    t0 = time.monotonic()
+    launcher = _launch([*slurm_args(slurm_env, sweep, tmp_path / "cache"), "slurm.array_parallelism=1",
+                        "model.num_inference_steps=5", *TINY, "seed=0,1"], env)
+    job_id = None
+    try:
+        job_id = wait_for_glob(sweep, ".submitit/*_1", 60, lambda: launcher.poll() is None)[0].name[:-2]
+        assert job_state(f"{job_id}_1", slurm_env)[0] == "PENDING"  # array_parallelism=1: task 0 runs first
+        subprocess.run(["scancel", f"{job_id}_1"], env=env, check=True)
+        out, _ = launcher.communicate(timeout=150)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if job_id is not None:
+            subprocess.run(["scancel", job_id], env=env, check=False)
+    elapsed = time.monotonic() - t0
+    assert launcher.returncode != 0, out[-3000:]
+    assert elapsed < 120, f"the launcher took {elapsed:.0f}s"
+    assert "job states come from squeue" in out  # the test cluster has no accounting
+    # a cancelled pending array task leaves the queue at once (no CANCELLED record to read)
+    assert f"SLURM task {job_id}_1 (job #1: " in out and "seed=1) ended without a result (state " in out
+    assert "(state NOT_IN_QUEUE: slurmctld no longer lists it" in out or "(state CANCELLED)" in out
+    assert "Error executing job with overrides" in out
+    assert [p.parent.name for p in sweep.glob("*/metrics.json")] == ["0_ldm_digits_fp32_fp_s0"]

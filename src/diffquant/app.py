@@ -44,6 +44,7 @@ from diffquant.quant.config import FP_BITS
 from diffquant.registry import METHODS
 from diffquant.schema import RunConfig, typed_run_config
 from diffquant.shards import is_sharded, save_shard, shard_indices
+from diffquant.stopping import check_stop, graceful_stop
 from diffquant.tracking import make_tracker, save_grid
 
 log = logging.getLogger("diffquant")
@@ -327,37 +328,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job described by ``cfg``; returns the metrics written to ``metrics.json``."""
     job = configure(cfg)  # 1
     exit_code = 1
-    try:
-        run_cfg, ctx = job.run, job.ctx
-        model = build_model(run_cfg.model, ctx.device)  # 2
-        log.info("model: %s", model.describe())
-        evaluation, fp_sample_s = reference(job, model)  # 3
+    with graceful_stop(job.run_dir):  # SIGTERM/SIGUSR2 stop at a check_stop (diffquant.stopping)
+        try:
+            run_cfg, ctx = job.run, job.ctx
+            check_stop(step="build")
+            model = build_model(run_cfg.model, ctx.device)  # 2
+            log.info("model: %s", model.describe())
+            check_stop(step="reference")
+            evaluation, fp_sample_s = reference(job, model)  # 3
 
-        t0 = time.perf_counter()
-        result = quantize(model, run_cfg.quant, run_cfg.method, ctx)  # 4
-        calibrate_s = 0.0 if job.is_fp else time.perf_counter() - t0
+            check_stop(step="quantize")
+            t0 = time.perf_counter()
+            result = quantize(model, run_cfg.quant, run_cfg.method, ctx)  # 4
+            calibrate_s = 0.0 if job.is_fp else time.perf_counter() - t0
 
-        t_start = time.perf_counter()
-        sampled, quality = sample(job, result.model, evaluation)  # 5
-        eval_s = max(0.0, time.perf_counter() - t_start - sampled.seconds)
-        if job.is_fp and "fid_to_fp" in run_cfg.evaluator.metrics:
-            if not is_sharded(run_cfg.evaluator):
-                quality["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
-            store_fp_reference(evaluation, model, job, torch.cat(sampled.features),
-                               sampled.seconds)
-        if run_cfg.analysis.error_accumulation:  # 6
-            from diffquant.analysis.error_accumulation import run_error_accumulation
+            check_stop(step="sample")
+            t_start = time.perf_counter()
+            sampled, quality = sample(job, result.model, evaluation)  # 5
+            eval_s = max(0.0, time.perf_counter() - t_start - sampled.seconds)
+            if job.is_fp and "fid_to_fp" in run_cfg.evaluator.metrics:
+                if not is_sharded(run_cfg.evaluator):
+                    quality["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
+                store_fp_reference(evaluation, model, job, torch.cat(sampled.features),
+                                   sampled.seconds)
+            check_stop(step="analyse")
+            if run_cfg.analysis.error_accumulation:  # 6
+                from diffquant.analysis.error_accumulation import run_error_accumulation
 
-            result.metrics.update(run_error_accumulation(
-                model, run_cfg.analysis, ctx,
-                label=f"{run_cfg.method.name} {'fp32' if job.is_fp else run_cfg.quant.name}"))
+                result.metrics.update(run_error_accumulation(
+                    model, run_cfg.analysis, ctx,
+                    label=f"{run_cfg.method.name} {'fp32' if job.is_fp else run_cfg.quant.name}"))
 
-        timings = {"calibrate_s": calibrate_s, "sample_s": sampled.seconds,
-                   "fp_sample_s": fp_sample_s, "eval_s": eval_s}
-        metrics = job_metrics(job, model, result, quality, timings)  # 7
-        record(job, metrics, sampled, result)
-        print(summary_line(metrics, job.run_dir), flush=True)
-        exit_code = 0
-        return metrics
-    finally:
-        job.ctx.tracker.finish(exit_code)
+            check_stop(step="record")
+            timings = {"calibrate_s": calibrate_s, "sample_s": sampled.seconds,
+                       "fp_sample_s": fp_sample_s, "eval_s": eval_s}
+            metrics = job_metrics(job, model, result, quality, timings)  # 7
+            record(job, metrics, sampled, result)
+            print(summary_line(metrics, job.run_dir), flush=True)
+            exit_code = 0
+            return metrics
+        finally:
+            job.ctx.tracker.finish(exit_code)

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.cache import atomic_torch_save, atomic_write_json
+from diffquant.stopping import check_stop
 from diffquant.calib.collect import CalibStream
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
@@ -382,6 +383,7 @@ class Reconstructor:
         start = self._load_progress(names, report)
         report.resumed_from = start
         for i in range(start, len(units)):
+            check_stop(where=f"block reconstruction: {i} of {len(units)} units done")
             unit = units[i]
             t0 = time.perf_counter()
             unit_report = self._reconstruct_unit(i, unit)
@@ -479,6 +481,7 @@ class Reconstructor:
         tail = _Tail(s.weight_iters)
         with quant_state(unit.module, weights=True, acts=False):
             for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+                check_stop(where=f"block reconstruction: {unit.name}, weight iteration {it}")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = spec.call(unit.module, batch, "w_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
@@ -504,6 +507,7 @@ class Reconstructor:
         try:
             with quant_state(unit.module, weights=True, acts=True):
                 for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen)):
+                    check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     if self.router is not None:
                         self.router.route(unit.module, batch["t"])

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from diffquant.cache import atomic_torch_save
 from diffquant.eval.metrics import EvalBatch
+from diffquant.stopping import check_stop
 
 
 def batch_ranges(n: int, batch_size: int, start: int = 0) -> list[range]:
@@ -35,6 +36,7 @@ def generate(model, evaluation, n: int, seed: int, batch_size: int, progress_dir
     if progress_dir is not None:
         Path(progress_dir).mkdir(parents=True, exist_ok=True)
     for k, idx in enumerate(tqdm(ranges, desc=desc, unit="batch", dynamic_ncols=True)):
+        check_stop(where=f"{desc}: {k} of {len(ranges)} batches done")  # a stop signal stops here
         path = None if progress_dir is None else Path(progress_dir) / f"batch_{idx.start:07d}_{len(idx)}.pt"
         if path is not None and path.is_file():
             rec = torch.load(path)

@@ -1,0 +1,1 @@
+"""diffquant's Hydra launcher plugin (``hydra/launcher=slurm``); see :mod:`diffquant.launcher`."""
