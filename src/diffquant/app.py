@@ -171,7 +171,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         new_sample_s = 0.0
         for batch, seconds in generate(model, evaluation, len(indices), cfg.seed, ev.batch_size,
                                        run_dir / "progress", keep_images=ev.grid_size,
-                                       start=indices.start):
+                                       start=indices.start, progress_key=config_hash(cfg)):
             sample_s += seconds
             evaluation.update(batch)
             feats.append(batch.features)
