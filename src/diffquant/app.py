@@ -253,7 +253,8 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
     sampled = Sampled()
     batches = sampled.keep(generate(model, evaluation, len(job.indices), job.run.seed,
                                     ev.batch_size, job.run_dir / "progress",
-                                    keep_images=ev.grid_size, start=job.indices.start))
+                                    keep_images=ev.grid_size, start=job.indices.start,
+                                    progress_key=job.config_hash))
     if not is_sharded(ev):
         return sampled, score(evaluation, batches)
     for _ in batches:

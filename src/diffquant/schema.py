@@ -79,7 +79,12 @@ class EvaluatorConfig:
         backbone_weights: local weights of the backbone (None: its packaged default).
         reference: real images for FID: ``digits_heldout`` or a ``.npz`` of uint8 NHWC images.
         n_samples: images generated per job (FID is biased at small N: compare equal N only).
-        batch_size: images per sampling batch.
+        batch_size: samples per saved (resumable) batch of a job's progress; it changes no sample.
+        chunk_size: samples per model call. Every call (sampler, decoder, backbone) runs on one
+            fixed chunk ``[k·chunk_size, (k+1)·chunk_size)`` of the sample indices, so sample
+            ``i`` is the same bits whatever ``batch_size`` or shard draws it; a different
+            ``chunk_size`` changes the low bits of the samples (kernels block by row count). Speed
+            and memory knob: larger is faster until memory runs out.
         clip_model: CLIP model (hub id or local folder) for ``clip_score``.
         grid_size: images in the logged sample grid.
         num_shards / shard_index: sharded evaluation (e.g. 50k-sample FID over a job array): this
@@ -95,13 +100,14 @@ class EvaluatorConfig:
     reference: str = "digits_heldout"
     n_samples: int = 500
     batch_size: int = 100
+    chunk_size: int = 32
     clip_model: Optional[str] = None
     grid_size: int = 64
     num_shards: int = 1
     shard_index: Optional[int] = None
 
     def __post_init__(self) -> None:
-        positive(self, "n_samples", "batch_size", "num_shards")
+        positive(self, "n_samples", "batch_size", "chunk_size", "num_shards")
         positive(self, "grid_size", allow_zero=True)
 
 

@@ -91,6 +91,7 @@ class ClipScoreMetric(Metric):
 
         self.metric = CLIPScore(model_name_or_path=loader)
         self.device = torch.device(device)
+        self.scores: list[Tensor] = []
 
     @torch.no_grad()
     def per_sample(self, images: Tensor, labels: list[Any]) -> Tensor:
@@ -107,10 +108,13 @@ class ClipScoreMetric(Metric):
         if scores is None:
             raise ValueError("clip_score: this batch carries no per-image CLIP scores (it was generated "
                              "before the metric was set up); delete the job's progress/ folder and rerun.")
-        self.metric.score += scores.sum().to(self.metric.score)
-        self.metric.n_samples += len(scores)
+        self.scores.append(scores)
 
     def compute(self) -> dict[str, float]:
+        # one sum over all scores in sample order: per-batch sums would depend on the batch size
+        scores = torch.cat(self.scores)
+        self.metric.score = scores.sum().to(self.metric.score)
+        self.metric.n_samples = torch.tensor(len(scores), device=self.metric.n_samples.device)
         with warnings.catch_warnings():  # states are filled by update() above, not CLIPScore.update
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
             return {self.name: float(self.metric.compute())}

@@ -26,8 +26,11 @@ class Evaluation:
     """
 
     def __init__(self, eval_cfg: Any, ctx: RunContext, skip: tuple[str, ...] = ()) -> None:
+        from diffquant.eval.sampling import SampleGrid
+
         self.cfg = eval_cfg
         self.ctx = ctx
+        self.grid = SampleGrid.of(eval_cfg)  # fails early on a bad evaluator.chunk_size
         self.backbone = BACKBONES.get(eval_cfg.backbone)(eval_cfg).to(ctx.device).eval()
         self.metric_names = [m for m in eval_cfg.metrics if m not in skip]
         for name in self.metric_names:
@@ -63,9 +66,11 @@ class Evaluation:
         return entry.load("features.pt")
 
     def fp_reference_entry(self, model_key: dict[str, Any], n: int, seed: int) -> CacheEntry:
-        """Where the FP model's features for ``n`` samples of ``seed`` live."""
+        """Where the FP model's features for ``n`` samples of ``seed`` live (sampled on the chunks
+        of ``evaluator.chunk_size``, which fix their low bits: part of the key)."""
         return CacheEntry(self.ctx.cache_dir, "fp_samples", {**self.backbone_key(), "model": model_key,
-                                                             "n": n, "seed": seed})
+                                                             "n": n, "seed": seed,
+                                                             "chunk_size": self.grid.chunk_size})
 
     def set_fp_features(self, features: Tensor) -> None:
         self._fp_features = features

@@ -1,6 +1,6 @@
 """Sample metrics, registered in ``EVALUATORS`` by the name they report under.
 
-Metrics consume :class:`EvalBatch` records: the backbone runs once per batch and every metric
+Metrics consume :class:`EvalBatch` records: the backbone runs once per chunk and every metric
 reads what it needs (features, logits, or images and labels). FID and IS are torchmetrics'
 implementations fed through a pass-through "feature network", so features computed once (and saved
 per batch, or per shard on a cluster) are all they need.
@@ -64,18 +64,29 @@ class Metric:
 
 
 class FrechetDistance(Metric):
-    """FID between generated features and a fixed set of reference features ``(M, d)``."""
+    """FID between generated features and a fixed set of reference features ``(M, d)``.
+
+    The features are kept and summed at :meth:`compute`, in sample order and in fixed groups of
+    :attr:`GROUP` rows: torchmetrics sums each ``update`` separately, so feeding it the batches as
+    they come would make the last bits of the FID depend on the batch size or the shards."""
+
+    GROUP = 4096
 
     def __init__(self, name: str, reference: Tensor) -> None:
         self.name = name
-        self.fid = FrechetInceptionDistance(feature=_Passthrough(reference.shape[1]), normalize=False)
-        self.fid.update(reference.double(), real=True)
+        self.reference = reference
+        self.features: list[Tensor] = []
 
     def update(self, batch: EvalBatch) -> None:
-        self.fid.update(batch.features.double(), real=False)
+        self.features.append(batch.features)
 
     def compute(self) -> dict[str, float]:
-        return {self.name: float(self.fid.compute())}
+        fid = FrechetInceptionDistance(feature=_Passthrough(self.reference.shape[1]), normalize=False)
+        for group in self.reference.double().split(self.GROUP):
+            fid.update(group, real=True)
+        for group in torch.cat(self.features).double().split(self.GROUP):
+            fid.update(group, real=False)
+        return {self.name: float(fid.compute())}
 
 
 class InceptionScoreMetric(Metric):
