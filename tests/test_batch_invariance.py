@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from conftest import compose_config
-from diffquant.app import run
+from diffquant.app import quantize, run
 from diffquant.context import RunContext
 from diffquant.eval.evaluation import Evaluation
 from diffquant.eval.sampling import SampleGrid, generate
 from diffquant.models.loading import build_model
-from diffquant.registry import METHODS
+from diffquant.schema import typed_run_config
 from diffquant.shards import shard_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +46,8 @@ def models(tmp_path_factory, one_thread):
     for name, overrides in (("fp", []), ("w4a8", W4A8)):
         cfg = compose_config(["logger=none", *overrides], tmp_path_factory.mktemp(name))
         ctx = evaluation_of(cfg)[1]
-        out[name] = METHODS.get(cfg.method.name)(build_model(cfg.model, "cpu"), cfg.quant, cfg.method, ctx)
+        run_cfg = typed_run_config(cfg)
+        out[name] = quantize(build_model(run_cfg.model, "cpu"), run_cfg.quant, run_cfg.method, ctx).model
     return out
 
 

@@ -219,7 +219,7 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
 
 
 # The real run.py, tiny (8 batches of one sample, 20 steps: long enough to be signalled mid-way).
-TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "logger=none"]
+TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "evaluator.chunk_size=1", "logger=none"]
 
 
 @pytest.mark.parametrize("how", ["usr2", "requeue"])
@@ -244,7 +244,7 @@ def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, part
                       str(REPO_ROOT / "slurm" / "run_one.sbatch"), *TINY, f"paths.cache_dir={tmp_path}/cache"],
                      REPO_ROOT, env=env)
     try:
-        wait_for_glob(run_dir, "progress/batch_*.pt", 120)
+        wait_for_glob(run_dir, "progress/batch_*.pt", 300)
         if how == "usr2":
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         else:
@@ -252,7 +252,7 @@ def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, part
         release_requeued(job_id, timeout_s=60)
         stopped = json.loads((run_dir / "stopped.json").read_text())
         saved = {p.name: p.stat().st_mtime_ns for p in (run_dir / "progress").glob("batch_*.pt")}
-        wait_for_file(run_dir / "metrics.json", "fid", 120)
+        wait_for_file(run_dir / "metrics.json", "fid", 300)
     finally:
         subprocess.run(["scancel", job_id], check=False)
     assert (stopped["signal"], stopped["exit_code"]) == (("SIGUSR2", 75) if how == "usr2" else ("SIGTERM", 143))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slurm
 SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20",
          "logger=none"]
 # Tiny jobs that sample long enough (8 batches of one sample, 20 steps) to be signalled mid-way.
-TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "logger=none"]
+TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "evaluator.chunk_size=1", "logger=none"]
 
 
 
@@ -73,7 +73,7 @@ def test_slurm_requeued_job_resumes_to_the_same_metrics(slurm_env, tmp_path, mak
     env = {**os.environ, **slurm_env, "WANDB_MODE": "offline"}
     sweep = tmp_path / "sweep"
     args = ["model.num_inference_steps=5", "evaluator.n_samples=1200", "evaluator.batch_size=10",
-            "logger=none"]
+            "evaluator.chunk_size=10", "logger=none"]
     launcher = subprocess.Popen([sys.executable, "run.py", *slurm_args(slurm_env, sweep, tmp_path / "cache"), *args],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = sweep / "0_ldm_digits_fp32_fp_s0" / "progress"

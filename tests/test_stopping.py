@@ -21,7 +21,7 @@ from diffquant.stopping import (EXIT_REQUEUE, STOP_FILE, Stopped, check_stop, cu
                                 graceful_stop, read_stop)
 
 TINY = ["model.num_inference_steps=5", "evaluator.n_samples=8", "evaluator.batch_size=2",
-        "logger=none"]
+        "evaluator.chunk_size=2", "logger=none"]
 
 
 def _signal_self(sig: int) -> None:
