@@ -6,7 +6,7 @@ PY := .venv/bin/python
 export WANDB_SILENT := true
 export HYDRA_FULL_ERROR ?= 0
 
-.PHONY: help venv run test test-slow test-all clean
+.PHONY: help venv run test test-slow test-all lint format clean
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
@@ -29,6 +29,14 @@ test-slow: venv  ## the slow end-to-end checks only
 
 test-all: venv  ## everything
 	$(PY) -m pytest -q
+
+lint: venv  ## ruff: lint and format check (also run by the tests)
+	.venv/bin/ruff check src tests run.py
+	.venv/bin/ruff format --check src tests run.py
+
+format: venv  ## ruff: fix what can be fixed and format
+	.venv/bin/ruff check --fix src tests run.py
+	.venv/bin/ruff format src tests run.py
 
 clean:  ## remove outputs and caches (not the venv)
 	rm -rf outputs multirun cache .pytest_cache

@@ -21,8 +21,9 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_SCRIPT = REPO_ROOT / "slurm" / "start_local_cluster.sh"
@@ -193,17 +194,20 @@ def job_state(job_id: str, extra: dict[str, str] | None = None) -> tuple[str, st
     """(state, reason) of a job or array task as ``squeue`` lists it (also ended jobs, for
     ``MinJobAge``); ("", "") when the controller does not know it."""
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"],
-                             env=_env_with(extra or {}), capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"],
+            env=_env_with(extra or {}),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "", ""
     state, _, reason = (out.strip().splitlines() or [""])[0].partition("|")
     return state, reason
 
 
-def release_requeued(job_id: str, extra: dict[str, str] | None = None,
-                     timeout_s: float = 90.0) -> float:
+def release_requeued(job_id: str, extra: dict[str, str] | None = None, timeout_s: float = 90.0) -> float:
     """Wait until ``job_id`` is back in the queue after a requeue (PENDING, reason BeginTime:
     Slurm holds a requeued batch job until about 2 minutes later) and let it start now. Returns
     the seconds waited; raises TimeoutError."""
@@ -213,16 +217,23 @@ def release_requeued(job_id: str, extra: dict[str, str] | None = None,
         if (state, reason) == ("PENDING", "BeginTime"):
             break
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"job {job_id} was not requeued within {timeout_s:.0f}s "
-                               f"(state {state or 'unknown'} {reason})")
+            raise TimeoutError(
+                f"job {job_id} was not requeued within {timeout_s:.0f}s (state {state or 'unknown'} {reason})"
+            )
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                   env=_env_with(extra or {}), check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+        env=_env_with(extra or {}),
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return time.monotonic() - t0
 
 
-def wait_for_glob(folder: Path, pattern: str, timeout_s: float = 60.0,
-                  alive: Optional[Callable[[], bool]] = None) -> list[Path]:
+def wait_for_glob(
+    folder: Path, pattern: str, timeout_s: float = 60.0, alive: Optional[Callable[[], bool]] = None
+) -> list[Path]:
     """Poll until ``folder.glob(pattern)`` finds something; ``alive()`` False (the launcher
     exited) or the time-out raise TimeoutError."""
     deadline = time.monotonic() + timeout_s
@@ -243,12 +254,11 @@ def uninterrupted_metrics(overrides: list[str], folder: Path) -> dict:
     interruption (what a stopped and resumed job must reproduce); once per session and overrides."""
     key = tuple(overrides)
     if key not in _uninterrupted:
+        import torch
         from hydra.core.global_hydra import GlobalHydra
 
         from conftest import compose_config
         from diffquant.app import run
-
-        import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the jobs (cpus_per_task=1, OMP_NUM_THREADS=1)

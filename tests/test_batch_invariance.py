@@ -29,13 +29,22 @@ from diffquant.shards import shard_indices
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 8
-W4A8 = ["quant=w4a8", "method=ptq_minmax", "method.calib.n_samples=4", "method.calib.step_stride=5",
-        "method.act_init_rows=32"]
+W4A8 = [
+    "quant=w4a8",
+    "method=ptq_minmax",
+    "method.calib.n_samples=4",
+    "method.calib.step_stride=5",
+    "method.act_init_rows=32",
+]
 
 
 def evaluation_of(cfg):
-    ctx = RunContext(run_dir=Path(cfg.paths.output_dir), cache_dir=Path(cfg.paths.cache_dir),
-                     device=torch.device("cpu"), seed=0)
+    ctx = RunContext(
+        run_dir=Path(cfg.paths.output_dir),
+        cache_dir=Path(cfg.paths.cache_dir),
+        device=torch.device("cpu"),
+        seed=0,
+    )
     return Evaluation(cfg.evaluator, ctx), ctx
 
 
@@ -60,8 +69,17 @@ def draw(model, evaluation, batch_size, indices=None, progress_dir=None, progres
     """Per-sample features, logits, labels and images of ``indices`` (default: all samples)."""
     indices = range(evaluation.cfg.n_samples) if indices is None else indices
     out = {"features": [], "logits": [], "labels": [], "images": []}
-    for batch, _ in generate(model, evaluation, len(indices), 0, batch_size, progress_dir,
-                             keep_images=len(indices), start=indices.start, progress_key=progress_key):
+    for batch, _ in generate(
+        model,
+        evaluation,
+        len(indices),
+        0,
+        batch_size,
+        progress_dir,
+        keep_images=len(indices),
+        start=indices.start,
+        progress_key=progress_key,
+    ):
         out["features"].append(batch.features)
         out["logits"].append(batch.logits)
         out["labels"].extend(batch.labels)
@@ -70,8 +88,10 @@ def draw(model, evaluation, batch_size, indices=None, progress_dir=None, progres
 
 
 def merge(shards):
-    return {k: [x for s in shards for x in s[k]] if k == "labels" else torch.cat([s[k] for s in shards])
-            for k in shards[0]}
+    return {
+        k: [x for s in shards for x in s[k]] if k == "labels" else torch.cat([s[k] for s in shards])
+        for k in shards[0]
+    }
 
 
 def assert_identical(a, b, what):
@@ -119,10 +139,17 @@ def test_sharded_runs_merge_to_the_unsharded_metrics_exactly(make_cfg, tmp_path)
     small = ["logger=none", f"evaluator.n_samples={N}", "evaluator.chunk_size=3"]
     whole = run(make_cfg([*small, "evaluator.batch_size=8"], name="whole"))
     other_batches = run(make_cfg([*small, "evaluator.batch_size=3"], name="whole_b3"))
-    assert (other_batches["fid"], other_batches["inception_score"]) == (whole["fid"], whole["inception_score"])
+    assert (other_batches["fid"], other_batches["inception_score"]) == (
+        whole["fid"],
+        whole["inception_score"],
+    )
     for k in range(2):
-        run(make_cfg([*small, "evaluator.batch_size=3", "evaluator.num_shards=2",
-                      f"evaluator.shard_index={k}"], name=f"sweep/shard{k}"))
+        run(
+            make_cfg(
+                [*small, "evaluator.batch_size=3", "evaluator.num_shards=2", f"evaluator.shard_index={k}"],
+                name=f"sweep/shard{k}",
+            )
+        )
     [merged_dir] = merge_sweep(tmp_path / "sweep")
     merged = json.loads((merged_dir / "metrics.json").read_text())
     assert (merged["fid"], merged["inception_score"]) == (whole["fid"], whole["inception_score"])
@@ -147,8 +174,15 @@ def test_fid_does_not_depend_on_how_the_features_arrive():
 def test_progress_is_only_replayed_by_the_configuration_that_made_it(make_cfg, caplog):
     """W8A8 then W4A4 in the same run folder: the second job samples afresh (and says so) and
     reports what a W4A4 job in a fresh folder reports, not the W8A8 numbers."""
-    small = ["logger=none", "evaluator.n_samples=8", "evaluator.batch_size=4", "method=ptq_minmax",
-             "method.calib.n_samples=4", "method.calib.step_stride=5", "method.act_init_rows=32"]
+    small = [
+        "logger=none",
+        "evaluator.n_samples=8",
+        "evaluator.batch_size=4",
+        "method=ptq_minmax",
+        "method.calib.n_samples=4",
+        "method.calib.step_stride=5",
+        "method.act_init_rows=32",
+    ]
     w8a8 = run(make_cfg([*small, "quant=w8a8"], name="reused"))
     with caplog.at_level(logging.WARNING, logger="diffquant"):
         w4a4 = run(make_cfg([*small, "quant=w4a4"], name="reused"))

@@ -29,14 +29,14 @@ import yaml
 from conftest import CONF, ROOT
 from diffquant.calib import CalibSettings, ReconSettings, collect_calibration, reconstruct
 from diffquant.calib.collect import CalibStream, calib_cache_key
-from diffquant.calib.ranges import RunningStat, calibrate_act_ranges, observing_act_ranges
+from diffquant.calib.ranges import RunningStat, calibrate_act_ranges
 from diffquant.calib.reconstruct import lp_loss
 from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq, method_quant
 from diffquant.methods.result_cache import run_method
 from diffquant.quant import QuantConfig, quantize_denoiser
 from diffquant.quant.checkpoint import quantizer_state_dict
-from diffquant.quant.quantizers import ActQuantizer, WeightQuantizer, range_to_qparams
+from diffquant.quant.quantizers import ActQuantizer, range_to_qparams
 from diffquant.quant.state import iter_quantizers
 from diffquant.registry import METHODS
 from diffquant.schema import typed_run_config
@@ -61,8 +61,9 @@ def stream(cache) -> CalibStream:
 
 
 # ============================================================================ 1. calibration steps
-@pytest.mark.parametrize("nsteps,cali_st", [(200, 20), (500, 20), (400, 20), (20, 20), (51, 25),
-                                            (50, 25), (7, 3), (100, 1)])
+@pytest.mark.parametrize(
+    "nsteps,cali_st", [(200, 20), (500, 20), (400, 20), (20, 20), (51, 25), (50, 25), (7, 3), (100, 1)]
+)
 def test_n_steps_is_qdiffusion_get_train_samples(nsteps, cali_st):
     """q-diffusion qdiff/utils.py:335: ``timesteps = list(range(0, nsteps, nsteps//num_st))``."""
     s = CalibSettings(n_steps=cali_st)
@@ -86,8 +87,9 @@ def test_n_steps_records_the_same_rows_as_the_stride_it_selects(stream, cache, m
     model = TinyDiffusion()
     by_count = dataclasses.replace(CALIB, n_steps=3, step_stride=5)
     assert calib_cache_key(model, by_count) == calib_cache_key(model, CALIB)
-    monkeypatch.setattr(TinyDiffusion, "sample_latents",
-                        lambda *a, **k: pytest.fail("calibration data was recomputed"))
+    monkeypatch.setattr(
+        TinyDiffusion, "sample_latents", lambda *a, **k: pytest.fail("calibration data was recomputed")
+    )
     assert collect_calibration(model, by_count, cache).path == stream.path
     assert stream.index["steps"] == [0, 2, 4]
 
@@ -109,8 +111,7 @@ def test_reference_order_is_step_major_conditional_first(stream):
 
 
 def test_reference_order_does_not_depend_on_the_sampling_batch(stream, tmp_path):
-    other = collect_calibration(TinyDiffusion(), dataclasses.replace(CALIB, batch_size=5),
-                                tmp_path)
+    other = collect_calibration(TinyDiffusion(), dataclasses.replace(CALIB, batch_size=5), tmp_path)
     a = next(stream.ordered_batches(1000, stream.reference_order(), with_step=True))
     b = next(other.ordered_batches(1000, other.reference_order(), with_step=True))
     assert set(a) == set(b)
@@ -147,7 +148,11 @@ def test_ordered_batches_keep_any_order_across_shards(stream):
 
 # ============================================================================ 2. running statistics
 BATCHES = [  # (min, max) of each batch; the first one is the initial batch
-    (-1.0, 2.0), (-1.0, 2.0), (-3.0, 1.0), (-2.0, 4.0)]
+    (-1.0, 2.0),
+    (-1.0, 2.0),
+    (-3.0, 1.0),
+    (-2.0, 4.0),
+]
 
 
 def _batch(lo: float, hi: float) -> torch.Tensor:
@@ -215,18 +220,26 @@ def test_running_stat_over_the_denoiser_follows_the_given_rows(stream):
     quantize_denoiser(model.denoiser, model.spec, W4A8)
     seen: list[torch.Tensor] = []
     hook = model.denoiser.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["sample"].clone()), with_kwargs=True)
+        lambda m, a, kw: seen.append(kw["sample"].clone()), with_kwargs=True
+    )
     order = stream.reference_order()
     try:
-        calibrate_act_ranges(model.denoiser, stream, method="minmax", batch_size=4,
-                             rows=order[:4], quantized=True,
-                             running=RunningStat(order, batch_size=5, momentum=0.95))
+        calibrate_act_ranges(
+            model.denoiser,
+            stream,
+            method="minmax",
+            batch_size=4,
+            rows=order[:4],
+            quantized=True,
+            running=RunningStat(order, batch_size=5, momentum=0.95),
+        )
     finally:
         hook.remove()
     every = next(stream.ordered_batches(1000, order))["sample"]
     assert [len(s) for s in seen] == [4] + [5] * (len(stream) // 5)
-    assert torch.equal(seen[0], every[:4]) and torch.equal(torch.cat(seen[1:]),
-                                                            every[: 5 * (len(stream) // 5)])
+    assert torch.equal(seen[0], every[:4]) and torch.equal(
+        torch.cat(seen[1:]), every[: 5 * (len(stream) // 5)]
+    )
 
 
 # ============================================================================ 5. loss axis
@@ -238,8 +251,9 @@ def test_loss_axis_dim1_is_the_reference_sum_over_dim1():
     err = (a - b).abs().pow(2.4)
     assert torch.allclose(lp_loss(a, b, 2.4, "dim1"), err.sum(1).mean())
     assert torch.allclose(lp_loss(a, b, 2.4, "channels"), err.sum(2).mean())
-    assert torch.allclose(lp_loss(a, b, 2.4, "dim1") / lp_loss(a, b, 2.4, "channels"),
-                          torch.tensor(7 / 5))  # a constant factor L / C
+    assert torch.allclose(
+        lp_loss(a, b, 2.4, "dim1") / lp_loss(a, b, 2.4, "channels"), torch.tensor(7 / 5)
+    )  # a constant factor L / C
     a4, b4 = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     assert torch.equal(lp_loss(a4, b4, 2.0, "dim1"), lp_loss(a4, b4, 2.0, "channels"))
     with pytest.raises(InvalidSetting, match="loss_axis"):
@@ -269,8 +283,7 @@ def test_two_pass_order_equals_unit_by_unit(stream):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_after_weights_init_runs_on_the_hardened_network_from_the_first_rows(stream, tmp_path,
-                                                                            monkeypatch):
+def test_after_weights_init_runs_on_the_hardened_network_from_the_first_rows(stream, tmp_path, monkeypatch):
     import diffquant.methods.ptq as ptq_module
 
     calls = []
@@ -283,11 +296,13 @@ def test_after_weights_init_runs_on_the_hardened_network_from_the_first_rows(str
 
     monkeypatch.setattr(ptq_module, "calibrate_act_ranges", spy)
     model = TinyDiffusion()
-    cfg = PTQConfig(calib=CALIB, recon=RECON, act_init_stage="after_weights",
-                    act_init_select="first", act_init_rows=5)
+    cfg = PTQConfig(
+        calib=CALIB, recon=RECON, act_init_stage="after_weights", act_init_select="first", act_init_rows=5
+    )
     quant = dataclasses.replace(W4A8, act_running_stat=True)
-    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=stream.path.parent.parent,
-                     device=torch.device("cpu"))
+    ctx = RunContext(
+        run_dir=tmp_path / "run", cache_dir=stream.path.parent.parent, device=torch.device("cpu")
+    )
     result = run_method(METHODS.get("ptq")(), model, quant, cfg, ctx)
     (call,) = calls
     assert call["rounding"] == {"hard"}  # after every unit's AdaRound stage
@@ -303,11 +318,16 @@ def test_after_weights_init_runs_on_the_hardened_network_from_the_first_rows(str
 # ============================================================================ 3. quant overrides
 def test_quant_overrides_apply_to_the_ptq_row_only(stream, tmp_path):
     overrides = {"act_per_channel": False, "first_last_act_bits": None, "minmax_act_roles": []}
-    cfg = PTQConfig(calib=CALIB, recon=dataclasses.replace(RECON, weight_iters=0, act_iters=0),
-                    act_init_rows=12, quant_overrides=overrides)
+    cfg = PTQConfig(
+        calib=CALIB,
+        recon=dataclasses.replace(RECON, weight_iters=0, act_iters=0),
+        act_init_rows=12,
+        quant_overrides=overrides,
+    )
     w4a4 = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
-    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=stream.path.parent.parent,
-                     device=torch.device("cpu"))
+    ctx = RunContext(
+        run_dir=tmp_path / "run", cache_dir=stream.path.parent.parent, device=torch.device("cpu")
+    )
     row = TinyDiffusion()
     result = run_method(METHODS.get("ptq")(), row, w4a4, cfg, ctx)
     assert result.quant == dataclasses.replace(w4a4, **overrides)
@@ -323,8 +343,9 @@ def test_quant_overrides_apply_to_the_ptq_row_only(stream, tmp_path):
     assert acts["down_blocks.0.resnets.0.conv1.input_quantizer"].per_channel
 
 
-@pytest.mark.parametrize("overrides,match", [({"act_bits": 8}, "bit-widths"),
-                                             ({"act_per_chanel": False}, "not a QuantConfig")])
+@pytest.mark.parametrize(
+    "overrides,match", [({"act_bits": 8}, "bit-widths"), ({"act_per_chanel": False}, "not a QuantConfig")]
+)
 def test_quant_overrides_are_validated(overrides, match, make_cfg):
     with pytest.raises(InvalidSetting, match=match):
         PTQConfig(quant_overrides=overrides)
@@ -436,8 +457,10 @@ def resolve(run: Any, key: str) -> Any:
     if head == "derived":
         steps = run.method.calib.recorded_steps(sampler_calls(run.model))
         guided = run.model.guidance_scale != 1.0
-        values = {"calib_steps": len(steps),
-                  "calib_rows": run.method.calib.n_samples * len(steps) * (2 if guided else 1)}
+        values = {
+            "calib_steps": len(steps),
+            "calib_rows": run.method.calib.n_samples * len(steps) * (2 if guided else 1),
+        }
         return values[rest]
     node: Any = method_quant(run.quant, run.method) if head == "quant" else getattr(run, head)
     for part in rest.split("."):
@@ -457,8 +480,9 @@ def test_ledger_values_are_the_composed_config(experiment, method, make_cfg):
         for key, text in ROW_KEY.findall(row[3]):
             want = yaml.safe_load(text)
             got = resolve(run, key)
-            assert got == want, (f"FIDELITY.md {experiment} · {method}, '{row[0]}': {key}={text}, "
-                                 f"but the config has {got!r}")
+            assert got == want, (
+                f"FIDELITY.md {experiment} · {method}, '{row[0]}': {key}={text}, but the config has {got!r}"
+            )
             checked += 1
     assert checked >= 20, f"{experiment} · {method}: only {checked} values checked"
 
@@ -472,16 +496,28 @@ def test_pending_sections_are_only_other_methods():
 
 # ============================================================================ 10. end to end
 def _tiny_model(model: str, root: Path) -> list[str]:
-    from tiny_components import (TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder,
-                                 write_sd_folder)
+    from tiny_components import (
+        TINY_CHURCH_UNET,
+        write_class_context_folder,
+        write_ldm_folder,
+        write_sd_folder,
+    )
 
     folder = root / model
     if model == "sd_v1_4":
         from diffusers import PNDMScheduler
 
-        write_sd_folder(folder, PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                              beta_end=0.012, skip_prk_steps=True,
-                                              set_alpha_to_one=False, steps_offset=1))
+        write_sd_folder(
+            folder,
+            PNDMScheduler(
+                beta_schedule="scaled_linear",
+                beta_start=0.00085,
+                beta_end=0.012,
+                skip_prk_steps=True,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            ),
+        )
         prompts = root / "captions.txt"
         prompts.write_text("a handwritten seven\nthe digit 1\n")
         return [f"model.pretrained={folder}", f"model.prompts={prompts}", "model.image_size=16"]
@@ -503,10 +539,20 @@ FAST_E2E = ("quest_imagenet", "quest_sd", "embedded_digits")
 E2E = [pytest.param(e, marks=() if e in FAST_E2E else pytest.mark.slow) for e in experiments()]
 
 
-TINY = ["logger=none", "evaluator=digits", "evaluator.reference=digits_heldout",
-        "evaluator.n_samples=4", "evaluator.batch_size=4", "evaluator.grid_size=0",
-        "method.calib.n_samples=2", "method.calib.batch_size=2", "method.recon.weight_iters=2",
-        "method.recon.act_iters=2", "method.recon.batch_size=4", "method.recon.capture_batch_size=64"]
+TINY = [
+    "logger=none",
+    "evaluator=digits",
+    "evaluator.reference=digits_heldout",
+    "evaluator.n_samples=4",
+    "evaluator.batch_size=4",
+    "evaluator.grid_size=0",
+    "method.calib.n_samples=2",
+    "method.calib.batch_size=2",
+    "method.recon.weight_iters=2",
+    "method.recon.act_iters=2",
+    "method.recon.batch_size=4",
+    "method.recon.capture_batch_size=64",
+]
 
 
 @pytest.mark.parametrize("experiment", E2E)

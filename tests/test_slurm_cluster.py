@@ -17,18 +17,31 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ on sys.path (pytest's default rootdir-relative import)
-    from slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
-                               release_requeued, uninterrupted_metrics, wait_for_file,
-                               wait_for_glob)
+    from slurm_cluster import (
+        REPO_ROOT,
+        START_SCRIPT,
+        default_partition,
+        job_state,
+        release_requeued,
+        uninterrupted_metrics,
+        wait_for_file,
+        wait_for_glob,
+    )
 except ImportError:  # tests/ as a package
-    from tests.slurm_cluster import (REPO_ROOT, START_SCRIPT, default_partition, job_state,
-                                     release_requeued, uninterrupted_metrics, wait_for_file,
-                                     wait_for_glob)
+    from tests.slurm_cluster import (
+        REPO_ROOT,
+        START_SCRIPT,
+        default_partition,
+        job_state,
+        release_requeued,
+        uninterrupted_metrics,
+        wait_for_file,
+        wait_for_glob,
+    )
 
 pytestmark = pytest.mark.slurm
 
 JOB_TIMEOUT_S = 60
-
 
 
 @pytest.fixture
@@ -64,8 +77,13 @@ SMALL = ["--cpus-per-task=1", "--mem=500M", "--time=5", "--gres=none"]
 
 def test_sbatch_wrap_runs_python(cluster: dict[str, str], partition: str, tmp_path: Path) -> None:
     out = tmp_path / "wrap.out"
-    cmd = f"{sys.executable} -c 'import os; print(\"answer\", 6 * 7, os.environ[\"SLURM_JOB_ID\"])' && echo DONE"
-    job_id = _sbatch([f"--partition={partition}", *SMALL, f"--output={out}", "--job-name=dq-wrap", f"--wrap={cmd}"], tmp_path)
+    cmd = (
+        f'{sys.executable} -c \'import os; print("answer", 6 * 7, os.environ["SLURM_JOB_ID"])\' && echo DONE'
+    )
+    job_id = _sbatch(
+        [f"--partition={partition}", *SMALL, f"--output={out}", "--job-name=dq-wrap", f"--wrap={cmd}"],
+        tmp_path,
+    )
     text = wait_for_file(out, "DONE", JOB_TIMEOUT_S)
     assert f"answer 42 {job_id}" in text
 
@@ -140,8 +158,15 @@ def test_sweep_array_sbatch(cluster: dict[str, str], partition: str, tmp_path: P
     grid = tmp_path / "grid.txt"
     grid.write_text("# quant x seed\n\nquant=w8a8 seed=0\nquant=w4a8 seed=1 'model.prompt=\"a red cube\"'\n")
     job_id = _sbatch(
-        [f"--partition={partition}", *SMALL, "--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out",
-         str(REPO_ROOT / "slurm" / "sweep_array.sbatch"), "grid.txt", "+common=1"],
+        [
+            f"--partition={partition}",
+            *SMALL,
+            "--array=0-1",
+            f"--output={tmp_path}/slurm-%A_%a.out",
+            str(REPO_ROOT / "slurm" / "sweep_array.sbatch"),
+            "grid.txt",
+            "+common=1",
+        ],
         tmp_path,
         env=_script_env(tmp_path),
     )
@@ -174,8 +199,9 @@ sys.exit(75)  # what run.py does after SIGUSR2
 """
 
 
-def test_sweep_array_sbatch_requeues_a_task_that_exits_75(cluster: dict[str, str], partition: str,
-                                                          tmp_path: Path) -> None:
+def test_sweep_array_sbatch_requeues_a_task_that_exits_75(
+    cluster: dict[str, str], partition: str, tmp_path: Path
+) -> None:
     """An array task whose run.py exits 75 is requeued by the script (same task, same folder),
     at most DIFFQUANT_MAX_REQUEUES times; after that the status is passed on."""
     if not Path(sys.prefix, "bin", "activate").is_file():
@@ -183,8 +209,18 @@ def test_sweep_array_sbatch_requeues_a_task_that_exits_75(cluster: dict[str, str
     (tmp_path / "run.py").write_text(STOPPING_RUN_PY)
     (tmp_path / "grid.txt").write_text("seed=0\n")
     env = {**_script_env(tmp_path), "DIFFQUANT_MAX_REQUEUES": "1"}
-    job_id = _sbatch([f"--partition={partition}", *SMALL, "--array=0", f"--output={tmp_path}/slurm-%A_%a.out",
-                      str(REPO_ROOT / "slurm" / "sweep_array.sbatch"), "grid.txt"], tmp_path, env=env)
+    job_id = _sbatch(
+        [
+            f"--partition={partition}",
+            *SMALL,
+            "--array=0",
+            f"--output={tmp_path}/slurm-%A_%a.out",
+            str(REPO_ROOT / "slurm" / "sweep_array.sbatch"),
+            "grid.txt",
+        ],
+        tmp_path,
+        env=env,
+    )
     task = f"{job_id}_0"
     try:
         runs = wait_for_glob(tmp_path / "sweeps" / "grid", "0_*/runs.txt", 60)[0]
@@ -206,8 +242,14 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
         pytest.skip("tests are not running from a virtual environment")
     (tmp_path / "run.py").write_text(FAKE_RUN_PY)
     job_id = _sbatch(
-        [f"--partition={partition}", *SMALL, f"--output={tmp_path}/one-%j.out",
-         str(REPO_ROOT / "slurm" / "run_one.sbatch"), "quant=w8a8", "seed=3"],
+        [
+            f"--partition={partition}",
+            *SMALL,
+            f"--output={tmp_path}/one-%j.out",
+            str(REPO_ROOT / "slurm" / "run_one.sbatch"),
+            "quant=w8a8",
+            "seed=3",
+        ],
         tmp_path,
         env=_script_env(tmp_path),
     )
@@ -237,12 +279,26 @@ def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, part
     if not Path(sys.prefix, "bin", "activate").is_file():
         pytest.skip("tests are not running from a virtual environment")
     run_dir = tmp_path / "run"
-    env = {**_script_env(tmp_path), "DIFFQUANT_RUN_DIR": str(run_dir), "DIFFQUANT_STOP_GRACE_S": "60",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **_script_env(tmp_path),
+        "DIFFQUANT_RUN_DIR": str(run_dir),
+        "DIFFQUANT_STOP_GRACE_S": "60",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     log = tmp_path / "slurm.out"
-    job_id = _sbatch([f"--partition={partition}", *SMALL, "--mem=2G", f"--output={log}",
-                      str(REPO_ROOT / "slurm" / "run_one.sbatch"), *TINY, f"paths.cache_dir={tmp_path}/cache"],
-                     REPO_ROOT, env=env)
+    job_id = _sbatch(
+        [
+            f"--partition={partition}",
+            *SMALL,
+            "--mem=2G",
+            f"--output={log}",
+            str(REPO_ROOT / "slurm" / "run_one.sbatch"),
+            *TINY,
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        REPO_ROOT,
+        env=env,
+    )
     try:
         wait_for_glob(run_dir, "progress/batch_*.pt", 300)
         if how == "usr2":
@@ -255,7 +311,9 @@ def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, part
         wait_for_file(run_dir / "metrics.json", "fid", 300)
     finally:
         subprocess.run(["scancel", job_id], check=False)
-    assert (stopped["signal"], stopped["exit_code"]) == (("SIGUSR2", 75) if how == "usr2" else ("SIGTERM", 143))
+    assert (stopped["signal"], stopped["exit_code"]) == (
+        ("SIGUSR2", 75) if how == "usr2" else ("SIGTERM", 143)
+    )
     assert (stopped["step"], stopped["safe_point"], stopped["handler"]) == ("sample", True, "diffquant")
     assert stopped["where"] == f"sampling: {len(saved)} of 8 batches done" and 1 <= len(saved) < 8
     assert stopped["slurm_job_id"] == job_id and stopped["slurm_restart_count"] == 0
@@ -278,9 +336,13 @@ def test_run_one_sbatch_stops_gracefully_and_resumes_after_requeue(cluster, part
 def test_start_script_is_idempotent(cluster: dict[str, str]) -> None:
     """A second start finds the running cluster and returns quickly with an eval-able line."""
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(START_SCRIPT)] + ([str(Path(cluster["SLURM_CONF"]).parent)]
-                          if "SLURM_CONF" in cluster else []),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(START_SCRIPT)]
+        + ([str(Path(cluster["SLURM_CONF"]).parent)] if "SLURM_CONF" in cluster else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("export SLURM_CONF=") or last.startswith("#")

@@ -47,16 +47,24 @@ def watcher(*job_ids: str) -> QueueWatcher:
 
 
 def test_states_come_from_squeue_where_sacct_fails(fake_slurm, monkeypatch):
-    monkeypatch.setenv("FAKE_SQUEUE_OUT", "41_0|RUNNING|vm\\n41_1|CANCELLED|vm\\n41_[2-3%1]|PENDING|\\n"
-                                          "41_4|SUSPENDED|vm\\n")
+    monkeypatch.setenv(
+        "FAKE_SQUEUE_OUT", "41_0|RUNNING|vm\\n41_1|CANCELLED|vm\\n41_[2-3%1]|PENDING|\\n41_4|SUSPENDED|vm\\n"
+    )
     w = watcher("41_0", "41_1", "41_2", "41_3", "41_4", "41_5", "42")
     w.update()
     calls = fake_slurm()
     assert calls[0].split("/")[-1].startswith("sacct ")
     assert calls[1].endswith("squeue --noheader --states=all --format=%i|%T|%N --jobs=41,42")
     states = {j: w.get_state(j, mode="cache") for j in sorted(w._registered)}
-    assert states == {"41_0": "RUNNING", "41_1": "CANCELLED", "41_2": "PENDING", "41_3": "PENDING",
-                      "41_4": "SUSPENDED", "41_5": NOT_IN_QUEUE, "42": NOT_IN_QUEUE}
+    assert states == {
+        "41_0": "RUNNING",
+        "41_1": "CANCELLED",
+        "41_2": "PENDING",
+        "41_3": "PENDING",
+        "41_4": "SUSPENDED",
+        "41_5": NOT_IN_QUEUE,
+        "42": NOT_IN_QUEUE,
+    }
     done = {j for j in states if w.is_done(j, mode="cache")}
     assert done == {"41_1", "41_5", "42"}  # suspended and pending tasks are still waited for
     assert w._finished == done
@@ -81,7 +89,9 @@ def test_when_squeue_fails_too_the_state_stays_unknown(fake_slurm, monkeypatch):
 def test_a_working_sacct_is_used_as_submitit_uses_it(fake_slurm, monkeypatch):
     monkeypatch.setenv("FAKE_SACCT_RC", "0")
     monkeypatch.setenv("FAKE_SACCT_ERR", "")
-    monkeypatch.setenv("FAKE_SACCT_OUT", "JobID|State|NodeList\\n43|CANCELLED by 0|vm\\n43.batch|CANCELLED|vm\\n")
+    monkeypatch.setenv(
+        "FAKE_SACCT_OUT", "JobID|State|NodeList\\n43|CANCELLED by 0|vm\\n43.batch|CANCELLED|vm\\n"
+    )
     w = watcher("43")
     w.update()
     assert [c.split("/")[-1].split()[0] for c in fake_slurm()] == ["sacct"]  # squeue not asked
@@ -91,7 +101,11 @@ def test_a_working_sacct_is_used_as_submitit_uses_it(fake_slurm, monkeypatch):
 def test_parse_queue_expands_pending_array_ranges():
     info = parse_queue("5_[1-2%2]|PENDING|\n5_0|COMPLETED|vm\n", {"5_0", "5_1", "5_2", "5_3"})
     assert {k: v["State"] for k, v in info.items()} == {
-        "5_0": "COMPLETED", "5_1": "PENDING", "5_2": "PENDING", "5_3": NOT_IN_QUEUE}
+        "5_0": "COMPLETED",
+        "5_1": "PENDING",
+        "5_2": "PENDING",
+        "5_3": NOT_IN_QUEUE,
+    }
 
 
 class FakeJob:
@@ -111,14 +125,18 @@ def test_a_task_without_a_result_becomes_a_failed_job_naming_it():
     assert ret.status == JobStatus.FAILED and ret.overrides == overrides
     with pytest.raises(SlurmTaskError) as err:
         ret.return_value  # what Hydra's sweeper reads: it then exits non-zero
-    assert str(err.value).startswith("SLURM task 12_1 (job #1: seed=1 quant=w4a8) ended without a "
-                                     "result (state CANCELLED). What it finished is on disk")
+    assert str(err.value).startswith(
+        "SLURM task 12_1 (job #1: seed=1 quant=w4a8) ended without a "
+        "result (state CANCELLED). What it finished is on disk"
+    )
     assert "has not produced any output" in str(err.value)
     gone = collect(FakeJob(UncompletedJobError("no output"), NOT_IN_QUEUE), overrides, 1)
     with pytest.raises(SlurmTaskError, match="NOT_IN_QUEUE: slurmctld no longer lists it"):
         gone.return_value
     failed = collect(FakeJob(RuntimeError("submitit FailedJobError: boom")), overrides, 1)
-    with pytest.raises(SlurmTaskError, match=r"SLURM task 12_1 \(job #1: seed=1 quant=w4a8\) failed:\n.*boom"):
+    with pytest.raises(
+        SlurmTaskError, match=r"SLURM task 12_1 \(job #1: seed=1 quant=w4a8\) failed:\n.*boom"
+    ):
         failed.return_value
 
 

@@ -17,11 +17,23 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from diffquant.stopping import (EXIT_REQUEUE, STOP_FILE, Stopped, check_stop, current_stop,
-                                graceful_stop, read_stop)
+from diffquant.stopping import (
+    EXIT_REQUEUE,
+    STOP_FILE,
+    Stopped,
+    check_stop,
+    current_stop,
+    graceful_stop,
+    read_stop,
+)
 
-TINY = ["model.num_inference_steps=5", "evaluator.n_samples=8", "evaluator.batch_size=2",
-        "evaluator.chunk_size=2", "logger=none"]
+TINY = [
+    "model.num_inference_steps=5",
+    "evaluator.n_samples=8",
+    "evaluator.batch_size=2",
+    "evaluator.chunk_size=2",
+    "logger=none",
+]
 
 
 def _signal_self(sig: int) -> None:
@@ -100,8 +112,10 @@ class Framework:
 @pytest.fixture
 def framework():
     fw = Framework()
-    before = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, fw.bypass),
-                                                   (signal.SIGUSR2, fw.checkpoint_and_try_requeue))}
+    before = {
+        s: signal.signal(s, h)
+        for s, h in ((signal.SIGTERM, fw.bypass), (signal.SIGUSR2, fw.checkpoint_and_try_requeue))
+    }
     yield fw
     for s, h in before.items():
         signal.signal(s, h)
@@ -185,8 +199,13 @@ def test_stopped_run_records_and_resumes_to_the_same_metrics(make_cfg, monkeypat
 
 
 def test_stop_between_reconstruction_units_keeps_the_saved_units(tmp_path, one_thread):
-    from diffquant.calib import (CalibSettings, ReconSettings, calibrate_act_ranges,
-                                 collect_calibration, reconstruct)
+    from diffquant.calib import (
+        CalibSettings,
+        ReconSettings,
+        calibrate_act_ranges,
+        collect_calibration,
+        reconstruct,
+    )
     from diffquant.quant import QuantConfig, quantize_denoiser
     from tiny_models import TinyDiffusion
 
@@ -199,8 +218,9 @@ def test_stop_between_reconstruction_units_keeps_the_saved_units(tmp_path, one_t
         model = TinyDiffusion()
         quantize_denoiser(model.denoiser, model.spec, w4a8, timesteps=model.timesteps)
         calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=16, batch_size=8)
-        return model, reconstruct(model.denoiser, model.spec, stream, recon,
-                                  progress_dir=progress_dir, on_unit_done=on_unit_done)
+        return model, reconstruct(
+            model.denoiser, model.spec, stream, recon, progress_dir=progress_dir, on_unit_done=on_unit_done
+        )
 
     def signal_after_unit_3(i, report):
         if i == 2:
@@ -220,14 +240,24 @@ def test_cli_run_exits_75_on_sigusr2(tmp_path):
     """``python run.py`` (Hydra's main): SIGUSR2 mid-sampling ends the process with status 75 after
     the batch in progress (resuming is the in-process test above, and tests/test_slurm_*.py)."""
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "run.py"), *TINY, "evaluator.batch_size=1",
-            "evaluator.n_samples=16",  # enough batches left to signal one mid-way
-            f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/cache"]
-    env = {**os.environ, "WANDB_MODE": "offline",
-           "DIFFQUANT_STOP_GRACE_S": "120",  # a batch may take long on a loaded machine
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *TINY,
+        "evaluator.batch_size=1",
+        "evaluator.n_samples=16",  # enough batches left to signal one mid-way
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "DIFFQUANT_STOP_GRACE_S": "120",  # a batch may take long on a loaded machine
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((run_dir / "progress").glob("batch_*.pt")):

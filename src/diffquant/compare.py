@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 IGNORED_SUFFIXES = ("_s", "_mb")
 IGNORED_KEYS = ("config_hash",)
@@ -47,9 +48,14 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             cells += [repr(ma.get(m)), repr(mb.get(m))]
             status |= int(ma.get(m) != mb.get(m))
         print(f"| {job} | " + " | ".join(cells) + " |")
-        other = {k: (ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))
-                 if k not in names and k not in IGNORED_KEYS and not k.endswith(IGNORED_SUFFIXES)
-                 and ma.get(k) != mb.get(k)}
+        other = {
+            k: (ma.get(k), mb.get(k))
+            for k in sorted(set(ma) | set(mb))
+            if k not in names
+            and k not in IGNORED_KEYS
+            and not k.endswith(IGNORED_SUFFIXES)
+            and ma.get(k) != mb.get(k)
+        }
         if other:
             notes.append(f"{job}: other keys differ: {other}")
     for line in notes:

@@ -30,24 +30,37 @@ import contextlib
 import logging
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 from submitit.core.utils import UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
+
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 log = logging.getLogger(__name__)
 
 NOT_IN_QUEUE = "NOT_IN_QUEUE"
 # States in which a job is still in the queue although submitit's list of unfinished states
 # ("READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED") lacks them.
-STILL_QUEUED = frozenset({"CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED",
-                          "STOPPED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD",
-                          "SPECIAL_EXIT"})
+STILL_QUEUED = frozenset(
+    {
+        "CONFIGURING",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "SUSPENDED",
+        "STOPPED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESV_DEL_HOLD",
+        "SPECIAL_EXIT",
+    }
+)
 
 
 class SlurmTaskError(RuntimeError):
@@ -83,19 +96,29 @@ class QueueWatcher(SlurmInfoWatcher):
         detail = getattr(sacct_error, "stderr", None) or b""
         detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
         if not QueueWatcher._told:
-            log.info("sacct failed (%s): job states come from squeue",
-                     detail.strip().splitlines()[-1] if detail.strip() else sacct_error)
+            log.info(
+                "sacct failed (%s): job states come from squeue",
+                detail.strip().splitlines()[-1] if detail.strip() else sacct_error,
+            )
             QueueWatcher._told = True
-        command = ["squeue", "--noheader", "--states=all", "--format=%i|%T|%N",
-                   f"--jobs={','.join(main_ids)}"]
+        command = [
+            "squeue",
+            "--noheader",
+            "--states=all",
+            "--format=%i|%T|%N",
+            f"--jobs={','.join(main_ids)}",
+        ]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as err:
             log.warning("squeue failed too (%s): job states unknown for now", err)
             return {}
         if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-            log.warning("squeue failed too (exit %d: %s): job states unknown for now",
-                        proc.returncode, proc.stderr.strip())
+            log.warning(
+                "squeue failed too (exit %d: %s): job states unknown for now",
+                proc.returncode,
+                proc.stderr.strip(),
+            )
             return {}
         return parse_queue(proc.stdout, pending)
 
@@ -128,8 +151,9 @@ def queue_watcher() -> Iterator[QueueWatcher]:
         SlurmJob.watcher = before
 
 
-def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
-           ) -> Sequence[JobReturn]:
+def launch(
+    launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> Sequence[JobReturn]:
     """``BaseSubmititLauncher.launch`` of hydra-submitit-launcher 1.2.0 for ``launcher`` up to its
     ``map_array`` call; then the tasks are watched by :class:`QueueWatcher` and all collected."""
     import submitit
@@ -139,14 +163,19 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     params = launcher.params
     executor_name = launcher._EXECUTOR
     specific_init_keys = {"max_num_timeout"}
-    init_params = {"folder": params["submitit_folder"],
-                   **{f"{executor_name}_{k}": v for k, v in params.items()
-                      if k in specific_init_keys}}
+    init_params = {
+        "folder": params["submitit_folder"],
+        **{f"{executor_name}_{k}": v for k, v in params.items() if k in specific_init_keys},
+    }
     executor = submitit.AutoExecutor(cluster=executor_name, **init_params)
     baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{
-        k if k in baseparams else f"{executor_name}_{k}": v
-        for k, v in params.items() if k not in specific_init_keys | {"submitit_folder"}})
+    executor.update_parameters(
+        **{
+            k if k in baseparams else f"{executor_name}_{k}": v
+            for k, v in params.items()
+            if k not in specific_init_keys | {"submitit_folder"}
+        }
+    )
 
     log.info(f"Submitit '{executor_name}' sweep output dir : {launcher.config.hydra.sweep.dir}")
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
@@ -157,8 +186,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     job_params: list[Any] = []
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
-                           Singleton.get_state()))
+        job_params.append(
+            (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+        )
 
     with queue_watcher():
         jobs = executor.map_array(launcher, *zip(*job_params))
@@ -175,11 +205,14 @@ def collect(job: Any, overrides: list[str], idx: int) -> JobReturn:
         state = job.watcher.get_state(job.job_id, mode="cache")
         if state == NOT_IN_QUEUE:
             state += ": slurmctld no longer lists it (cancelled while pending, or ended long ago)"
-        log.error("SLURM task %s (job #%d: %s) ended without a result (state %s)",
-                  job.job_id, idx, shown, state)
-        message = (f"SLURM task {job.job_id} (job #{idx}: {shown}) ended without a result "
-                   f"(state {state}). What it finished is on disk; rerun these overrides to "
-                   f"resume.\n{err}")
+        log.error(
+            "SLURM task %s (job #%d: %s) ended without a result (state %s)", job.job_id, idx, shown, state
+        )
+        message = (
+            f"SLURM task {job.job_id} (job #{idx}: {shown}) ended without a result "
+            f"(state {state}). What it finished is on disk; rerun these overrides to "
+            f"resume.\n{err}"
+        )
     except Exception as err:  # noqa: BLE001 - the job's own error, as submitit reports it
         log.error("SLURM task %s (job #%d: %s) failed", job.job_id, idx, shown)
         message = f"SLURM task {job.job_id} (job #{idx}: {shown}) failed:\n{err}"

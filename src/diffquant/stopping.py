@@ -64,11 +64,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from diffquant.cache import atomic_write_json
 
@@ -99,14 +100,18 @@ def exit_code(signum: int) -> int:
 
 def _next_action(signum: int) -> str:
     if exit_code(signum) == EXIT_REQUEUE:
-        return (f"exit {EXIT_REQUEUE}: run the same command again to resume (slurm/*.sbatch "
-                "requeue the job on this exit code)")
-    return (f"exit {exit_code(signum)}: Slurm requeues the job (preemption, scontrol requeue) or "
-            "ends it (scancel, time limit); a rerun in this folder resumes")
+        return (
+            f"exit {EXIT_REQUEUE}: run the same command again to resume (slurm/*.sbatch "
+            "requeue the job on this exit code)"
+        )
+    return (
+        f"exit {exit_code(signum)}: Slurm requeues the job (preemption, scontrol requeue) or "
+        "ends it (scancel, time limit); a rerun in this folder resumes"
+    )
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _name(handler: Any) -> str:
@@ -181,8 +186,11 @@ class GracefulStop:
         if self._alarm:  # the grace period is over: stop where we are
             self._alarm = False
             if self._requests and not self._acting:
-                log.warning("no safe point within %.0fs of %s: stopping at once", self.grace_s,
-                            signal.Signals(self._requests[0].signum).name)
+                log.warning(
+                    "no safe point within %.0fs of %s: stopping at once",
+                    self.grace_s,
+                    signal.Signals(self._requests[0].signum).name,
+                )
                 self._act(frame, safe_point=False)
             return
         if self._acting:
@@ -195,10 +203,15 @@ class GracefulStop:
             self._act(frame, safe_point=False)
             return
         owner = self._previous.get(signum)
-        what = ("stopping" if owner is signal.SIG_DFL
-                else f"handing it to {_name(owner)}, which decides,")
-        log.warning("received %s during step %s (%s): %s at the next safe point (at most %.0fs)",
-                    name, self.step, self.where, what, self.grace_s)
+        what = "stopping" if owner is signal.SIG_DFL else f"handing it to {_name(owner)}, which decides,"
+        log.warning(
+            "received %s during step %s (%s): %s at the next safe point (at most %.0fs)",
+            name,
+            self.step,
+            self.where,
+            what,
+            self.grace_s,
+        )
         if self._timer is None:
             self._timer = threading.Timer(self.grace_s, self._grace_over)
             self._timer.daemon = True
@@ -232,48 +245,86 @@ class GracefulStop:
                 req = self._requests.pop(0)
                 handler = self._previous.get(req.signum, signal.SIG_DFL)
                 if handler is signal.SIG_DFL:
-                    record = self._record(req, safe_point, exit_code(req.signum), OWN_HANDLER, None,
-                                          _next_action(req.signum))
+                    record = self._record(
+                        req, safe_point, exit_code(req.signum), OWN_HANDLER, None, _next_action(req.signum)
+                    )
                     raise Stopped(record)
                 try:
                     handler(req.signum, frame)
                 except SystemExit as exc:  # sys.exit(): None is status 0, a message status 1
                     code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
-                    self._record(req, safe_point, code % 256, _name(handler), None,
-                                 f"exit {code % 256} by {_name(handler)}")
+                    self._record(
+                        req,
+                        safe_point,
+                        code % 256,
+                        _name(handler),
+                        None,
+                        f"exit {code % 256} by {_name(handler)}",
+                    )
                     raise
                 except BaseException as exc:
-                    self._record(req, safe_point, None, _name(handler),
-                                 f"{type(exc).__name__}: {exc}",
-                                 f"{_name(handler)} raised {type(exc).__name__}")
+                    self._record(
+                        req,
+                        safe_point,
+                        None,
+                        _name(handler),
+                        f"{type(exc).__name__}: {exc}",
+                        f"{_name(handler)} raised {type(exc).__name__}",
+                    )
                     raise
-                log.info("%s returned: %s ignored, the run goes on", _name(handler),
-                         signal.Signals(req.signum).name)
+                log.info(
+                    "%s returned: %s ignored, the run goes on",
+                    _name(handler),
+                    signal.Signals(req.signum).name,
+                )
             self._cancel_timer()
         finally:
             self._acting = False
 
-    def _record(self, req: _Request, safe_point: bool, code: Optional[int], handler: str,
-                error: Optional[str], next_action: str) -> dict[str, Any]:
+    def _record(
+        self,
+        req: _Request,
+        safe_point: bool,
+        code: Optional[int],
+        handler: str,
+        error: Optional[str],
+        next_action: str,
+    ) -> dict[str, Any]:
         env = os.environ
         job = env.get("SLURM_JOB_ID")
         if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
             job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         record = {
-            "format": FORMAT, "signal": signal.Signals(req.signum).name, "step": self.step,
-            "where": self.where, "safe_point": safe_point, "signal_at": req.at_iso,
-            "stopped_at": _now(), "wait_s": round(time.time() - req.at, 3), "exit_code": code,
-            "handler": handler, "error": error, "next": next_action, "host": socket.gethostname(),
-            "pid": os.getpid(), "slurm_job_id": job,
+            "format": FORMAT,
+            "signal": signal.Signals(req.signum).name,
+            "step": self.step,
+            "where": self.where,
+            "safe_point": safe_point,
+            "signal_at": req.at_iso,
+            "stopped_at": _now(),
+            "wait_s": round(time.time() - req.at, 3),
+            "exit_code": code,
+            "handler": handler,
+            "error": error,
+            "next": next_action,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": job,
             "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0) or 0),
         }
         try:
             atomic_write_json(self.run_dir / STOP_FILE, record)
         except OSError as err:  # the stop goes on without its record
             log.error("could not write %s: %s", self.run_dir / STOP_FILE, err)
-        log.warning("stopped by %s at step %s (%s)%s; %s -> %s", record["signal"], self.step,
-                    self.where, "" if safe_point else " [not at a safe point]", next_action,
-                    self.run_dir / STOP_FILE)
+        log.warning(
+            "stopped by %s at step %s (%s)%s; %s -> %s",
+            record["signal"],
+            self.step,
+            self.where,
+            "" if safe_point else " [not at a safe point]",
+            next_action,
+            self.run_dir / STOP_FILE,
+        )
         return record
 
 
@@ -303,8 +354,9 @@ def _grace_from_env() -> float:
 
 
 @contextlib.contextmanager
-def graceful_stop(run_dir: Path | str, signals: Optional[tuple[int, ...]] = None,
-                  grace_s: Optional[float] = None) -> Iterator[Optional[GracefulStop]]:
+def graceful_stop(
+    run_dir: Path | str, signals: Optional[tuple[int, ...]] = None, grace_s: Optional[float] = None
+) -> Iterator[Optional[GracefulStop]]:
     """Handle stop signals (default :func:`stop_signals`) as requests honoured at the next
     :func:`check_stop`, recording ``<run_dir>/stopped.json``; see the module doc.
 
@@ -315,9 +367,14 @@ def graceful_stop(run_dir: Path | str, signals: Optional[tuple[int, ...]] = None
     run_dir = Path(run_dir)
     previous = read_stop(run_dir)
     if previous is not None:
-        log.info("resuming after a stop: %s at step %s (%s) at %s, exit code %s",
-                 previous.get("signal"), previous.get("step"), previous.get("where"),
-                 previous.get("stopped_at"), previous.get("exit_code"))
+        log.info(
+            "resuming after a stop: %s at step %s (%s) at %s, exit code %s",
+            previous.get("signal"),
+            previous.get("step"),
+            previous.get("where"),
+            previous.get("stopped_at"),
+            previous.get("exit_code"),
+        )
         (run_dir / STOP_FILE).unlink(missing_ok=True)
     if _active is not None:  # nested: the outer block's handlers stay
         outer = (_active.run_dir, _active.step, _active.where)
@@ -330,15 +387,20 @@ def graceful_stop(run_dir: Path | str, signals: Optional[tuple[int, ...]] = None
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    ctl = GracefulStop(run_dir, tuple(signals) if signals is not None else stop_signals(),
-                       grace_s if grace_s is not None else _grace_from_env())
+    ctl = GracefulStop(
+        run_dir,
+        tuple(signals) if signals is not None else stop_signals(),
+        grace_s if grace_s is not None else _grace_from_env(),
+    )
     ctl.install()
     _active = ctl
     try:
         yield ctl
         if ctl.pending:  # the block finished before its next safe point: nothing left to stop
-            log.warning("%s came after the last safe point: the run finished first",
-                        signal.Signals(ctl._requests[0].signum).name)
+            log.warning(
+                "%s came after the last safe point: the run finished first",
+                signal.Signals(ctl._requests[0].signum).name,
+            )
     finally:
         _active = None
         ctl.restore()
@@ -364,5 +426,15 @@ def current_stop() -> Optional[GracefulStop]:
     return _active
 
 
-__all__ = ["STOP_FILE", "EXIT_REQUEUE", "Stopped", "GracefulStop", "graceful_stop", "check_stop",
-           "current_stop", "read_stop", "stop_signals", "exit_code"]
+__all__ = [
+    "STOP_FILE",
+    "EXIT_REQUEUE",
+    "Stopped",
+    "GracefulStop",
+    "graceful_stop",
+    "check_stop",
+    "current_stop",
+    "read_stop",
+    "stop_signals",
+    "exit_code",
+]

@@ -25,9 +25,10 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +76,11 @@ class CalibSettings:
         if self.n_steps is None:
             return self.step_stride
         if self.n_steps > n_sampler_steps:
-            raise InvalidSetting("n_steps", f"={self.n_steps} is more than the sampler's "
-                                 f"{n_sampler_steps} steps: use at most {n_sampler_steps}.")
+            raise InvalidSetting(
+                "n_steps",
+                f"={self.n_steps} is more than the sampler's "
+                f"{n_sampler_steps} steps: use at most {n_sampler_steps}.",
+            )
         return n_sampler_steps // self.n_steps
 
     def recorded_steps(self, n_sampler_steps: int) -> list[int]:
@@ -94,8 +98,7 @@ def denoiser_fingerprint(denoiser: nn.Module) -> str:
             if "quantizer." in name or ".adaround." in name:
                 continue
             d = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.6e}:{d.abs().sum().item():.6e};"
-                     .encode())
+            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.6e}:{d.abs().sum().item():.6e};".encode())
     return h.hexdigest()[:16]
 
 
@@ -111,15 +114,22 @@ def numerics_identity(device: torch.device | str) -> dict[str, Any]:
 def model_identity(model: Any) -> dict[str, Any]:
     """What identifies the FP model, its sampler and the numerics, for cache keys (JSON-able)."""
     sched_cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
-    return {"name": model.name, "family": model.family, "latent_shape": list(model.latent_shape),
-            "meta": model.meta, "weights": denoiser_fingerprint(model.denoiser),
-            "scheduler": {"class": type(model.scheduler).__name__, **sched_cfg},
-            "sampler": asdict(model.sampler), "timesteps": [int(t) for t in model.timesteps],
-            "numerics": numerics_identity(model.device)}
+    return {
+        "name": model.name,
+        "family": model.family,
+        "latent_shape": list(model.latent_shape),
+        "meta": model.meta,
+        "weights": denoiser_fingerprint(model.denoiser),
+        "scheduler": {"class": type(model.scheduler).__name__, **sched_cfg},
+        "sampler": asdict(model.sampler),
+        "timesteps": [int(t) for t in model.timesteps],
+        "numerics": numerics_identity(model.device),
+    }
 
 
-def calib_cache_key(model: Any, settings: CalibSettings,
-                    identity: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def calib_cache_key(
+    model: Any, settings: CalibSettings, identity: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
     s = asdict(settings)
     s.pop("batch_size")  # does not change the rows (per-sample seeding)
     s.pop("shard_rows")
@@ -145,16 +155,20 @@ class _Recorder:
         if self.step is None or self.step % self.stride:
             return
         if args:
-            raise RuntimeError("calibration recording expects the denoiser to be called with "
-                               "keyword arguments (DiffusionModel.denoiser_kwargs)")
+            raise RuntimeError(
+                "calibration recording expects the denoiser to be called with "
+                "keyword arguments (DiffusionModel.denoiser_kwargs)"
+            )
         n = self.spec.batch_size(kwargs)
         row: dict[str, Tensor] = {}
         for k, v in kwargs.items():
             if v is None:
                 continue
             if not isinstance(v, Tensor):
-                raise RuntimeError(f"denoiser argument {k!r} is a {type(v).__name__}, not a "
-                                   "tensor: a calibration row can only hold per-row tensors")
+                raise RuntimeError(
+                    f"denoiser argument {k!r} is a {type(v).__name__}, not a "
+                    "tensor: a calibration row can only hold per-row tensors"
+                )
             if v.dim() == 0 or v.shape[0] != n:
                 raise RuntimeError(f"denoiser argument {k!r} has no batch dimension of {n}")
             row[k] = v.detach().to("cpu").clone()
@@ -166,8 +180,9 @@ def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
-                        identity: Optional[dict[str, Any]] = None) -> "CalibStream":
+def collect_calibration(
+    model: Any, settings: Any, cache_dir: Path | str, *, identity: Optional[dict[str, Any]] = None
+) -> CalibStream:
     """Gather (or reuse) the calibration set of ``model`` and return a stream over it.
 
     The FP path is used even if ``model.denoiser`` is already quantized (quantization is switched
@@ -177,9 +192,13 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
     entry = CacheEntry(cache_dir, "calib", calib_cache_key(model, s, identity))
     with entry.lock():
         if not entry.done():
-            log.info("collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
-                     s.n_samples, s.stride(len(model.timesteps)), len(model.timesteps),
-                     entry.path)
+            log.info(
+                "collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
+                s.n_samples,
+                s.stride(len(model.timesteps)),
+                len(model.timesteps),
+                entry.path,
+            )
             with entry.writing() as tmp:
                 _write_shards(model, s, tmp)
     return CalibStream(entry.path)
@@ -216,12 +235,16 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
             flush()
     finally:
         handle.remove()
-    index = {"rows": sum(sh["rows"] for sh in shards), "shards": shards, "keys": keys,
-             "steps": list(range(0, len(model.timesteps), stride)),
-             "guided": bool(model.guided),
-             # how rows were written (trajectory batches x steps x [uncond; cond]): lets
-             # CalibStream.reference_order sort them independently of the batch size
-             "layout": {"n_samples": s.n_samples, "batch_size": s.batch_size}}
+    index = {
+        "rows": sum(sh["rows"] for sh in shards),
+        "shards": shards,
+        "keys": keys,
+        "steps": list(range(0, len(model.timesteps), stride)),
+        "guided": bool(model.guided),
+        # how rows were written (trajectory batches x steps x [uncond; cond]): lets
+        # CalibStream.reference_order sort them independently of the batch size
+        "layout": {"n_samples": s.n_samples, "batch_size": s.batch_size},
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -263,13 +286,14 @@ class CalibStream:
         for start in range(0, n, bs):
             ids = list(range(start, min(n, start + bs)))
             for s in steps:
-                for b in ((1, 0) if guided else (0,)):  # stored [uncond; cond]: cond sorts first
+                for b in (1, 0) if guided else (0,):  # stored [uncond; cond]: cond sorts first
                     branch += [b] * len(ids)
                     step += [s] * len(ids)
                     traj += ids
         if len(step) != self.n_rows:
-            raise RuntimeError(f"calibration set {self.path}: {self.n_rows} rows, but its layout "
-                               f"gives {len(step)}")
+            raise RuntimeError(
+                f"calibration set {self.path}: {self.n_rows} rows, but its layout gives {len(step)}"
+            )
         key = (torch.tensor(branch) * (max(steps) + 1) + torch.tensor(step)) * n + torch.tensor(traj)
         return torch.argsort(key, stable=True)
 
@@ -285,16 +309,24 @@ class CalibStream:
         recorded = torch.cat([b[STEP_KEY] for b in self.batches(4096, with_step=True)])
         if len(steps) == 1:
             if guided:
-                raise RuntimeError(f"calibration set {self.path} predates the row layout record "
-                                   "and has one recorded step: delete it to collect it again")
+                raise RuntimeError(
+                    f"calibration set {self.path} predates the row layout record "
+                    "and has one recorded step: delete it to collect it again"
+                )
             return n, n
         first = int((recorded != recorded[0]).nonzero()[0])  # rows of the first call
         return n, first // (2 if guided else 1)
 
-    def ordered_batches(self, batch_size: int, rows: Tensor, *,
-                        device: torch.device | str = "cpu", drop_last: bool = False,
-                        with_step: bool = False, cache_shards: int = 4
-                        ) -> Iterator[dict[str, Tensor]]:
+    def ordered_batches(
+        self,
+        batch_size: int,
+        rows: Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        with_step: bool = False,
+        cache_shards: int = 4,
+    ) -> Iterator[dict[str, Tensor]]:
         """Batches of ``batch_size`` rows in exactly the order of ``rows`` (global indices; any
         order, e.g. :meth:`reference_order` or a permutation). Shards are loaded on demand and
         the last ``cache_shards`` kept. ``drop_last`` drops a last, smaller batch."""
@@ -306,15 +338,16 @@ class CalibStream:
             if i in loaded:
                 loaded.move_to_end(i)
                 return loaded[i]
-            data = load_torch(self.path / self.index["shards"][i]["file"], map_location="cpu",
-                              weights_only=True)
+            data = load_torch(
+                self.path / self.index["shards"][i]["file"], map_location="cpu", weights_only=True
+            )
             loaded[i] = data
             while len(loaded) > cache_shards:
                 loaded.popitem(last=False)
             return data
 
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 return
             if chunk.numel() and (chunk.min() < 0 or chunk.max() >= self.n_rows):
@@ -331,9 +364,14 @@ class CalibStream:
             batch = {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
             yield self._out(batch, device, with_step)
 
-    def batches(self, batch_size: int, rows: Optional[Tensor] = None, *,
-                device: torch.device | str = "cpu", with_step: bool = False
-                ) -> Iterator[dict[str, Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        rows: Optional[Tensor] = None,
+        *,
+        device: torch.device | str = "cpu",
+        with_step: bool = False,
+    ) -> Iterator[dict[str, Tensor]]:
         wanted = None if rows is None else torch.as_tensor(rows).sort().values
         rest: Optional[dict[str, Tensor]] = None
         offset = 0
@@ -351,8 +389,9 @@ class CalibStream:
                 data = _cat([rest, data])
             n, start = int(data[STEP_KEY].shape[0]), 0
             while n - start >= batch_size:
-                yield self._out({k: v[start:start + batch_size] for k, v in data.items()},
-                                device, with_step)
+                yield self._out(
+                    {k: v[start : start + batch_size] for k, v in data.items()}, device, with_step
+                )
                 start += batch_size
             rest = {k: v[start:] for k, v in data.items()} if start < n else None
         if rest is not None:

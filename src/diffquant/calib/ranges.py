@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def minmax_patterns(denoiser: nn.Module, spec: "DenoiserSpec", quant_cfg: Any) -> list[str]:
+def minmax_patterns(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any) -> list[str]:
     """The quantizer-name patterns that always get ``minmax`` ranges under ``quant_cfg``: the
     input quantizers of the layers of its ``minmax_act_roles``, and its ``minmax_act_layers``."""
     layers = spec.layers(denoiser, *quant_cfg.minmax_act_roles)
@@ -52,9 +53,16 @@ class RunningStat:
 
 
 @contextmanager
-def observing_act_ranges(denoiser: nn.Module, method: str = "minmax", *, p: float = 2.4,
-                         n_candidates: int = 80, seed: int = 0, minmax_layers: Sequence[str] = (),
-                         quantize: bool = False) -> Iterator[list[tuple[str, ActQuantizer]]]:
+def observing_act_ranges(
+    denoiser: nn.Module,
+    method: str = "minmax",
+    *,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    seed: int = 0,
+    minmax_layers: Sequence[str] = (),
+    quantize: bool = False,
+) -> Iterator[list[tuple[str, ActQuantizer]]]:
     """Every activation quantizer of ``denoiser`` observes its inputs while the block runs and sets
     its Δ, z from them when the block ends (``method`` ``minmax`` or ``lp``, see
     :class:`~diffquant.quant.quantizers.ActQuantizer`); quantizers whose name matches a regular
@@ -81,12 +89,22 @@ def observing_act_ranges(denoiser: nn.Module, method: str = "minmax", *, p: floa
 
 
 @torch.no_grad()
-def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: str = "lp",
-                         n_rows: Optional[int] = 256, batch_size: int = 64, p: float = 2.4,
-                         n_candidates: int = 80, seed: int = 0,
-                         device: Optional[torch.device] = None,
-                         minmax_layers: Sequence[str] = (), rows: Optional[Tensor] = None,
-                         running: Optional[RunningStat] = None, quantized: bool = False) -> int:
+def calibrate_act_ranges(
+    denoiser: nn.Module,
+    stream: CalibStream,
+    *,
+    method: str = "lp",
+    n_rows: Optional[int] = 256,
+    batch_size: int = 64,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    seed: int = 0,
+    device: Optional[torch.device] = None,
+    minmax_layers: Sequence[str] = (),
+    rows: Optional[Tensor] = None,
+    running: Optional[RunningStat] = None,
+    quantized: bool = False,
+) -> int:
     """Set Δ, z of every activation quantizer of ``denoiser`` from calibration rows.
 
     Initial rows: ``rows`` (global indices, fed in that order) or, when None, ``n_rows`` of a
@@ -107,21 +125,35 @@ def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: st
     device = device or next(denoiser.parameters()).device
     init_rows = stream.subset(n_rows, seed) if rows is None else torch.as_tensor(rows)
     state = dict(weights=True, acts=True) if quantized else dict(weights=False)
-    with observing_act_ranges(denoiser, method, p=p, n_candidates=n_candidates, seed=seed,
-                              minmax_layers=minmax_layers, quantize=quantized) as quantizers:
+    with observing_act_ranges(
+        denoiser,
+        method,
+        p=p,
+        n_candidates=n_candidates,
+        seed=seed,
+        minmax_layers=minmax_layers,
+        quantize=quantized,
+    ) as quantizers:
         with quant_state(denoiser, **state):
-            batches = (stream.batches(batch_size, init_rows, device=device) if rows is None
-                       else stream.ordered_batches(batch_size, init_rows, device=device))
+            batches = (
+                stream.batches(batch_size, init_rows, device=device)
+                if rows is None
+                else stream.ordered_batches(batch_size, init_rows, device=device)
+            )
             for batch in batches:
                 denoiser(**batch)
             if running is not None:
                 for _, q in quantizers:
                     q.start_running(running.momentum)
-                for batch in stream.ordered_batches(running.batch_size, running.rows,
-                                                    device=device, drop_last=True):
+                for batch in stream.ordered_batches(
+                    running.batch_size, running.rows, device=device, drop_last=True
+                ):
                     denoiser(**batch)
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
-        log.warning("activation quantizers never called during calibration (left uncalibrated, "
-                    "they will fail if used): %s", ", ".join(unused[:8]))
+        log.warning(
+            "activation quantizers never called during calibration (left uncalibrated, "
+            "they will fail if used): %s",
+            ", ".join(unused[:8]),
+        )
     return len(quantizers) - len(unused)

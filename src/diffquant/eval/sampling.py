@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -60,13 +61,15 @@ class SampleGrid:
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
-            raise ValueError(f"evaluator.chunk_size={self.chunk_size} must be positive "
-                             f"(e.g. evaluator.chunk_size={DEFAULT_CHUNK_SIZE}).")
+            raise ValueError(
+                f"evaluator.chunk_size={self.chunk_size} must be positive "
+                f"(e.g. evaluator.chunk_size={DEFAULT_CHUNK_SIZE})."
+            )
         if self.total <= 0:
             raise ValueError(f"evaluator.n_samples={self.total} must be positive.")
 
     @classmethod
-    def of(cls, eval_cfg: Any) -> "SampleGrid":
+    def of(cls, eval_cfg: Any) -> SampleGrid:
         """The grid of an evaluator config (``n_samples``, ``chunk_size``)."""
         chunk = getattr(eval_cfg, "chunk_size", None)
         return cls(int(eval_cfg.n_samples), DEFAULT_CHUNK_SIZE if chunk is None else int(chunk))
@@ -74,8 +77,10 @@ class SampleGrid:
     def chunks(self, start: int, stop: int) -> list[range]:
         """The chunks that overlap ``start .. stop - 1`` (whole chunks, in order)."""
         if not 0 <= start <= stop <= self.total:
-            raise ValueError(f"samples {start}..{stop - 1} lie outside the evaluation's "
-                             f"{self.total} samples (evaluator.n_samples)")
+            raise ValueError(
+                f"samples {start}..{stop - 1} lie outside the evaluation's "
+                f"{self.total} samples (evaluator.n_samples)"
+            )
         first = start // self.chunk_size * self.chunk_size
         return [range(c, min(c + self.chunk_size, self.total)) for c in range(first, stop, self.chunk_size)]
 
@@ -88,8 +93,16 @@ def _numerics(device: torch.device) -> dict[str, Any]:
 
 def progress_tag(progress_key: Optional[str], seed: int, grid: SampleGrid, device: torch.device) -> str:
     """The tag in the names of saved batches: what must match for a batch to be replayed."""
-    return stable_hash({"key": progress_key, "seed": int(seed), "n_samples": grid.total,
-                        "chunk_size": grid.chunk_size, "numerics": _numerics(device)}, length=12)
+    return stable_hash(
+        {
+            "key": progress_key,
+            "seed": int(seed),
+            "n_samples": grid.total,
+            "chunk_size": grid.chunk_size,
+            "numerics": _numerics(device),
+        },
+        length=12,
+    )
 
 
 class _Progress:
@@ -103,13 +116,21 @@ class _Progress:
             self._warn_foreign()
 
     def _warn_foreign(self) -> None:
-        foreign = sorted(p.name for p in self.dir.glob("batch_*.pt")
-                         if (m := _BATCH_FILE.match(p.name)) and m.group(3) != self.tag)
+        foreign = sorted(
+            p.name
+            for p in self.dir.glob("batch_*.pt")
+            if (m := _BATCH_FILE.match(p.name)) and m.group(3) != self.tag
+        )
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            log.warning("%s holds %d saved sample batch(es) of another configuration or version "
-                        "(%s); they are ignored and this job samples afresh (progress tag %s)",
-                        self.dir, len(foreign), shown, self.tag)
+            log.warning(
+                "%s holds %d saved sample batch(es) of another configuration or version "
+                "(%s); they are ignored and this job samples afresh (progress tag %s)",
+                self.dir,
+                len(foreign),
+                shown,
+                self.tag,
+            )
 
     def path(self, idx: range) -> Optional[Path]:
         return None if self.dir is None else self.dir / f"batch_{idx.start:07d}_{len(idx)}_{self.tag}.pt"
@@ -143,9 +164,15 @@ def _sample_chunk(model, evaluation, chunk: range, seed: int, keep_until: int) -
     seconds = time.perf_counter() - t0
     out = evaluation.features(images, batch_size=len(chunk))
     n_keep = max(0, min(len(chunk), keep_until - chunk.start))
-    return {"range": chunk, "seconds": seconds, "features": out["features"], "logits": out["logits"],
-            "labels": list(labels), "per_sample": evaluation.per_sample(images, labels),
-            "images": (images[:n_keep].cpu() * 255).round().to(torch.uint8)}
+    return {
+        "range": chunk,
+        "seconds": seconds,
+        "features": out["features"],
+        "logits": out["logits"],
+        "labels": list(labels),
+        "per_sample": evaluation.per_sample(images, labels),
+        "images": (images[:n_keep].cpu() * 255).round().to(torch.uint8),
+    }
 
 
 def _rows(chunk_rec: dict[str, Any], idx: range) -> tuple[slice, int, int]:
@@ -166,15 +193,29 @@ def _assemble(parts: list[dict[str, Any]], idx: range, keep_until: int, seconds:
         for k, v in rec["per_sample"].items():
             per_sample.setdefault(k, []).append(v[rows])
         n_img = max(0, min(hi, keep_until) - lo)
-        images.append(rec["images"][rows.start: rows.start + n_img])
-    return {"features": torch.cat(feats), "logits": torch.cat(logits) if logits else None,
-            "labels": labels, "seconds": seconds, "images": torch.cat(images),
-            "per_sample": {k: torch.cat(v) for k, v in per_sample.items()}}
+        images.append(rec["images"][rows.start : rows.start + n_img])
+    return {
+        "features": torch.cat(feats),
+        "logits": torch.cat(logits) if logits else None,
+        "labels": labels,
+        "seconds": seconds,
+        "images": torch.cat(images),
+        "per_sample": {k: torch.cat(v) for k, v in per_sample.items()},
+    }
 
 
-def generate(model, evaluation, n: int, seed: int, batch_size: int, progress_dir: Optional[Path],
-             keep_images: int = 64, desc: str = "sampling", start: int = 0,
-             progress_key: Optional[str] = None) -> Iterator[tuple[EvalBatch, float]]:
+def generate(
+    model,
+    evaluation,
+    n: int,
+    seed: int,
+    batch_size: int,
+    progress_dir: Optional[Path],
+    keep_images: int = 64,
+    desc: str = "sampling",
+    start: int = 0,
+    progress_key: Optional[str] = None,
+) -> Iterator[tuple[EvalBatch, float]]:
     """Yield ``(batch, seconds)`` for samples ``start .. start + n`` of ``seed``, ``batch_size``
     samples a batch.
 

@@ -72,9 +72,12 @@ def check_quant_overrides(cfg: Any) -> None:
     fields = {f.name for f in dataclasses.fields(QuantConfig)}
     for key in cfg.quant_overrides or {}:
         if key not in fields or key in FIXED_QUANT_FIELDS:
-            raise InvalidSetting("quant_overrides", f"has {key!r}, which is not a QuantConfig "
-                                 "setting a method may override (bit-widths name the row: set "
-                                 f"them with quant=...); settings: {sorted(fields - set(FIXED_QUANT_FIELDS))}")
+            raise InvalidSetting(
+                "quant_overrides",
+                f"has {key!r}, which is not a QuantConfig "
+                "setting a method may override (bit-widths name the row: set "
+                f"them with quant=...); settings: {sorted(fields - set(FIXED_QUANT_FIELDS))}",
+            )
 
 
 def _check_act_init(cfg: Any) -> None:
@@ -167,13 +170,18 @@ AnyPTQConfig = Union[PTQConfig, PTQMinMaxConfig]
 
 # ---------------------------------------------------------------------------- checks
 def _check_finite_quantizers(denoiser: torch.nn.Module, method_name: str) -> None:
-    bad = [n for n, q in iter_quantizers(denoiser)
-           if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())]
+    bad = [
+        n
+        for n, q in iter_quantizers(denoiser)
+        if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())
+    ]
     if bad:
-        hint = ("lower method.recon.act_lr / method.recon.weight_lr" if method_name == "ptq"
-                else "check the calibration data")
-        raise FloatingPointError(f"{method_name}: non-finite quantization parameters in "
-                                 f"{bad[:5]}: {hint}")
+        hint = (
+            "lower method.recon.act_lr / method.recon.weight_lr"
+            if method_name == "ptq"
+            else "check the calibration data"
+        )
+        raise FloatingPointError(f"{method_name}: non-finite quantization parameters in {bad[:5]}: {hint}")
 
 
 @torch.no_grad()
@@ -181,10 +189,14 @@ def _check_finite_output(model: Any, stream: CalibStream, method_name: str) -> N
     batch = next(stream.batches(8, stream.subset(8, 0), device=model.device))
     out = model.spec.forward(model.denoiser, batch)
     if not torch.isfinite(out).all():
-        hint = ("lower method.recon.act_lr (or method.recon.weight_lr)" if method_name == "ptq"
-                else "use quant.act_init=lp or more calibration rows")
-        raise FloatingPointError(f"{method_name}: the quantized denoiser outputs NaN/inf on "
-                                 f"calibration inputs: {hint}")
+        hint = (
+            "lower method.recon.act_lr (or method.recon.weight_lr)"
+            if method_name == "ptq"
+            else "use quant.act_init=lp or more calibration rows"
+        )
+        raise FloatingPointError(
+            f"{method_name}: the quantized denoiser outputs NaN/inf on calibration inputs: {hint}"
+        )
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -206,8 +218,7 @@ def init_rows(stream: CalibStream, cfg: AnyPTQConfig) -> Optional[torch.Tensor]:
     return order if cfg.act_init_rows is None else order[: cfg.act_init_rows]
 
 
-def running_stat(stream: CalibStream, quant: QuantConfig, cfg: AnyPTQConfig
-                 ) -> Optional[RunningStat]:
+def running_stat(stream: CalibStream, quant: QuantConfig, cfg: AnyPTQConfig) -> Optional[RunningStat]:
     """Q-Diffusion's running statistics over all rows (``quant.act_running_stat``), or None."""
     if not quant.act_running_stat:
         return None
@@ -219,19 +230,27 @@ def running_stat(stream: CalibStream, quant: QuantConfig, cfg: AnyPTQConfig
     return RunningStat(rows, cfg.act_running_batch_size, quant.act_momentum)
 
 
-def init_act_ranges(model: Any, stream: CalibStream, quant: QuantConfig, cfg: AnyPTQConfig
-                    ) -> None:
+def init_act_ranges(model: Any, stream: CalibStream, quant: QuantConfig, cfg: AnyPTQConfig) -> None:
     """Initial activation ranges of ``model.denoiser`` as ``cfg.act_init_stage`` says (module
     doc): FP network in batches, or Q-Diffusion's one forward through the quantized network."""
     after = cfg.act_init_stage == "after_weights"
     rows = init_rows(stream, cfg)
     n_rows = cfg.act_init_rows if rows is None else len(rows)
     batch = cfg.act_init_batch_size if not after else (n_rows or len(stream))
-    calibrate_act_ranges(model.denoiser, stream, method=quant.act_init, n_rows=cfg.act_init_rows,
-                         batch_size=batch, p=quant.lp_norm, n_candidates=quant.lp_candidates,
-                         device=model.device, rows=rows,
-                         running=running_stat(stream, quant, cfg), quantized=after,
-                         minmax_layers=minmax_patterns(model.denoiser, model.spec, quant))
+    calibrate_act_ranges(
+        model.denoiser,
+        stream,
+        method=quant.act_init,
+        n_rows=cfg.act_init_rows,
+        batch_size=batch,
+        p=quant.lp_norm,
+        n_candidates=quant.lp_candidates,
+        device=model.device,
+        rows=rows,
+        running=running_stat(stream, quant, cfg),
+        quantized=after,
+        minmax_layers=minmax_patterns(model.denoiser, model.spec, quant),
+    )
 
 
 def merge_reports(weights: ReconReport, acts: ReconReport) -> ReconReport:
@@ -249,8 +268,9 @@ def merge_reports(weights: ReconReport, acts: ReconReport) -> ReconReport:
     return ReconReport(list(by_name.values()), weights.resumed_from)
 
 
-def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
-                  progress: Optional[Path]) -> MethodResult:
+def calibrate_ptq(
+    model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any, progress: Optional[Path]
+) -> MethodResult:
     """Quantize ``model.denoiser`` in place and calibrate it: initial ranges, then (``ptq``)
     block reconstruction, resumable through ``progress``."""
     is_minmax = isinstance(cfg, PTQMinMaxConfig)
@@ -263,30 +283,42 @@ def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
     if cfg.act_init_stage == "before_recon":
         init_act_ranges(model, stream, quant, cfg)
         if not is_minmax:
-            report = reconstruct(model.denoiser, model.spec, stream, cfg.recon,
-                                 progress_dir=progress)
+            report = reconstruct(model.denoiser, model.spec, stream, cfg.recon, progress_dir=progress)
     elif is_minmax:
         init_act_ranges(model, stream, quant, cfg)
     else:  # Q-Diffusion's order: all AdaRound stages, activation init, all LSQ stages
-        sub = (lambda name: None if progress is None else Path(progress) / name)
-        w_report = reconstruct(model.denoiser, model.spec, stream,
-                               dataclasses.replace(cfg.recon, act_iters=0),
-                               progress_dir=sub("weights"))
+        sub = lambda name: None if progress is None else Path(progress) / name
+        w_report = reconstruct(
+            model.denoiser,
+            model.spec,
+            stream,
+            dataclasses.replace(cfg.recon, act_iters=0),
+            progress_dir=sub("weights"),
+        )
         init_act_ranges(model, stream, quant, cfg)
-        a_report = reconstruct(model.denoiser, model.spec, stream,
-                               dataclasses.replace(cfg.recon, weight_iters=0),
-                               progress_dir=sub("acts"))
+        a_report = reconstruct(
+            model.denoiser,
+            model.spec,
+            stream,
+            dataclasses.replace(cfg.recon, weight_iters=0),
+            progress_dir=sub("acts"),
+        )
         report = merge_reports(w_report, a_report)
     _check_finite_quantizers(model.denoiser, cfg.name)
     _check_finite_output(model, stream, cfg.name)
     metrics: dict[str, Any] = {**summary.metrics(), "calib_rows": len(stream)}
     tables: dict[str, Table] = {}
     if report is not None:
-        metrics.update({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                        for k, v in report.metrics().items()})
+        metrics.update(
+            {
+                k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in report.metrics().items()
+            }
+        )
         tables["recon_units"] = Table(
             ["unit", "kind", "weight_loss", "act_loss", "seconds"],
-            [[u.name, u.kind, u.weight_loss, u.act_loss, u.seconds] for u in report.units])
+            [[u.name, u.kind, u.weight_loss, u.act_loss, u.seconds] for u in report.units],
+        )
     return MethodResult(model, quant, metrics, tables, {"quant_summary.txt": text})
 
 
@@ -296,8 +328,9 @@ class PTQMinMax(Method):
 
     version = 4
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQMinMaxConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: PTQMinMaxConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         return calibrate_ptq(model, quant, cfg, ctx, progress)
 
 
@@ -307,8 +340,9 @@ class PTQ(Method):
 
     version = 4
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         return calibrate_ptq(model, quant, cfg, ctx, progress)
 
 
@@ -318,7 +352,9 @@ def load_or_run_ptq(model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any) ->
     caller's ``quant``: ``cfg.quant_overrides`` are the PTQ *row's* own code settings (e.g.
     ``ptq_paper``'s Q-Diffusion per-tensor activations), not those of a method built on it."""
     if cfg.quant_overrides:
-        log.info("PTQ base: quantizing with the method's quant config, not the PTQ row's "
-                 "quant_overrides %s", dict(cfg.quant_overrides))
+        log.info(
+            "PTQ base: quantizing with the method's quant config, not the PTQ row's quant_overrides %s",
+            dict(cfg.quant_overrides),
+        )
         cfg = dataclasses.replace(cfg, quant_overrides={})
     return run_method(METHODS.get("ptq")(), model, quant, cfg, ctx)

@@ -4,7 +4,8 @@ and the work is in :mod:`diffquant.launcher` (imported when a sweep launches).""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as SubmititSlurmLauncher,
