@@ -261,7 +261,13 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
 
 
 # The real run.py, tiny (8 batches of one sample, 20 steps: long enough to be signalled mid-way).
-TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "evaluator.chunk_size=1", "logger=none"]
+TINY = [
+    "evaluator.n_samples=8",
+    "evaluator.batch_size=1",
+    "evaluator.chunk_size=1",
+    "model.num_inference_steps=100",
+    "logger=none",
+]  # slow enough per sample for a signal to land mid-run
 
 
 @pytest.mark.parametrize("how", ["usr2", "requeue"])

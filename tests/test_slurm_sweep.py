@@ -37,7 +37,13 @@ pytestmark = pytest.mark.slurm
 
 SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20", "logger=none"]
 # Tiny jobs that sample long enough (8 batches of one sample, 20 steps) to be signalled mid-way.
-TINY = ["evaluator.n_samples=8", "evaluator.batch_size=1", "evaluator.chunk_size=1", "logger=none"]
+TINY = [
+    "evaluator.n_samples=8",
+    "evaluator.batch_size=1",
+    "evaluator.chunk_size=1",
+    "model.num_inference_steps=100",
+    "logger=none",
+]  # slow enough per sample for a signal to land mid-run
 
 
 def slurm_args(env: dict[str, str], sweep: Path, cache: Path) -> list[str]:
