@@ -276,6 +276,7 @@ def test_killed_job_resumes_to_the_same_metrics(tmp_path, make_cfg):
         *FAST,
         "evaluator.n_samples=40",
         "evaluator.batch_size=5",
+        "evaluator.chunk_size=5",  # one model call per saved batch, so a kill lands mid-run
         "logger=none",
         f"paths.cache_dir={tmp_path}/cache",
     ]
