@@ -496,36 +496,12 @@ def test_pending_sections_are_only_other_methods():
 
 # ============================================================================ 10. end to end
 def _tiny_model(model: str, root: Path) -> list[str]:
-    from tiny_components import (
-        TINY_CHURCH_UNET,
-        write_class_context_folder,
-        write_ldm_folder,
-        write_sd_folder,
-    )
+    """Overrides pointing ``model`` at tiny random components of its real classes (the same
+    folders as tests/test_real_models.py)."""
+    from test_real_models import tiny_folder
 
-    folder = root / model
-    if model == "sd_v1_4":
-        from diffusers import PNDMScheduler
-
-        write_sd_folder(
-            folder,
-            PNDMScheduler(
-                beta_schedule="scaled_linear",
-                beta_start=0.00085,
-                beta_end=0.012,
-                skip_prk_steps=True,
-                set_alpha_to_one=False,
-                steps_offset=1,
-            ),
-        )
-        prompts = root / "captions.txt"
-        prompts.write_text("a handwritten seven\nthe digit 1\n")
-        return [f"model.pretrained={folder}", f"model.prompts={prompts}", "model.image_size=16"]
-    if model == "ldm_imagenet":
-        return [f"model.pretrained={write_class_context_folder(folder)}"]
-    if model == "ldm_church":
-        return [f"model.pretrained={write_ldm_folder(folder, 'kl', TINY_CHURCH_UNET, scaling_factor=0.5)}"]
-    return [f"model.pretrained={write_ldm_folder(folder, 'vq')}"]
+    folder, extra = tiny_folder(model, root)
+    return [f"model.pretrained={folder}", *extra]
 
 
 def baseline_row(experiment: str) -> str:
