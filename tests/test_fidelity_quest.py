@@ -54,22 +54,38 @@ def test_experiment_resolves_to_the_reference_values(experiment, make_cfg):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_running_statistics_follow_the_bit_width(experiment, make_cfg):
     for quant, expected in RUNNING[experiment].items():
-        run = typed_run_config(make_cfg([f"experiment={experiment}", f"quant={quant}"],
-                                        name=f"{experiment}_{quant}"))
+        run = typed_run_config(
+            make_cfg([f"experiment={experiment}", f"quant={quant}"], name=f"{experiment}_{quant}")
+        )
         assert step_init(run.method, run.quant).running is expected, (experiment, quant)
 
 
 # ---------------------------------------------------------------------------- end to end
-MODELS = {"quest_lsun_bedroom": "ldm_bedroom", "quest_lsun_church": "ldm_church",
-          "quest_imagenet": "ldm_imagenet", "quest_sd": "sd_v1_4"}
-SMALL = ["quant=w4a8", "model.num_inference_steps=4", "method.ptq.calib.n_samples=2",
-         "method.ptq.calib.batch_size=2", "method.ptq.calib.step_stride=1",
-         "method.ptq.act_init_rows=8", "method.ptq.act_init_batch_size=8",
-         "method.ptq.recon.weight_iters=1", "method.ptq.recon.act_iters=1",
-         "method.ptq.recon.batch_size=4", "method.ptq.recon.capture_batch_size=8",
-         "method.tla_epochs=1", "method.cma_epochs=1", "method.samples_per_step=2",
-         "method.tla_samples_per_step=1", "method.timestep_init_running_batch_size=2",
-         "method.eval_rows=2"]
+MODELS = {
+    "quest_lsun_bedroom": "ldm_bedroom",
+    "quest_lsun_church": "ldm_church",
+    "quest_imagenet": "ldm_imagenet",
+    "quest_sd": "sd_v1_4",
+}
+SMALL = [
+    "quant=w4a8",
+    "model.num_inference_steps=4",
+    "method.ptq.calib.n_samples=2",
+    "method.ptq.calib.batch_size=2",
+    "method.ptq.calib.step_stride=1",
+    "method.ptq.act_init_rows=8",
+    "method.ptq.act_init_batch_size=8",
+    "method.ptq.recon.weight_iters=1",
+    "method.ptq.recon.act_iters=1",
+    "method.ptq.recon.batch_size=4",
+    "method.ptq.recon.capture_batch_size=8",
+    "method.tla_epochs=1",
+    "method.cma_epochs=1",
+    "method.samples_per_step=2",
+    "method.tla_samples_per_step=1",
+    "method.timestep_init_running_batch_size=2",
+    "method.eval_rows=2",
+]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -79,17 +95,16 @@ def test_quest_row_runs_on_tiny_models_of_the_real_classes(experiment, make_cfg,
     components; LSUN / ImageNet set every group from its own step, SD (whose PNDM schedule
     repeats a time step) one shared set."""
     folder, extra = tiny_folder(MODELS[experiment], tmp_path)
-    rows = ("method.timestep_init_rows=2" if experiment == "quest_sd"
-            else "method.timestep_init_rows_per_step=2")
-    cfg = make_cfg([f"experiment={experiment}", f"model.pretrained={folder}", *extra, *SMALL,
-                    rows])
+    rows = (
+        "method.timestep_init_rows=2" if experiment == "quest_sd" else "method.timestep_init_rows_per_step=2"
+    )
+    cfg = make_cfg([f"experiment={experiment}", f"model.pretrained={folder}", *extra, *SMALL, rows])
     with open_dict(cfg):  # the calibration step count of the Q-Diffusion part, where it exists
         if "n_steps" in cfg.method.ptq.calib:
             cfg.method.ptq.calib.n_steps = None
     run = typed_run_config(cfg)
     model = build_model(cfg.model)
-    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
-                     device=torch.device("cpu"))
+    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     result = run_method(METHODS.get("quest")(), model, run.quant, run.method, ctx)
     m = result.metrics
     steps = len(model.timesteps)

@@ -15,8 +15,14 @@ from diffusers import PNDMScheduler
 
 from diffquant.calib import CalibSettings, calibrate_act_ranges, collect_calibration
 from diffquant.methods.quest import QuestConfig, make_timestep_aware, step_init
-from diffquant.methods.quest_init import (PERCENTILES, StepInit, init_timestep_ranges,
-                                          percentile_search_range, reference_order, take_rows)
+from diffquant.methods.quest_init import (
+    PERCENTILES,
+    StepInit,
+    init_timestep_ranges,
+    percentile_search_range,
+    reference_order,
+    take_rows,
+)
 from diffquant.models.denoiser import UNET
 from diffquant.quant import QuantConfig, iter_quantizers, quant_state, quantize_denoiser
 from diffquant.quant.quantizers import channels_first, fake_quant, int_range, range_to_qparams
@@ -36,9 +42,15 @@ class TinyPNDM(TinyDiffusion):
 
     def __init__(self, steps: int = 5) -> None:
         super().__init__(steps=steps)
-        self.scheduler = PNDMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                       beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
-                                       set_alpha_to_one=False, steps_offset=1)
+        self.scheduler = PNDMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
         self.scheduler.set_timesteps(steps)
         self._step_kwargs = {"model_output", "timestep", "sample"}
 
@@ -66,14 +78,18 @@ def observed_inputs(denoiser, batch, quantized_net):
     quantized (weights and activations) or FP."""
     seen, handles = {}, []
     for name, q in iter_quantizers(denoiser, "act"):
-        handles.append(q.register_forward_pre_hook(
-            lambda m, a, name=name: seen.__setitem__(name, a[0].detach().clone())))
+        handles.append(
+            q.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach().clone()))
+        )
         if not quantized_net:  # every quantizer runs, but passes its input on
             handles.append(q.register_forward_hook(lambda m, a, out: a[0]))
     kwargs = {k: v for k, v in batch.items() if k != "_step"}
     try:
-        with torch.no_grad(), quant_state(denoiser, weights=quantized_net, acts=True), \
-                sampler_step(denoiser, batch["_step"]):
+        with (
+            torch.no_grad(),
+            quant_state(denoiser, weights=quantized_net, acts=True),
+            sampler_step(denoiser, batch["_step"]),
+        ):
             denoiser(**kwargs)
     finally:
         for h in handles:
@@ -90,7 +106,7 @@ def group_qparams(q, x):
 def test_percentile_search_keeps_the_candidate_with_the_least_squared_error():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4000, generator=g)
-    x[0, 0] = 60.0   # a rare outlier
+    x[0, 0] = 60.0  # a rare outlier
     x[2] = x[2].sign() * x[2].abs().pow(0.2)  # light tails
     chosen = set()
     for bits in (4, 8):
@@ -101,7 +117,7 @@ def test_percentile_search_keeps_the_candidate_with_the_least_squared_error():
             errs = []
             for c_lo, c_hi in cands:
                 s, z = range_to_qparams(c_lo.reshape(1), c_hi.reshape(1), bits, "affine")
-                xq = fake_quant(x[c:c + 1], s[:, None], z[:, None], q_min, q_max)
+                xq = fake_quant(x[c : c + 1], s[:, None], z[:, None], q_min, q_max)
                 errs.append(float((xq - x[c]).pow(2).mean()))
             best = int(np.argmin(errs))
             chosen.add(best)
@@ -142,8 +158,13 @@ def test_each_group_gets_the_min_max_of_its_first_rows(tiny, network):
     model, stream = tiny
     denoiser = quantized(model, stream)
     k = 3
-    init = StepInit(method="minmax", network=network, rows=None, rows_per_step=k,
-                    layout=(CALIB.n_samples, CALIB.batch_size))
+    init = StepInit(
+        method="minmax",
+        network=network,
+        rows=None,
+        rows_per_step=k,
+        layout=(CALIB.n_samples, CALIB.batch_size),
+    )
     assert init_timestep_ranges(denoiser, stream, init) > 60
     order = reference_order(stream, init.layout)
     rows = take_rows(stream, order)
@@ -158,9 +179,11 @@ def test_each_group_gets_the_min_max_of_its_first_rows(tiny, network):
     # the quantized network's ranges differ from the FP network's beyond the first layer
     fp = quantized(model, stream)
     init_timestep_ranges(fp, stream, dataclasses.replace(init, network="fp"))
-    differ = [n for (n, a), (_, b) in zip(iter_quantizers(denoiser, "act"),
-                                          iter_quantizers(fp, "act"))
-              if not torch.equal(a.scale, b.scale)]
+    differ = [
+        n
+        for (n, a), (_, b) in zip(iter_quantizers(denoiser, "act"), iter_quantizers(fp, "act"))
+        if not torch.equal(a.scale, b.scale)
+    ]
     assert bool(differ) == (network == "quantized")
 
 
@@ -170,9 +193,16 @@ def test_running_statistics_average_each_steps_batches(tiny):
     of the first rows; on the network input (``conv_in``'s) that is checkable by hand."""
     model, stream = tiny
     denoiser = quantized(model, stream)
-    init = StepInit(method="percentile", network="quantized", rows=None, rows_per_step=4,
-                    running=True, running_batch_size=3, momentum=0.9,
-                    layout=(CALIB.n_samples, CALIB.batch_size))
+    init = StepInit(
+        method="percentile",
+        network="quantized",
+        rows=None,
+        rows_per_step=4,
+        running=True,
+        running_batch_size=3,
+        momentum=0.9,
+        layout=(CALIB.n_samples, CALIB.batch_size),
+    )
     init_timestep_ranges(denoiser, stream, init)
     q = denoiser.conv_in.input_quantizer
     rows = take_rows(stream, reference_order(stream, init.layout))
@@ -181,7 +211,7 @@ def test_running_statistics_average_each_steps_batches(tiny):
         x2d = lambda t: channels_first(t, q.per_channel, 1).double()  # noqa: E731
         lo, hi = x2d(x[:4]).amin(1), x2d(x[:4]).amax(1)
         for start in (0, 3, 6):  # batches of 3; the 10th row is dropped
-            b = x2d(x[start:start + 3])
+            b = x2d(x[start : start + 3])
             lo, hi = 0.9 * lo + 0.1 * b.amin(1), 0.9 * hi + 0.1 * b.amax(1)
         scale, zp = range_to_qparams(lo.float(), hi.float(), q.bits, q.mode)
         torch.testing.assert_close(q.scale[g], scale, rtol=1e-5, atol=1e-8)
@@ -192,15 +222,15 @@ def test_shared_init_copies_one_set_and_running_stats_move_the_first_group(tiny)
     """The QuEST SD script: one set from random rows of all steps, copied into every group; its
     running statistics then run with the first step selected, so only group 0 moves."""
     model, stream = tiny
-    init = StepInit(method="percentile", network="quantized", scope="shared", rows=4,
-                    running=False, batch_size=8)
+    init = StepInit(
+        method="percentile", network="quantized", scope="shared", rows=4, running=False, batch_size=8
+    )
     denoiser = quantized(model, stream)
     init_timestep_ranges(denoiser, stream, init)
     for _, q in iter_quantizers(denoiser, "act"):
         assert torch.equal(q.scale[1:], q.scale[:1].expand_as(q.scale[1:]))
     running = quantized(model, stream)
-    init_timestep_ranges(running, stream, dataclasses.replace(init, running=True,
-                                                              running_batch_size=4))
+    init_timestep_ranges(running, stream, dataclasses.replace(init, running=True, running_batch_size=4))
     moved = 0
     for (name, a), (_, b) in zip(iter_quantizers(denoiser, "act"), iter_quantizers(running, "act")):
         assert torch.equal(a.scale[1:], b.scale[1:]), name  # groups 1.. keep the copy
@@ -211,22 +241,30 @@ def test_shared_init_copies_one_set_and_running_stats_move_the_first_group(tiny)
 
 def test_default_init_is_the_quest_codes():
     init = step_init(QuestConfig(), W4A8)
-    assert (init.method, init.network, init.scope, init.rows_per_step, init.running) == \
-        ("percentile", "quantized", "per_step", 64, False)
+    assert (init.method, init.network, init.scope, init.rows_per_step, init.running) == (
+        "percentile",
+        "quantized",
+        "per_step",
+        64,
+        False,
+    )
 
 
 def test_lp_init_on_the_fp_network_is_the_range_observer(tiny):
     """The earlier default (L_p on the FP network, random rows) sets exactly what
     ``calibrate_act_ranges`` sets (on a DDIM schedule, where values and step indices agree)."""
     model, stream = tiny
-    cfg = QuestConfig(timestep_init="lp", timestep_init_network="fp",
-                      timestep_init_rows_per_step=None, timestep_init_rows=16)
+    cfg = QuestConfig(
+        timestep_init="lp",
+        timestep_init_network="fp",
+        timestep_init_rows_per_step=None,
+        timestep_init_rows=16,
+    )
     init = step_init(cfg, W4A8)
     assert init.observer and not init.running
     ours, old = quantized(model, stream), quantized(model, stream)
     init_timestep_ranges(ours, stream, init)
-    calibrate_act_ranges(old, stream, method="lp", n_rows=16, batch_size=init.batch_size,
-                         seed=cfg.seed)
+    calibrate_act_ranges(old, stream, method="lp", n_rows=16, batch_size=init.batch_size, seed=cfg.seed)
     for (name, a), (_, b) in zip(iter_quantizers(ours, "act"), iter_quantizers(old, "act")):
         assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point), name
 
@@ -238,16 +276,19 @@ def test_running_stat_none_means_above_4_activation_bits():
     assert not step_init(dataclasses.replace(cfg, timestep_init="ptq"), W4A8).running
 
 
-@pytest.mark.parametrize("settings, key", [
-    ({"timestep_init_rows_per_step": 0}, "timestep_init_rows_per_step"),
-    ({"timestep_init_scope": "global"}, "timestep_init_scope"),
-    ({"timestep_init": "ptq", "timestep_init_running_stat": True}, "timestep_init_running_stat"),
-    ({"timestep_init": "median"}, "timestep_init"),
-    ({"timestep_init_network": "int8"}, "timestep_init_network"),
-    ({"timestep_init_momentum": 1.0}, "timestep_init_momentum"),
-    ({"loss_form": "eq7"}, "loss_form"),
-    ({"cma_exclude_act_roles": ["time_mlp"]}, "cma_exclude_act_roles"),
-])
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        ({"timestep_init_rows_per_step": 0}, "timestep_init_rows_per_step"),
+        ({"timestep_init_scope": "global"}, "timestep_init_scope"),
+        ({"timestep_init": "ptq", "timestep_init_running_stat": True}, "timestep_init_running_stat"),
+        ({"timestep_init": "median"}, "timestep_init"),
+        ({"timestep_init_network": "int8"}, "timestep_init_network"),
+        ({"timestep_init_momentum": 1.0}, "timestep_init_momentum"),
+        ({"loss_form": "eq7"}, "loss_form"),
+        ({"cma_exclude_act_roles": ["time_mlp"]}, "cma_exclude_act_roles"),
+    ],
+)
 def test_impossible_init_settings_fail_naming_the_key(settings, key):
     with pytest.raises(InvalidSetting, match=key):
         QuestConfig(**settings)
@@ -259,8 +300,14 @@ def test_router_routes_by_step_index_where_the_schedule_agrees(caplog):
     router = TimestepRouter(schedule, 3)
     # by value, both 601s are step 1; by index, step 2 is step 2
     assert router.groups(torch.tensor([601, 601])).tolist() == [0, 0]
-    assert router.groups(torch.tensor([801, 601, 601, 401, 201, 1]),
-                         torch.arange(6)).tolist() == [0, 0, 1, 1, 2, 2]
+    assert router.groups(torch.tensor([801, 601, 601, 401, 201, 1]), torch.arange(6)).tolist() == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
     assert router.groups(torch.tensor([601] * 4), 2).tolist() == [1] * 4  # one index, all rows
     # an index whose time step is not the call's (another schedule): by value, with a warning
     with caplog.at_level(logging.WARNING):
@@ -274,8 +321,9 @@ def test_router_routes_by_step_index_where_the_schedule_agrees(caplog):
 def pndm(tmp_path_factory, one_thread):
     model = TinyPNDM()
     assert [int(t) for t in model.timesteps] == [801, 601, 601, 401, 201, 1]
-    stream = collect_calibration(model, CalibSettings(n_samples=3, step_stride=1, batch_size=3),
-                                 tmp_path_factory.mktemp("pndm"))
+    stream = collect_calibration(
+        model, CalibSettings(n_samples=3, step_stride=1, batch_size=3), tmp_path_factory.mktemp("pndm")
+    )
     return model, stream
 
 
@@ -305,8 +353,7 @@ def test_pndm_every_step_reaches_its_own_group(pndm):
             model.sample_latents([0], seed=0)
     finally:
         handle.remove()
-    assert [u[0] for u in used] == [i * groups // len(model.timesteps)
-                                    for i in range(len(model.timesteps))]
+    assert [u[0] for u in used] == [i * groups // len(model.timesteps) for i in range(len(model.timesteps))]
     # a caller outside diffquant (no step index): by value, as before
     get_router(denoiser).route(denoiser, torch.tensor([601]))
     assert q.group_index.tolist() == [1]
@@ -330,12 +377,22 @@ def test_quest_on_a_pndm_schedule_sets_every_group_from_its_own_step(tmp_path):
     from diffquant.registry import METHODS
 
     model = TinyPNDM()
-    ptq = PTQConfig(calib=CalibSettings(n_samples=3, step_stride=1, batch_size=3),
-                    act_init_rows=12, act_init_batch_size=12,
-                    recon=ReconSettings(weight_iters=1, act_iters=1, batch_size=4,
-                                        capture_batch_size=12))
-    cfg = QuestConfig(ptq=ptq, tla_epochs=1, cma=False, samples_per_step=2, batch_size=4,
-                      eval_rows=2, timestep_init="minmax", timestep_init_rows_per_step=6)
+    ptq = PTQConfig(
+        calib=CalibSettings(n_samples=3, step_stride=1, batch_size=3),
+        act_init_rows=12,
+        act_init_batch_size=12,
+        recon=ReconSettings(weight_iters=1, act_iters=1, batch_size=4, capture_batch_size=12),
+    )
+    cfg = QuestConfig(
+        ptq=ptq,
+        tla_epochs=1,
+        cma=False,
+        samples_per_step=2,
+        batch_size=4,
+        eval_rows=2,
+        timestep_init="minmax",
+        timestep_init_rows_per_step=6,
+    )
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     stream = collect_calibration(model, ptq.calib, ctx.cache_dir)  # the FP model's, as QuEST's
     data = take_rows(stream, torch.arange(len(stream)))

@@ -60,9 +60,18 @@ from torch import Tensor, nn
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.progress import Checkpointer, load_file, save_file, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.methods.trajectory import (GRAD_MODES, LOSSES, Trajectories, check_stateless_scheduler,
-                                          fp_trajectories, group_backward, group_length,
-                                          group_starts, loss_fn, rollout)
+from diffquant.methods.trajectory import (
+    GRAD_MODES,
+    LOSSES,
+    Trajectories,
+    check_stateless_scheduler,
+    fp_trajectories,
+    group_backward,
+    group_length,
+    group_starts,
+    loss_fn,
+    rollout,
+)
 from diffquant.models.base import Conditioning
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import quantizer_state_dict
@@ -70,7 +79,6 @@ from diffquant.quant.config import QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
 from diffquant.quant.state import quant_parameters
-
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, one_of, positive
 
@@ -194,8 +202,11 @@ def start_soft_rounding(denoiser: nn.Module, margin: float) -> list[AdaRound]:
         if not is_quant_layer(m) or m.weight_quantizer is None:
             continue
         wq = m.weight_quantizer
-        leaves = ([(wq, m.weight)] if isinstance(wq, WeightQuantizer) else
-                  [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split:])])
+        leaves = (
+            [(wq, m.weight)]
+            if isinstance(wq, WeightQuantizer)
+            else [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split :])]
+        )
         for leaf, weight in leaves:
             mask = _round_up_choice(leaf, weight)
             ada = leaf.start_adaround(weight)
@@ -223,7 +234,9 @@ class LearnedParameters:
         self.roundings = start_soft_rounding(denoiser, cfg.round_init) if "weight_round" in cfg.learn else []
         self.by_kind: dict[str, list[nn.Parameter]] = {}
         for kind in cfg.learn:
-            found = quant_parameters(denoiser, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None)
+            found = quant_parameters(
+                denoiser, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None
+            )
             self.by_kind[kind] = list(found.values())
         self.lrs = {"act_scale": cfg.act_lr, "weight_round": cfg.round_lr, "bias": cfg.bias_lr}
         self._was = {p: p.requires_grad for ps in self.by_kind.values() for p in ps}
@@ -321,20 +334,39 @@ class TrajectoryCalibration:
             outs.append(rollout(self.model, x[rows], start, length, part.cond, part.indices, part.seed))
         return torch.cat(outs)
 
-    def _optimizer_step(self, opt: torch.optim.Optimizer, learned: LearnedParameters,
-                        traj: Trajectories, x_start: Tensor, start: int, length: int,
-                        generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> float:
+    def _optimizer_step(
+        self,
+        opt: torch.optim.Optimizer,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        x_start: Tensor,
+        start: int,
+        length: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule],
+    ) -> float:
         """One optimiser step on a random mini-batch of one group; returns its group loss."""
         cfg = self.cfg
         rows = torch.randperm(len(traj), generator=generator)[: cfg.batch_size].sort().values
         part = traj.rows(rows)
         opt.zero_grad(set_to_none=True)
-        value = group_backward(self.model, cfg.grad_mode, x_start[rows], start, length,
-                               traj.states[start + length, rows], part.cond, part.indices,
-                               part.seed, self.loss)
+        value = group_backward(
+            self.model,
+            cfg.grad_mode,
+            x_start[rows],
+            start,
+            length,
+            traj.states[start + length, rows],
+            part.cond,
+            part.indices,
+            part.seed,
+            self.loss,
+        )
         if not math.isfinite(value):
-            raise FloatingPointError(f"accuquant: group loss is {value} at steps {start}.."
-                                     f"{start + length - 1}: lower method.act_lr / round_lr")
+            raise FloatingPointError(
+                f"accuquant: group loss is {value} at steps {start}.."
+                f"{start + length - 1}: lower method.act_lr / round_lr"
+            )
         if learned.roundings and schedule is not None:
             reg = schedule.loss(self._iter, learned.roundings)
             if reg.requires_grad:
@@ -346,31 +378,49 @@ class TrajectoryCalibration:
         self._iter += 1
         return value
 
-    def calibrate_group(self, learned: LearnedParameters, traj: Trajectories, x_start: Tensor,
-                        start: int, length: int, generator: torch.Generator,
-                        schedule: Optional[RoundingSchedule] = None) -> list[float]:
+    def calibrate_group(
+        self,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        x_start: Tensor,
+        start: int,
+        length: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule] = None,
+    ) -> list[float]:
         """``iters_per_group`` optimiser steps on one group (a fresh Adam); returns the losses.
 
         ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory.
         """
         opt, sched = self._optimizer(learned, self.cfg.iters_per_group)
         losses: list[list[float]] = [[]]
-        self._train(opt, sched, learned, traj, [(start, length)], [x_start], losses, 0,
-                    generator, schedule)
+        self._train(opt, sched, learned, traj, [(start, length)], [x_start], losses, 0, generator, schedule)
         return losses[0]
 
     def _optimizer(self, learned: LearnedParameters, total: int):
         """A fresh Adam over the learned tensors and its LR schedule over ``total`` steps."""
         opt = learned.optimizer()
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
-                 if self.cfg.lr_schedule == "cosine" else None)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
+            if self.cfg.lr_schedule == "cosine"
+            else None
+        )
         return opt, sched
 
-    def _train(self, opt: torch.optim.Optimizer, sched: Any, learned: LearnedParameters,
-               traj: Trajectories, groups: list[tuple[int, int]], x_starts: list[Tensor],
-               losses: list[list[float]], done: int, generator: torch.Generator,
-               schedule: Optional[RoundingSchedule],
-               save: Optional[Any] = None) -> None:
+    def _train(
+        self,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        groups: list[tuple[int, int]],
+        x_starts: list[Tensor],
+        losses: list[list[float]],
+        done: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule],
+        save: Optional[Any] = None,
+    ) -> None:
         """Optimiser steps ``done .. iters_per_group · len(groups) - 1``; step ``j`` trains group
         ``j mod len(groups)`` and appends its loss to ``losses``. ``save(j)`` is called after
         step ``j - 1`` where a mid-phase progress save is due."""
@@ -378,8 +428,9 @@ class TrajectoryCalibration:
         for j in range(done, total):
             k = j % len(groups)
             (start, length), x_start = groups[k], x_starts[k]
-            losses[k].append(self._optimizer_step(opt, learned, traj, x_start, start, length,
-                                                  generator, schedule))
+            losses[k].append(
+                self._optimizer_step(opt, learned, traj, x_start, start, length, generator, schedule)
+            )
             if sched is not None:
                 sched.step()
             if save is not None and j + 1 < total:
@@ -395,8 +446,9 @@ class TrajectoryCalibration:
             return [(e, [g]) for e in range(self.cfg.epochs) for g in range(n)]
         return [(e, list(range(n))) for e in range(self.cfg.epochs)]
 
-    def run(self, traj: Trajectories, progress: Any = None,
-            resume: Optional[dict[str, Any]] = None) -> list[GroupReport]:
+    def run(
+        self, traj: Trajectories, progress: Any = None, resume: Optional[dict[str, Any]] = None
+    ) -> list[GroupReport]:
         """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports.
 
         ``progress`` (a :class:`~diffquant.methods.progress.Checkpointer`) saves the run's state
@@ -407,16 +459,23 @@ class TrajectoryCalibration:
         cfg = self.cfg
         learned = LearnedParameters(self.model.denoiser, cfg)
         n_groups, phases = len(self._groups(traj)), self.phases(traj)
-        log.info("accuquant: %d groups of %d steps, %s gradient, %s, learning %s", n_groups,
-                 cfg.group_size, cfg.grad_mode, cfg.order, learned.counts())
+        log.info(
+            "accuquant: %d groups of %d steps, %s gradient, %s, learning %s",
+            n_groups,
+            cfg.group_size,
+            cfg.grad_mode,
+            cfg.order,
+            learned.counts(),
+        )
         schedule = None
         if learned.roundings:
             total = cfg.epochs * n_groups * cfg.iters_per_group
-            schedule = RoundingSchedule(total, cfg.round_reg, cfg.round_warmup,
-                                        cfg.round_beta_start, cfg.round_beta_end)
+            schedule = RoundingSchedule(
+                total, cfg.round_reg, cfg.round_warmup, cfg.round_beta_start, cfg.round_beta_end
+            )
         generator = torch.Generator().manual_seed(cfg.seed)
         run = _RunState(self, learned, generator, traj)
-        first, in_phase = (run.load(resume) if resume is not None else (0, None))
+        first, in_phase = run.load(resume) if resume is not None else (0, None)
         try:
             for p in range(first, len(phases)):
                 self._phase(p, phases[p], run, schedule, progress, in_phase)
@@ -432,8 +491,10 @@ class TrajectoryCalibration:
         return [self.group_loss_all(traj, traj.states[s], s, n) for s, n in self._groups(traj)]
 
     def _groups(self, traj: Trajectories) -> list[tuple[int, int]]:
-        return [(s, group_length(s, traj.n_steps, self.cfg.group_size))
-                for s in group_starts(traj.n_steps, self.cfg.group_size)]
+        return [
+            (s, group_length(s, traj.n_steps, self.cfg.group_size))
+            for s in group_starts(traj.n_steps, self.cfg.group_size)
+        ]
 
     def _start_states(self, traj: Trajectories) -> list[Tensor]:
         """Each group's start states: the FP trajectory's, or (``group_start: quant``) the current
@@ -447,9 +508,15 @@ class TrajectoryCalibration:
             x = self.advance(traj, x, s, n)
         return out
 
-    def _phase(self, index: int, phase: tuple[int, list[int]], run: "_RunState",
-               schedule: Optional[RoundingSchedule], progress: Any,
-               resume: Optional[dict[str, Any]]) -> None:
+    def _phase(
+        self,
+        index: int,
+        phase: tuple[int, list[int]],
+        run: _RunState,
+        schedule: Optional[RoundingSchedule],
+        progress: Any,
+        resume: Optional[dict[str, Any]],
+    ) -> None:
         """One phase (see :meth:`phases`): ``iters_per_group`` optimiser steps per group, then
         keep the update only if it lowered the loss (summed over the phase's groups) on all
         trajectories (``revert_if_worse``), and report every group."""
@@ -472,10 +539,17 @@ class TrajectoryCalibration:
             losses: list[list[float]] = [[] for _ in groups]
             done = 0
         else:
-            x_starts = ([x.to(traj.states.device) for x in resume["x_starts"]] if quant_start
-                        else [traj.states[s] for s, _ in groups])
-            before, saved, losses, done = (resume["before"], resume["saved"], resume["losses"],
-                                           resume["done"])
+            x_starts = (
+                [x.to(traj.states.device) for x in resume["x_starts"]]
+                if quant_start
+                else [traj.states[s] for s, _ in groups]
+            )
+            before, saved, losses, done = (
+                resume["before"],
+                resume["saved"],
+                resume["losses"],
+                resume["done"],
+            )
             opt.load_state_dict(resume["optimizer"])
             if sched is not None:
                 sched.load_state_dict(resume["scheduler"])
@@ -484,16 +558,24 @@ class TrajectoryCalibration:
         def save(j: int) -> None:
             if progress is None or not progress.due(self._iter):
                 return
-            progress.save(run.state(index, {
-                "x_starts": [x.cpu() for x in x_starts] if quant_start else None,
-                "before": before, "saved": saved, "losses": losses, "done": j,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "seconds": time.perf_counter() - t0}),
-                f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}")
+            progress.save(
+                run.state(
+                    index,
+                    {
+                        "x_starts": [x.cpu() for x in x_starts] if quant_start else None,
+                        "before": before,
+                        "saved": saved,
+                        "losses": losses,
+                        "done": j,
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
+                        "seconds": time.perf_counter() - t0,
+                    },
+                ),
+                f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}",
+            )
 
-        self._train(opt, sched, learned, traj, groups, x_starts, losses, done, run.generator,
-                    schedule, save)
+        self._train(opt, sched, learned, traj, groups, x_starts, losses, done, run.generator, schedule, save)
         after = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
         reverted = saved is not None and sum(after) > sum(before)
         if reverted:
@@ -505,17 +587,43 @@ class TrajectoryCalibration:
         for (start, length), b, a, ls in zip(groups, before, after, losses):
             self._report(epoch, start, length, b, a, ls, reverted, seconds)
         if progress is not None:
-            progress.save(run.state(index + 1, None),
-                          f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done")
+            progress.save(
+                run.state(index + 1, None), f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done"
+            )
 
-    def _report(self, epoch: int, start: int, length: int, before: float, after: float,
-                losses: list[float], reverted: bool, seconds: float) -> None:
+    def _report(
+        self,
+        epoch: int,
+        start: int,
+        length: int,
+        before: float,
+        after: float,
+        losses: list[float],
+        reverted: bool,
+        seconds: float,
+    ) -> None:
         tail = losses[-10:]
-        report = GroupReport(epoch, start, length, before, after,
-                             sum(tail) / len(tail) if tail else float("nan"), reverted, seconds)
+        report = GroupReport(
+            epoch,
+            start,
+            length,
+            before,
+            after,
+            sum(tail) / len(tail) if tail else float("nan"),
+            reverted,
+            seconds,
+        )
         self.reports.append(report)
-        log.info("accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)", epoch, start,
-                 start + length - 1, before, after, " (reverted)" if reverted else "", seconds)
+        log.info(
+            "accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)",
+            epoch,
+            start,
+            start + length - 1,
+            before,
+            after,
+            " (reverted)" if reverted else "",
+            seconds,
+        )
 
 
 @dataclass
@@ -534,11 +642,15 @@ class _RunState:
         """The run's state at phase ``phase`` (``in_phase``: where the phase is; None = at its
         start)."""
         cal = self.calibration
-        return {"phase": phase, "in_phase": in_phase,
-                "learned": [t.cpu() for t in self.learned.snapshot()],
-                "generator": self.generator.get_state(), "iter": cal._iter,
-                "reports": [asdict(r) for r in cal.reports],
-                "carry": self.carry.cpu() if self.carry is not None else None}
+        return {
+            "phase": phase,
+            "in_phase": in_phase,
+            "learned": [t.cpu() for t in self.learned.snapshot()],
+            "generator": self.generator.get_state(),
+            "iter": cal._iter,
+            "reports": [asdict(r) for r in cal.reports],
+            "carry": self.carry.cpu() if self.carry is not None else None,
+        }
 
     def load(self, state: dict[str, Any]) -> tuple[int, Optional[dict[str, Any]]]:
         """Restore a :meth:`state`; returns its phase and where in the phase."""
@@ -558,40 +670,65 @@ class _RunState:
 TRAJECTORIES_FILE = "fp_trajectories.pt"
 
 
-def calibration_trajectories(model: Any, cfg: AccuQuantConfig,
-                             progress: Optional[Path] = None) -> Trajectories:
+def calibration_trajectories(
+    model: Any, cfg: AccuQuantConfig, progress: Optional[Path] = None
+) -> Trajectories:
     """The FP trajectories the groups are calibrated on: sampled, or loaded from ``progress``
     where a stopped job of the same settings kept them (they are kept there once sampled)."""
-    key = {"n_samples": cfg.n_samples, "seed": cfg.seed, "batch_size": cfg.eval_batch_size,
-           "steps": [int(t) for t in model.timesteps]}
+    key = {
+        "n_samples": cfg.n_samples,
+        "seed": cfg.seed,
+        "batch_size": cfg.eval_batch_size,
+        "steps": [int(t) for t in model.timesteps],
+    }
     saved = load_file(progress, TRAJECTORIES_FILE, key)
     if saved is not None:
         model.scheduler.set_timesteps(model.sampler.num_inference_steps)  # as sampling does
         to = lambda d: None if d is None else {k: v.to(model.device) for k, v in d.items()}  # noqa: E731
-        return Trajectories(saved["states"].to(model.device),
-                            Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
-                            saved["indices"], saved["seed"])
+        return Trajectories(
+            saved["states"].to(model.device),
+            Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
+            saved["indices"],
+            saved["seed"],
+        )
     traj = fp_trajectories(model, list(range(cfg.n_samples)), cfg.seed, cfg.eval_batch_size)
     cpu = lambda d: None if d is None else {k: v.cpu() for k, v in d.items()}  # noqa: E731
-    save_file(progress, TRAJECTORIES_FILE, key, {
-        "states": traj.states.cpu(), "cond": cpu(traj.cond.cond), "uncond": cpu(traj.cond.uncond),
-        "labels": traj.cond.labels, "indices": traj.indices, "seed": traj.seed})
+    save_file(
+        progress,
+        TRAJECTORIES_FILE,
+        key,
+        {
+            "states": traj.states.cpu(),
+            "cond": cpu(traj.cond.cond),
+            "uncond": cpu(traj.cond.uncond),
+            "labels": traj.cond.labels,
+            "indices": traj.indices,
+            "seed": traj.seed,
+        },
+    )
     return traj
 
 
-def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
-                           progress: Optional[Path] = None,
-                           fingerprint: Optional[dict[str, Any]] = None) -> MethodResult:
+def trajectory_calibration(
+    model: Any,
+    cfg: AccuQuantConfig,
+    ctx: Any,
+    progress: Optional[Path] = None,
+    fingerprint: Optional[dict[str, Any]] = None,
+) -> MethodResult:
     """Run the trajectory calibration on an already quantized ``model`` (the PTQ base); returns
     its metrics, per-group table and ``accuquant_groups.json``. ``progress``: a folder where it
     keeps its FP trajectories and saves its progress, resumed from there by a restarted job whose
     ``fingerprint`` (settings and PTQ base) is the same."""
     t0 = time.perf_counter()
     fingerprint = fingerprint or {"method": asdict(cfg)}
-    fingerprint = {**fingerprint, "start": tensor_digest(
-        {**quantizer_state_dict(model.denoiser), **quant_parameters(model.denoiser, "bias")})}
-    ckpt = Checkpointer(progress, fingerprint, every=cfg.progress_every,
-                        what="accuquant calibration")
+    fingerprint = {
+        **fingerprint,
+        "start": tensor_digest(
+            {**quantizer_state_dict(model.denoiser), **quant_parameters(model.denoiser, "bias")}
+        ),
+    }
+    ckpt = Checkpointer(progress, fingerprint, every=cfg.progress_every, what="accuquant calibration")
     traj = calibration_trajectories(model, cfg, progress)
 
     def on_iteration(it: int, start: int, value: float) -> None:
@@ -601,8 +738,7 @@ def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
     calibration = TrajectoryCalibration(model, cfg, on_iteration=on_iteration)
     resume = ckpt.load()
     initial = resume["initial"] if resume else calibration.all_group_losses(traj)
-    reports = calibration.run(traj, progress=ckpt.within(lambda s: {**s, "initial": initial}),
-                              resume=resume)
+    reports = calibration.run(traj, progress=ckpt.within(lambda s: {**s, "initial": initial}), resume=resume)
     if ckpt.written:
         log.info("accuquant: %s", ckpt.summary())
     final = calibration.all_group_losses(traj)
@@ -616,11 +752,22 @@ def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
         "accuquant_group_losses": final,
     }
     table = Table(list(asdict(reports[0])), [list(asdict(r).values()) for r in reports])
-    groups_json = json.dumps({"config": asdict(cfg), "groups": [asdict(r) for r in reports],
-                              "group_losses_init": initial, "group_losses_final": final,
-                              "seconds": seconds}, indent=2) + "\n"
-    return MethodResult(model, None, metrics, {"accuquant_groups": table},
-                        {"accuquant_groups.json": groups_json})
+    groups_json = (
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "groups": [asdict(r) for r in reports],
+                "group_losses_init": initial,
+                "group_losses_final": final,
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return MethodResult(
+        model, None, metrics, {"accuquant_groups": table}, {"accuquant_groups.json": groups_json}
+    )
 
 
 @METHODS.register("accuquant", schema=AccuQuantConfig)
@@ -634,12 +781,15 @@ class AccuQuant(Method):
         """The biases of the quantized layers (``learn: [bias]`` trains them)."""
         return quant_parameters(model.denoiser, "bias")
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         check_stateless_scheduler(model.scheduler)
         base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
-        settings = {"method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
-                    "quant": asdict(quant)}
+        settings = {
+            "method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
+            "quant": asdict(quant),
+        }
         result = trajectory_calibration(model, cfg, ctx, progress, settings).merge(base)
         result.quant = base.quant
         result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's

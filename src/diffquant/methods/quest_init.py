@@ -57,8 +57,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -66,8 +67,14 @@ from torch import Tensor, nn
 
 from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.calib.ranges import observing_act_ranges
-from diffquant.quant.quantizers import (ActQuantizer, channels_first, fake_quant, find_range,
-                                        int_range, range_to_qparams)
+from diffquant.quant.quantizers import (
+    ActQuantizer,
+    channels_first,
+    fake_quant,
+    find_range,
+    int_range,
+    range_to_qparams,
+)
 from diffquant.quant.state import iter_quantizers, quant_state
 from diffquant.quant.timestep import sampler_step
 
@@ -86,8 +93,7 @@ def _quantiles(x2d: Tensor, qs: Sequence[float]) -> Tensor:
     ``(len(qs), C)``. Where the input is larger than ``torch.quantile`` takes, numpy's percentile
     per row, as the QuEST code falls back to (``qdiff/quant_layer.py`` 443-454)."""
     try:
-        return torch.quantile(x2d, torch.tensor(list(qs), dtype=x2d.dtype, device=x2d.device),
-                              dim=1)
+        return torch.quantile(x2d, torch.tensor(list(qs), dtype=x2d.dtype, device=x2d.device), dim=1)
     except RuntimeError:
         pct = [q * 100 for q in qs]
         out = [np.percentile(row.cpu().numpy(), pct) for row in x2d]  # (C, len(qs)), one pass
@@ -95,8 +101,9 @@ def _quantiles(x2d: Tensor, qs: Sequence[float]) -> Tensor:
 
 
 @torch.no_grad()
-def percentile_search_range(x2d: Tensor, bits: int, mode: str,
-                            percentiles: Sequence[float] = PERCENTILES) -> tuple[Tensor, Tensor]:
+def percentile_search_range(
+    x2d: Tensor, bits: int, mode: str, percentiles: Sequence[float] = PERCENTILES
+) -> tuple[Tensor, Tensor]:
     """QuEST's activation range search, per row of ``x2d`` ``(C, N)``: the candidate range
     ``[quantile(1 - p), quantile(p)]`` for each ``p`` of ``percentiles`` whose quantization has
     the smallest mean squared error along the row (the first of equal ones); returns
@@ -105,7 +112,7 @@ def percentile_search_range(x2d: Tensor, bits: int, mode: str,
     x2d = x2d.float()
     q_min, q_max = int_range(bits, mode)
     qs = _quantiles(x2d, [*percentiles, *(1.0 - p for p in percentiles)])
-    his, los = qs[:len(percentiles)], qs[len(percentiles):]
+    his, los = qs[: len(percentiles)], qs[len(percentiles) :]
     best = best_lo = best_hi = None
     for lo, hi in zip(los, his):
         scale, zp = range_to_qparams(lo, hi, bits, mode)
@@ -120,15 +127,21 @@ def percentile_search_range(x2d: Tensor, bits: int, mode: str,
     return best_lo, best_hi
 
 
-def search_range(x2d: Tensor, bits: int, mode: str, method: str, *, p: float = 2.4,
-                 n_candidates: int = 80, generator: Optional[torch.Generator] = None
-                 ) -> tuple[Tensor, Tensor]:
+def search_range(
+    x2d: Tensor,
+    bits: int,
+    mode: str,
+    method: str,
+    *,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
     """The range ``(lo, hi)`` ``(C,)`` of data ``x2d`` ``(C, N)`` by ``method`` (``minmax``,
     ``percentile`` or ``lp``)."""
     if method == "percentile":
         return percentile_search_range(x2d, bits, mode)
-    return find_range(x2d, bits, mode, method, p, n_candidates, max_elems=_LP_MAX_ELEMS,
-                      generator=generator)
+    return find_range(x2d, bits, mode, method, p, n_candidates, max_elems=_LP_MAX_ELEMS, generator=generator)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -155,8 +168,13 @@ class StepInit:
     def observer(self) -> bool:
         """Whether this is the range observer's setting (L_p / min-max on the FP network from
         random rows: ``method=quest``'s init before the QuEST code's was measured better)."""
-        return (self.method in ("lp", "minmax") and self.network == "fp"
-                and self.scope == "per_step" and self.rows_per_step is None and not self.running)
+        return (
+            self.method in ("lp", "minmax")
+            and self.network == "fp"
+            and self.scope == "per_step"
+            and self.rows_per_step is None
+            and not self.running
+        )
 
 
 # ---------------------------------------------------------------------------- per quantizer
@@ -165,8 +183,9 @@ class _GroupRanges:
     sees (before the quantizer uses it), from the first batch of a group on; with ``momentum``
     set, moves it to the EMA of per-batch min / max."""
 
-    def __init__(self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int,
-                 force_group: Optional[int]) -> None:
+    def __init__(
+        self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int, force_group: Optional[int]
+    ) -> None:
         self.method, self.p, self.n_candidates = method, p, n_candidates
         self.force_group = force_group
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,8 +221,15 @@ class _GroupRanges:
             self.raw_hi[g] = self.raw_hi[g] * m + raw_hi * (1 - m)
             _set_group(q, g, self.raw_lo[g], self.raw_hi[g])
             return
-        lo, hi = search_range(x2d, q.bits, q.mode, self.method, p=self.p,
-                              n_candidates=self.n_candidates, generator=self.generator)
+        lo, hi = search_range(
+            x2d,
+            q.bits,
+            q.mode,
+            self.method,
+            p=self.p,
+            n_candidates=self.n_candidates,
+            generator=self.generator,
+        )
         lo, hi = lo.double().cpu(), hi.double().cpu()
         minmax = self.method == "minmax"
         if self.count[g] == 0:
@@ -272,13 +298,19 @@ def reference_order(stream: CalibStream, layout: Optional[tuple[int, int]] = Non
     for start in range(0, n, bs):
         ids = list(range(start, min(n, start + bs)))
         for s in steps:
-            for b in ((1, 0) if guided else (0,)):  # stored [uncond; cond]: cond sorts first
+            for b in (1, 0) if guided else (0,):  # stored [uncond; cond]: cond sorts first
                 branch += [b] * len(ids)
                 step += [s] * len(ids)
                 traj += ids
     if len(step) != len(stream):
-        log.warning("calibration set %s: %d rows, but n_samples=%d x %d steps gives %d: using "
-                    "storage order", stream.path, len(stream), n, len(steps), len(step))
+        log.warning(
+            "calibration set %s: %d rows, but n_samples=%d x %d steps gives %d: using storage order",
+            stream.path,
+            len(stream),
+            n,
+            len(steps),
+            len(step),
+        )
         return torch.arange(len(stream))
     key = (torch.tensor(branch) * (max(steps) + 1) + torch.tensor(step)) * n + torch.tensor(traj)
     return torch.argsort(key)
@@ -297,7 +329,7 @@ def _chunks(data: dict[str, Tensor], size: int, drop_last: bool) -> Iterator[dic
     n = int(data[STEP_KEY].shape[0])
     stop = n - n % size if drop_last else n
     for start in range(0, stop, size):
-        yield {k: v[start:start + size] for k, v in data.items()}
+        yield {k: v[start : start + size] for k, v in data.items()}
 
 
 def _call_rows(denoiser: nn.Module, batch: dict[str, Tensor], device: Any) -> Any:
@@ -307,21 +339,23 @@ def _call_rows(denoiser: nn.Module, batch: dict[str, Tensor], device: Any) -> An
         return denoiser(**kwargs)
 
 
-def _init_batches(stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
-                  ) -> Iterator[dict[str, Tensor]]:
+def _init_batches(
+    stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
+) -> Iterator[dict[str, Tensor]]:
     if s.scope == "per_step" and s.rows_per_step is not None:
         order = reference_order(stream, s.layout)
         steps = steps()
         for step in stream.index["steps"]:
-            rows = order[steps[order] == step][:s.rows_per_step]
+            rows = order[steps[order] == step][: s.rows_per_step]
             if len(rows):
                 yield take_rows(stream, rows)
         return
     yield from stream.batches(s.batch_size, stream.subset(s.rows, s.seed), with_step=True)
 
 
-def _running_batches(stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
-                     ) -> Iterator[dict[str, Tensor]]:
+def _running_batches(
+    stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
+) -> Iterator[dict[str, Tensor]]:
     if s.scope == "shared":
         g = torch.Generator().manual_seed(s.seed + 1)
         order = torch.randperm(len(stream), generator=g)
@@ -337,18 +371,23 @@ def _running_batches(stream: CalibStream, s: StepInit, steps: Callable[[], Tenso
 
 # ---------------------------------------------------------------------------- the init
 @torch.no_grad()
-def init_timestep_ranges(denoiser: nn.Module, stream: CalibStream, s: StepInit, *,
-                         device: Optional[torch.device] = None,
-                         minmax_layers: Sequence[str] = ()) -> int:
+def init_timestep_ranges(
+    denoiser: nn.Module,
+    stream: CalibStream,
+    s: StepInit,
+    *,
+    device: Optional[torch.device] = None,
+    minmax_layers: Sequence[str] = (),
+) -> int:
     """Set every activation quantizer's per-group ranges of ``denoiser`` from ``stream`` by
     ``s`` (module doc); returns the number of quantizers set."""
     device = device or next(denoiser.parameters()).device
     if s.observer:
-        with observing_act_ranges(denoiser, s.method, p=s.p, n_candidates=s.n_candidates,
-                                  seed=s.seed, minmax_layers=minmax_layers) as quantizers:
+        with observing_act_ranges(
+            denoiser, s.method, p=s.p, n_candidates=s.n_candidates, seed=s.seed, minmax_layers=minmax_layers
+        ) as quantizers:
             with quant_state(denoiser, weights=False):
-                for batch in stream.batches(s.batch_size, stream.subset(s.rows, s.seed),
-                                            with_step=True):
+                for batch in stream.batches(s.batch_size, stream.subset(s.rows, s.seed), with_step=True):
                     _call_rows(denoiser, batch, device)
         return len(quantizers)
 
@@ -358,8 +397,9 @@ def init_timestep_ranges(denoiser: nn.Module, stream: CalibStream, s: StepInit, 
     hooks, handles = {}, []
     for i, (name, q) in enumerate(quantizers):
         method = "minmax" if any(f.search(name) for f in forced) else s.method
-        hooks[name] = _GroupRanges(q, method, s.p, s.n_candidates, s.seed * 100_003 + i,
-                                   0 if shared else None)
+        hooks[name] = _GroupRanges(
+            q, method, s.p, s.n_candidates, s.seed * 100_003 + i, 0 if shared else None
+        )
         handles.append(q.register_forward_pre_hook(hooks[name]))
         if s.network == "fp":  # observed, then passed on unquantized
             handles.append(q.register_forward_hook(lambda m, args, out: args[0]))
@@ -394,6 +434,8 @@ def init_timestep_ranges(denoiser: nn.Module, stream: CalibStream, s: StepInit, 
 def _report(quantizers: list[tuple[str, ActQuantizer]], seen: dict[str, bool]) -> int:
     unused = [n for n, _ in quantizers if not seen[n]]
     if unused:
-        log.warning("activation quantizers never called during the time-step range init (left "
-                    "as they were): %s", ", ".join(unused[:8]))
+        log.warning(
+            "activation quantizers never called during the time-step range init (left as they were): %s",
+            ", ".join(unused[:8]),
+        )
     return len(quantizers) - len(unused)

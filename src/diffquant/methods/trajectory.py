@@ -33,8 +33,8 @@ outputs (DPM-Solver++ multistep, PLMS) are rejected by :func:`check_stateless_sc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -63,9 +63,11 @@ def loss_fn(name: str) -> LossFn:
 def check_stateless_scheduler(scheduler) -> None:
     """Raise for samplers whose ``step`` depends on earlier calls (a rollout may start anywhere)."""
     if hasattr(scheduler, "model_outputs") or hasattr(scheduler, "ets"):
-        raise ValueError(f"{type(scheduler).__name__} keeps a history of model outputs between steps; "
-                         "trajectory calibration needs a single-step sampler (e.g. DDIMScheduler): "
-                         "set model.scheduler=DDIMScheduler")
+        raise ValueError(
+            f"{type(scheduler).__name__} keeps a history of model outputs between steps; "
+            "trajectory calibration needs a single-step sampler (e.g. DDIMScheduler): "
+            "set model.scheduler=DDIMScheduler"
+        )
 
 
 # ---------------------------------------------------------------------------- conditioning rows
@@ -79,8 +81,13 @@ def select_rows(cond: Conditioning, rows: Sequence[int] | Tensor) -> Conditionin
 def cat_conditions(parts: Sequence[Conditioning]) -> Conditioning:
     """Concatenate the conditioning of several batches (same keys)."""
     first = parts[0]
-    cat = lambda key: None if getattr(first, key) is None else {  # noqa: E731
-        k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)}
+    cat = lambda key: (
+        None
+        if getattr(first, key) is None
+        else {  # noqa: E731
+            k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)
+        }
+    )
     return Conditioning(cat("cond"), cat("uncond"), [lab for p in parts for lab in p.labels])
 
 
@@ -109,11 +116,15 @@ class Trajectories:
     def __len__(self) -> int:
         return self.states.shape[1]
 
-    def rows(self, rows: Sequence[int] | Tensor) -> "Trajectories":
+    def rows(self, rows: Sequence[int] | Tensor) -> Trajectories:
         """The trajectories of a subset of samples."""
         r = torch.as_tensor(rows, dtype=torch.long)
-        return Trajectories(self.states[:, r.to(self.states.device)], select_rows(self.cond, r),
-                            [self.indices[int(j)] for j in r], self.seed)
+        return Trajectories(
+            self.states[:, r.to(self.states.device)],
+            select_rows(self.cond, r),
+            [self.indices[int(j)] for j in r],
+            self.seed,
+        )
 
 
 @torch.no_grad()
@@ -124,7 +135,7 @@ def fp_trajectories(model, indices: Sequence[int], seed: int, batch_size: int = 
     model.scheduler.set_timesteps(model.sampler.num_inference_steps)
     with quant_state(model.denoiser, weights=False, acts=False):
         for start in range(0, len(indices), batch_size):
-            idx = [int(i) for i in indices[start:start + batch_size]]
+            idx = [int(i) for i in indices[start : start + batch_size]]
             cond = model.conditions(idx, seed).to(model.device)
             x = model.initial_noise(idx, seed)
             chain = [x]
@@ -137,8 +148,9 @@ def fp_trajectories(model, indices: Sequence[int], seed: int, batch_size: int = 
 
 
 # ---------------------------------------------------------------------------- rollouts
-def rollout(model, x: Tensor, start: int, n_steps: int, cond: Conditioning,
-            indices: Sequence[int], seed: int) -> Tensor:
+def rollout(
+    model, x: Tensor, start: int, n_steps: int, cond: Conditioning, indices: Sequence[int], seed: int
+) -> Tensor:
     """``n_steps`` sampler steps from ``x`` at step ``start``; differentiable (the caller decides
     whether a graph is built). ``x``: ``(N, C, h, w)`` → ``(N, C, h, w)``."""
     for k in range(n_steps):
@@ -147,8 +159,9 @@ def rollout(model, x: Tensor, start: int, n_steps: int, cond: Conditioning,
 
 
 @torch.no_grad()
-def rollout_states(model, x: Tensor, start: int, n_steps: int, cond: Conditioning,
-                   indices: Sequence[int], seed: int) -> list[Tensor]:
+def rollout_states(
+    model, x: Tensor, start: int, n_steps: int, cond: Conditioning, indices: Sequence[int], seed: int
+) -> list[Tensor]:
     """The ``n_steps + 1`` states ``[x, step(x), ...]`` of a rollout, without graphs."""
     states = [x]
     for k in range(n_steps):
@@ -156,9 +169,19 @@ def rollout_states(model, x: Tensor, start: int, n_steps: int, cond: Conditionin
     return states
 
 
-def group_backward(model, mode: str, x_start: Tensor, start: int, n_steps: int, target: Tensor,
-                   cond: Conditioning, indices: Sequence[int], seed: int,
-                   loss: LossFn = mse_loss, loss_scale: float = 1.0) -> float:
+def group_backward(
+    model,
+    mode: str,
+    x_start: Tensor,
+    start: int,
+    n_steps: int,
+    target: Tensor,
+    cond: Conditioning,
+    indices: Sequence[int],
+    seed: int,
+    loss: LossFn = mse_loss,
+    loss_scale: float = 1.0,
+) -> float:
     """Accumulate ``loss_scale · ∂L/∂θ`` into the ``.grad`` of every parameter that requires grad,
     for the group loss ``L = loss(x̃_{start+n_steps}, target)`` of the current (quantized) model
     rolled out from ``x_start``; returns ``L`` (a float).
@@ -196,9 +219,17 @@ def group_backward(model, mode: str, x_start: Tensor, start: int, n_steps: int, 
     return float(value.detach())
 
 
-def group_loss(model, x_start: Tensor, start: int, n_steps: int, target: Tensor,
-               cond: Conditioning, indices: Sequence[int], seed: int,
-               loss: LossFn = mse_loss) -> float:
+def group_loss(
+    model,
+    x_start: Tensor,
+    start: int,
+    n_steps: int,
+    target: Tensor,
+    cond: Conditioning,
+    indices: Sequence[int],
+    seed: int,
+    loss: LossFn = mse_loss,
+) -> float:
     """The group loss of the current model, without gradients."""
     with torch.no_grad():
         return float(loss(rollout(model, x_start, start, n_steps, cond, indices, seed), target))
@@ -210,8 +241,11 @@ def gradient_of(params: Sequence[torch.nn.Parameter], fn: Callable[[], object]) 
     for p in params:
         p.grad = None
     fn()
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params]).detach().clone()
+    flat = (
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        .detach()
+        .clone()
+    )
     for p in params:
         p.grad = None
     return flat
@@ -237,6 +271,21 @@ def group_length(start: int, n_steps: int, group_size: int) -> int:
     return min(group_size, n_steps - start)
 
 
-__all__ = ["GRAD_MODES", "LOSSES", "Trajectories", "check_stateless_scheduler", "fp_trajectories",
-           "gradient_agreement", "gradient_of", "group_backward", "group_length", "group_loss",
-           "group_starts", "loss_fn", "mse_loss", "rollout", "rollout_states", "select_rows"]
+__all__ = [
+    "GRAD_MODES",
+    "LOSSES",
+    "Trajectories",
+    "check_stateless_scheduler",
+    "fp_trajectories",
+    "gradient_agreement",
+    "gradient_of",
+    "group_backward",
+    "group_length",
+    "group_loss",
+    "group_starts",
+    "loss_fn",
+    "mse_loss",
+    "rollout",
+    "rollout_states",
+    "select_rows",
+]

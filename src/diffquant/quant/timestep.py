@@ -27,8 +27,9 @@ for) the call is routed by value, with a warning. Code that calls a UNet sub-mod
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +52,9 @@ class TimestepRouter:
         self.schedule = torch.as_tensor(schedule, dtype=torch.float64).reshape(-1).cpu()
         self.n_groups = int(n_groups)
         if self.n_groups < 1 or self.n_groups > len(self.schedule):
-            raise ValueError(f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} "
-                             f"(the number of sampler steps)")
+            raise ValueError(
+                f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} (the number of sampler steps)"
+            )
         self._warned = False
 
     @property
@@ -70,12 +72,10 @@ class TimestepRouter:
         """Group index ``(B,)`` of each sampler step index: ``i · G // S``."""
         s = torch.as_tensor(steps).detach().reshape(-1).to("cpu", torch.long)
         if s.numel() and (s.min() < 0 or s.max() >= self.n_steps):
-            raise ValueError(f"sampler step index outside 0..{self.n_steps - 1}: "
-                             f"{s.tolist()[:8]}")
+            raise ValueError(f"sampler step index outside 0..{self.n_steps - 1}: {s.tolist()[:8]}")
         return s * self.n_groups // self.n_steps
 
-    def groups(self, timestep: Tensor | int | float,
-               steps: Optional[Tensor | int] = None) -> Tensor:
+    def groups(self, timestep: Tensor | int | float, steps: Optional[Tensor | int] = None) -> Tensor:
         """Group index ``(B,)`` (LongTensor) of each row: by ``steps`` (sampler step indices, one
         or one per row) where the schedule holds ``timestep`` at those indices, else by the
         time-step value (see the module doc)."""
@@ -88,14 +88,19 @@ class TimestepRouter:
             if in_range and bool((self.schedule[s] == t).all()):
                 return self.step_groups(s)
             if not self._warned:
-                log.warning("sampler step indices %s do not match the time steps %s of the "
-                            "quantized schedule (%d steps): routing time-step groups by value",
-                            s.tolist()[:4], t.tolist()[:4], self.n_steps)
+                log.warning(
+                    "sampler step indices %s do not match the time steps %s of the "
+                    "quantized schedule (%d steps): routing time-step groups by value",
+                    s.tolist()[:4],
+                    t.tolist()[:4],
+                    self.n_steps,
+                )
                 self._warned = True
         return self.step_index(timestep) * self.n_groups // self.n_steps
 
-    def route(self, module: nn.Module, timestep: Tensor | int | float,
-              steps: Optional[Tensor | int] = None) -> None:
+    def route(
+        self, module: nn.Module, timestep: Tensor | int | float, steps: Optional[Tensor | int] = None
+    ) -> None:
         """Point every time-step-aware quantizer under ``module`` at the rows' groups (by
         ``steps`` where given and consistent, else by time-step value: :meth:`groups`)."""
         set_group_index(module, self.groups(timestep, steps))
@@ -119,8 +124,9 @@ def set_group_index(module: nn.Module, group_index: Optional[Tensor | int]) -> N
             m.group_index = None if group_index is None else group_index.to(m.scale.device)
 
 
-def attach_timestep_router(denoiser: nn.Module, spec: "DenoiserSpec", schedule: Sequence[int] | Tensor,
-                           n_groups: int) -> TimestepRouter:
+def attach_timestep_router(
+    denoiser: nn.Module, spec: DenoiserSpec, schedule: Sequence[int] | Tensor, n_groups: int
+) -> TimestepRouter:
     """Install (or replace) the denoiser's router and its forward pre-hook, which reads the time
     step where ``spec`` says the family passes it; returns the router."""
     detach_timestep_router(denoiser)
