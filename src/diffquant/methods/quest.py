@@ -7,30 +7,44 @@ the same model, quant config and PTQ settings were calibrated before: ``method.p
 1. **time-step-aware activations**: every activation quantizer gets one (Δ, z) set per group of
    sampler steps — by default one per recorded calibration step, as the QuEST code keeps one
    quantizer per calibration time step (the paper's text says a single set; the code does not).
-   The denoiser's time-step hook picks the set at every sampler step. ``timestep_init``:
-   ``lp`` / ``minmax`` set each group's range from that group's calibration rows (the QuEST code
-   calibrates per time step; its search is a percentile one, ours the L_p one of the PTQ init);
-   ``ptq`` copies PTQ's (LSQ-refined) set into every group.
+   The denoiser's time-step hook picks the set at every sampler step, by the sampler's step
+   index (:mod:`diffquant.quant.timestep`). Each group's initial ranges come from calibration
+   rows (``timestep_init*``, :mod:`diffquant.methods.quest_init`): ``minmax``, ``percentile``
+   (the QuEST code's search) or ``lp`` (the PTQ init's search), on the ``fp`` or the
+   ``quantized`` network (the QuEST code's), from the first ``timestep_init_rows_per_step`` rows
+   of every step (the QuEST code's 64) or a random subset, optionally followed by running
+   statistics; or ``ptq`` copies PTQ's (LSQ-refined) set into every group. The default is the
+   QuEST code's (percentile search, quantized network, first 64 rows of each step, no running
+   statistics): on ldm_digits it halves FID→FP against our earlier L_p init on the FP network
+   from 512 random rows (W4A4 0.066 vs 0.146; W4A8 0.026 vs 0.041; sd_digits W4A4 0.081 vs
+   0.190; experiments/FIDELITY_quest.md).
 2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections (the
    denoiser roles ``tla_roles``, default ``time_projection``) and of the critical layers with all
    remaining step sizes (:mod:`diffquant.methods.quest_finetune` says exactly which parameters
-   train, the loss, and where targets come from).
+   train, the loss, and where targets come from). ``loss_form``: ``paper`` (Eq. 7: each stage's
+   layer-local losses + λ·L_G, λ = ``global_loss_weight`` = 2) or ``code`` (the QuEST code: L_G
+   weighted by the stage's number of layers K, and CMA's local term only where
+   ``cma_local_loss``, i.e. in its SD script; :func:`stage_loss_weights`).
 
 Critical layers (``critical_layers``), read from the denoiser's roles
 (:mod:`diffquant.models.denoiser`), never from module names:
 
 * ``by_family`` (default) — the roles of the model family in ``critical_roles_by_family``:
-  ``ldm`` (UNet2DModel with self-attention blocks, e.g. ldm_digits, LSUN LDMs) →
-  ``self_attention_qkv`` (the QuEST code's ``qkv`` for LSUN); ``sd`` → ``feed_forward``,
-  ``self_attention_qkv``, ``cross_attention_q`` (the QuEST code's ImageNet LDM-4 choice; its SD
-  script uses the feed-forward layers only); any other family → ``default``.
+  ``ldm`` (UNet2DModel with self-attention blocks, e.g. ldm_digits, the LSUN LDMs) →
+  ``self_attention_qkv`` (the QuEST code's ``qkv`` for LSUN, ``post_layer_recon_uncond.py``
+  36/54); ``ldm_class_context`` (the ImageNet LDM-4) → ``feed_forward``, ``self_attention_qkv``,
+  ``cross_attention_q`` (its ``ff.net``, ``to_q``, ``attn1.to_k/v``,
+  ``post_layer_recon_imagenet.py`` 35-49/62); ``sd`` → the same three roles, the embedded
+  default (sd_digits): the QuEST SD script trains ``ff.net`` only (``post_layer_recon_sd.py``
+  35/53), which ``experiment=quest_sd`` selects (``critical_roles_by_family.sd:
+  [feed_forward]``); any other family → ``default``.
 * ``auto`` — the activation sensitivity sweep (:mod:`diffquant.methods.quest_sensitivity`) on
   the FP model picks the ``critical_top_k`` most sensitive units; its ranking is a file of the
   result (``sensitivity.md``) and is cached.
 * a list of regular expressions searched in ``<layer>.weight`` (for users naming layers).
 
 Ablations (``conf/method/quest_*.yaml``): ``tla: false`` (CMA only), ``cma: false`` (TLA only),
-``global_loss_weight: 0`` (no L_G).
+``global_loss_weight: 0`` (no L_G, in either ``loss_form``).
 
 Metrics added to ``metrics.json``: ``finetune_s`` (TLA + CMA seconds), ``quest_setup_s`` (sweep,
 time-step split and range init), ``n_trainable_params`` (scalars trained in any stage) and its
@@ -60,7 +74,7 @@ from torch import Tensor, nn
 
 from diffquant.cache import CacheEntry
 from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
-from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
+from diffquant.calib.ranges import minmax_patterns
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.progress import Checkpointer, cpu_tensors, load_tensors, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
@@ -74,6 +88,13 @@ from diffquant.methods.quest_finetune import (
     plan_stages,
     rows_per_step,
     train_stage,
+)
+from diffquant.methods.quest_init import (
+    INIT_NETWORKS,
+    INIT_SCOPES,
+    TIMESTEP_INITS,
+    StepInit,
+    init_timestep_ranges,
 )
 from diffquant.methods.quest_sensitivity import (
     JSON_FILE,
@@ -93,12 +114,13 @@ from diffquant.validation import InvalidSetting, one_of, positive
 
 log = logging.getLogger(__name__)
 
-TIMESTEP_INITS = ("lp", "minmax", "ptq")
+LOSS_FORMS = ("paper", "code")
 
 
 def _default_critical_by_family() -> dict[str, list[str]]:
     return {
         "ldm": ["self_attention_qkv"],
+        "ldm_class_context": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"],
     }
@@ -114,15 +136,41 @@ class QuestConfig:
             entry as ``method=ptq``).
         timestep_groups: activation parameter sets (groups of sampler steps); None = one per
             recorded calibration step (sampler steps / ``ptq.calib.step_stride``).
-        timestep_init: per-group initial ranges from calibration rows by the ``lp`` search or
-            ``minmax``, or ``ptq``: a copy of PTQ's single set in every group.
-        timestep_init_rows: calibration rows for ``lp`` / ``minmax`` (None = all).
+        timestep_init: per-group initial ranges from calibration rows by the ``lp`` search,
+            ``minmax`` or the QuEST code's ``percentile`` search; or ``ptq``: a copy of PTQ's
+            single set in every group (:mod:`diffquant.methods.quest_init`).
+        timestep_init_network: ``fp`` (weights FP, inputs observed unquantized) or ``quantized``
+            (the QuEST code: weights quantized, every quantizer quantizes once its range is set,
+            so later layers see quantized inputs).
+        timestep_init_scope: ``per_step`` (every group from its own rows) or ``shared`` (the
+            QuEST SD script: one set from ``timestep_init_rows`` random rows of all steps, copied
+            into every group; running statistics then move the first group only, as there).
+        timestep_init_rows_per_step: the ``per_step`` scope's rows: the first that many rows of
+            every recorded step, one forward per step (the QuEST code: 64); None: random rows.
+        timestep_init_rows: random calibration rows over all steps (None = all), for the
+            ``shared`` scope, and for ``per_step`` when ``timestep_init_rows_per_step`` is None.
+        timestep_init_running_stat: after the initial ranges, the QuEST code's running statistics
+            (``--running_stat``): each step's rows in batches of
+            ``timestep_init_running_batch_size`` move its ranges to the EMA (momentum
+            ``timestep_init_momentum``) of per-batch min / max; None = on above 4 activation
+            bits (the QuEST README drops ``--running_stat`` at W4A4).
         tla / cma: run the Temporal Layer Alignment / Critical Module Alignment stage.
-        global_loss_weight: λ of the UNet-output loss L_G (paper: 2).
+        loss_form: ``paper`` (each stage: local losses + ``global_loss_weight`` · L_G) or
+            ``code`` (the QuEST code: L_G weighted by the stage's number of layers K; CMA's
+            local term only with ``cma_local_loss``); :func:`stage_loss_weights`.
+        global_loss_weight: λ of the UNet-output loss L_G (paper: 2); 0 turns L_G off in
+            either ``loss_form``.
+        cma_local_loss: CMA's loss has the critical layers' local term (the QuEST code's SD
+            script: yes; its LSUN / ImageNet scripts: no). TLA always has its local term.
         weight_lr / act_lr: Adam learning rates of latent weights (and biases) / step sizes.
+        tla_act_lr: TLA's step-size learning rate (None = ``act_lr``; the QuEST code: 1e-5).
         tla_epochs / cma_epochs: passes over the training rows per stage.
         samples_per_step: training rows drawn per recorded calibration step.
         batch_size: rows per optimiser step.
+        tla_samples_per_step / tla_batch_size: the same for TLA (None = as CMA; the QuEST code
+            trains TLA on 8 rows per step, 2 per optimiser step).
+        cma_exclude_act_roles: denoiser roles whose input step sizes CMA leaves alone (the
+            QuEST code: the time-embedding MLP, ``time_embedding``).
         train_bias: also finetune the selected layers' biases (the QuEST code does in TLA).
         tla_roles: the denoiser roles TLA finetunes (default ``time_projection``).
         critical_layers: ``by_family``, ``auto`` or a list of regexes (CMA's layers).
@@ -142,17 +190,29 @@ class QuestConfig:
     name: str = "quest"
     ptq: PTQConfig = field(default_factory=PTQConfig)
     timestep_groups: Optional[int] = None
-    timestep_init: str = "lp"
-    timestep_init_rows: Optional[int] = 512
+    timestep_init: str = "percentile"
+    timestep_init_network: str = "quantized"
+    timestep_init_scope: str = "per_step"
+    timestep_init_rows_per_step: Optional[int] = 64
+    timestep_init_rows: Optional[int] = None
+    timestep_init_running_stat: Optional[bool] = False
+    timestep_init_running_batch_size: int = 64
+    timestep_init_momentum: float = 0.95
     tla: bool = True
     cma: bool = True
+    loss_form: str = "paper"
     global_loss_weight: float = 2.0
+    cma_local_loss: bool = True
     weight_lr: float = 1e-5
     act_lr: float = 1e-4
+    tla_act_lr: Optional[float] = None
     tla_epochs: int = 4
     cma_epochs: int = 4
     samples_per_step: int = 32
     batch_size: int = 32
+    tla_samples_per_step: Optional[int] = None
+    tla_batch_size: Optional[int] = None
+    cma_exclude_act_roles: list[str] = field(default_factory=list)
     train_bias: bool = True
     tla_roles: list[str] = field(default_factory=lambda: ["time_projection"])
     critical_layers: Any = "by_family"
@@ -175,22 +235,80 @@ def validate_quest(cfg: QuestConfig) -> None:
     from diffquant.models.denoiser import ROLES
 
     one_of(cfg, "timestep_init", TIMESTEP_INITS)
-    positive(cfg, "samples_per_step", "batch_size", "timestep_groups", "timestep_init_rows")
+    one_of(cfg, "timestep_init_network", INIT_NETWORKS)
+    one_of(cfg, "timestep_init_scope", INIT_SCOPES)
+    one_of(cfg, "loss_form", LOSS_FORMS)
+    positive(
+        cfg,
+        "samples_per_step",
+        "batch_size",
+        "timestep_groups",
+        "timestep_init_rows",
+        "timestep_init_rows_per_step",
+        "timestep_init_running_batch_size",
+        "tla_samples_per_step",
+        "tla_batch_size",
+        "tla_act_lr",
+    )
     positive(
         cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", "progress_every", allow_zero=True
     )
+    if not 0.0 <= cfg.timestep_init_momentum < 1.0:
+        raise InvalidSetting("timestep_init_momentum", "must lie in [0, 1) (the QuEST code: 0.95)")
+    if cfg.timestep_init == "ptq" and cfg.timestep_init_running_stat:
+        raise InvalidSetting(
+            "timestep_init_running_stat",
+            "needs ranges set from calibration rows, not timestep_init=ptq (the PTQ copy): set it to false",
+        )
     if isinstance(cfg.critical_layers, str) and cfg.critical_layers not in ("auto", "by_family"):
         raise InvalidSetting(
             "critical_layers",
             "is unknown: use 'auto', 'by_family' or a list of name patterns, e.g. '[to_q,ff.net]'",
         )
-    roles = [*cfg.tla_roles, *(r for rs in cfg.critical_roles_by_family.values() for r in rs)]
-    unknown = sorted({r for r in roles if r not in ROLES})
-    if unknown:
-        raise InvalidSetting(
-            "tla_roles" if set(unknown) & set(cfg.tla_roles) else "critical_roles_by_family",
-            f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}",
-        )
+    for key, roles in (
+        ("tla_roles", cfg.tla_roles),
+        ("cma_exclude_act_roles", cfg.cma_exclude_act_roles),
+        ("critical_roles_by_family", [r for rs in cfg.critical_roles_by_family.values() for r in rs]),
+    ):
+        unknown = sorted({r for r in roles if r not in ROLES})
+        if unknown:
+            raise InvalidSetting(key, f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}")
+
+
+def step_init(cfg: QuestConfig, quant: QuantConfig) -> StepInit:
+    """The per-group range init of ``cfg`` under ``quant`` (``timestep_init_running_stat=None``
+    resolves to on above 4 activation bits)."""
+    running = cfg.timestep_init_running_stat
+    if running is None:
+        running = cfg.timestep_init != "ptq" and quant.act_bits > 4
+    return StepInit(
+        method=cfg.timestep_init,
+        network=cfg.timestep_init_network,
+        scope=cfg.timestep_init_scope,
+        rows=cfg.timestep_init_rows,
+        rows_per_step=cfg.timestep_init_rows_per_step,
+        running=bool(running),
+        running_batch_size=cfg.timestep_init_running_batch_size,
+        momentum=cfg.timestep_init_momentum,
+        batch_size=cfg.ptq.act_init_batch_size,
+        p=quant.lp_norm,
+        n_candidates=quant.lp_candidates,
+        seed=cfg.seed,
+        layout=(cfg.ptq.calib.n_samples, cfg.ptq.calib.batch_size),
+    )
+
+
+def stage_loss_weights(cfg: QuestConfig, stage: Stage) -> tuple[bool, float]:
+    """``(local term, λ)`` of a stage's loss under ``cfg.loss_form``: ``paper`` — both stages
+    local + ``global_loss_weight``; ``code`` — λ = K, the stage's number of layers (the QuEST code
+    adds L_G once per hooked layer: ``post_layer_recon_*.py``, e.g. imagenet 102-105 / 233-236),
+    CMA's local term only with ``cma_local_loss``. ``global_loss_weight = 0`` is λ = 0 in both."""
+    local = stage.name != "cma" or cfg.cma_local_loss
+    if cfg.global_loss_weight == 0:
+        return local, 0.0
+    if cfg.loss_form == "code":
+        return local, float(len(stage.layers))
+    return local, float(cfg.global_loss_weight)
 
 
 # ---------------------------------------------------------------------------- time steps
@@ -304,14 +422,14 @@ def _probe_batches(
     candidates = free.nonzero().flatten()
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     rows = candidates[torch.randperm(len(candidates), generator=g)[: cfg.eval_rows]].sort().values
-    return list(stream.batches(cfg.batch_size, rows, device=device)) if len(rows) else []
+    return list(stream.batches(cfg.batch_size, rows, device=device, with_step=True)) if len(rows) else []
 
 
 @METHODS.register("quest", schema=QuestConfig)
 class Quest(Method):
     """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
 
-    version = 2
+    version = 3
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
@@ -363,7 +481,10 @@ class Quest(Method):
         result.merge(load_or_run_ptq(model, quant, cfg.ptq, ctx))
         t_setup = time.perf_counter()
         train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
-        probe = _probe_batches(stream, train_rows, cfg, device)
+        tla_rows = train_rows
+        if cfg.tla_samples_per_step not in (None, cfg.samples_per_step):
+            tla_rows = rows_per_step(stream, cfg.tla_samples_per_step, cfg.seed + 1)
+        probe = _probe_batches(stream, torch.cat([train_rows, tla_rows]).unique(), cfg, device)
         metrics: dict[str, Any] = {
             "quest_eps_mse_ptq": output_mse(denoiser, spec, probe, FPTeacher(denoiser, []))
         }
@@ -377,15 +498,10 @@ class Quest(Method):
             if split:
                 make_timestep_aware(denoiser, spec, model.timesteps, groups)
             if cfg.timestep_init != "ptq":
-                calibrate_act_ranges(
+                init_timestep_ranges(
                     denoiser,
                     stream,
-                    method=cfg.timestep_init,
-                    n_rows=cfg.timestep_init_rows,
-                    batch_size=cfg.ptq.act_init_batch_size,
-                    p=quant.lp_norm,
-                    n_candidates=quant.lp_candidates,
-                    seed=cfg.seed,
+                    step_init(cfg, quant),
                     device=device,
                     minmax_layers=minmax_patterns(denoiser, spec, quant),
                 )
@@ -398,14 +514,20 @@ class Quest(Method):
             tla_epochs=cfg.tla_epochs,
             cma_epochs=cfg.cma_epochs,
             train_bias=cfg.train_bias,
+            cma_exclude_act_layers=spec.layers(denoiser, *cfg.cma_exclude_act_roles),
         )
         teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
         metrics["quest_eps_mse_init"] = output_mse(denoiser, spec, probe, teacher)
         rows = load_rows(stream, train_rows)
+        stage_rows = {"tla": rows if tla_rows is train_rows else load_rows(stream, tla_rows), "cma": rows}
         finetuned = {n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}
+        all_rows = {
+            **rows,
+            **{f"tla.{k}": v for k, v in stage_rows["tla"].items() if stage_rows["tla"] is not rows},
+        }
         ckpt = Checkpointer(
             progress,
-            self.fingerprint(cfg, quant, stages, rows, denoiser),
+            self.fingerprint(cfg, quant, stages, all_rows, denoiser),
             every=cfg.progress_every,
             what="QuEST finetuning",
         )
@@ -418,16 +540,21 @@ class Quest(Method):
         for i, stage in enumerate(stages):
             if i < len(reports):
                 continue  # finished before the job was stopped
+            is_tla = stage.name == "tla"
+            local, global_weight = stage_loss_weights(cfg, stage)
+            data = stage_rows[stage.name]
             log.info(
                 "QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
-                "%d rows x %d epochs",
+                "%d rows x %d epochs; loss %s + %g * L_G",
                 stage.name,
                 len(stage.layers),
                 len(stage.weights),
                 len(stage.act_scales),
                 stage.n_params,
-                len(next(iter(rows.values()))),
+                len(next(iter(data.values()))),
                 stage.epochs,
+                "local" if local else "0",
+                global_weight,
             )
             saver = ckpt.within(
                 lambda stage_state, i=i: {
@@ -437,17 +564,20 @@ class Quest(Method):
                     "reports": [dataclasses.asdict(r) for r in reports],
                 }
             )
+            act_lr = cfg.tla_act_lr if is_tla and cfg.tla_act_lr is not None else cfg.act_lr
+            batch_size = cfg.tla_batch_size if is_tla and cfg.tla_batch_size else cfg.batch_size
             reports.append(
                 train_stage(
                     denoiser,
                     spec,
                     stage,
-                    rows,
+                    data,
                     teacher,
                     weight_lr=cfg.weight_lr,
-                    act_lr=cfg.act_lr,
-                    global_weight=cfg.global_loss_weight,
-                    batch_size=cfg.batch_size,
+                    act_lr=act_lr,
+                    global_weight=global_weight,
+                    local=local,
+                    batch_size=batch_size,
                     seed=cfg.seed + i,
                     device=device,
                     tracker=ctx.tracker,
@@ -471,6 +601,7 @@ class Quest(Method):
                 "timestep_groups": groups,
                 "critical_layers": critical,
                 "train_rows": int(len(next(iter(rows.values())))),
+                "tla_train_rows": int(len(next(iter(stage_rows["tla"].values())))),
             }
         )
         for r in reports:

@@ -11,7 +11,9 @@ time-step aware):
   layers: roles or name patterns, see :mod:`diffquant.methods.quest`): their latent weights and
   biases; and
   the step sizes of *every* activation quantizer below 16 bits not trained in TLA (all layer
-  inputs, attention q/k/v and softmax probabilities), as the QuEST code does.
+  inputs, attention q/k/v and softmax probabilities), as the QuEST code does, except the inputs
+  of the layers in ``cma_exclude_act_layers`` (the QuEST code leaves the time-embedding MLP's
+  out: ``"emb" not in n``, ``qdiff/post_layer_recon_*.py`` line 64/65).
 
 Latent weights train through the straight-through estimator with the AdaRound choices frozen:
 the quantized weight is ``(clamp(floor(W/Δ) + round_up + z) - z) · Δ`` and ``floor`` passes the
@@ -19,17 +21,19 @@ gradient through (weight Δ, z and ``round_up`` stay fixed).
 
 Loss of a stage, per batch of calibration rows (Eq. 4-7 of the paper)::
 
-    L = Σ_{l in stage layers} mean((Õ_l - O_l)²)  +  λ · mean((ε̃ - ε)²)
+    L = [Σ_{l in stage layers} mean((Õ_l - O_l)²)]  +  λ · mean((ε̃ - ε)²)
 
 ``O_l`` / ``ε`` are the outputs of layer ``l`` / of the whole denoiser in the FP model on the same
 inputs (:class:`FPTeacher`: quantization off and the trained parameters' pretrained values
 swapped in, so the teacher never drifts); ``Õ_l`` / ``ε̃`` are those of the quantized model, whose
-layer inputs are themselves quantized-path values (the paper's ``ž``). Every trained layer's
-output is compared (the QuEST code drops the CMA local term for LSUN/ImageNet and weights the
-global term by the number of hooked layers; here the paper's form is used, λ = 2).
+layer inputs are themselves quantized-path values (the paper's ``ž``). The caller chooses λ and
+whether the local term is there (:func:`diffquant.methods.quest.stage_loss_weights`: the
+paper's λ = 2 with both terms, or the QuEST code's λ = K, the stage's number of layers, with
+CMA's local term only in its SD script).
 
 Rows are drawn ``samples_per_step`` per recorded calibration step and shuffled across steps every
-epoch (the QuEST code loops over steps one at a time); each row routes to its own time-step group.
+epoch (the QuEST code loops over steps one at a time); each row routes to its own time-step group
+by its sampler step index (``_step``, :func:`~diffquant.quant.timestep.sampler_step`).
 Optimiser: Adam, ``weight_lr`` for weights/biases and ``act_lr`` for step sizes, fresh per stage.
 """
 
@@ -52,6 +56,7 @@ from torch import Tensor, nn
 from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.state import quant_parameters, quant_state
+from diffquant.quant.timestep import sampler_step
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +134,11 @@ def plan_stages(
     tla_epochs: int,
     cma_epochs: int,
     train_bias: bool = True,
+    cma_exclude_act_layers: Sequence[str] = (),
 ) -> list[Stage]:
     """The TLA and/or CMA stages (see the module doc) in training order; ``time_layers`` /
-    ``critical_layers`` are qualified layer names (CMA never trains a TLA layer)."""
+    ``critical_layers`` are qualified layer names (CMA never trains a TLA layer), and CMA does
+    not train the input step sizes of ``cma_exclude_act_layers``."""
     stages: list[Stage] = []
     all_scales = quant_parameters(denoiser, "act_scale", max_bits=MAX_TRAINED_ACT_BITS)
     tla_scales = {n: p for n, p in all_scales.items() if _belongs(n, time_layers)}
@@ -140,7 +147,11 @@ def plan_stages(
         stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales, tla_epochs))
     if cma:
         layers = _quant_layers(denoiser, critical_layers, exclude=time_layers)
-        scales = {n: p for n, p in all_scales.items() if n not in tla_scales}
+        scales = {
+            n: p
+            for n, p in all_scales.items()
+            if n not in tla_scales and not _belongs(n, cma_exclude_act_layers)
+        }
         stages.append(Stage("cma", layers, _layer_params(layers, train_bias), scales, cma_epochs))
     return stages
 
@@ -204,9 +215,18 @@ def rows_per_step(stream: CalibStream, per_step: int, seed: int) -> Tensor:
 
 
 def load_rows(stream: CalibStream, rows: Tensor) -> dict[str, Tensor]:
-    """The denoiser keyword arguments of ``rows``, concatenated on the CPU: ``{key: (N, ...)}``."""
-    parts = list(stream.batches(max(len(rows), 1), rows))
+    """The denoiser keyword arguments of ``rows`` and their sampler steps (``_step``),
+    concatenated on the CPU: ``{key: (N, ...)}``."""
+    parts = list(stream.batches(max(len(rows), 1), rows, with_step=True))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def forward_rows(denoiser: nn.Module, spec: Any, batch: dict[str, Tensor]) -> Tensor:
+    """``spec.forward`` on calibration rows; a ``_step`` entry (the rows' sampler steps) routes
+    the time-step groups (:func:`~diffquant.quant.timestep.sampler_step`)."""
+    kwargs = {k: v for k, v in batch.items() if k != STEP_KEY}
+    with sampler_step(denoiser, batch.get(STEP_KEY)):
+        return spec.forward(denoiser, kwargs)
 
 
 def _batch(rows: dict[str, Tensor], idx: Tensor, device: torch.device) -> dict[str, Tensor]:
@@ -251,11 +271,12 @@ def stage_loss(
     tap: OutputTap,
     global_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total, local, global)`` losses of one batch (see the module doc)."""
+    """``(total, local, global)`` losses of one batch (see the module doc); ``tap`` holds the
+    layers of the local term (none: no local term)."""
     with torch.no_grad(), teacher.active():
-        target = spec.forward(denoiser, batch)
+        target = forward_rows(denoiser, spec, batch)
     layer_targets = tap.take()
-    out = spec.forward(denoiser, batch)
+    out = forward_rows(denoiser, spec, batch)
     layer_outs = tap.take()
     local = out.new_zeros(())
     for name, y in layer_outs.items():
@@ -280,9 +301,11 @@ def train_stage(
     tracker: Any = None,
     progress: Any = None,
     resume: Optional[dict[str, Any]] = None,
+    local: bool = True,
 ) -> StageReport:
-    """Finetune ``stage``'s parameters on ``rows`` (denoiser kwargs ``(N, ...)`` on the CPU); every
-    other parameter and buffer of ``denoiser`` stays bit-identical.
+    """Finetune ``stage``'s parameters on ``rows`` (denoiser kwargs ``(N, ...)`` on the CPU, with
+    ``_step``); every other parameter and buffer of ``denoiser`` stays bit-identical. ``local``:
+    the loss has the layer-local term over ``stage.layers`` (else the global term alone).
 
     ``progress`` (a :class:`~diffquant.methods.progress.Checkpointer` or its
     :meth:`~diffquant.methods.progress.Checkpointer.within`) saves the loop's state after every
@@ -298,7 +321,7 @@ def train_stage(
     if not groups or stage.epochs <= 0:
         log.info("QuEST %s: nothing to train", stage.name)
         return report
-    if not stage.layers and global_weight == 0:
+    if (not stage.layers or not local) and global_weight == 0:
         log.warning("QuEST %s: no local layers and no global loss: nothing to learn from", stage.name)
         return report
     device = device or next(denoiser.parameters()).device
@@ -316,7 +339,7 @@ def train_stage(
         epoch, order, start = resume["epoch"], resume["order"], resume["start"]
         sums, count = resume["sums"], resume["count"]
         seconds_before = report.seconds
-    tap = OutputTap(stage.layers)
+    tap = OutputTap(stage.layers if local else {})
     params = stage.parameters()
     t0 = time.perf_counter()
 
@@ -406,8 +429,8 @@ def output_mse(
     total, count = 0.0, 0
     for batch in batches:
         with teacher.active():
-            target = spec.forward(denoiser, batch)
-        out = spec.forward(denoiser, batch)
+            target = forward_rows(denoiser, spec, batch)
+        out = forward_rows(denoiser, spec, batch)
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)

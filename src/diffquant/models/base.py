@@ -8,7 +8,9 @@ text encoder) and exposes one guided denoising step. Everything else is built on
 * calibration, which records the denoiser inputs of the FP model's own trajectories (a forward
   pre-hook on ``denoiser`` sees every call: see :meth:`denoiser_kwargs`);
 * AccuQuant, which rolls ``step`` out over several steps;
-* time-step-aware quantizers, which read the time-step argument the denoiser receives.
+* time-step-aware quantizers, which route by the sampler step index :meth:`step` declares around
+  each denoiser call (:func:`~diffquant.quant.timestep.sampler_step`; a time step may repeat in a
+  schedule, e.g. PNDM's), else by the time-step argument the denoiser receives.
 
 Everything family-specific about the denoiser (its calling convention, which layers play which
 role) is declared by the wrapper's :attr:`DiffusionModel.spec`
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.models.denoiser import DenoiserSpec
+from diffquant.quant.timestep import sampler_step
 
 _SEED_MULT = 1_000_003
 
@@ -185,7 +188,8 @@ class DiffusionModel:
         the same sample in every run. Differentiable in x_t and in the UNet's parameters.
         """
         t = self.timesteps[i]
-        model_out = self.eps(x_t, t, cond)
+        with sampler_step(self.denoiser, i):  # time-step-aware quantizers route by step index
+            model_out = self.eps(x_t, t, cond)
         kwargs: dict[str, Any] = {}
         if "eta" in self._step_kwargs:
             kwargs["eta"] = self.sampler.eta

@@ -4,17 +4,31 @@ An :class:`ActQuantizer` with ``n_groups = G > 1`` holds one (Δ, z) set per gro
 steps. The sampler's ``S`` steps (0 = noisiest) are split evenly: step ``i`` belongs to group
 ``i · G // S`` (``G = S`` gives one set per step, as QuEST does).
 
-:func:`attach_timestep_router` installs a forward pre-hook on the denoiser that reads its
-time-step argument (where the family's :class:`~diffquant.models.denoiser.DenoiserSpec` says) —
-a per-row tensor ``(B,)``, as :meth:`DiffusionModel.denoiser_kwargs` always passes — and sets every time-step-aware quantizer's ``group_index`` to the rows' groups, so a
-batch may mix steps (calibration batches do). Time steps not in the schedule map to the
-nearest one. Code that calls a UNet sub-module directly (block reconstruction) routes with
-:meth:`TimestepRouter.route`.
+:func:`attach_timestep_router` installs a forward pre-hook on the denoiser that sets every
+time-step-aware quantizer's ``group_index`` to the groups of the call's rows, so a batch may mix
+steps (calibration batches do). It routes
+
+* **by sampler step index** where diffquant knows it: inside :func:`sampler_step`, which
+  :meth:`DiffusionModel.step <diffquant.models.base.DiffusionModel.step>` wraps around each
+  denoiser call, and which calibration / finetuning code wraps around calls on calibration rows
+  (each row's ``_step``). A time step can occur twice in a schedule (diffusers' PNDM / PLMS:
+  ``[981, 961, 961, 941, ...]``), so only the index says which step a call is;
+* **by time-step value** otherwise (a user's own diffusers pipeline, which calls the UNet with
+  its time step alone): the argument where the family's
+  :class:`~diffquant.models.denoiser.DenoiserSpec` says, mapped to the nearest schedule entry
+  (the first of equal ones).
+
+Step indices are used only where the router's schedule holds the call's time step at that
+index; otherwise (a sampler with another number of steps than the one the model was quantized
+for) the call is routed by value, with a warning. Code that calls a UNet sub-module directly
+(block reconstruction) routes with :meth:`TimestepRouter.route` / :meth:`route_steps`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -25,7 +39,10 @@ from diffquant.quant.quantizers import ActQuantizer
 if TYPE_CHECKING:
     from diffquant.models.denoiser import DenoiserSpec
 
+log = logging.getLogger(__name__)
+
 ROUTER_ATTR = "_diffquant_timestep_router"
+STEP_ATTR = "_diffquant_sampler_step"
 
 
 class TimestepRouter:
@@ -38,19 +55,60 @@ class TimestepRouter:
             raise ValueError(
                 f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} (the number of sampler steps)"
             )
+        self._warned = False
+
+    @property
+    def n_steps(self) -> int:
+        """``S``, the number of sampler steps of the schedule."""
+        return len(self.schedule)
 
     def step_index(self, timestep: Tensor | int | float) -> Tensor:
-        """Sampler step index ``(B,)`` of each time step (nearest schedule entry)."""
+        """Sampler step index ``(B,)`` of each time step (nearest schedule entry; the first of
+        equal entries, so a repeated time step always maps to its first step)."""
         t = torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64)
         return (t[:, None] - self.schedule[None, :]).abs().argmin(dim=1)
 
-    def groups(self, timestep: Tensor | int | float) -> Tensor:
-        """Group index ``(B,)`` (LongTensor) of each time step."""
-        return self.step_index(timestep) * self.n_groups // len(self.schedule)
+    def step_groups(self, steps: Tensor | int) -> Tensor:
+        """Group index ``(B,)`` of each sampler step index: ``i · G // S``."""
+        s = torch.as_tensor(steps).detach().reshape(-1).to("cpu", torch.long)
+        if s.numel() and (s.min() < 0 or s.max() >= self.n_steps):
+            raise ValueError(f"sampler step index outside 0..{self.n_steps - 1}: {s.tolist()[:8]}")
+        return s * self.n_groups // self.n_steps
 
-    def route(self, module: nn.Module, timestep: Tensor | int | float) -> None:
-        """Point every time-step-aware quantizer under ``module`` at the rows' groups."""
-        set_group_index(module, self.groups(timestep))
+    def groups(self, timestep: Tensor | int | float, steps: Optional[Tensor | int] = None) -> Tensor:
+        """Group index ``(B,)`` (LongTensor) of each row: by ``steps`` (sampler step indices, one
+        or one per row) where the schedule holds ``timestep`` at those indices, else by the
+        time-step value (see the module doc)."""
+        if steps is not None:
+            s = torch.as_tensor(steps).detach().reshape(-1).to("cpu", torch.long)
+            t = torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64)
+            if s.numel() == 1 and t.numel() > 1:
+                s = s.expand(t.numel())
+            in_range = s.numel() == t.numel() and bool(((s >= 0) & (s < self.n_steps)).all())
+            if in_range and bool((self.schedule[s] == t).all()):
+                return self.step_groups(s)
+            if not self._warned:
+                log.warning(
+                    "sampler step indices %s do not match the time steps %s of the "
+                    "quantized schedule (%d steps): routing time-step groups by value",
+                    s.tolist()[:4],
+                    t.tolist()[:4],
+                    self.n_steps,
+                )
+                self._warned = True
+        return self.step_index(timestep) * self.n_groups // self.n_steps
+
+    def route(
+        self, module: nn.Module, timestep: Tensor | int | float, steps: Optional[Tensor | int] = None
+    ) -> None:
+        """Point every time-step-aware quantizer under ``module`` at the rows' groups (by
+        ``steps`` where given and consistent, else by time-step value: :meth:`groups`)."""
+        set_group_index(module, self.groups(timestep, steps))
+
+    def route_steps(self, module: nn.Module, steps: Tensor | int) -> None:
+        """Point every time-step-aware quantizer under ``module`` at the groups of sampler step
+        indices ``steps`` (no time step needed)."""
+        set_group_index(module, self.step_groups(steps))
 
     def state(self) -> dict[str, Any]:
         return {"schedule": self.schedule.tolist(), "n_groups": self.n_groups}
@@ -75,7 +133,7 @@ def attach_timestep_router(
     router = TimestepRouter(schedule, n_groups)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        router.route(module, spec.timestep(args, kwargs))
+        router.route(module, spec.timestep(args, kwargs), getattr(module, STEP_ATTR, None))
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(denoiser, ROUTER_ATTR, (router, handle))
@@ -100,3 +158,18 @@ def set_timestep(denoiser: nn.Module, timestep: Tensor | int | float) -> None:
     router = get_router(denoiser)
     if router is not None:
         router.route(denoiser, timestep)
+
+
+@contextmanager
+def sampler_step(denoiser: nn.Module, steps: Optional[Tensor | int]) -> Iterator[None]:
+    """Within the block, calls of ``denoiser`` are sampler step(s) ``steps`` (an int for every
+    row, or a LongTensor ``(B,)`` per row; None: unknown): its router picks time-step groups by
+    step index instead of time-step value (module doc). Nests; restores the previous value."""
+    previous = getattr(denoiser, STEP_ATTR, None)
+    if isinstance(steps, Tensor):
+        steps = steps.detach().to("cpu", torch.long)
+    object.__setattr__(denoiser, STEP_ATTR, steps)
+    try:
+        yield
+    finally:
+        object.__setattr__(denoiser, STEP_ATTR, previous)
