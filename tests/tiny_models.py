@@ -59,15 +59,16 @@ def unet2d_condition_inputs(n: int = 3, seed: int = 1) -> dict[str, torch.Tensor
 
 
 class TinyDiffusion(DiffusionModel):
-    """Class-conditional latent diffusion over :func:`tiny_unet2d`, guidance 2.0, DDIM."""
+    """Class-conditional latent diffusion over :func:`tiny_unet2d`, guidance 2.0, DDIM (or
+    ``scheduler``)."""
 
     family = "tiny"
     spec = UNET
 
-    def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0) -> None:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                  beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
+    def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0, scheduler=None) -> None:
+        scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                               beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                               set_alpha_to_one=False, steps_offset=1)
         super().__init__("tiny", tiny_unet2d(seed), nn.Identity(), scheduler,
                          SamplerSettings(steps, guidance, 0.0), LATENT, latent_scale=1.0)
 
