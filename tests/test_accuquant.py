@@ -322,7 +322,7 @@ def test_calibration_samples_spread_over_the_classes():
 def test_bad_settings_name_the_key():
     # the config validates itself (the key relative to it) ...
     for key, value in (("grad_mode", "bptt"), ("order", "random"), ("learn", ["weights"]),
-                       ("round_forward", "ste"), ("round_init", -1.0)):
+                       ("round_forward", "ste"), ("round_init", 0.0)):
         with pytest.raises(InvalidSetting, match=key) as err:
             aq.AccuQuantConfig(**{key: value})
         assert err.value.key == key
