@@ -27,9 +27,11 @@ def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path | Non
     """Compose ``conf/config.yaml`` with ``overrides``; output and cache go to tmp folders."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=[f"hydra.runtime.output_dir={output_dir}",
-                                 f"hydra.runtime.cwd={ROOT}", *overrides])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=[f"hydra.runtime.output_dir={output_dir}", f"hydra.runtime.cwd={ROOT}", *overrides],
+        )
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.cache_dir = str(cache_dir or output_dir / "cache")
@@ -53,8 +55,14 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | N
     import sys
 
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,15 @@ from diffquant.analysis import error_accumulation as erracc
 from diffquant.calib import observing_act_ranges
 from diffquant.context import RunContext
 from diffquant.methods import accuquant as aq
-from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
-                                          group_backward, group_starts)
 from diffquant.methods.base import MethodResult
 from diffquant.methods.result_cache import run_method
+from diffquant.methods.trajectory import (
+    fp_trajectories,
+    gradient_agreement,
+    gradient_of,
+    group_backward,
+    group_starts,
+)
 from diffquant.models.base import DiffusionModel, SamplerSettings
 from diffquant.models.denoiser import UNetSpec
 from diffquant.quant import QuantConfig, iter_quantizers, quant_parameters, quantize_denoiser
@@ -32,8 +37,9 @@ SEED = 5
 
 
 # ---------------------------------------------------------------------------- helpers
-def quantize_tiny(model: DiffusionModel, weight_bits: int = 4, act_bits: int = 4,
-                  **quant_kwargs) -> DiffusionModel:
+def quantize_tiny(
+    model: DiffusionModel, weight_bits: int = 4, act_bits: int = 4, **quant_kwargs
+) -> DiffusionModel:
     """W/A-quantize ``model.denoiser`` with min-max activation ranges from a few FP trajectories."""
     cfg = QuantConfig(name="t", weight_bits=weight_bits, act_bits=act_bits, **quant_kwargs)
     quantize_denoiser(model.denoiser, model.spec, cfg, timesteps=model.timesteps)
@@ -51,9 +57,20 @@ def act_scales(model: DiffusionModel) -> list[nn.Parameter]:
 
 def grads(model, params, traj, start, m, mode):
     rows = traj.rows(range(4))
-    return gradient_of(params, lambda: group_backward(
-        model, mode, rows.states[start], start, m, rows.states[start + m], rows.cond,
-        rows.indices, rows.seed))
+    return gradient_of(
+        params,
+        lambda: group_backward(
+            model,
+            mode,
+            rows.states[start],
+            start,
+            m,
+            rows.states[start + m],
+            rows.cond,
+            rows.indices,
+            rows.seed,
+        ),
+    )
 
 
 class ShiftScheduler:
@@ -103,9 +120,16 @@ class IdentityJacobianDiffusion(TinyDiffusion):
     spec = DetachedInputSpec()
 
     def __init__(self) -> None:
-        DiffusionModel.__init__(self, "identity_jacobian", DetachedInputUNet(tiny_unet2d(0)),
-                                nn.Identity(), ShiftScheduler(), SamplerSettings(4, 2.0, 0.0),
-                                LATENT, latent_scale=1.0)
+        DiffusionModel.__init__(
+            self,
+            "identity_jacobian",
+            DetachedInputUNet(tiny_unet2d(0)),
+            nn.Identity(),
+            ShiftScheduler(),
+            SamplerSettings(4, 2.0, 0.0),
+            LATENT,
+            latent_scale=1.0,
+        )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,9 +170,12 @@ def test_approx_differs_from_exact_on_a_real_sampler(tiny):
     departs from the exact one as M grows (while M = 1 stays exact)."""
     model, traj = tiny
     params = act_scales(model)
-    agreement = {m: gradient_agreement(grads(model, params, traj, 0, m, "exact"),
-                                       grads(model, params, traj, 0, m, "approx"))
-                 for m in (1, 3)}
+    agreement = {
+        m: gradient_agreement(
+            grads(model, params, traj, 0, m, "exact"), grads(model, params, traj, 0, m, "approx")
+        )
+        for m in (1, 3)
+    }
     assert agreement[1]["rel_error"] < 1e-5
     assert agreement[3]["rel_error"] > 1e-2
     assert agreement[3]["cosine"] < 1 - 1e-6
@@ -189,8 +216,17 @@ def test_approx_holds_one_step_graph_exact_holds_m(tiny):
     for mode in ("exact", "approx"):
         for m in (1, 4):
             with SavedTensorMeter() as meter:
-                group_backward(model, mode, traj.states[0, :4], 0, m, traj.states[m, :4],
-                               traj.rows(range(4)).cond, traj.indices[:4], SEED)
+                group_backward(
+                    model,
+                    mode,
+                    traj.states[0, :4],
+                    0,
+                    m,
+                    traj.states[m, :4],
+                    traj.rows(range(4)).cond,
+                    traj.indices[:4],
+                    SEED,
+                )
             peaks[mode, m] = meter.peak
     assert peaks["approx", 4] <= 1.05 * peaks["approx", 1]
     assert peaks["exact", 4] >= 3.5 * peaks["exact", 1]
@@ -201,22 +237,37 @@ def test_timestep_aware_groups_only_move_their_steps():
     model = quantize_tiny(TinyDiffusion(steps=6), timestep_aware=True, timestep_groups=6)
     traj = fp_trajectories(model, list(range(4)), SEED)
     params = act_scales(model)
-    g = gradient_of(params, lambda: group_backward(model, "approx", traj.states[2], 2, 2,
-                                                   traj.states[4], traj.cond, traj.indices, SEED))
-    per_group = torch.stack([gi.reshape(6, -1).abs().sum(1) for gi in
-                             g.split([p.numel() for p in params])]).sum(0)
+    g = gradient_of(
+        params,
+        lambda: group_backward(
+            model, "approx", traj.states[2], 2, 2, traj.states[4], traj.cond, traj.indices, SEED
+        ),
+    )
+    per_group = torch.stack(
+        [gi.reshape(6, -1).abs().sum(1) for gi in g.split([p.numel() for p in params])]
+    ).sum(0)
     assert (per_group[[2, 3]] > 0).all() and (per_group[[0, 1, 4, 5]] == 0).all()
 
 
 # ---------------------------------------------------------------------------- calibration
-@pytest.mark.parametrize("mode, learn", [("approx", ["act_scale"]), ("exact", ["act_scale"]),
-                                         ("approx", ["act_scale", "weight_round"])])
+@pytest.mark.parametrize(
+    "mode, learn",
+    [("approx", ["act_scale"]), ("exact", ["act_scale"]), ("approx", ["act_scale", "weight_round"])],
+)
 def test_calibrating_a_group_lowers_its_loss(mode, learn):
     torch.manual_seed(0)
     model = quantize_tiny(TinyDiffusion(steps=6))
     traj = fp_trajectories(model, list(range(16)), SEED)
-    cfg = aq.AccuQuantConfig(group_size=2, grad_mode=mode, learn=learn, iters_per_group=8,
-                             n_samples=16, batch_size=8, act_lr=1e-3, revert_if_worse=False)
+    cfg = aq.AccuQuantConfig(
+        group_size=2,
+        grad_mode=mode,
+        learn=learn,
+        iters_per_group=8,
+        n_samples=16,
+        batch_size=8,
+        act_lr=1e-3,
+        revert_if_worse=False,
+    )
     cal = aq.TrajectoryCalibration(model, cfg)
     start, m = 4, 2
     learned = aq.LearnedParameters(model.denoiser, cfg)
@@ -233,8 +284,11 @@ def test_calibrating_a_group_lowers_its_loss(mode, learn):
 def test_soft_rounding_starts_from_the_ptq_rounding(tiny):
     model, _ = tiny
     hard = {n: q.round_up for n, q in iter_quantizers(model.denoiser, "weight")}
-    w_before = {n: m.quantized_weight().detach().clone() for n, m in model.denoiser.named_modules()
-                if hasattr(m, "quantized_weight") and m.weight_quantizer is not None}
+    w_before = {
+        n: m.quantized_weight().detach().clone()
+        for n, m in model.denoiser.named_modules()
+        if hasattr(m, "quantized_weight") and m.weight_quantizer is not None
+    }
     aq.start_soft_rounding(model.denoiser, 2.0)
     aq.harden_rounding(model.denoiser)  # untouched α → the same choices as round-to-nearest
     for n, m in model.denoiser.named_modules():
@@ -251,9 +305,15 @@ def test_reported_losses_and_revert_judge_the_hard_rounded_model():
     torch.manual_seed(0)
     model = quantize_tiny(TinyDiffusion(steps=4))
     traj = fp_trajectories(model, list(range(8)), SEED)
-    cfg = aq.AccuQuantConfig(group_size=2, learn=["act_scale", "weight_round"],
-                             round_forward="soft", round_init=2.0, iters_per_group=3, n_samples=8,
-                             batch_size=4)
+    cfg = aq.AccuQuantConfig(
+        group_size=2,
+        learn=["act_scale", "weight_round"],
+        round_forward="soft",
+        round_init=2.0,
+        iters_per_group=3,
+        n_samples=8,
+        batch_size=4,
+    )
     cal = aq.TrajectoryCalibration(model, cfg)
     initial = cal.all_group_losses(traj)
     learned = aq.LearnedParameters(model.denoiser, cfg)  # soft at α = ±2: another network
@@ -276,8 +336,9 @@ def test_weight_round_flips_roundings_where_the_trajectory_loss_wants():
     torch.manual_seed(0)
     model = quantize_tiny(TinyDiffusion(steps=4))
     traj = fp_trajectories(model, list(range(16)), SEED)
-    cfg = aq.AccuQuantConfig(group_size=2, learn=["weight_round"], iters_per_group=100,
-                             n_samples=16, batch_size=8)
+    cfg = aq.AccuQuantConfig(
+        group_size=2, learn=["weight_round"], iters_per_group=100, n_samples=16, batch_size=8
+    )
     assert cfg.round_forward == "hard"
     before = aq.rounding_choices(model.denoiser)
     cal = aq.TrajectoryCalibration(model, cfg)
@@ -295,11 +356,13 @@ def test_run_calibrates_all_groups_in_sampler_order_with_quant_starts(order):
     torch.manual_seed(0)
     model = quantize_tiny(TinyDiffusion(steps=5))
     traj = fp_trajectories(model, list(range(8)), SEED)
-    cfg = aq.AccuQuantConfig(group_size=2, iters_per_group=2, n_samples=8, batch_size=4,
-                             group_start="quant", epochs=2, order=order)
+    cfg = aq.AccuQuantConfig(
+        group_size=2, iters_per_group=2, n_samples=8, batch_size=4, group_start="quant", epochs=2, order=order
+    )
     reports = aq.TrajectoryCalibration(model, cfg).run(traj)
     assert [(r.epoch, r.start, r.length) for r in reports] == [
-        (e, s, n) for e in (0, 1) for s, n in ((0, 2), (2, 2), (4, 1))]
+        (e, s, n) for e in (0, 1) for s, n in ((0, 2), (2, 2), (4, 1))
+    ]
     # revert_if_worse: per group when sequential, over the epoch's groups when interleaved
     if order == "sequential":
         assert all(r.loss_after <= r.loss_before for r in reports)
@@ -321,8 +384,13 @@ def test_calibration_samples_spread_over_the_classes():
 
 def test_bad_settings_name_the_key():
     # the config validates itself (the key relative to it) ...
-    for key, value in (("grad_mode", "bptt"), ("order", "random"), ("learn", ["weights"]),
-                       ("round_forward", "ste"), ("round_init", 0.0)):
+    for key, value in (
+        ("grad_mode", "bptt"),
+        ("order", "random"),
+        ("learn", ["weights"]),
+        ("round_forward", "ste"),
+        ("round_init", 0.0),
+    ):
         with pytest.raises(InvalidSetting, match=key) as err:
             aq.AccuQuantConfig(**{key: value})
         assert err.value.key == key
@@ -360,8 +428,7 @@ def test_method_records_metrics_and_group_table(tmp_path, monkeypatch):
     # cached: the same model, quant and method config load the calibrated UNet and its metrics
     torch.manual_seed(0)
     again = TinyDiffusion(steps=4)
-    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache",
-                      device=torch.device("cpu"))
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     cached = run_method(METHODS.get("accuquant")(), again, w4a4, cfg, ctx2)
     assert m["accuquant_cached"] is False and cached.metrics["accuquant_cached"] is True
     assert cached.metrics["accuquant_group_losses"] == m["accuquant_group_losses"]

@@ -57,7 +57,9 @@ def test_stopped_run_resumes_without_resampling(make_cfg, monkeypatch):
 
 
 def test_wandb_offline_run_lives_in_job_dir(make_cfg):
-    cfg = make_cfg(["evaluator.n_samples=20", "evaluator.batch_size=20", "logger=wandb", "logger.mode=offline"])
+    cfg = make_cfg(
+        ["evaluator.n_samples=20", "evaluator.batch_size=20", "logger=wandb", "logger.mode=offline"]
+    )
     run(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
@@ -65,7 +67,9 @@ def test_wandb_offline_run_lives_in_job_dir(make_cfg):
 
 def test_cli_multirun_two_seeds(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    proc = run_cli(
+        ["-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = sorted(sweep.glob("*/metrics.json"))
     assert len(found) == 2
@@ -74,12 +78,15 @@ def test_cli_multirun_two_seeds(tmp_path):
     assert "[diffquant] ldm_digits fp" in proc.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["quant=w9a9"], "Could not find 'quant/w9a9'"),
-    (["evaluator.n_sample=10"], "n_sample"),
-    (["evaluator.n_samples=0"], "evaluator.n_samples=0 must be positive"),
-    (["model.pretrained=/nonexistent/ldm"], "model.pretrained="),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["quant=w9a9"], "Could not find 'quant/w9a9'"),
+        (["evaluator.n_sample=10"], "n_sample"),
+        (["evaluator.n_samples=0"], "evaluator.n_samples=0 must be positive"),
+        (["model.pretrained=/nonexistent/ldm"], "model.pretrained="),
+    ],
+)
 def test_cli_bad_input_exits_nonzero_naming_the_fix(args, needle, tmp_path):
     proc = run_cli([*args, "logger=none", f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode != 0
@@ -88,8 +95,16 @@ def test_cli_bad_input_exits_nonzero_naming_the_fix(args, needle, tmp_path):
 
 def test_quantized_run_through_the_app(make_cfg):
     """A whole quantized job: validate, FP reference, ptq_minmax calibration, evaluation."""
-    cfg = make_cfg([*SMALL, "quant=w8a8", "method=ptq_minmax", "method.calib.n_samples=8",
-                    "method.calib.step_stride=5", "method.act_init_rows=32"])
+    cfg = make_cfg(
+        [
+            *SMALL,
+            "quant=w8a8",
+            "method=ptq_minmax",
+            "method.calib.n_samples=8",
+            "method.calib.step_stride=5",
+            "method.act_init_rows=32",
+        ]
+    )
     m = run(cfg)
     assert m["method"] == "ptq_minmax" and m["weight_bits"] == 8 and m["act_bits"] == 8
     assert m["n_quant_layers"] > 0 and m["fid_to_fp"] is not None and m["fid_to_fp"] >= 0

@@ -8,14 +8,19 @@ import json
 import pytest
 import torch
 
-from diffquant.calib import (CalibSettings, ReconSettings, calibrate_act_ranges,
-                             collect_calibration, find_units, reconstruct)
+from diffquant.calib import (
+    CalibSettings,
+    ReconSettings,
+    calibrate_act_ranges,
+    collect_calibration,
+    find_units,
+    reconstruct,
+)
 from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
 from diffquant.methods.result_cache import run_method
 from diffquant.models.denoiser import UNET
-from diffquant.quant import (QuantConfig, load_quantized, quant_state, quantize_denoiser,
-                             save_quantized)
+from diffquant.quant import QuantConfig, load_quantized, quant_state, quantize_denoiser, save_quantized
 from diffquant.quant.state import iter_quantizers
 from diffquant.registry import METHODS
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
@@ -62,8 +67,9 @@ def test_calibration_rows_cover_the_trajectories(stream, cache, monkeypatch):
     assert sum(b["sample"].shape[0] for b in stream.batches(3, sub)) == 10
 
     # the second request is served from the cache: no sampling
-    monkeypatch.setattr(TinyDiffusion, "sample_latents",
-                        lambda *a, **k: pytest.fail("calibration data was recomputed"))
+    monkeypatch.setattr(
+        TinyDiffusion, "sample_latents", lambda *a, **k: pytest.fail("calibration data was recomputed")
+    )
     again = collect_calibration(TinyDiffusion(), CALIB, cache)
     assert again.path == stream.path
 
@@ -85,8 +91,9 @@ def _calibrated(stream, progress_dir=None, on_unit_done=None, recon=RECON):
     model = TinyDiffusion()
     quantize_denoiser(model.denoiser, model.spec, W4A8, timesteps=model.timesteps)
     calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12)
-    report = reconstruct(model.denoiser, model.spec, stream, recon, progress_dir=progress_dir,
-                         on_unit_done=on_unit_done)
+    report = reconstruct(
+        model.denoiser, model.spec, stream, recon, progress_dir=progress_dir, on_unit_done=on_unit_done
+    )
     return model, report
 
 
@@ -140,8 +147,12 @@ def test_ptq_methods_cache_and_metrics(cache, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ctx = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
-    ptq = PTQConfig(calib=CALIB, recon=dataclasses.replace(RECON, weight_iters=8, act_iters=4),
-                    act_init_rows=24, save_checkpoint=True)
+    ptq = PTQConfig(
+        calib=CALIB,
+        recon=dataclasses.replace(RECON, weight_iters=8, act_iters=4),
+        act_init_rows=24,
+        save_checkpoint=True,
+    )
     first = load_or_run_ptq(TinyDiffusion(), W4A8, ptq, ctx)
     model, metrics = first.model, first.metrics
     assert metrics["n_quant_layers"] == 51 and metrics["ptq_cached"] is False
@@ -157,8 +168,7 @@ def test_ptq_methods_cache_and_metrics(cache, tmp_path):
     assert _rows_close(model.denoiser, again.model.denoiser, stream)
 
     ctx3 = RunContext(run_dir=run_dir, cache_dir=cache, device=torch.device("cpu"))
-    floor = run_method(METHODS.get("ptq_minmax")(), TinyDiffusion(), W4A8,
-                       PTQMinMaxConfig(calib=CALIB), ctx3)
+    floor = run_method(METHODS.get("ptq_minmax")(), TinyDiffusion(), W4A8, PTQMinMaxConfig(calib=CALIB), ctx3)
     assert floor.metrics["n_quant_layers"] == 51 and "recon_units" not in floor.metrics
     assert floor.metrics["ptq_minmax_cached"] is False
     assert floor.model.denoiser.conv_in.weight_quantizer.rounding == "nearest"
@@ -170,8 +180,9 @@ def test_reconstruction_of_cross_attention_unet(tmp_path):
     stream = collect_calibration(model, CalibSettings(n_samples=4, step_stride=2), tmp_path)
     quantize_denoiser(model.denoiser, model.spec, W4A8)
     calibrate_act_ranges(model.denoiser, stream, n_rows=16, batch_size=16)
-    report = reconstruct(model.denoiser, model.spec, stream,
-                         dataclasses.replace(RECON, weight_iters=6, act_iters=4))
+    report = reconstruct(
+        model.denoiser, model.spec, stream, dataclasses.replace(RECON, weight_iters=6, act_iters=4)
+    )
     kinds = {u.name: u.kind for u in report.units}
     assert "down_blocks.0.attentions.0.transformer_blocks.0" in kinds
     assert kinds["down_blocks.0.attentions.0.proj_in"] == "layer"
@@ -184,12 +195,14 @@ def test_time_step_only_inputs_get_minmax_ranges(stream):
     ranges = {}
     for forced in ((), (r"time_embedding\.",)):
         model = TinyDiffusion()
-        quantize_denoiser(model.denoiser, model.spec,
-                          QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
-        calibrate_act_ranges(model.denoiser, stream, method="lp", n_rows=24, batch_size=12,
-                             minmax_layers=forced)
-        ranges[forced] = {n: (q.scale.detach().clone(), q.zero_point.detach().clone())
-                          for n, q in iter_quantizers(model.denoiser, "act")}
+        quantize_denoiser(model.denoiser, model.spec, QuantConfig(name="w8a4", weight_bits=8, act_bits=4))
+        calibrate_act_ranges(
+            model.denoiser, stream, method="lp", n_rows=24, batch_size=12, minmax_layers=forced
+        )
+        ranges[forced] = {
+            n: (q.scale.detach().clone(), q.zero_point.detach().clone())
+            for n, q in iter_quantizers(model.denoiser, "act")
+        }
     lp, forced = ranges[()], ranges[(r"time_embedding\.",)]
     temb = [n for n in lp if n.startswith("time_embedding.")]
     assert temb and all(torch.equal(lp[n][0], forced[n][0]) for n in lp if n not in temb)

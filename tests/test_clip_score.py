@@ -17,11 +17,10 @@ DIGITS_CLIP = ZOO_DIR / "digits_clip"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def score(metric: ClipScoreMetric, images: torch.Tensor, prompts: list[str], batch: int = 128) -> float:
     """The metric's value over ``images`` / ``prompts``, fed as the evaluation feeds it."""
     for i in range(0, len(prompts), batch):
-        imgs, texts = images[i:i + batch], prompts[i:i + batch]
+        imgs, texts = images[i : i + batch], prompts[i : i + batch]
         per_sample = {metric.name: metric.per_sample(imgs, texts)}
         metric.update(EvalBatch(None, texts, torch.zeros(len(texts), 1), None, per_sample))
     return metric.compute()["clip_score"]
@@ -40,14 +39,18 @@ def test_metric_equals_torchmetrics_clipscore_on_a_tiny_local_clip(tmp_path):
     assert 0 <= ours <= 100
 
 
-@pytest.mark.skipif(not (DIGITS_CLIP / "config.json").is_file(),
-                    reason="digits_clip not trained (python -m diffquant.zoo.train_sd digits_clip)")
+@pytest.mark.skipif(
+    not (DIGITS_CLIP / "config.json").is_file(),
+    reason="digits_clip not trained (python -m diffquant.zoo.train_sd digits_clip)",
+)
 def test_embedded_clip_ranks_matching_captions_above_shuffled():
     from diffquant.data.digits import load_digits
 
     images, labels = load_digits("heldout", 32)
     matching = [caption(int(y), 0) for y in labels]
-    shuffled = [matching[i] for i in torch.randperm(len(matching), generator=torch.Generator().manual_seed(0))]
+    shuffled = [
+        matching[i] for i in torch.randperm(len(matching), generator=torch.Generator().manual_seed(0))
+    ]
     loader = clip_loader("zoo:digits_clip")
     s_match = score(ClipScoreMetric(loader), images, matching)
     s_shuffled = score(ClipScoreMetric(loader), images, shuffled)
@@ -65,11 +68,18 @@ def test_absent_clip_model_fails_before_any_sampling(make_cfg, tmp_path, monkeyp
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     DigitsClassifier().save_pretrained(tmp_path / "cls")
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-    for spec, needle in [(tmp_path / "absent", "evaluator.clip_model="),
-                         ("openai/clip-vit-base-patch16", "huggingface-cli download openai/clip-vit-base-patch16"),
-                         ("zoo:not_trained", "python -m diffquant.zoo.train_sd digits_clip")]:
-        cfg = make_cfg(["evaluator=clip_digits", f"evaluator.clip_model={spec}",
-                        f"evaluator.backbone_weights={tmp_path / 'cls'}"])
+    for spec, needle in [
+        (tmp_path / "absent", "evaluator.clip_model="),
+        ("openai/clip-vit-base-patch16", "huggingface-cli download openai/clip-vit-base-patch16"),
+        ("zoo:not_trained", "python -m diffquant.zoo.train_sd digits_clip"),
+    ]:
+        cfg = make_cfg(
+            [
+                "evaluator=clip_digits",
+                f"evaluator.clip_model={spec}",
+                f"evaluator.backbone_weights={tmp_path / 'cls'}",
+            ]
+        )
         with pytest.raises(MissingWeightsError, match=needle):
             Evaluation(cfg.evaluator, ctx)
 

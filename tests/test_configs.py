@@ -75,8 +75,15 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
         assert all(j["evaluator"] == evaluator for j in mine)
         assert [j["quant"] for j in mine if j["method"] == "fp"] == ["fp32"]
     ablations = [j["method"] for j in jobs if j["model"] == "ldm_digits" and j["quant"] == "w4a4"]
-    assert ablations == ["ptq_minmax", "ptq", "quest", "accuquant",
-                         "quest_tla_only", "quest_cma_only", "quest_no_global"]
+    assert ablations == [
+        "ptq_minmax",
+        "ptq",
+        "quest",
+        "accuquant",
+        "quest_tla_only",
+        "quest_cma_only",
+        "quest_no_global",
+    ]
     assert cfg.hydra.callbacks.cost_table.out == "cost"
     assert "clip_score" in cfg.hydra.callbacks.table.metrics
 
@@ -84,12 +91,21 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
 def test_ablation_sweep(make_cfg):
     cfg = make_cfg(["experiment=embedded_digits", "sweep=ablations"])
     assert sweep_jobs(cfg) == [{"method": "fp", "quant": "fp32"}] + [
-        {"quant": "w4a4", "method": m} for m in ("quest", "quest_tla_only", "quest_cma_only", "quest_no_global")]
+        {"quant": "w4a4", "method": m}
+        for m in ("quest", "quest_tla_only", "quest_cma_only", "quest_no_global")
+    ]
 
 
 def test_grid_values_are_overridable(make_cfg):
-    cfg = make_cfg(["experiment=quest_imagenet", "sweep=paper", "grid.quant=[w4a4]",
-                    "grid.methods=[quest_paper]", "hydra.sweeper.grids.fp=null"])
+    cfg = make_cfg(
+        [
+            "experiment=quest_imagenet",
+            "sweep=paper",
+            "grid.quant=[w4a4]",
+            "grid.methods=[quest_paper]",
+            "hydra.sweeper.grids.fp=null",
+        ]
+    )
     assert sweep_jobs(cfg) == [{"quant": "w4a4", "method": "quest_paper"}]
     with pytest.raises(ConfigCompositionException):
         make_cfg(["experiment=quest_imagenet", "grid.quants=[w4a4]"])  # typo: the schema names it
@@ -108,12 +124,15 @@ def test_hydra_launcher_options_compose(make_cfg):
         assert "_target_" in cfg.hydra.launcher
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("quant.wbits=4", "wbits"),                  # misspelt key, named
-    ("quant.weight_bits=eight", "weight_bits"),  # wrong type
-    ("quant=w5a5", "Available options"),         # unknown option, options listed
-    ("method.iterz=3", "iterz"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("quant.wbits=4", "wbits"),  # misspelt key, named
+        ("quant.weight_bits=eight", "weight_bits"),  # wrong type
+        ("quant=w5a5", "Available options"),  # unknown option, options listed
+        ("method.iterz=3", "iterz"),
+    ],
+)
 def test_bad_overrides_fail_at_compose(override, needle, make_cfg):
     with pytest.raises(ConfigCompositionException) as err:
         make_cfg([override])
@@ -121,13 +140,16 @@ def test_bad_overrides_fail_at_compose(override, needle, make_cfg):
     assert needle in text
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("quant.weight_bits=1", "2..16"),
-    ("quant.act_bits=17", "2..16"),
-    ("evaluator.n_samples=0", "must be positive"),
-    ("evaluator.metrics=[fid,fdi]", "Did you mean 'fid'"),
-    ("quant.minmax_act_layers=['time_emb[']", "not a regular expression"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("quant.weight_bits=1", "2..16"),
+        ("quant.act_bits=17", "2..16"),
+        ("evaluator.n_samples=0", "must be positive"),
+        ("evaluator.metrics=[fid,fdi]", "Did you mean 'fid'"),
+        ("quant.minmax_act_layers=['time_emb[']", "not a regular expression"),
+    ],
+)
 def test_validate_names_the_fix(override, needle, make_cfg):
     cfg = make_cfg([override])
     with pytest.raises((ValueError, KeyError)) as err:
@@ -156,15 +178,18 @@ def test_fp_ignores_quant_so_it_can_sit_in_any_grid(make_cfg):
     assert run.method.name == "fp"
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["method=ptq", "method.recon.weight_iters=-1"], "method.recon.weight_iters=-1 must be >= 0"),
-    (["method=ptq", "method.calib.n_samples=0"], "method.calib.n_samples=0 must be positive"),
-    (["method=ptq", "method.recon.warmup=1.5"], "method.recon.warmup=1.5 is not a fraction"),
-    (["method=quest", "method.timestep_init=pct"], "method.timestep_init='pct' is unknown"),
-    (["method=quest", "method.tla_roles=[time_proj]"], "has unknown role(s) ['time_proj']"),
-    (["method=accuquant", "method.grad_mode=fast"], "method.grad_mode='fast' is unknown"),
-    (["method=ptq", "quant.minmax_act_roles=[first,lasst]"], "unknown role(s) ['lasst']"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method=ptq", "method.recon.weight_iters=-1"], "method.recon.weight_iters=-1 must be >= 0"),
+        (["method=ptq", "method.calib.n_samples=0"], "method.calib.n_samples=0 must be positive"),
+        (["method=ptq", "method.recon.warmup=1.5"], "method.recon.warmup=1.5 is not a fraction"),
+        (["method=quest", "method.timestep_init=pct"], "method.timestep_init='pct' is unknown"),
+        (["method=quest", "method.tla_roles=[time_proj]"], "has unknown role(s) ['time_proj']"),
+        (["method=accuquant", "method.grad_mode=fast"], "method.grad_mode='fast' is unknown"),
+        (["method=ptq", "quant.minmax_act_roles=[first,lasst]"], "unknown role(s) ['lasst']"),
+    ],
+)
 def test_method_settings_are_validated_up_front_naming_the_key(overrides, needle, make_cfg):
     with pytest.raises(ValueError) as err:
         validate(make_cfg(["quant=w4a8", *overrides]))
@@ -172,8 +197,10 @@ def test_method_settings_are_validated_up_front_naming_the_key(overrides, needle
 
 
 def test_cli_misspelt_key_names_the_closest_valid_key():
-    out = run_cli(["quant=w4a8", "method=ptq", "quant.wieght_bits=4", "method.recon.wieght_iters=3",
-                   "logger=none"], timeout=120)
+    out = run_cli(
+        ["quant=w4a8", "method=ptq", "quant.wieght_bits=4", "method.recon.wieght_iters=3", "logger=none"],
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "Did you mean quant.weight_bits" in out.stderr
     assert "Did you mean method.recon.weight_iters" in out.stderr

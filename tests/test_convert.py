@@ -18,9 +18,20 @@ import yaml
 
 from diffquant.models.convert import main as convert_main
 from diffquant.models.loading import build_model
-from tiny_components import (TINY_CHURCH_UNET, TINY_CIN_UNET, TINY_LDM4_UNET, TINY_SD_UNET,
-                             compvis_original_config, ddim, randomize, tiny_text_encoder,
-                             tiny_unet2d, tiny_vae, to_compvis_checkpoint, write_tokenizer)
+from tiny_components import (
+    TINY_CHURCH_UNET,
+    TINY_CIN_UNET,
+    TINY_LDM4_UNET,
+    TINY_SD_UNET,
+    compvis_original_config,
+    ddim,
+    randomize,
+    tiny_text_encoder,
+    tiny_unet2d,
+    tiny_vae,
+    to_compvis_checkpoint,
+    write_tokenizer,
+)
 
 KL = "ldm.models.autoencoder.AutoencoderKL"
 VQ = "ldm.models.autoencoder.VQModelInterface"
@@ -33,7 +44,6 @@ CASES = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def original_unet(case: dict, config: dict):
@@ -78,8 +88,20 @@ def converted(tmp_path_factory):
         torch.save(ckpt, tmp / "model.ckpt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         out = tmp / "converted"
-        convert_main([model, "--ckpt", str(tmp / "model.ckpt"), "--out", str(out), "--original-config",
-                      str(tmp / "config.yaml"), "--image-size", "16", *extra_args])
+        convert_main(
+            [
+                model,
+                "--ckpt",
+                str(tmp / "model.ckpt"),
+                "--out",
+                str(out),
+                "--original-config",
+                str(tmp / "config.yaml"),
+                "--image-size",
+                "16",
+                *extra_args,
+            ]
+        )
         results[model] = (out, {"unet": unet, "vae": vae, "state": ckpt["state_dict"], **originals})
     return results
 
@@ -112,7 +134,9 @@ def test_checkpoint_round_trips_through_the_model_config(model, converted, make_
         got = wrapper.denoiser(x, t, **kwargs).sample
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         z = torch.randn(2, c, 8, 8, generator=g)
-        torch.testing.assert_close(wrapper.vae.decode(z).sample, orig["vae"].decode(z).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            wrapper.vae.decode(z).sample, orig["vae"].decode(z).sample, atol=1e-5, rtol=1e-5
+        )
     # noise schedule, sampler and latent scale as the CompVis model samples
     betas = orig["state"]["betas"].float()
     torch.testing.assert_close(wrapper.scheduler.betas, betas, atol=1e-7, rtol=1e-4)
@@ -156,7 +180,10 @@ def compvis_resblock(x, emb, p: dict, down: bool = False, up: bool = False, scal
     if down:
         h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
     if up:
-        h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
+        h, x = (
+            F.interpolate(h, scale_factor=2, mode="nearest"),
+            F.interpolate(x, scale_factor=2, mode="nearest"),
+        )
     h = F.conv2d(h, p["in_layers.2.weight"], p["in_layers.2.bias"], padding=1)
     e = F.linear(F.silu(emb), p["emb_layers.1.weight"], p["emb_layers.1.bias"])[..., None, None]
     if scale_shift:
@@ -165,13 +192,17 @@ def compvis_resblock(x, emb, p: dict, down: bool = False, up: bool = False, scal
     else:
         h = F.group_norm(h + e, 32, p["out_layers.0.weight"], p["out_layers.0.bias"])
     h = F.conv2d(F.silu(h), p["out_layers.3.weight"], p["out_layers.3.bias"], padding=1)
-    skip = F.conv2d(x, p["skip_connection.weight"], p["skip_connection.bias"]) if "skip_connection.weight" in p else x
+    skip = (
+        F.conv2d(x, p["skip_connection.weight"], p["skip_connection.bias"])
+        if "skip_connection.weight" in p
+        else x
+    )
     return skip + h
 
 
 def block_params(state: dict, prefix: str) -> dict:
     prefix = "model.diffusion_model." + prefix + "."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize("model, heads", [("ldm_bedroom", 64 // 16), ("ldm_church", 4)])
@@ -192,18 +223,29 @@ def test_converted_resampling_resblocks_match_compvis(converted, make_cfg, tmp_p
     with torch.no_grad():
         x = torch.randn(2, 32, 8, 8, generator=g)
         down = block_params(orig["state"], "input_blocks.2.0")  # level-0 ResBlock(down=True)
-        torch.testing.assert_close(unet.down_blocks[0].downsamplers[0](x, emb),
-                                   compvis_resblock(x, emb, down, down=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            unet.down_blocks[0].downsamplers[0](x, emb),
+            compvis_resblock(x, emb, down, down=True),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         x = torch.randn(2, 64, 2, 2, generator=g)
         up = block_params(orig["state"], "output_blocks.1.1")  # lowest level's ResBlock(up=True)
-        torch.testing.assert_close(unet.up_blocks[0].upsamplers[0](x, emb),
-                                   compvis_resblock(x, emb, up, up=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            unet.up_blocks[0].upsamplers[0](x, emb),
+            compvis_resblock(x, emb, up, up=True),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_ema_weights_are_used_when_asked(tmp_path):
     from diffquant.models.convert import unet_state
 
-    state = {"model.diffusion_model.out.2.weight": torch.zeros(1), "model_ema.diffusion_modelout2weight": torch.ones(1)}
+    state = {
+        "model.diffusion_model.out.2.weight": torch.zeros(1),
+        "model_ema.diffusion_modelout2weight": torch.ones(1),
+    }
     assert unet_state(state, ema=False)["out.2.weight"].item() == 0
     assert unet_state(state, ema=True)["out.2.weight"].item() == 1
     with pytest.raises(KeyError, match="no EMA weights"):

@@ -6,9 +6,10 @@ run on the new family too, reading its roles."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,6 @@ from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
 from diffquant.models.denoiser import DiffusersSpec
 from diffquant.models.ldm import load_scheduler, vae_class
 from diffquant.models.loading import load_component
-from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.swap import quantize_denoiser
 from diffquant.registry import METHODS, MODELS
 from diffquant.schema import ModelConfig, register_configs
@@ -45,8 +45,9 @@ class TinyDiTSpec(DiffusersSpec):
 
     def resolve(self, denoiser: torch.nn.Module) -> dict[str, list[str]]:
         table = super().resolve(denoiser)
-        table["time_projection"] = [n for n, _ in denoiser.named_modules()
-                                    if n.endswith("norm1.linear") or n == "proj_out_1"]
+        table["time_projection"] = [
+            n for n, _ in denoiser.named_modules() if n.endswith("norm1.linear") or n == "proj_out_1"
+        ]
         return table
 
 
@@ -66,13 +67,20 @@ def build_tiny_dit(model_cfg: Any, device: torch.device) -> TinyDiT:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                out_channels=4, num_layers=2, sample_size=8, patch_size=2,
-                                num_embeds_ada_norm=N_CLASSES + 1, norm_num_groups=8)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=N_CLASSES + 1,
+        norm_num_groups=8,
+    )
     vae = load_component(vae_class(model_cfg), model_cfg, "vae")
     sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, 0.0)
-    return TinyDiT(model_cfg.name, dit, vae, load_scheduler(model_cfg), sampler, (4, 8, 8),
-                   None, device)
+    return TinyDiT(model_cfg.name, dit, vae, load_scheduler(model_cfg), sampler, (4, 8, 8), None, device)
 
 
 # ---------------------------------------------------------------------------- a method
@@ -87,13 +95,17 @@ class RTNConfig:
 
 
 class RoundToNearest(Method):
-    def calibrate(self, model: Any, quant: Any, cfg: RTNConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(self, model: Any, quant: Any, cfg: RTNConfig, ctx: Any, progress: Path) -> MethodResult:
         stream = collect_calibration(model, cfg.calib, ctx.cache_dir)
         quant = type(quant)(**{**quant.__dict__, "weight_init": "minmax", "act_init": "minmax"})
         summary = quantize_denoiser(model.denoiser, model.spec, quant, model.timesteps)
-        calibrate_act_ranges(model.denoiser, stream, method="minmax", n_rows=cfg.act_rows,
-                             minmax_layers=minmax_patterns(model.denoiser, model.spec, quant))
+        calibrate_act_ranges(
+            model.denoiser,
+            stream,
+            method="minmax",
+            n_rows=cfg.act_rows,
+            minmax_layers=minmax_patterns(model.denoiser, model.spec, quant),
+        )
         time_layers = model.spec.layers(model.denoiser, "time_projection")
         return MethodResult(model, quant, {**summary.metrics(), "rtn_time_layers": len(time_layers)})
 
@@ -104,9 +116,18 @@ def registered():
     METHODS.register("test_rtn", schema=RTNConfig)(RoundToNearest)
     register_configs()  # stores method/test_rtn_schema
     cs = ConfigStore.instance()
-    cs.store(group="model", name="tiny_dit",
-             node=ModelConfig(name="tiny_dit", family="tiny_dit", pretrained="zoo:ldm_digits",
-                              num_inference_steps=4, guidance_scale=2.0, num_classes=N_CLASSES))
+    cs.store(
+        group="model",
+        name="tiny_dit",
+        node=ModelConfig(
+            name="tiny_dit",
+            family="tiny_dit",
+            pretrained="zoo:ldm_digits",
+            num_inference_steps=4,
+            guidance_scale=2.0,
+            num_classes=N_CLASSES,
+        ),
+    )
     cs.store(group="method", name="test_rtn", node=RTNConfig)
     yield
     MODELS.unregister("tiny_dit")
@@ -114,8 +135,14 @@ def registered():
 
 
 SMALL = ["model=tiny_dit", "evaluator.n_samples=16", "evaluator.batch_size=16", "logger=none"]
-FAST_PTQ = ["method.calib.n_samples=4", "method.calib.batch_size=4", "method.act_init_rows=32",
-            "method.recon.weight_iters=4", "method.recon.act_iters=2", "method.recon.batch_size=8"]
+FAST_PTQ = [
+    "method.calib.n_samples=4",
+    "method.calib.batch_size=4",
+    "method.act_init_rows=32",
+    "method.recon.weight_iters=4",
+    "method.recon.act_iters=2",
+    "method.recon.batch_size=8",
+]
 
 
 def n_layers(module: torch.nn.Module) -> int:
@@ -140,21 +167,34 @@ def test_roles_of_the_new_family_resolve(registered, make_cfg):
     spec, dit = model.spec, model.denoiser
     assert spec.layers(dit, "first", "last") == ["pos_embed.proj", "proj_out_2"]
     assert spec.layers(dit, "self_attention_qkv") == [
-        f"transformer_blocks.{b}.attn1.to_{p}" for b in (0, 1) for p in "qkv"]
+        f"transformer_blocks.{b}.attn1.to_{p}" for b in (0, 1) for p in "qkv"
+    ]
     assert spec.layers(dit, "feed_forward") == [
-        f"transformer_blocks.{b}.ff.net.{p}" for b in (0, 1) for p in ("0.proj", "2")]
+        f"transformer_blocks.{b}.ff.net.{p}" for b in (0, 1) for p in ("0.proj", "2")
+    ]
     assert spec.layers(dit, "cross_attention_q") == [] and spec.shortcut_splits(dit) == {}
     assert len(spec.layers(dit, "time_embedding")) == 4  # each block's timestep MLP
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("ptq", FAST_PTQ),
-    ("quest", [f"method.ptq.{o[len('method.'):]}" for o in FAST_PTQ]
-     + ["method.tla_epochs=1", "method.cma_epochs=1", "method.samples_per_step=8",
-        "method.batch_size=8", "method.timestep_init_rows=32", "method.eval_rows=8"]),
-])
-def test_builtin_methods_run_on_the_new_family_through_its_roles(registered, make_cfg, method,
-                                                                 extra):
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("ptq", FAST_PTQ),
+        (
+            "quest",
+            [f"method.ptq.{o[len('method.') :]}" for o in FAST_PTQ]
+            + [
+                "method.tla_epochs=1",
+                "method.cma_epochs=1",
+                "method.samples_per_step=8",
+                "method.batch_size=8",
+                "method.timestep_init_rows=32",
+                "method.eval_rows=8",
+            ],
+        ),
+    ],
+)
+def test_builtin_methods_run_on_the_new_family_through_its_roles(registered, make_cfg, method, extra):
     metrics = run(make_cfg([*SMALL, "quant=w4a8", f"method={method}", *extra]))
     assert metrics["n_quant_layers"] == 21
     if method == "ptq":  # the two transformer blocks are units; the other 3 layers their own
@@ -174,10 +214,10 @@ def readme_blocks(section: str) -> dict[str, str]:
 
 
 def test_readme_add_a_method_runs_as_written(make_cfg):
-    from omegaconf import OmegaConf
-
     import sys
     import types
+
+    from omegaconf import OmegaConf
 
     blocks = readme_blocks("Add a method")
     module = types.ModuleType("readme_my_method")  # as if it were src/diffquant/methods/my_method.py
@@ -185,12 +225,21 @@ def test_readme_add_a_method_runs_as_written(make_cfg):
     exec(compile(blocks["python"], "README.md#add-a-method", "exec"), module.__dict__)  # noqa: S102
     try:
         register_configs()
-        ConfigStore.instance().store(group="method", name="my_method",
-                                     node=OmegaConf.create(blocks["yaml"]))
-        metrics = run(make_cfg(["evaluator.n_samples=16", "evaluator.batch_size=16",
-                                "logger=none", "quant=w8a8", "method=my_method",
-                                "method.calib.n_samples=4", "method.calib.batch_size=4",
-                                "method.act_rows=32"]))
+        ConfigStore.instance().store(group="method", name="my_method", node=OmegaConf.create(blocks["yaml"]))
+        metrics = run(
+            make_cfg(
+                [
+                    "evaluator.n_samples=16",
+                    "evaluator.batch_size=16",
+                    "logger=none",
+                    "quant=w8a8",
+                    "method=my_method",
+                    "method.calib.n_samples=4",
+                    "method.calib.batch_size=4",
+                    "method.act_rows=32",
+                ]
+            )
+        )
         assert metrics["method"] == "my_method" and metrics["my_method_cached"] is False
         assert metrics["my_attn_layers"] == 12  # ldm_digits' self-attention q, k, v
     finally:

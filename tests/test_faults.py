@@ -30,9 +30,21 @@ import pytest
 import torch
 
 import diffquant.cache as cache_module
-from diffquant.cache import (CORRUPT, INCOMPLETE, OK, QUARANTINED, UNVERIFIABLE, CacheEntry,
-                             CacheReadError, CacheWriteError, atomic_torch_save, atomic_write_json,
-                             atomic_write_text, main, scan)
+from diffquant.cache import (
+    CORRUPT,
+    INCOMPLETE,
+    OK,
+    QUARANTINED,
+    UNVERIFIABLE,
+    CacheEntry,
+    CacheReadError,
+    CacheWriteError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    main,
+    scan,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,22 +54,36 @@ ROOT = Path(__file__).resolve().parent.parent
 # quest/ and accuquant/ write the same file), FP-reference features (fp_samples/ and reference/).
 g = torch.Generator().manual_seed(0)
 SPECS = {
-    "calib": ({"model": "ldm_digits", "n_samples": 8, "step_stride": 5}, {
-        "shard_00000.pt": {"sample": torch.randn(30, 4, 8, 8, generator=g), "_step": torch.arange(30)},
-        "shard_00001.pt": {"sample": torch.randn(10, 4, 8, 8, generator=g), "_step": torch.arange(10)},
-        "index.json": {"rows": 40, "keys": ["sample", "_step"], "steps": [0, 5], "guided": False,
-                       "shards": [{"file": "shard_00000.pt", "rows": 30},
-                                  {"file": "shard_00001.pt", "rows": 10}]},
-    }),
-    "ptq": ({"model": "ldm_digits", "quant": "w8a8", "method": "ptq_minmax"}, {
-        "quantized_denoiser.pt": {"format": "diffquant-quant-v1",
-                                  "quantizers": {f"down.{i}.delta": torch.rand(64, generator=g)
-                                                 for i in range(8)},
-                                  "meta": {"calib_time_s": 1.5}},
-    }),
-    "fp_samples": ({"backbone": "digits_cnn", "n": 40, "seed": 0}, {
-        "features.pt": {"features": torch.randn(40, 64, generator=g), "sample_s": 2.0},
-    }),
+    "calib": (
+        {"model": "ldm_digits", "n_samples": 8, "step_stride": 5},
+        {
+            "shard_00000.pt": {"sample": torch.randn(30, 4, 8, 8, generator=g), "_step": torch.arange(30)},
+            "shard_00001.pt": {"sample": torch.randn(10, 4, 8, 8, generator=g), "_step": torch.arange(10)},
+            "index.json": {
+                "rows": 40,
+                "keys": ["sample", "_step"],
+                "steps": [0, 5],
+                "guided": False,
+                "shards": [{"file": "shard_00000.pt", "rows": 30}, {"file": "shard_00001.pt", "rows": 10}],
+            },
+        },
+    ),
+    "ptq": (
+        {"model": "ldm_digits", "quant": "w8a8", "method": "ptq_minmax"},
+        {
+            "quantized_denoiser.pt": {
+                "format": "diffquant-quant-v1",
+                "quantizers": {f"down.{i}.delta": torch.rand(64, generator=g) for i in range(8)},
+                "meta": {"calib_time_s": 1.5},
+            },
+        },
+    ),
+    "fp_samples": (
+        {"backbone": "digits_cnn", "n": 40, "seed": 0},
+        {
+            "features.pt": {"features": torch.randn(40, 64, generator=g), "sample_s": 2.0},
+        },
+    ),
 }
 CASES = [(kind, name) for kind, (_, files) in SPECS.items() for name in [*files, "key.json", "manifest.json"]]
 
@@ -71,8 +97,10 @@ def _write(kind: str, folder: Path) -> None:
 
 
 def _load(entry: CacheEntry) -> dict:
-    return {name: entry.load(name) if name.endswith(".pt") else json.loads((entry.path / name).read_text())
-            for name in SPECS[entry.path.parent.name][1]}
+    return {
+        name: entry.load(name) if name.endswith(".pt") else json.loads((entry.path / name).read_text())
+        for name in SPECS[entry.path.parent.name][1]
+    }
 
 
 def use(root: Path, kind: str) -> tuple[CacheEntry, bool, dict]:
@@ -118,8 +146,11 @@ def truncate(path: Path) -> None:
 
 
 def warnings_about(caplog, entry: CacheEntry) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and str(entry.path) in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and str(entry.path) in r.getMessage()
+    ]
 
 
 def check_found_and_recomputed(tmp_path, caplog, kind, name, fault, expect_aside=True):
@@ -166,14 +197,14 @@ def test_truncated_files_are_found_and_recomputed(kind, name, tmp_path, caplog):
 
 
 def test_empty_file_is_found(tmp_path, caplog):
-    check_found_and_recomputed(tmp_path, caplog, "ptq", "quantized_denoiser.pt",
-                               lambda p: p.write_bytes(b""))
+    check_found_and_recomputed(tmp_path, caplog, "ptq", "quantized_denoiser.pt", lambda p: p.write_bytes(b""))
 
 
 # ---------------------------------------------------------------------------- 3. garbled metadata
 def test_garbled_key_json_is_found(tmp_path, caplog):
-    message, _ = check_found_and_recomputed(tmp_path, caplog, "ptq", "key.json",
-                                            lambda p: p.write_text("{garbled"))
+    message, _ = check_found_and_recomputed(
+        tmp_path, caplog, "ptq", "key.json", lambda p: p.write_text("{garbled")
+    )
     assert "key.json" in message
 
 
@@ -195,21 +226,24 @@ def test_missing_file_is_found(kind, tmp_path, caplog):
 
 def test_added_file_is_found(tmp_path, caplog):
     message, _ = check_found_and_recomputed(
-        tmp_path, caplog, "calib", "shard_00002.pt", lambda p: torch.save({"x": torch.zeros(3)}, p))
+        tmp_path, caplog, "calib", "shard_00002.pt", lambda p: torch.save({"x": torch.zeros(3)}, p)
+    )
     assert "added" in message
 
 
 def test_garbled_manifest_is_found(tmp_path, caplog):
-    message, _ = check_found_and_recomputed(tmp_path, caplog, "fp_samples", "manifest.json",
-                                            lambda p: p.write_text("[]"))
+    message, _ = check_found_and_recomputed(
+        tmp_path, caplog, "fp_samples", "manifest.json", lambda p: p.write_text("[]")
+    )
     assert "manifest.json is garbled" in message
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_entry_without_manifest_is_never_trusted(kind, tmp_path, caplog):
     """Entries written before this change (key.json, no manifest.json) are recomputed, not used."""
-    message, _ = check_found_and_recomputed(tmp_path, caplog, kind, "manifest.json",
-                                            lambda p: p.unlink(), expect_aside=False)
+    message, _ = check_found_and_recomputed(
+        tmp_path, caplog, kind, "manifest.json", lambda p: p.unlink(), expect_aside=False
+    )
     assert "cannot be checked" in message and "removed" in message
 
 
@@ -218,8 +252,7 @@ def test_unfinished_entry_is_recomputed(tmp_path, caplog):
         (path.parent / "manifest.json").unlink()
         path.unlink()
 
-    message, _ = check_found_and_recomputed(tmp_path, caplog, "calib", "key.json", strip,
-                                            expect_aside=False)
+    message, _ = check_found_and_recomputed(tmp_path, caplog, "calib", "key.json", strip, expect_aside=False)
     assert "unfinished" in message
 
 
@@ -260,8 +293,10 @@ def test_file_torch_cannot_read_names_the_entry_not_only_torch(tmp_path):
     assert entry.done()
     from diffquant.quant.checkpoint import read_checkpoint
 
-    for load in (lambda: entry.load("quantized_denoiser.pt"),
-                 lambda: read_checkpoint(entry.path / "quantized_denoiser.pt")):
+    for load in (
+        lambda: entry.load("quantized_denoiser.pt"),
+        lambda: read_checkpoint(entry.path / "quantized_denoiser.pt"),
+    ):
         with pytest.raises(CacheReadError) as err:
             load()
         assert str(entry.path) in str(err.value) and _hint(entry) in str(err.value)
@@ -291,6 +326,7 @@ def _leftovers(folder: Path) -> list[str]:
 def _raise(exc):
     def f(*args, **kwargs):
         raise exc
+
     return f
 
 
@@ -311,6 +347,7 @@ def test_enospc_names_the_path_and_the_fix(write, tmp_path, monkeypatch):
 
 def test_torch_iostream_error_is_explained(tmp_path, monkeypatch):
     """torch's own message ("basic_ios::clear: iostream error") carries no errno; the cause does."""
+
     def failing_save(obj, f):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -328,8 +365,9 @@ def test_torch_iostream_error_is_explained(tmp_path, monkeypatch):
     assert str(tmp_path / "y.pt") in str(err.value) and _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("code, needle", [(errno.EROFS, "read-only file system"),
-                                          (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code, needle", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")]
+)
 def test_unwritable_folder_names_the_path(code, needle, tmp_path, monkeypatch):
     import tempfile
 
@@ -364,8 +402,9 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -420,11 +459,13 @@ def test_cli_verify_lists_every_status(damaged_cache, capsys):
     assert main(["verify", "--cache-dir", str(root)]) == 1  # a corrupt entry
     lines = capsys.readouterr().out.splitlines()
     status = {line.split()[1]: line.split()[0] for line in lines[:-2]}
-    assert status == {f"calib/{entries['calib'].digest}": OK,
-                      f"calib/{partial.name}": INCOMPLETE,
-                      f"fp_samples/{entries['fp_samples'].digest}": UNVERIFIABLE,
-                      f"ptq/{interrupted.name}": INCOMPLETE,
-                      f"ptq/{entries['ptq'].digest}": CORRUPT}
+    assert status == {
+        f"calib/{entries['calib'].digest}": OK,
+        f"calib/{partial.name}": INCOMPLETE,
+        f"fp_samples/{entries['fp_samples'].digest}": UNVERIFIABLE,
+        f"ptq/{interrupted.name}": INCOMPLETE,
+        f"ptq/{entries['ptq'].digest}": CORRUPT,
+    }
     assert "quantized_denoiser.pt" in next(line for line in lines if line.startswith(CORRUPT))
     assert "5 folders" in lines[-2] and "prune --corrupt" in lines[-1]
     assert entries["ptq"].path.is_dir()  # verify changes nothing
@@ -486,8 +527,11 @@ with FileLock(sys.argv[1]):
 
 def test_cli_never_removes_an_entry_a_job_holds(damaged_cache, capsys):
     root, entries, partial, interrupted = damaged_cache
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(entries["ptq"].path) + ".lock"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(entries["ptq"].path) + ".lock"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["prune", "--cache-dir", str(root), "--all"]) == 0
@@ -500,19 +544,36 @@ def test_cli_never_removes_an_entry_a_job_holds(damaged_cache, capsys):
 def test_cli_runs_as_a_module(damaged_cache):
     root = damaged_cache[0]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "diffquant.cache", "verify", "--cache-dir", str(root)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffquant.cache", "verify", "--cache-dir", str(root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "corrupt" in proc.stdout, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "diffquant.cache", "verify"], cwd=root.parent,
-                          capture_output=True, text=True, env={**env, "DIFFQUANT_ROOT": str(root.parent)},
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffquant.cache", "verify"],
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+        env={**env, "DIFFQUANT_ROOT": str(root.parent)},
+        timeout=60,
+    )
     assert proc.returncode == 1 and f"{root}:" in proc.stdout  # default: $DIFFQUANT_ROOT/cache
 
 
 # ---------------------------------------------------------------------------- 7. end to end
-E2E = ["evaluator.n_samples=20", "evaluator.batch_size=20", "logger=none", "quant=w8a8",
-       "method=ptq_minmax", "method.calib.n_samples=4", "method.calib.step_stride=5",
-       "method.act_init_rows=32"]
+E2E = [
+    "evaluator.n_samples=20",
+    "evaluator.batch_size=20",
+    "logger=none",
+    "quant=w8a8",
+    "method=ptq_minmax",
+    "method.calib.n_samples=4",
+    "method.calib.step_stride=5",
+    "method.act_init_rows=32",
+]
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -4,14 +4,24 @@ AdaRound, time-step groups."""
 import pytest
 import torch
 
-from diffquant.quant import (ActQuantizer, AdaRound, RoundingSchedule, WeightQuantizer,
-                             fake_quant, find_range, int_range, lp_search_range, range_to_qparams)
+from diffquant.quant import (
+    ActQuantizer,
+    AdaRound,
+    RoundingSchedule,
+    WeightQuantizer,
+    fake_quant,
+    find_range,
+    int_range,
+    lp_search_range,
+    range_to_qparams,
+)
 
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("bits,mode", [(8, "affine"), (4, "affine"), (8, "symmetric"),
-                                       (4, "symmetric"), (8, "unsigned")])
+@pytest.mark.parametrize(
+    "bits,mode", [(8, "affine"), (4, "affine"), (8, "symmetric"), (4, "symmetric"), (8, "unsigned")]
+)
 def test_fake_quant_matches_torch_per_tensor(bits, mode):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, 5, 5, generator=g) * 3
@@ -28,8 +38,9 @@ def test_weight_quantizer_matches_torch_per_channel(bits, mode):
     w = torch.randn(6, 3, 3, 3, generator=g)
     q = WeightQuantizer(tuple(w.shape), bits, mode)
     q.init_range(w, "minmax")
-    ref = torch.fake_quantize_per_channel_affine(w, q.scale, q.zero_point.to(torch.int32), 0,
-                                                 q.q_min, q.q_max)
+    ref = torch.fake_quantize_per_channel_affine(
+        w, q.scale, q.zero_point.to(torch.int32), 0, q.q_min, q.q_max
+    )
     assert torch.allclose(q(w), ref, atol=1e-6)
 
 
@@ -41,9 +52,9 @@ def test_act_quantizer_per_channel_matches_torch(shape, axis):
     q = ActQuantizer(8, "affine", channels=c, per_channel=True)
     lo, hi = -torch.rand(c, generator=g) - 0.5, torch.rand(c, generator=g) + 0.5
     q.set_range(lo, hi)
-    ref = torch.fake_quantize_per_channel_affine(x, q.scale[0].detach(),
-                                                 q.zero_point[0].to(torch.int32), axis,
-                                                 q.q_min, q.q_max)
+    ref = torch.fake_quantize_per_channel_affine(
+        x, q.scale[0].detach(), q.zero_point[0].to(torch.int32), axis, q.q_min, q.q_max
+    )
     assert torch.allclose(q(x), ref, atol=1e-6)
 
 

@@ -19,13 +19,18 @@ from diffquant.context import RunContext
 from diffquant.methods.base import MethodResult
 from diffquant.methods.ptq import PTQConfig
 from diffquant.methods.quest import QuestConfig, make_timestep_aware, resolve_critical_layers
-from diffquant.methods.quest_finetune import (FPTeacher, layers_matching, load_rows, plan_stages,
-                                              rows_per_step, train_stage)
+from diffquant.methods.quest_finetune import (
+    FPTeacher,
+    layers_matching,
+    load_rows,
+    plan_stages,
+    rows_per_step,
+    train_stage,
+)
 from diffquant.methods.quest_sensitivity import SensitivitySettings, activation_sensitivity
 from diffquant.methods.result_cache import run_method
 from diffquant.models.denoiser import UNET
-from diffquant.quant import (QuantConfig, iter_quantizers, load_quantized, quantize_denoiser,
-                             save_quantized)
+from diffquant.quant import QuantConfig, iter_quantizers, load_quantized, quantize_denoiser, save_quantized
 from diffquant.quant.typed import as_dataclass
 from diffquant.registry import METHODS
 from tiny_models import TinyDiffusion, tiny_unet2d, tiny_unet2d_condition
@@ -73,9 +78,14 @@ def critical_layers(denoiser):
 
 
 def plan(denoiser, **switches):
-    return plan_stages(denoiser, time_layers=time_layers(denoiser),
-                       critical_layers=critical_layers(denoiser), tla_epochs=1, cma_epochs=1,
-                       **switches)
+    return plan_stages(
+        denoiser,
+        time_layers=time_layers(denoiser),
+        critical_layers=critical_layers(denoiser),
+        tla_epochs=1,
+        cma_epochs=1,
+        **switches,
+    )
 
 
 def snapshot(denoiser):
@@ -86,8 +96,17 @@ def train_all(denoiser, stages, stream, global_weight=2.0, lr=1e-2):
     teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
     rows = load_rows(stream, rows_per_step(stream, 4, seed=0))
     for stage in stages:
-        train_stage(denoiser, UNET, stage, rows, teacher, weight_lr=lr, act_lr=lr,
-                    global_weight=global_weight, batch_size=6)
+        train_stage(
+            denoiser,
+            UNET,
+            stage,
+            rows,
+            teacher,
+            weight_lr=lr,
+            act_lr=lr,
+            global_weight=global_weight,
+            batch_size=6,
+        )
 
 
 def changed_keys(before, denoiser):
@@ -124,8 +143,9 @@ def test_stage_parameter_sets(tiny):
     denoiser = quantized_copy(model, stream)
     tla, cma = plan(denoiser, tla=True, cma=True)
     assert tla.weights and all("time_emb_proj" in n for n in tla.weights)
-    assert set(tla.act_scales) == {n for n, _ in denoiser.named_parameters()
-                                   if "time_emb_proj.input_quantizer" in n}
+    assert set(tla.act_scales) == {
+        n for n, _ in denoiser.named_parameters() if "time_emb_proj.input_quantizer" in n
+    }
     assert cma.weights and all(n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") for n in cma.weights)
     assert not set(tla.act_scales) & set(cma.act_scales)
     # CMA: every other step size below 16 bits (layer inputs, q/k/v, softmax)
@@ -133,26 +153,41 @@ def test_stage_parameter_sets(tiny):
     assert set(cma.act_scales) == all_scales - set(tla.act_scales)
 
 
-@pytest.mark.parametrize("option, stages_expected", [
-    ("quest", ["tla", "cma"]), ("quest_tla_only", ["tla"]), ("quest_cma_only", ["cma"]),
-    ("quest_no_global", ["tla", "cma"])])
+@pytest.mark.parametrize(
+    "option, stages_expected",
+    [
+        ("quest", ["tla", "cma"]),
+        ("quest_tla_only", ["tla"]),
+        ("quest_cma_only", ["cma"]),
+        ("quest_no_global", ["tla", "cma"]),
+    ],
+)
 def test_ablation_configs_select_stages(option, stages_expected, make_cfg, tiny):
     model, stream = tiny
     cfg = as_dataclass(make_cfg([f"method={option}", "quant=w4a4"]).method, QuestConfig)
     assert cfg.global_loss_weight == (0.0 if option == "quest_no_global" else 2.0)
     denoiser = quantized_copy(model, stream)
-    stages = plan_stages(denoiser, time_layers=UNET.layers(denoiser, *cfg.tla_roles),
-                         critical_layers=UNET.layers(denoiser,
-                                                     *cfg.critical_roles_by_family["ldm"]),
-                         tla=cfg.tla, cma=cfg.cma, tla_epochs=1, cma_epochs=1)
+    stages = plan_stages(
+        denoiser,
+        time_layers=UNET.layers(denoiser, *cfg.tla_roles),
+        critical_layers=UNET.layers(denoiser, *cfg.critical_roles_by_family["ldm"]),
+        tla=cfg.tla,
+        cma=cfg.cma,
+        tla_epochs=1,
+        cma_epochs=1,
+    )
     assert [s.name for s in stages] == stages_expected
 
 
 def test_ablations_change_which_parameters_train(tiny):
     model, stream = tiny
     changed = {}
-    for label, tla, cma, lam in (("full", True, True, 2.0), ("tla_only", True, False, 2.0),
-                                 ("cma_only", False, True, 2.0), ("no_global", True, True, 0.0)):
+    for label, tla, cma, lam in (
+        ("full", True, True, 2.0),
+        ("tla_only", True, False, 2.0),
+        ("cma_only", False, True, 2.0),
+        ("no_global", True, True, 0.0),
+    ):
         denoiser = quantized_copy(model, stream)
         stages = plan(denoiser, tla=tla, cma=cma)
         before = snapshot(denoiser)
@@ -173,8 +208,9 @@ def test_timestep_split_round_trips_through_checkpoint(tiny, tmp_path):
     model, stream = tiny
     denoiser = quantized_copy(model, stream, groups=3)
     assert all(q.n_groups == 3 for _, q in iter_quantizers(denoiser, "act"))
-    path = save_quantized(denoiser, tmp_path / "q.pt",
-                          dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3))
+    path = save_quantized(
+        denoiser, tmp_path / "q.pt", dataclasses.replace(W4A4, timestep_aware=True, timestep_groups=3)
+    )
     fresh = tiny_unet2d(0)
     fresh.load_state_dict(model.denoiser.state_dict())
     load_quantized(fresh, UNET, path)
@@ -197,8 +233,7 @@ def test_sweep_ranks_fragile_layer_first(tiny):
         conv.weight[:, 0] = 0.0
         conv.weight[:, 1:] *= 8.0
     cfg = dataclasses.replace(W4A4, act_per_channel=False, act_init="minmax")
-    report = activation_sensitivity(fp, UNET, cfg, stream,
-                                    SensitivitySettings(calib_rows=24, eval_rows=12))
+    report = activation_sensitivity(fp, UNET, cfg, stream, SensitivitySettings(calib_rows=24, eval_rows=12))
     assert report.units[0].name == fragile
     assert report.units[0].error > 2 * report.units[1].error
     assert report.select(1) == [fragile]
@@ -213,9 +248,11 @@ def test_sweep_ranks_fragile_layer_first(tiny):
 #: TLA's layers, CMA's critical layers by family (searched in ``<layer>.weight``) and the
 #: activation quantizers whose initial range is always min-max.
 OLD_TIME = [r"time_emb_proj\."]
-OLD_CRITICAL = {"ldm": [r"attentions\.\d+\.to_[qkv]\."],
-                "sd": [r"ff\.net\.", r"attn1\.to_[qkv]\.", r"attn2\.to_q\."],
-                "default": [r"\.to_[qkv]\."]}
+OLD_CRITICAL = {
+    "ldm": [r"attentions\.\d+\.to_[qkv]\."],
+    "sd": [r"ff\.net\.", r"attn1\.to_[qkv]\.", r"attn2\.to_q\."],
+    "default": [r"\.to_[qkv]\."],
+}
 OLD_MINMAX = [r"time_embedding\.", r"time_emb_proj"]
 ZOO = Path(__file__).resolve().parent.parent / "src" / "diffquant" / "zoo" / "weights"
 
@@ -248,14 +285,14 @@ def test_roles_resolve_to_the_layers_the_old_patterns_named(name):
     # CMA by family: the family's roles = the layers its old patterns named (and the fallback
     # for other families: every attention's q, k, v)
     for fam in (family, "default"):
-        assert UNET.layers(denoiser, *cfg.critical_roles_by_family[fam]) == \
-            layers_matching(denoiser, OLD_CRITICAL[fam]), fam
+        assert UNET.layers(denoiser, *cfg.critical_roles_by_family[fam]) == layers_matching(
+            denoiser, OLD_CRITICAL[fam]
+        ), fam
     old_critical = layers_matching(denoiser, OLD_CRITICAL[family])
     assert old_critical
     # ... and what the method resolves for this family (TLA's layers excluded), exactly
     model = SimpleNamespace(family=family, denoiser=denoiser, spec=UNET)
-    resolved = resolve_critical_layers(model, W4A4, cfg, None, None, tla,
-                                       MethodResult(model, W4A4))
+    resolved = resolve_critical_layers(model, W4A4, cfg, None, None, tla, MethodResult(model, W4A4))
     assert resolved == [n for n in old_critical if n not in layers_matching(denoiser, OLD_TIME)]
     if family == "sd":  # the three roles are all present
         assert {n.rsplit(".", 2)[-2] for n in resolved} >= {"attn1", "attn2", "net"}
@@ -280,13 +317,24 @@ def test_roles_resolve_to_the_layers_the_old_patterns_named(name):
 def test_quest_end_to_end(tmp_path):
     model = TinyDiffusion(steps=6)
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
-    ptq = PTQConfig(calib=CALIB, act_init_rows=16, act_init_batch_size=8,
-                    recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4,
-                                        capture_batch_size=8))
-    cfg = QuestConfig(ptq=ptq, critical_layers="auto", critical_top_k=2, tla_epochs=1,
-                      cma_epochs=1, samples_per_step=4, batch_size=6, eval_rows=8,
-                      timestep_init_rows=None,
-                      sensitivity=SensitivitySettings(calib_rows=16, eval_rows=8))
+    ptq = PTQConfig(
+        calib=CALIB,
+        act_init_rows=16,
+        act_init_batch_size=8,
+        recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4, capture_batch_size=8),
+    )
+    cfg = QuestConfig(
+        ptq=ptq,
+        critical_layers="auto",
+        critical_top_k=2,
+        tla_epochs=1,
+        cma_epochs=1,
+        samples_per_step=4,
+        batch_size=6,
+        eval_rows=8,
+        timestep_init_rows=None,
+        sensitivity=SensitivitySettings(calib_rows=16, eval_rows=8),
+    )
     result = run_method(METHODS.get("quest")(), model, W4A4, cfg, ctx)
     m = result.metrics
     assert result.model is model
@@ -304,12 +352,12 @@ def test_quest_end_to_end(tmp_path):
 
     # the finetuned UNet and its metrics are cached: a resumed job or a re-evaluation loads them
     again = TinyDiffusion(steps=6)
-    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache",
-                      device=torch.device("cpu"))
+    ctx2 = RunContext(run_dir=tmp_path / "again", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     cached = run_method(METHODS.get("quest")(), again, W4A4, cfg, ctx2)
     assert m["quest_cached"] is False and cached.metrics["quest_cached"] is True
-    assert ({k: v for k, v in cached.metrics.items() if not k.endswith("_cached")}
-            == {k: v for k, v in m.items() if not k.endswith("_cached")})
+    assert {k: v for k, v in cached.metrics.items() if not k.endswith("_cached")} == {
+        k: v for k, v in m.items() if not k.endswith("_cached")
+    }
     assert cached.quant == result.quant and cached.files == result.files
     assert cached.tables == result.tables
     with torch.no_grad():

@@ -16,8 +16,7 @@ from diffquant.models.loading import MissingWeightsError, build_model
 from diffquant.quant import is_quant_layer
 from diffquant.registry import METHODS
 from diffquant.schema import typed_run_config
-from tiny_components import (TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder,
-                             write_sd_folder)
+from tiny_components import TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder, write_sd_folder
 
 #: The papers' sampler settings each config must carry: (steps, guidance, eta, scheduler class or None).
 PAPER_SAMPLERS = {
@@ -28,11 +27,15 @@ PAPER_SAMPLERS = {
     "ldm_imagenet": (20, 3.0, 0.0, None),
 }
 REAL_MODELS = list(PAPER_SAMPLERS)
-QUANT = ["method=ptq_minmax", "quant=w8a8", "method.calib.n_samples=1", "method.calib.batch_size=1",
-         "method.act_init_rows=16"]
+QUANT = [
+    "method=ptq_minmax",
+    "quant=w8a8",
+    "method.calib.n_samples=1",
+    "method.calib.batch_size=1",
+    "method.act_init_rows=16",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def tiny_folder(model: str, root: Path) -> tuple[Path, list[str]]:
@@ -41,8 +44,17 @@ def tiny_folder(model: str, root: Path) -> tuple[Path, list[str]]:
     if model == "sd_v1_4":
         from diffusers import PNDMScheduler
 
-        write_sd_folder(folder, PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1))
+        write_sd_folder(
+            folder,
+            PNDMScheduler(
+                beta_schedule="scaled_linear",
+                beta_start=0.00085,
+                beta_end=0.012,
+                skip_prk_steps=True,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            ),
+        )
         prompts = root / "captions.txt"
         prompts.write_text("a handwritten seven\nthe digit 1\n")
         return folder, [f"model.prompts={prompts}", "model.image_size=16"]
@@ -74,8 +86,9 @@ def test_config_carries_the_papers_sampler(model_name, make_cfg):
 @pytest.mark.parametrize("model_name", REAL_MODELS)
 def test_builds_from_tiny_components_and_samples_fp_and_w8a8(model_name, make_cfg, tmp_path):
     folder, extra = tiny_folder(model_name, tmp_path)
-    cfg = make_cfg([f"model={model_name}", f"model.pretrained={folder}", "model.num_inference_steps=2",
-                    *extra, *QUANT])
+    cfg = make_cfg(
+        [f"model={model_name}", f"model.pretrained={folder}", "model.num_inference_steps=2", *extra, *QUANT]
+    )
     if model_name == "ldm_imagenet":
         assert cfg.model.num_classes == 1000
     model = build_model(cfg.model)
@@ -91,8 +104,7 @@ def test_builds_from_tiny_components_and_samples_fp_and_w8a8(model_name, make_cf
     result = run_method(METHODS.get("ptq_minmax")(), model, run.quant, run.method, ctx)
     assert result.model is model  # ptq_minmax's range_init (minmax) replaces the quant's inits
     assert result.quant == dataclasses.replace(run.quant, weight_init="minmax", act_init="minmax")
-    assert result.metrics["n_quant_layers"] == sum(is_quant_layer(m)
-                                                   for m in model.denoiser.modules())
+    assert result.metrics["n_quant_layers"] == sum(is_quant_layer(m) for m in model.denoiser.modules())
     assert sum(is_quant_layer(m) for m in model.denoiser.modules()) > 0
     q_images, _ = model.sample([0], seed=0)
     assert q_images.shape == images.shape and torch.isfinite(q_images).all()

@@ -81,10 +81,12 @@ def run(name: str, make_model, cfg, cache: Path, monkeypatch, kill: int | None =
             assert kill is not None
             return None
     assert kill is None, "the run ended before it was to be killed"
-    return {"quant": quantizer_state_dict(model.denoiser),
-            "params": {k: v.detach().clone() for k, v in model.denoiser.state_dict().items()},
-            "metrics": {k: v for k, v in result.metrics.items() if not k.endswith("_s")},
-            "files": result.files}
+    return {
+        "quant": quantizer_state_dict(model.denoiser),
+        "params": {k: v.detach().clone() for k, v in model.denoiser.state_dict().items()},
+        "metrics": {k: v for k, v in result.metrics.items() if not k.endswith("_s")},
+        "files": result.files,
+    }
 
 
 def assert_same(resumed: dict, uninterrupted: dict) -> None:
@@ -124,28 +126,43 @@ def fake_ptq(model, quant_cfg, ptq_cfg, ctx):
 
 
 def accuquant_cfg(**kw) -> aq.AccuQuantConfig:
-    return aq.AccuQuantConfig(**{"group_size": 2, "iters_per_group": 2, "epochs": 2, "n_samples": 8,
-                                 "batch_size": 4, "act_lr": 1e-2, "bias_lr": 1e-3, **kw})
+    return aq.AccuQuantConfig(
+        **{
+            "group_size": 2,
+            "iters_per_group": 2,
+            "epochs": 2,
+            "n_samples": 8,
+            "batch_size": 4,
+            "act_lr": 1e-2,
+            "bias_lr": 1e-3,
+            **kw,
+        }
+    )
 
 
 def tiny5() -> TinyDiffusion:
     return TinyDiffusion(steps=5)  # 3 groups of 2, 2, 1 steps
 
 
-@pytest.mark.parametrize("order, start, learn, every, revert, kills", [
-    # interleaved: saves at step 4 (mid epoch 0), 6 (end of epoch 0), 8, 12
-    ("interleaved", "quant", ["act_scale", "weight_round"], 4, True, (1, 1)),
-    ("interleaved", "fp", ["act_scale"], 4, False, (3,)),
-    # sequential: saves after each group (steps 2, 4, 6, ...) and at step 3 (mid group 1): kill
-    # there, then after group 1 (group 2 starts where the quantized chain of group 1 ended)
-    ("sequential", "quant", ["act_scale", "bias"], 3, False, (2, 1)),
-    ("sequential", "fp", ["act_scale"], 3, True, (4,)),
-])
-def test_accuquant_resumes_bit_identically(order, start, learn, every, revert, kills, tmp_path,
-                                           monkeypatch, caplog):
+@pytest.mark.parametrize(
+    "order, start, learn, every, revert, kills",
+    [
+        # interleaved: saves at step 4 (mid epoch 0), 6 (end of epoch 0), 8, 12
+        ("interleaved", "quant", ["act_scale", "weight_round"], 4, True, (1, 1)),
+        ("interleaved", "fp", ["act_scale"], 4, False, (3,)),
+        # sequential: saves after each group (steps 2, 4, 6, ...) and at step 3 (mid group 1): kill
+        # there, then after group 1 (group 2 starts where the quantized chain of group 1 ended)
+        ("sequential", "quant", ["act_scale", "bias"], 3, False, (2, 1)),
+        ("sequential", "fp", ["act_scale"], 3, True, (4,)),
+    ],
+)
+def test_accuquant_resumes_bit_identically(
+    order, start, learn, every, revert, kills, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)
-    cfg = accuquant_cfg(order=order, group_start=start, learn=learn, progress_every=every,
-                        revert_if_worse=revert)
+    cfg = accuquant_cfg(
+        order=order, group_start=start, learn=learn, progress_every=every, revert_if_worse=revert
+    )
     uninterrupted = run("accuquant", tiny5, cfg, tmp_path / "a" / "cache", monkeypatch)
 
     cache = tmp_path / "b" / "cache"
@@ -155,8 +172,10 @@ def test_accuquant_resumes_bit_identically(order, start, learn, every, revert, k
     monkeypatch.setattr(aq, "fp_trajectories", lambda *a, **k: pytest.fail("resampled"))
     resumed = kill_and_resume("accuquant", tiny5, cfg, cache, monkeypatch, caplog, kills[1:])
     assert_same(resumed, uninterrupted)
-    groups = lambda out: [{k: v for k, v in g.items() if k != "seconds"}
-                          for g in json.loads(out["files"]["accuquant_groups.json"])["groups"]]
+    groups = lambda out: [
+        {k: v for k, v in g.items() if k != "seconds"}
+        for g in json.loads(out["files"]["accuquant_groups.json"])["groups"]
+    ]
     assert groups(resumed) == groups(uninterrupted)
 
 
@@ -164,20 +183,34 @@ def tiny5_plms() -> TinyDiffusion:
     """PLMS (PNDM, skip_prk_steps): 6 sampler calls for 5 steps, history between them."""
     from diffusers import PNDMScheduler
 
-    return TinyDiffusion(steps=5, scheduler=PNDMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
-        set_alpha_to_one=False, steps_offset=1))
+    return TinyDiffusion(
+        steps=5,
+        scheduler=PNDMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+    )
 
 
 @pytest.mark.parametrize("order, kills", [("sequential", (2, 1)), ("interleaved", (1, 1))])
-def test_accuquant_resumes_bit_identically_on_a_multistep_sampler(order, kills, tmp_path,
-                                                                   monkeypatch, caplog):
+def test_accuquant_resumes_bit_identically_on_a_multistep_sampler(
+    order, kills, tmp_path, monkeypatch, caplog
+):
     """With a sampler that keeps state (PLMS), the quantized chain a group starts from
     (``group_start: quant``) is saved with its model outputs, from which its scheduler state is
     rebuilt: the resumed job ends where the uninterrupted one does."""
     monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)
-    cfg = accuquant_cfg(order=order, group_start="quant", learn=["act_scale", "weight_round"],
-                        progress_every=3, revert_if_worse=True)
+    cfg = accuquant_cfg(
+        order=order,
+        group_start="quant",
+        learn=["act_scale", "weight_round"],
+        progress_every=3,
+        revert_if_worse=True,
+    )
     uninterrupted = run("accuquant", tiny5_plms, cfg, tmp_path / "a" / "cache", monkeypatch)
     assert uninterrupted["metrics"]["accuquant_groups"] == 3  # 6 calls: groups of 2
 
@@ -203,8 +236,9 @@ def test_accuquant_ignores_progress_of_another_start(tmp_path, monkeypatch, capl
     monkeypatch.setattr(aq, "load_or_run_ptq", other_ptq)
     steps = []
     original = aq.TrajectoryCalibration._optimizer_step
-    monkeypatch.setattr(aq.TrajectoryCalibration, "_optimizer_step",
-                        lambda self, *a: steps.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        aq.TrajectoryCalibration, "_optimizer_step", lambda self, *a: steps.append(1) or original(self, *a)
+    )
     with caplog.at_level(logging.WARNING, logger="diffquant.methods.progress"):
         run("accuquant", tiny5, cfg, cache, monkeypatch)
     assert "ignoring the accuquant calibration progress" in caplog.text and "start" in caplog.text
@@ -213,16 +247,32 @@ def test_accuquant_ignores_progress_of_another_start(tmp_path, monkeypatch, capl
 
 # ---------------------------------------------------------------------------- QuEST
 CALIB = CalibSettings(n_samples=4, step_stride=2, batch_size=4)
-PTQ = PTQConfig(calib=CALIB, act_init_rows=16, act_init_batch_size=8,
-                recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4, capture_batch_size=8))
+PTQ = PTQConfig(
+    calib=CALIB,
+    act_init_rows=16,
+    act_init_batch_size=8,
+    recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4, capture_batch_size=8),
+)
 
 
 def quest_cfg(**kw) -> QuestConfig:
     # 12 training rows (4 per recorded step), 3 optimiser steps per epoch
-    return QuestConfig(**{"ptq": PTQ, "critical_layers": ["attentions.*to_q"], "tla_epochs": 2,
-                          "cma_epochs": 2, "samples_per_step": 4, "batch_size": 4, "eval_rows": 8,
-                          "timestep_init_rows": None, "weight_lr": 1e-3, "act_lr": 1e-3,
-                          "progress_every": 2, **kw})
+    return QuestConfig(
+        **{
+            "ptq": PTQ,
+            "critical_layers": ["attentions.*to_q"],
+            "tla_epochs": 2,
+            "cma_epochs": 2,
+            "samples_per_step": 4,
+            "batch_size": 4,
+            "eval_rows": 8,
+            "timestep_init_rows": None,
+            "weight_lr": 1e-3,
+            "act_lr": 1e-3,
+            "progress_every": 2,
+            **kw,
+        }
+    )
 
 
 def tiny6() -> TinyDiffusion:
@@ -244,14 +294,20 @@ def test_quest_resumes_bit_identically(kills, tmp_path, monkeypatch, caplog):
 
 def test_quest_eps_mse_is_none_without_held_out_rows(tmp_path, monkeypatch):
     """``quest_eps_mse_*`` measure nothing (None, not 0.0) when no calibration row is held out."""
-    out = run("quest", tiny6, quest_cfg(eval_rows=0, cma=False, tla_epochs=1), tmp_path / "cache",
-              monkeypatch)
+    out = run(
+        "quest", tiny6, quest_cfg(eval_rows=0, cma=False, tla_epochs=1), tmp_path / "cache", monkeypatch
+    )
     m = out["metrics"]
     assert m["quest_eps_mse_ptq"] is None and m["quest_eps_mse_init"] is None
     assert m["quest_eps_mse_final"] is None and m["tla_steps"] == 3
     # every row of each step trained on: no row left to hold out either
-    cached = run("quest", tiny6, quest_cfg(samples_per_step=8, cma=False, tla_epochs=1),
-                 tmp_path / "cache", monkeypatch)["metrics"]
+    cached = run(
+        "quest",
+        tiny6,
+        quest_cfg(samples_per_step=8, cma=False, tla_epochs=1),
+        tmp_path / "cache",
+        monkeypatch,
+    )["metrics"]
     assert cached["train_rows"] == 24 and cached["quest_eps_mse_final"] is None
 
 
@@ -281,38 +337,65 @@ def test_a_failed_save_keeps_the_previous_progress(tmp_path, monkeypatch, caplog
 
 
 # ---------------------------------------------------------------------------- a real kill
-SMALL_QUEST = ["quant=w4a4", "method=quest", "logger=none", "evaluator.n_samples=10",
-               "evaluator.batch_size=10", "method.ptq.calib.n_samples=4",
-               "method.ptq.calib.step_stride=5", "method.ptq.act_init_rows=16",
-               "method.ptq.recon.weight_iters=2", "method.ptq.recon.act_iters=1",
-               "method.ptq.recon.max_rows=16", "method.samples_per_step=4", "method.batch_size=8",
-               "method.tla_epochs=2", "method.cma_epochs=8", "method.eval_rows=8",
-               "method.timestep_init_rows=16", "method.progress_every=1"]
+SMALL_QUEST = [
+    "quant=w4a4",
+    "method=quest",
+    "logger=none",
+    "evaluator.n_samples=10",
+    "evaluator.batch_size=10",
+    "method.ptq.calib.n_samples=4",
+    "method.ptq.calib.step_stride=5",
+    "method.ptq.act_init_rows=16",
+    "method.ptq.recon.weight_iters=2",
+    "method.ptq.recon.act_iters=1",
+    "method.ptq.recon.max_rows=16",
+    "method.samples_per_step=4",
+    "method.batch_size=8",
+    "method.tla_epochs=2",
+    "method.cma_epochs=8",
+    "method.eval_rows=8",
+    "method.timestep_init_rows=16",
+    "method.progress_every=1",
+]
 
 
 def _cli(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                                stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _metrics(run_dir: Path) -> dict:
     skip = ("peak_rss_mb", "peak_cuda_mb")
-    return {k: v for k, v in json.loads((run_dir / "metrics.json").read_text()).items()
-            if not k.endswith("_s") and k not in skip}
+    return {
+        k: v
+        for k, v in json.loads((run_dir / "metrics.json").read_text()).items()
+        if not k.endswith("_s") and k not in skip
+    }
 
 
 @pytest.mark.slow
 def test_sigkilled_quest_job_resumes_with_the_same_metrics(tmp_path):
-    a = _cli([*SMALL_QUEST, f"paths.cache_dir={tmp_path}/a", f"hydra.run.dir={tmp_path}/run_a"],
-             tmp_path / "a.log")
+    a = _cli(
+        [*SMALL_QUEST, f"paths.cache_dir={tmp_path}/a", f"hydra.run.dir={tmp_path}/run_a"], tmp_path / "a.log"
+    )
     assert a.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
 
     cache = tmp_path / "b"
-    job = _cli([*SMALL_QUEST, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path}/run_b"],
-               tmp_path / "b1.log")
+    job = _cli(
+        [*SMALL_QUEST, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path}/run_b"], tmp_path / "b1.log"
+    )
     deadline = time.monotonic() + 600
     while not list(cache.glob("quest/*.partial/train_progress.json")):
         assert job.poll() is None, (tmp_path / "b1.log").read_text()[-3000:]
@@ -322,9 +405,10 @@ def test_sigkilled_quest_job_resumes_with_the_same_metrics(tmp_path):
     assert job.wait(timeout=60) == -signal.SIGKILL
     assert not (tmp_path / "run_b" / "metrics.json").exists()
 
-    again = _cli([*SMALL_QUEST, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path}/run_b"],
-                 tmp_path / "b2.log")
-    log = (tmp_path / "b2.log")
+    again = _cli(
+        [*SMALL_QUEST, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path}/run_b"], tmp_path / "b2.log"
+    )
+    log = tmp_path / "b2.log"
     assert again.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert "resuming QuEST finetuning" in log.read_text()
     assert _metrics(tmp_path / "run_b") == _metrics(tmp_path / "run_a")

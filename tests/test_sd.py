@@ -12,13 +12,17 @@ from diffquant.zoo.tokenizer import words_of
 from tiny_components import write_sd_folder, write_tokenizer
 
 SD_DIGITS = ZOO_DIR / "sd_digits"
-EMBEDDED = [SD_DIGITS / "model_index.json", ZOO_DIR / "digits_clip" / "config.json",
-            ZOO_DIR / "digits_classifier"]
-needs_embedded = pytest.mark.skipif(not all(p.exists() for p in EMBEDDED),
-                                    reason="embedded weights not trained (python -m diffquant.zoo.train_sd all)")
+EMBEDDED = [
+    SD_DIGITS / "model_index.json",
+    ZOO_DIR / "digits_clip" / "config.json",
+    ZOO_DIR / "digits_classifier",
+]
+needs_embedded = pytest.mark.skipif(
+    not all(p.exists() for p in EMBEDDED),
+    reason="embedded weights not trained (python -m diffquant.zoo.train_sd all)",
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def test_every_caption_word_is_one_token(tmp_path):
@@ -66,8 +70,13 @@ def test_sampling_equals_stable_diffusion_pipeline(tiny_sd):
     pipe.set_progress_bar_config(disable=True)
     indices = [3, 8]
     ours, prompts = model.sample(indices, seed=0)
-    theirs = pipe(prompt=prompts, latents=model.initial_noise(indices, 0), num_inference_steps=3,
-                  guidance_scale=model.sampler.guidance_scale, output_type="pt").images
+    theirs = pipe(
+        prompt=prompts,
+        latents=model.initial_noise(indices, 0),
+        num_inference_steps=3,
+        guidance_scale=model.sampler.guidance_scale,
+        output_type="pt",
+    ).images
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
@@ -83,11 +92,20 @@ def test_training_command_writes_a_loadable_pipeline(tmp_path, make_cfg):
 
     vae = write_sd_folder(tmp_path / "donor", in_channels=1) / "vae"  # any 1-channel f2 autoencoder
     main(["all", "--out", str(tmp_path / "w"), "--steps-scale", "0.002", "--threads", "1", "--vae", str(vae)])
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "diffquant.json"):
+    for part in (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+        "diffquant.json",
+    ):
         assert (tmp_path / "w" / "sd_digits" / part).exists(), part
     assert (tmp_path / "w" / "digits_clip" / "preprocessor_config.json").is_file()
-    cfg = make_cfg(["model=sd_digits", f"model.pretrained={tmp_path / 'w' / 'sd_digits'}",
-                    "model.num_inference_steps=2"])
+    cfg = make_cfg(
+        ["model=sd_digits", f"model.pretrained={tmp_path / 'w' / 'sd_digits'}", "model.num_inference_steps=2"]
+    )
     images, labels = build_model(cfg.model).sample([7], seed=0)
     assert images.shape[:2] == (1, 1) and labels == [prompt_lines()[7]]
 
@@ -108,8 +126,17 @@ def test_shipped_sd_digits_is_a_small_stable_diffusion_pipeline():
 def test_sd_digits_fp_run_end_to_end(make_cfg):
     from diffquant.app import run
 
-    metrics = run(make_cfg(["model=sd_digits", "evaluator=clip_digits", "logger=none",
-                            "evaluator.n_samples=20", "evaluator.batch_size=20"]))
+    metrics = run(
+        make_cfg(
+            [
+                "model=sd_digits",
+                "evaluator=clip_digits",
+                "logger=none",
+                "evaluator.n_samples=20",
+                "evaluator.batch_size=20",
+            ]
+        )
+    )
     assert metrics["model"] == "sd_digits" and metrics["fid"] > 0 and metrics["fid_to_fp"] == 0.0
     assert 0 < metrics["clip_score"] <= 100
 
@@ -123,19 +150,45 @@ def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make
     from diffquant.schema import typed_run_config
 
     folder = write_sd_folder(tmp_path / "sd", in_channels=1)
-    recon = ["recon.weight_iters=2", "recon.act_iters=2", "recon.batch_size=4", "calib.n_samples=2",
-             "calib.batch_size=2", "act_init_rows=16"]
+    recon = [
+        "recon.weight_iters=2",
+        "recon.act_iters=2",
+        "recon.batch_size=4",
+        "calib.n_samples=2",
+        "calib.batch_size=2",
+        "act_init_rows=16",
+    ]
     settings = {
         "ptq": [f"method.{r}" for r in recon],
-        "quest": [f"method.ptq.{r}" for r in recon] + [
-            "method.tla_epochs=1", "method.cma_epochs=1", "method.samples_per_step=4", "method.batch_size=4",
-            "method.timestep_init_rows=16", "method.eval_rows=8"],
-        "accuquant": [f"method.ptq.{r}" for r in recon] + [
-            "method.iters_per_group=2", "method.n_samples=2", "method.batch_size=2", "method.eval_batch_size=4"],
+        "quest": [f"method.ptq.{r}" for r in recon]
+        + [
+            "method.tla_epochs=1",
+            "method.cma_epochs=1",
+            "method.samples_per_step=4",
+            "method.batch_size=4",
+            "method.timestep_init_rows=16",
+            "method.eval_rows=8",
+        ],
+        "accuquant": [f"method.ptq.{r}" for r in recon]
+        + [
+            "method.iters_per_group=2",
+            "method.n_samples=2",
+            "method.batch_size=2",
+            "method.eval_batch_size=4",
+        ],
     }
     for method, extra in settings.items():
-        cfg = make_cfg(["model=sd_digits", f"model.pretrained={folder}", "model.num_inference_steps=4",
-                        f"method={method}", "quant=w4a8", *extra], name=method)
+        cfg = make_cfg(
+            [
+                "model=sd_digits",
+                f"model.pretrained={folder}",
+                "model.num_inference_steps=4",
+                f"method={method}",
+                "quant=w4a8",
+                *extra,
+            ],
+            name=method,
+        )
         model = build_model(cfg.model)
         ctx = RunContext(run_dir=tmp_path / method, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
         run = typed_run_config(cfg)

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.slurm
 JOB_TIMEOUT_S = 60
 
 
-
 @pytest.fixture
 def cluster(slurm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Puts the cluster's environment (SLURM_CONF) into os.environ for this test."""
@@ -60,8 +59,13 @@ SMALL = ["--cpus-per-task=1", "--mem=500M", "--time=5", "--gres=none"]
 
 def test_sbatch_wrap_runs_python(cluster: dict[str, str], partition: str, tmp_path: Path) -> None:
     out = tmp_path / "wrap.out"
-    cmd = f"{sys.executable} -c 'import os; print(\"answer\", 6 * 7, os.environ[\"SLURM_JOB_ID\"])' && echo DONE"
-    job_id = _sbatch([f"--partition={partition}", *SMALL, f"--output={out}", "--job-name=dq-wrap", f"--wrap={cmd}"], tmp_path)
+    cmd = (
+        f'{sys.executable} -c \'import os; print("answer", 6 * 7, os.environ["SLURM_JOB_ID"])\' && echo DONE'
+    )
+    job_id = _sbatch(
+        [f"--partition={partition}", *SMALL, f"--output={out}", "--job-name=dq-wrap", f"--wrap={cmd}"],
+        tmp_path,
+    )
     text = wait_for_file(out, "DONE", JOB_TIMEOUT_S)
     assert f"answer 42 {job_id}" in text
 
@@ -136,8 +140,15 @@ def test_sweep_array_sbatch(cluster: dict[str, str], partition: str, tmp_path: P
     grid = tmp_path / "grid.txt"
     grid.write_text("# quant x seed\n\nquant=w8a8 seed=0\nquant=w4a8 seed=1 'model.prompt=\"a red cube\"'\n")
     job_id = _sbatch(
-        [f"--partition={partition}", *SMALL, "--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out",
-         str(REPO_ROOT / "slurm" / "sweep_array.sbatch"), "grid.txt", "+common=1"],
+        [
+            f"--partition={partition}",
+            *SMALL,
+            "--array=0-1",
+            f"--output={tmp_path}/slurm-%A_%a.out",
+            str(REPO_ROOT / "slurm" / "sweep_array.sbatch"),
+            "grid.txt",
+            "+common=1",
+        ],
         tmp_path,
         env=_script_env(tmp_path),
     )
@@ -165,8 +176,14 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
         pytest.skip("tests are not running from a virtual environment")
     (tmp_path / "run.py").write_text(FAKE_RUN_PY)
     job_id = _sbatch(
-        [f"--partition={partition}", *SMALL, f"--output={tmp_path}/one-%j.out",
-         str(REPO_ROOT / "slurm" / "run_one.sbatch"), "quant=w8a8", "seed=3"],
+        [
+            f"--partition={partition}",
+            *SMALL,
+            f"--output={tmp_path}/one-%j.out",
+            str(REPO_ROOT / "slurm" / "run_one.sbatch"),
+            "quant=w8a8",
+            "seed=3",
+        ],
         tmp_path,
         env=_script_env(tmp_path),
     )
@@ -180,9 +197,13 @@ def test_run_one_sbatch(cluster: dict[str, str], partition: str, tmp_path: Path)
 def test_start_script_is_idempotent(cluster: dict[str, str]) -> None:
     """A second start finds the running cluster and returns quickly with an eval-able line."""
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(START_SCRIPT)] + ([str(Path(cluster["SLURM_CONF"]).parent)]
-                          if "SLURM_CONF" in cluster else []),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(START_SCRIPT)]
+        + ([str(Path(cluster["SLURM_CONF"]).parent)] if "SLURM_CONF" in cluster else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("export SLURM_CONF=") or last.startswith("#")

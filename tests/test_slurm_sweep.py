@@ -23,22 +23,31 @@ except ImportError:  # tests/ as a package
 
 pytestmark = pytest.mark.slurm
 
-SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20",
-         "logger=none"]
-
+SMALL = ["model.num_inference_steps=5", "evaluator.n_samples=20", "evaluator.batch_size=20", "logger=none"]
 
 
 def slurm_args(env: dict[str, str], sweep: Path, cache: Path) -> list[str]:
     """The launcher on the test cluster: its default partition, 1 CPU and 1 GB per job, no GPU."""
-    return ["-m", "hydra/launcher=slurm", f"slurm.partition={default_partition(env)}",
-            "slurm.gpus_per_node=null", "slurm.cpus_per_task=1", "slurm.mem_gb=1", "slurm.timeout_min=10",
-            f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}"]
+    return [
+        "-m",
+        "hydra/launcher=slurm",
+        f"slurm.partition={default_partition(env)}",
+        "slurm.gpus_per_node=null",
+        "slurm.cpus_per_task=1",
+        "slurm.mem_gb=1",
+        "slurm.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={cache}",
+    ]
 
 
 def test_slurm_multirun_of_two_jobs(slurm_env, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli([*slurm_args(slurm_env, sweep, tmp_path / "cache"), "seed=0,1", *SMALL],
-                   env={**slurm_env, "WANDB_MODE": "offline"}, timeout=600)
+    proc = run_cli(
+        [*slurm_args(slurm_env, sweep, tmp_path / "cache"), "seed=0,1", *SMALL],
+        env={**slurm_env, "WANDB_MODE": "offline"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert [p.name for p in jobs] == ["0_ldm_digits_fp32_fp_s0", "1_ldm_digits_fp32_fp_s1"]
@@ -54,8 +63,11 @@ def test_slurm_sweep_with_a_failing_job_exits_nonzero(slurm_env, tmp_path):
     """Job 1 fails validation inside its array task; the launcher reports it and exits non-zero,
     and job 0's results are still complete."""
     sweep = tmp_path / "sweep"
-    proc = run_cli([*slurm_args(slurm_env, sweep, tmp_path / "cache"), *SMALL, "evaluator.n_samples=20,-1"],
-                   env={**slurm_env, "WANDB_MODE": "offline"}, timeout=600)
+    proc = run_cli(
+        [*slurm_args(slurm_env, sweep, tmp_path / "cache"), *SMALL, "evaluator.n_samples=20,-1"],
+        env={**slurm_env, "WANDB_MODE": "offline"},
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "evaluator.n_samples=-1 must be positive" in proc.stderr + proc.stdout
     done = [p.parent.name for p in sweep.glob("*/metrics.json")]
@@ -68,10 +80,20 @@ def test_slurm_requeued_job_resumes_to_the_same_metrics(slurm_env, tmp_path, mak
     reruns in the same folder, keeps its finished batches, and reports the uninterrupted metrics."""
     env = {**os.environ, **slurm_env, "WANDB_MODE": "offline"}
     sweep = tmp_path / "sweep"
-    args = ["model.num_inference_steps=5", "evaluator.n_samples=1200", "evaluator.batch_size=10",
-            "logger=none"]
-    launcher = subprocess.Popen([sys.executable, "run.py", *slurm_args(slurm_env, sweep, tmp_path / "cache"), *args],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "model.num_inference_steps=5",
+        "evaluator.n_samples=1200",
+        "evaluator.batch_size=10",
+        "logger=none",
+    ]
+    launcher = subprocess.Popen(
+        [sys.executable, "run.py", *slurm_args(slurm_env, sweep, tmp_path / "cache"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     progress = sweep / "0_ldm_digits_fp32_fp_s0" / "progress"
     job_id = None
     try:
@@ -97,6 +119,9 @@ def test_slurm_requeued_job_resumes_to_the_same_metrics(slurm_env, tmp_path, mak
         assert (progress / name).stat().st_mtime_ns == mtime
     resumed = json.loads((progress.parent / "metrics.json").read_text())
     reference = run(make_cfg(args, name="reference"))
-    assert (resumed["n_samples"], resumed["config_hash"]) == (reference["n_samples"], reference["config_hash"])
+    assert (resumed["n_samples"], resumed["config_hash"]) == (
+        reference["n_samples"],
+        reference["config_hash"],
+    )
     for key in ("fid", "inception_score"):  # the job ran with 1 thread, the reference with 2
         assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key

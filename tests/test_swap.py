@@ -7,17 +7,28 @@ from torch import nn
 
 from diffquant.calib import observing_act_ranges
 from diffquant.models.denoiser import UNET
-from diffquant.quant import (ActQuantizer, QuantAttnProcessor, QuantConfig, WeightQuantizer,
-                             is_quant_layer, iter_quantizers, keep_fp_weights, quant_parameters,
-                             quant_state, quantize_denoiser, set_quant_state)
+from diffquant.quant import (
+    ActQuantizer,
+    QuantAttnProcessor,
+    QuantConfig,
+    WeightQuantizer,
+    is_quant_layer,
+    iter_quantizers,
+    keep_fp_weights,
+    quant_parameters,
+    quant_state,
+    quantize_denoiser,
+    set_quant_state,
+)
 from diffquant.validation import InvalidSetting
-from tiny_models import (tiny_unet2d, tiny_unet2d_condition, unet2d_condition_inputs,
-                         unet2d_inputs)
+from tiny_models import tiny_unet2d, tiny_unet2d_condition, unet2d_condition_inputs, unet2d_inputs
 
 torch.set_num_threads(1)
 
-MODELS = {"unet2d": (tiny_unet2d, unet2d_inputs),
-          "unet2d_condition": (tiny_unet2d_condition, unet2d_condition_inputs)}
+MODELS = {
+    "unet2d": (tiny_unet2d, unet2d_inputs),
+    "unet2d_condition": (tiny_unet2d_condition, unet2d_condition_inputs),
+}
 
 
 def _observe(denoiser, inputs, method="minmax"):
@@ -47,13 +58,14 @@ def test_every_layer_and_matmul_quantized_exactly_once(name):
     assert summary.n_quant_layers == n_layers and summary.attention == n_attn > 0
     procs = [m for m in denoiser.modules() if isinstance(m, QuantAttnProcessor)]
     assert len(procs) == n_attn
-    assert all(None not in (p.q_quantizer, p.k_quantizer, p.v_quantizer, p.prob_quantizer)
-               for p in procs)
+    assert all(None not in (p.q_quantizer, p.k_quantizer, p.v_quantizer, p.prob_quantizer) for p in procs)
     assert all(m.weight_quantizer is not None and m.input_quantizer is not None for m in layers)
 
     calls: dict[str, int] = {}
-    handles = [q.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-               for n, q in iter_quantizers(denoiser)]
+    handles = [
+        q.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, q in iter_quantizers(denoiser)
+    ]
     with torch.no_grad():
         denoiser(**inputs)
     for h in handles:
@@ -89,12 +101,14 @@ def test_first_last_bits_split_shortcuts_and_fp_parts():
             skips = list(kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else ()))
             for j, resnet in enumerate(mod.resnets):
                 skip = skips[-(j + 1)]
-                true_splits[f"{block_name}.resnets.{j}.conv_shortcut"] = \
-                    resnet.in_channels - skip.shape[1]
+                true_splits[f"{block_name}.resnets.{j}.conv_shortcut"] = resnet.in_channels - skip.shape[1]
+
         return hook
 
-    handles = [b.register_forward_pre_hook(up_hook(f"up_blocks.{k}"), with_kwargs=True)
-               for k, b in enumerate(denoiser.up_blocks)]
+    handles = [
+        b.register_forward_pre_hook(up_hook(f"up_blocks.{k}"), with_kwargs=True)
+        for k, b in enumerate(denoiser.up_blocks)
+    ]
     with torch.no_grad():
         denoiser(**inputs)
     for h in handles:
@@ -109,8 +123,9 @@ def test_first_last_bits_split_shortcuts_and_fp_parts():
     sc = denoiser.up_blocks[0].resnets[0].conv_shortcut
     assert sc.input_quantizer.split == true_splits["up_blocks.0.resnets.0.conv_shortcut"]
     assert sc.weight_quantizer.head.weight_shape[1] == sc.input_quantizer.split
-    assert not any(isinstance(m, (WeightQuantizer, ActQuantizer))
-                   for m in denoiser.class_embedding.modules())  # embeddings, norms stay FP
+    assert not any(
+        isinstance(m, (WeightQuantizer, ActQuantizer)) for m in denoiser.class_embedding.modules()
+    )  # embeddings, norms stay FP
     _observe(denoiser, inputs)
     with torch.no_grad():
         assert torch.isfinite(UNET.forward(denoiser, inputs)).all()
@@ -131,8 +146,10 @@ def test_switches_and_parameter_lookup():
     assert len(scales) == len(list(iter_quantizers(denoiser, "act")))
     ff = quant_parameters(denoiser, "weight_latent", include=r"ff\.net")
     assert ff and all(".ff.net." in n for n in ff)
-    assert ff["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"] is \
-        denoiser.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight
+    assert (
+        ff["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"]
+        is denoiser.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight
+    )
     attn_k = quant_parameters(denoiser, "act_scale", include=r"attn1\.", exclude=r"to_")
     assert attn_k and all(".processor." in n for n in attn_k)
     assert quant_parameters(denoiser, "weight_round") == {}  # no AdaRound running
@@ -158,8 +175,7 @@ def test_fp_teacher_survives_latent_weight_finetuning():
 
 def test_timestep_aware_groups_follow_the_timestep_argument():
     schedule = [901, 701, 501, 301, 101, 1]
-    cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8, timestep_aware=True,
-                      timestep_groups=3)
+    cfg = QuantConfig(name="w8a8", weight_bits=8, act_bits=8, timestep_aware=True, timestep_groups=3)
     denoiser, inputs = tiny_unet2d(), unet2d_inputs(n=6)
     inputs["timestep"] = torch.tensor(schedule)
     quantize_denoiser(denoiser, UNET, cfg, timesteps=schedule)
@@ -176,8 +192,7 @@ def test_timestep_aware_groups_follow_the_timestep_argument():
 
 def test_weight_only_and_requantize_errors():
     denoiser = tiny_unet2d()
-    summary = quantize_denoiser(denoiser, UNET,
-                                QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
+    summary = quantize_denoiser(denoiser, UNET, QuantConfig(name="w4a32", weight_bits=4, act_bits=32))
     assert summary.attention == 0 and not list(iter_quantizers(denoiser, "act"))
     with torch.no_grad():
         assert torch.isfinite(UNET.forward(denoiser, unet2d_inputs())).all()

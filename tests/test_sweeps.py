@@ -33,12 +33,23 @@ def test_paper_sweep_runs_fp_once_then_the_grid_then_writes_the_table(tmp_path):
     """One command, `experiment=embedded_digits sweep=paper` with the grid cut to W8A8 x
     ptq_minmax: the FP row (once, first), the grid's job, then the table callback's table."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.quant=[w8a8]", "grid.methods=[ptq_minmax]",
-                    *SMALL, "analysis.error_accumulation=false",
-                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    proc = run_cli(
+        [
+            "experiment=embedded_digits",
+            "sweep=paper",
+            "grid.quant=[w8a8]",
+            "grid.methods=[ptq_minmax]",
+            *SMALL,
+            "analysis.error_accumulation=false",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == [
-        "0_ldm_digits_fp32_fp_s0", "1_ldm_digits_w8a8_ptq_minmax_s0"]
+        "0_ldm_digits_fp32_fp_s0",
+        "1_ldm_digits_w8a8_ptq_minmax_s0",
+    ]
     fp, q = (metrics_of(sweep / n) for n in ("0_ldm_digits_fp32_fp_s0", "1_ldm_digits_w8a8_ptq_minmax_s0"))
     assert q["fp_sample_s"] == fp["sample_s"]  # the FP reference is the FP job's cached features
     md = (sweep / "table.md").read_text()
@@ -56,25 +67,51 @@ def test_paper_sweep_on_slurm_writes_the_table(slurm_env, tmp_path):
     from slurm_cluster import default_partition
 
     sweep = tmp_path / "sweep"
-    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.quant=[w8a8]", "grid.methods=[ptq_minmax]",
-                    *SMALL, "analysis.error_accumulation=false", "hydra/launcher=slurm",
-                    f"slurm.partition={default_partition(slurm_env)}", "slurm.gpus_per_node=null",
-                    "slurm.cpus_per_task=1", "slurm.mem_gb=1", "slurm.timeout_min=10",
-                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"],
-                   env={**slurm_env, "WANDB_MODE": "offline"}, timeout=600)
+    proc = run_cli(
+        [
+            "experiment=embedded_digits",
+            "sweep=paper",
+            "grid.quant=[w8a8]",
+            "grid.methods=[ptq_minmax]",
+            *SMALL,
+            "analysis.error_accumulation=false",
+            "hydra/launcher=slurm",
+            f"slurm.partition={default_partition(slurm_env)}",
+            "slurm.gpus_per_node=null",
+            "slurm.cpus_per_task=1",
+            "slurm.mem_gb=1",
+            "slurm.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        env={**slurm_env, "WANDB_MODE": "offline"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "#SBATCH --array=0-1" in next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
     md = (sweep / "table.md").read_text()
-    assert "| ldm_digits | fp | W32A32 | 1 | 20 |" in md and "| ldm_digits | ptq_minmax | W8A8 | 1 | 20 |" in md
+    assert (
+        "| ldm_digits | fp | W32A32 | 1 | 20 |" in md and "| ldm_digits | ptq_minmax | W8A8 | 1 | 20 |" in md
+    )
 
 
 def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
     """`sweep=paper` with only its FP row (empty method list), the 20 samples split over two jobs:
     the sweep's callbacks merge the shards, then table the merged result."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(["experiment=embedded_digits", "sweep=paper", "grid.methods=[]", *SMALL,
-                    "evaluator.batch_size=5", "evaluator.num_shards=2", "evaluator.shard_index=0,1",
-                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    proc = run_cli(
+        [
+            "experiment=embedded_digits",
+            "sweep=paper",
+            "grid.methods=[]",
+            *SMALL,
+            "evaluator.batch_size=5",
+            "evaluator.num_shards=2",
+            "evaluator.shard_index=0,1",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted(p.parent for p in sweep.glob("*/shard.pt"))
     assert [p.name for p in shards] == ["0_ldm_digits_fp32_fp_s0", "1_ldm_digits_fp32_fp_s0"]
@@ -85,8 +122,13 @@ def test_local_multirun_of_two_shards_is_merged_and_tabled(tmp_path):
     row = f"| ldm_digits | fp | W32A32 | 1 | 20 | {fmt_num(merged['fid'], 'fid')} |"
     assert row in (sweep / "table.md").read_text()
 
-    out = subprocess.run([sys.executable, "-m", "diffquant.tables", str(sweep), "--out", str(tmp_path / "t")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffquant.tables", str(sweep), "--out", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert row in out.stdout
     for name in ("table.md", "table.tex", "table.csv"):
@@ -99,17 +141,26 @@ def test_grid_sweeper_expands_a_union_of_grids():
     command line is an error naming the fix."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+
     from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
 
     parse = OverridesParser.create().parse_overrides
-    grids = {"fp": {"method": "fp", "quant": "fp32"},
-             "q": {"quant": ["w8a8", "w4a4"], "method": ["ptq", "quest"]},
-             "abl": {"quant": "w4a4", "method": ["quest", "quest_tla_only"]},
-             "off": None, "empty": {"method": []}}
+    grids = {
+        "fp": {"method": "fp", "quant": "fp32"},
+        "q": {"quant": ["w8a8", "w4a4"], "method": ["ptq", "quest"]},
+        "abl": {"quant": "w4a4", "method": ["quest", "quest_tla_only"]},
+        "off": None,
+        "empty": {"method": []},
+    }
     jobs = expand_grids(grids, parse(["experiment=x", "seed=0,1"]))
     assert [" ".join(j[2:]) for j in jobs if j[1] == "seed=0"] == [
-        "method=fp quant=fp32", "quant=w8a8 method=ptq", "quant=w8a8 method=quest",
-        "quant=w4a4 method=ptq", "quant=w4a4 method=quest", "quant=w4a4 method=quest_tla_only"]
+        "method=fp quant=fp32",
+        "quant=w8a8 method=ptq",
+        "quant=w8a8 method=quest",
+        "quant=w4a4 method=ptq",
+        "quant=w4a4 method=quest",
+        "quant=w4a4 method=quest_tla_only",
+    ]
     assert len(jobs) == 12 and all(j[0] == "experiment=x" for j in jobs)
     assert expand_grids({}, parse(["a=1,2"])) == [["a=1"], ["a=2"]]  # no grids: the basic sweeper
     jobs = expand_grids({"g": {"x": "range(0,2)", "s": ["a b", "c"]}}, [])  # sweep strings; quoting
@@ -126,18 +177,34 @@ def test_makefile_sweep_targets_are_one_run_py_call_each():
         pytest.skip("no make")
 
     def recipe(*args: str) -> list[str]:
-        out = subprocess.run(["make", "-n", "-s", "-o", ".venv/.installed", *args, "PY=python"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["make", "-n", "-s", "-o", ".venv/.installed", *args, "PY=python"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         return [line.split() for line in out.stdout.splitlines() if line.strip()]
 
     for args, expected in [
-        (["sweep", "EXPERIMENT=quest_imagenet", "LAUNCHER=slurm", "ARGS=slurm.partition=gpu"],
-         ["experiment=quest_imagenet", "sweep=paper", "hydra/launcher=slurm", "slurm.partition=gpu"]),
-        (["sweep", "EXPERIMENT=embedded_digits", "SWEEP_CONFIG=ablations", "SWEEP=out/a"],
-         ["experiment=embedded_digits", "sweep=ablations", "hydra/launcher=basic", "hydra.sweep.dir=out/a"]),
-        (["sweep-embedded", "LAUNCHER=local"],
-         ["experiment=embedded_digits", "sweep=embedded", "hydra/launcher=local"]),
+        (
+            ["sweep", "EXPERIMENT=quest_imagenet", "LAUNCHER=slurm", "ARGS=slurm.partition=gpu"],
+            ["experiment=quest_imagenet", "sweep=paper", "hydra/launcher=slurm", "slurm.partition=gpu"],
+        ),
+        (
+            ["sweep", "EXPERIMENT=embedded_digits", "SWEEP_CONFIG=ablations", "SWEEP=out/a"],
+            [
+                "experiment=embedded_digits",
+                "sweep=ablations",
+                "hydra/launcher=basic",
+                "hydra.sweep.dir=out/a",
+            ],
+        ),
+        (
+            ["sweep-embedded", "LAUNCHER=local"],
+            ["experiment=embedded_digits", "sweep=embedded", "hydra/launcher=local"],
+        ),
     ]:
         lines = recipe(*args)
         assert len(lines) == 1 and lines[0][:2] == ["python", "run.py"], lines
@@ -150,10 +217,22 @@ def test_submitit_local_multirun_groups_wandb_runs(tmp_path):
     """hydra/launcher=local pickles each job into its own process (the SLURM launcher's path); each
     job is one offline W&B run, grouped by the sweep folder, typed and tagged."""
     sweep = tmp_path / "2026-01-02" / "03-04-05"
-    proc = run_cli(["-m", "hydra/launcher=local", "seed=0,1", *FAST, "evaluator.n_samples=20",
-                    "evaluator.batch_size=20", "logger=wandb", "logger.mode=offline", "logger.job_type=null",
-                    "logger.log_images=false",
-                    f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/cache"])
+    proc = run_cli(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "seed=0,1",
+            *FAST,
+            "evaluator.n_samples=20",
+            "evaluator.batch_size=20",
+            "logger=wandb",
+            "logger.mode=offline",
+            "logger.job_type=null",
+            "logger.log_images=false",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert len(jobs) == 2 and sorted(metrics_of(p)["seed"] for p in jobs) == [0, 1]
@@ -184,14 +263,22 @@ def test_wandb_group_job_type_and_tags(make_cfg, monkeypatch):
     HydraConfig().set_config(cfg)
     make_tracker(cfg.logger, {}, Path("/tmp"), "job", [], job_type="quantize")
     assert seen["group"] == "mine" and seen["job_type"] == "evaluate"
-    assert group_name("outputs/multiruns/2026-11-21_05-10-00_embedded_digits") == "2026-11-21_05-10-00_embedded_digits"
+    assert (
+        group_name("outputs/multiruns/2026-11-21_05-10-00_embedded_digits")
+        == "2026-11-21_05-10-00_embedded_digits"
+    )
 
 
 def test_killed_job_resumes_to_the_same_metrics(tmp_path, make_cfg):
     """SIGKILL mid-sampling (no cleanup runs), rerun in the same folder: finished batches are kept,
     the rest sampled, and metrics.json equals an uninterrupted run's."""
-    args = [*FAST, "evaluator.n_samples=40", "evaluator.batch_size=5", "logger=none",
-            f"paths.cache_dir={tmp_path}/cache"]
+    args = [
+        *FAST,
+        "evaluator.n_samples=40",
+        "evaluator.batch_size=5",
+        "logger=none",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
     run_dir = tmp_path / "job"
     env = {**os.environ, "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"]
@@ -216,7 +303,10 @@ def test_killed_job_resumes_to_the_same_metrics(tmp_path, make_cfg):
 
     reference = run(make_cfg(args, name="uninterrupted"))
     resumed = metrics_of(run_dir)
-    assert (resumed["n_samples"], resumed["config_hash"]) == (reference["n_samples"], reference["config_hash"])
+    assert (resumed["n_samples"], resumed["config_hash"]) == (
+        reference["n_samples"],
+        reference["config_hash"],
+    )
     for key in ("fid", "inception_score"):  # equal up to thread-count rounding (subprocess vs here)
         assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
 
@@ -245,8 +335,14 @@ def test_two_concurrent_jobs_compute_a_cache_entry_once(tmp_path):
     script = tmp_path / "use_cache.py"
     script.write_text(CACHE_USER)
     marker, go = tmp_path / "computed.txt", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(marker), str(go)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "cache"), str(marker), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     time.sleep(0.5)
     go.touch()
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
@@ -261,9 +357,16 @@ def test_shard_indices_tile_the_samples():
     slices = [shard_indices(10, 3, k) for k in range(3)]
     assert [list(s) for s in slices] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert shard_indices(10) == range(10)
-    for bad, needle in [((10, 3, None), "range(0,3)"), ((10, 3, 3), "0..2"), ((10, 0, None), ">= 1"),
-                        ((10, 1, 2), "num_shards > 1"), ((2, 3, 0), "exceeds")]:
-        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    for bad, needle in [
+        ((10, 3, None), "range(0,3)"),
+        ((10, 3, 3), "0..2"),
+        ((10, 0, None), ">= 1"),
+        ((10, 1, 2), "num_shards > 1"),
+        ((2, 3, 0), "exceeds"),
+    ]:
+        with pytest.raises(
+            ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+        ):
             shard_indices(*bad)
 
 
@@ -272,9 +375,12 @@ def test_sharded_evaluation_merges_to_the_unsharded_metrics(make_cfg, tmp_path):
     whole = run(make_cfg(base, name="whole"))
     sweep = tmp_path / "sweep"
     for k in range(2):
-        part = run(make_cfg([*base, "evaluator.num_shards=2", f"evaluator.shard_index={k}"],
-                            name=f"sweep/{k}_shard"))
-        assert part["fid"] is None and part["n_samples"] == 10 and (sweep / f"{k}_shard" / "shard.pt").is_file()
+        part = run(
+            make_cfg([*base, "evaluator.num_shards=2", f"evaluator.shard_index={k}"], name=f"sweep/{k}_shard")
+        )
+        assert (
+            part["fid"] is None and part["n_samples"] == 10 and (sweep / f"{k}_shard" / "shard.pt").is_file()
+        )
     merged_dirs = merge_sweep(sweep)
     assert len(merged_dirs) == 1
     merged = metrics_of(merged_dirs[0])

@@ -16,9 +16,21 @@ PUBLISHED = ROOT / "experiments" / "published.yaml"
 
 
 def write_job(sweep: Path, name: str, **metrics) -> None:
-    base = {"model": "ldm_imagenet", "method": "fp", "weight_bits": 32, "act_bits": 32, "seed": 0,
-            "n_samples": 100, "fid": None, "inception_score": None, "fid_to_fp": None,
-            "experiment": "quest_imagenet", "config_hash": name, "num_shards": 1, "shard_index": None}
+    base = {
+        "model": "ldm_imagenet",
+        "method": "fp",
+        "weight_bits": 32,
+        "act_bits": 32,
+        "seed": 0,
+        "n_samples": 100,
+        "fid": None,
+        "inception_score": None,
+        "fid_to_fp": None,
+        "experiment": "quest_imagenet",
+        "config_hash": name,
+        "num_shards": 1,
+        "shard_index": None,
+    }
     (sweep / name).mkdir(parents=True)
     (sweep / name / "metrics.json").write_text(json.dumps({**base, **metrics}))
 
@@ -28,11 +40,22 @@ def sweep(tmp_path) -> Path:
     s = tmp_path / "sweep"
     write_job(s, "0_fp_s0", fid=11.0, inception_score=360.0, fid_to_fp=0.0)
     write_job(s, "1_fp_s1", seed=1, fid=11.5, inception_score=370.0, fid_to_fp=0.0)
-    write_job(s, "2_ptq", method="ptq", weight_bits=4, act_bits=8, fid=9.0, inception_score=340.0, fid_to_fp=1.5)
-    write_job(s, "3_quest", method="quest", weight_bits=4, act_bits=8, fid=8.5, inception_score=350.0,
-              fid_to_fp=0.9)
-    write_job(s, "4_ptq_w4a4", method="ptq", weight_bits=4, act_bits=4, fid=150.0, inception_score=20.0,
-              fid_to_fp=120.0)
+    write_job(
+        s, "2_ptq", method="ptq", weight_bits=4, act_bits=8, fid=9.0, inception_score=340.0, fid_to_fp=1.5
+    )
+    write_job(
+        s, "3_quest", method="quest", weight_bits=4, act_bits=8, fid=8.5, inception_score=350.0, fid_to_fp=0.9
+    )
+    write_job(
+        s,
+        "4_ptq_w4a4",
+        method="ptq",
+        weight_bits=4,
+        act_bits=4,
+        fid=150.0,
+        inception_score=20.0,
+        fid_to_fp=120.0,
+    )
     write_job(s, "5_ptq_w3a6", method="ptq", weight_bits=3, act_bits=6, fid=40.0)  # not in the paper
     # one slice of a sharded evaluation: no FID of its own, so never a row
     write_job(s, "6_shard", method="quest", weight_bits=8, act_bits=8, num_shards=2, shard_index=0)
@@ -48,9 +71,15 @@ def test_table_joins_ours_and_the_papers(sweep, tmp_path, capsys):
     lines = [ln for ln in md.splitlines() if ln.startswith("| ldm_imagenet")]
     # paper order (FP, W8A8 rows of methods we ran, W4A8, W4A4), then our extra W3A6 row
     assert [ln.split(" | ")[1:4] for ln in lines] == [
-        ["fp", "FP", "W32A32"], ["ptq", "Q-Diffusion", "W8A8"], ["quest", "QuEST", "W8A8"],
-        ["ptq", "Q-Diffusion", "W4A8"], ["quest", "QuEST", "W4A8"],
-        ["ptq", "Q-Diffusion", "W4A4"], ["quest", "QuEST", "W4A4"], ["ptq", "", "W3A6"]]
+        ["fp", "FP", "W32A32"],
+        ["ptq", "Q-Diffusion", "W8A8"],
+        ["quest", "QuEST", "W8A8"],
+        ["ptq", "Q-Diffusion", "W4A8"],
+        ["quest", "QuEST", "W4A8"],
+        ["ptq", "Q-Diffusion", "W4A4"],
+        ["quest", "QuEST", "W4A4"],
+        ["ptq", "", "W3A6"],
+    ]
     fp = lines[0]
     assert "| 2 | 100 | 11.25 ± 0.35 | 11.28 | -0.03 |" in fp  # mean ± std over two seeds, Δ
     assert "| 8.50 | 8.48 | +0.02 |" in lines[4]  # one seed: no ±
@@ -73,7 +102,9 @@ def test_table_joins_ours_and_the_papers(sweep, tmp_path, capsys):
 def test_all_published_rows_and_formats(sweep, tmp_path):
     table = build_table(sweep, all_published=True)
     assert len(table.rows) == 14  # 13 published rows + our W3A6 row
-    assert main([str(sweep), "--out", str(tmp_path / "o"), "--format", "csv", "--metrics", "fid,fid_to_fp"]) == 0
+    assert (
+        main([str(sweep), "--out", str(tmp_path / "o"), "--format", "csv", "--metrics", "fid,fid_to_fp"]) == 0
+    )
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["table.csv"]
     head = (tmp_path / "o" / "table.csv").read_text().splitlines()[0]
     assert head.endswith("fid_to_fp_ours,fid_to_fp_ours_std,fid_to_fp_paper,fid_to_fp_diff")
@@ -81,10 +112,21 @@ def test_all_published_rows_and_formats(sweep, tmp_path):
 
 def test_table_without_published_numbers(tmp_path):
     s = tmp_path / "sweep"
-    write_job(s, "0", model="ldm_digits", experiment="embedded_digits", fid=35.0, inception_score=8.0,
-              fid_to_fp=0.0)
-    write_job(s, "1", model="ldm_digits", experiment="embedded_digits", method="ptq", weight_bits=4,
-              act_bits=8, fid=40.0, inception_score=7.5, fid_to_fp=5.0)
+    write_job(
+        s, "0", model="ldm_digits", experiment="embedded_digits", fid=35.0, inception_score=8.0, fid_to_fp=0.0
+    )
+    write_job(
+        s,
+        "1",
+        model="ldm_digits",
+        experiment="embedded_digits",
+        method="ptq",
+        weight_bits=4,
+        act_bits=8,
+        fid=40.0,
+        inception_score=7.5,
+        fid_to_fp=5.0,
+    )
     md = render_markdown(build_table(s))
     assert "| Model | Method | W/A | seeds | n | FID | IS | FID→FP |" in md
     assert "| ldm_digits | ptq | W4A8 | 1 | 100 | 40.00 | 7.50 | 5.00 |" in md
@@ -121,18 +163,24 @@ def test_published_numbers_cover_every_experiment_config():
             assert all(isinstance(v, (int, float)) or v == "N/A" for v in values.values()), row
 
 
-@pytest.mark.parametrize("table, model, method, bits, metric, value", [
-    ("quest_lsun_bedroom", "ldm_bedroom", "quest", "W4A4", "fid", 5.64),
-    ("quest_lsun_church", "ldm_church", "ptq4dm", "W8A8", "fid", 63.93),
-    ("quest_imagenet", "ldm_imagenet", "quest", "W8A8", "inception_score", 365.12),
-    ("quest_sd", "sd_v1_4", "quest", "W4A4", "clip_score", 28.85),
-    ("accuquant_imagenet", "ldm_imagenet", "accuquant", "W3A6", "psnr", 19.0135),
-    ("accuquant_sd", "sd_v1_4", "accuquant", "W4A8", "fid_to_fp", 10.99),
-    ("qdiffusion_lsun_church", "ldm_church", "ptq", "W4A8", "fid", 7.80),
-])
+@pytest.mark.parametrize(
+    "table, model, method, bits, metric, value",
+    [
+        ("quest_lsun_bedroom", "ldm_bedroom", "quest", "W4A4", "fid", 5.64),
+        ("quest_lsun_church", "ldm_church", "ptq4dm", "W8A8", "fid", 63.93),
+        ("quest_imagenet", "ldm_imagenet", "quest", "W8A8", "inception_score", 365.12),
+        ("quest_sd", "sd_v1_4", "quest", "W4A4", "clip_score", 28.85),
+        ("accuquant_imagenet", "ldm_imagenet", "accuquant", "W3A6", "psnr", 19.0135),
+        ("accuquant_sd", "sd_v1_4", "accuquant", "W4A8", "fid_to_fp", 10.99),
+        ("qdiffusion_lsun_church", "ldm_church", "ptq", "W4A8", "fid", 7.80),
+    ],
+)
 def test_published_numbers_match_the_notes(table, model, method, bits, metric, value):
-    rows = [r for r in load_published(PUBLISHED)[table]["rows"]
-            if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
+    rows = [
+        r
+        for r in load_published(PUBLISHED)[table]["rows"]
+        if (r["model"], r["method"], r["bits"]) == (model, method, bits)
+    ]
     assert len(rows) == 1 and rows[0][metric] == value
 
 
@@ -166,15 +214,28 @@ def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsy
     from hydra.utils import instantiate
 
     s = tmp_path / "sweep"
-    common = dict(model="ldm_digits", experiment="embedded_digits", calibrate_s=1.5, sample_s=2.0,
-                  peak_rss_mb=900.0)
+    common = dict(
+        model="ldm_digits", experiment="embedded_digits", calibrate_s=1.5, sample_s=2.0, peak_rss_mb=900.0
+    )
     write_job(s, "0", fid=0.3, inception_score=7.7, fid_to_fp=0.0, **common)
-    write_job(s, "1", method="ptq", weight_bits=4, act_bits=4, fid=0.4, fid_to_fp=0.38,
-              erracc_accumulated_error_final=4.0, ptq_calib_s=12.0, **common)
+    write_job(
+        s,
+        "1",
+        method="ptq",
+        weight_bits=4,
+        act_bits=4,
+        fid=0.4,
+        fid_to_fp=0.38,
+        erracc_accumulated_error_final=4.0,
+        ptq_calib_s=12.0,
+        **common,
+    )
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded", f"hydra.sweep.dir={s}"])
     for name in ("table", "cost_table"):
         instantiate(cfg.hydra.callbacks[name]).on_multirun_end(config=cfg)
-    assert "| ldm_digits | ptq | W4A4 | 1 | 100 | 0.400 | — | 0.380 | — | 4.00 |" in (s / "table.md").read_text()
+    assert (
+        "| ldm_digits | ptq | W4A4 | 1 | 100 | 0.400 | — | 0.380 | — | 4.00 |" in (s / "table.md").read_text()
+    )
     cost = (s / "cost" / "table.md").read_text()
     assert "| calib. s | PTQ s |" in cost and "| ldm_digits | ptq | W4A4 | 1 | 100 | 1.5 | 12.0 |" in cost
     assert f"[diffquant] table -> {s / 'cost' / 'table.csv'}" in capsys.readouterr().out
@@ -188,7 +249,8 @@ def test_table_callback_never_fails_a_finished_sweep(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     TableCallback(out="cost", metrics=["fid"]).on_multirun_end(
-        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}})
+    )
     err = capsys.readouterr().err
     assert "table not written" in err and f"python -m diffquant.tables {empty} --out {empty / 'cost'}" in err
     assert not list(empty.iterdir())

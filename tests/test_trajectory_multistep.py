@@ -28,8 +28,7 @@ from tiny_models import LATENT, N_CLASSES, TinyDiffusion, tiny_unet2d
 SEED = 3
 STEPS = 6
 W4A4 = QuantConfig(name="t", weight_bits=4, act_bits=4)
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                beta_end=0.012)
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,17 +102,24 @@ def test_fp_rollout_from_the_fp_chain_state_reproduces_the_fp_states(kind):
         for start in range(traj.n_steps):
             for m in range(1, min(3, traj.n_steps - start) + 1):
                 scheduler = tj.scheduler_at(model, traj, start, rows)
-                out = tj.rollout(model, part.states[start], start, m, part.cond, part.indices,
-                                 SEED, scheduler)
-                torch.testing.assert_close(out, part.states[start + m], rtol=1e-6, atol=1e-7,
-                                           msg=f"{kind}: steps {start}..{start + m - 1}")
+                out = tj.rollout(
+                    model, part.states[start], start, m, part.cond, part.indices, SEED, scheduler
+                )
+                torch.testing.assert_close(
+                    out,
+                    part.states[start + m],
+                    rtol=1e-6,
+                    atol=1e-7,
+                    msg=f"{kind}: steps {start}..{start + m - 1}",
+                )
         # the group loss of the FP model is 0 for every group
         cal = aq.TrajectoryCalibration(model, aq.AccuQuantConfig(group_size=2, eval_batch_size=4))
         assert max(cal.all_group_losses(traj)) < 1e-12
         # a rollout from a fresh scheduler (no history) does not: the state is needed
         if traj.n_steps > 3:
-            out = tj.rollout(model, part.states[3], 3, 1, part.cond, part.indices, SEED,
-                             tj.fresh_scheduler(model))
+            out = tj.rollout(
+                model, part.states[3], 3, 1, part.cond, part.indices, SEED, tj.fresh_scheduler(model)
+            )
             assert (out - part.states[4]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="keeps state between steps"):
         tj.rollout(model, part.states[2], 2, 1, part.cond, part.indices, SEED)
@@ -124,8 +130,9 @@ def test_stochastic_samplers_are_rejected_deterministic_ones_pass():
         tj.check_scheduler(TinyDiffusion(steps=3, scheduler=scheduler))
     assert not tj.keeps_state(TinyDiffusion(steps=3))  # DDIM: nothing to replay
     with pytest.raises(ValueError, match="draws its own noise"):
-        aq.TrajectoryCalibration(TinyDiffusion(steps=3, scheduler=DDPMScheduler(**SCHEDULE)),
-                                 aq.AccuQuantConfig())
+        aq.TrajectoryCalibration(
+            TinyDiffusion(steps=3, scheduler=DDPMScheduler(**SCHEDULE)), aq.AccuQuantConfig()
+        )
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -139,9 +146,21 @@ def act_scales(model) -> list[nn.Parameter]:
 def grads(model, params, traj, start, m, mode):
     rows = traj.rows(range(4))
     scheduler = tj.scheduler_at(model, traj, start, range(4))
-    return tj.gradient_of(params, lambda: tj.group_backward(
-        model, mode, rows.states[start], start, m, rows.states[start + m], rows.cond, rows.indices,
-        rows.seed, scheduler=scheduler))
+    return tj.gradient_of(
+        params,
+        lambda: tj.group_backward(
+            model,
+            mode,
+            rows.states[start],
+            start,
+            m,
+            rows.states[start + m],
+            rows.cond,
+            rows.indices,
+            rows.seed,
+            scheduler=scheduler,
+        ),
+    )
 
 
 @pytest.mark.parametrize("kind", ["pndm", "dpm2"])
@@ -150,13 +169,16 @@ def test_multistep_group_size_one_approx_is_exact(kind):
     traj = tj.fp_trajectories(model, list(range(6)), SEED)
     params = act_scales(model)
     for start in (0, 1, 2, 4):
-        exact, approx = grads(model, params, traj, start, 1, "exact"), grads(model, params, traj,
-                                                                          start, 1, "approx")
+        exact, approx = (
+            grads(model, params, traj, start, 1, "exact"),
+            grads(model, params, traj, start, 1, "approx"),
+        )
         assert exact.abs().sum() > 0
         torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-8)
     # M > 1: an approximation (the states' Jacobians), close but not equal
-    agreement = tj.gradient_agreement(grads(model, params, traj, 2, 3, "exact"),
-                                      grads(model, params, traj, 2, 3, "approx"))
+    agreement = tj.gradient_agreement(
+        grads(model, params, traj, 2, 3, "exact"), grads(model, params, traj, 2, 3, "approx")
+    )
     assert agreement["rel_error"] > 1e-4 and agreement["cosine"] > 0.5
 
 
@@ -207,9 +229,16 @@ class IdentityJacobianMultistep(TinyDiffusion):
     spec = DetachedInputSpec()
 
     def __init__(self) -> None:
-        DiffusionModel.__init__(self, "ab2", DetachedInputUNet(tiny_unet2d(0)), nn.Identity(),
-                                AdamsBashforth2(), SamplerSettings(5, 2.0, 0.0), LATENT,
-                                latent_scale=1.0)
+        DiffusionModel.__init__(
+            self,
+            "ab2",
+            DetachedInputUNet(tiny_unet2d(0)),
+            nn.Identity(),
+            AdamsBashforth2(),
+            SamplerSettings(5, 2.0, 0.0),
+            LATENT,
+            latent_scale=1.0,
+        )
 
 
 def test_approx_keeps_the_history_terms_of_a_multistep_update():
@@ -232,14 +261,28 @@ def test_approx_keeps_the_history_terms_of_a_multistep_update():
 
 
 # ---------------------------------------------------------------------------- (c) end to end
-@pytest.mark.parametrize("kind, mode, start, order", [
-    ("pndm", "approx", "fp", "interleaved"), ("pndm", "exact", "quant", "sequential"),
-    ("dpm2", "approx", "quant", "interleaved"), ("dpm3", "exact", "fp", "sequential")])
+@pytest.mark.parametrize(
+    "kind, mode, start, order",
+    [
+        ("pndm", "approx", "fp", "interleaved"),
+        ("pndm", "exact", "quant", "sequential"),
+        ("dpm2", "approx", "quant", "interleaved"),
+        ("dpm3", "exact", "fp", "sequential"),
+    ],
+)
 def test_accuquant_runs_on_multistep_samplers(kind, mode, start, order):
     model = tiny(kind, quantized=True)
     traj = tj.fp_trajectories(model, list(range(8)), SEED)
-    cfg = aq.AccuQuantConfig(group_size=3, grad_mode=mode, group_start=start, order=order,
-                             iters_per_group=2, n_samples=8, batch_size=4, act_lr=1e-3)
+    cfg = aq.AccuQuantConfig(
+        group_size=3,
+        grad_mode=mode,
+        group_start=start,
+        order=order,
+        iters_per_group=2,
+        n_samples=8,
+        batch_size=4,
+        act_lr=1e-3,
+    )
     cal = aq.TrajectoryCalibration(model, cfg)
     initial = cal.all_group_losses(traj)
     reports = cal.run(traj)
@@ -259,19 +302,28 @@ def test_accuquant_sd_experiment_runs_at_tiny_scale(make_cfg, tmp_path):
     from test_real_models import tiny_folder
 
     folder, extra = tiny_folder("sd_v1_4", tmp_path)
-    cut = ["model.num_inference_steps=3", "method.n_samples=2", "method.batch_size=2",
-           "method.eval_batch_size=2", "method.iters_per_group=2", "method.ptq.calib.n_samples=1",
-           "method.ptq.calib.batch_size=1", "method.ptq.act_init_rows=8",
-           "method.ptq.act_init_batch_size=4", "method.ptq.recon.weight_iters=2",
-           "method.ptq.recon.act_iters=1", "method.ptq.recon.batch_size=4",
-           "method.ptq.recon.capture_batch_size=4", "method.ptq.recon.max_rows=8"]
+    cut = [
+        "model.num_inference_steps=3",
+        "method.n_samples=2",
+        "method.batch_size=2",
+        "method.eval_batch_size=2",
+        "method.iters_per_group=2",
+        "method.ptq.calib.n_samples=1",
+        "method.ptq.calib.batch_size=1",
+        "method.ptq.act_init_rows=8",
+        "method.ptq.act_init_batch_size=4",
+        "method.ptq.recon.weight_iters=2",
+        "method.ptq.recon.act_iters=1",
+        "method.ptq.recon.batch_size=4",
+        "method.ptq.recon.capture_batch_size=4",
+        "method.ptq.recon.max_rows=8",
+    ]
     cfg = make_cfg(["experiment=accuquant_sd", f"model.pretrained={folder}", *extra, *cut])
     assert cfg.model.scheduler == "PNDMScheduler" and cfg.method.name == "accuquant"
     model = build_model(cfg.model)
     assert type(model.scheduler).__name__ == "PNDMScheduler" and len(model.timesteps) == 4
     run = typed_run_config(cfg)
-    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
-                     device=torch.device("cpu"))
+    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     result = run_method(METHODS.get("accuquant")(), model, run.quant, run.method, ctx)
     m = result.metrics
     assert m["accuquant_groups"] == 2  # 4 sampler steps in groups of 2

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -26,36 +26,53 @@ def tiny_unet2d(seed: int = 0) -> UNet2DModel:
     """``UNet2DModel`` on (B, 4, 8, 8): 2 levels (16, 32 channels), attention at the lower level
     and in the mid block, class embeddings for ``N_CLASSES`` + null."""
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=4, out_channels=4,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8,
-                       norm_num_groups=8, num_class_embeds=N_CLASSES + 1).eval()
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        num_class_embeds=N_CLASSES + 1,
+    ).eval()
 
 
 def tiny_unet2d_condition(seed: int = 0) -> UNet2DConditionModel:
     """``UNet2DConditionModel`` on (B, 4, 8, 8) with cross-attention to (B, L, 16) context."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                block_out_channels=(16, 32), layers_per_block=1,
-                                cross_attention_dim=CROSS_DIM, attention_head_dim=8,
-                                norm_num_groups=8).eval()
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
 
 
 def unet2d_inputs(n: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(n, *LATENT, generator=g),
-            "timestep": torch.randint(0, 1000, (n,), generator=g),
-            "class_labels": torch.randint(0, N_CLASSES + 1, (n,), generator=g)}
+    return {
+        "sample": torch.randn(n, *LATENT, generator=g),
+        "timestep": torch.randint(0, 1000, (n,), generator=g),
+        "class_labels": torch.randint(0, N_CLASSES + 1, (n,), generator=g),
+    }
 
 
 def unet2d_condition_inputs(n: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(n, *LATENT, generator=g),
-            "timestep": torch.randint(0, 1000, (n,), generator=g),
-            "encoder_hidden_states": torch.randn(n, 5, CROSS_DIM, generator=g)}
+    return {
+        "sample": torch.randn(n, *LATENT, generator=g),
+        "timestep": torch.randint(0, 1000, (n,), generator=g),
+        "encoder_hidden_states": torch.randn(n, 5, CROSS_DIM, generator=g),
+    }
 
 
 class TinyDiffusion(DiffusionModel):
@@ -66,11 +83,24 @@ class TinyDiffusion(DiffusionModel):
     spec = UNET
 
     def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0, scheduler=None) -> None:
-        scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                               beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                               set_alpha_to_one=False, steps_offset=1)
-        super().__init__("tiny", tiny_unet2d(seed), nn.Identity(), scheduler,
-                         SamplerSettings(steps, guidance, 0.0), LATENT, latent_scale=1.0)
+        scheduler = scheduler or DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        super().__init__(
+            "tiny",
+            tiny_unet2d(seed),
+            nn.Identity(),
+            scheduler,
+            SamplerSettings(steps, guidance, 0.0),
+            LATENT,
+            latent_scale=1.0,
+        )
 
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
         labels = torch.tensor([int(i) % N_CLASSES for i in indices])
@@ -86,13 +116,22 @@ class TinyTextDiffusion(DiffusionModel):
     spec = UNET
 
     def __init__(self, steps: int = 4, guidance: float = 2.0, seed: int = 0) -> None:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
-        super().__init__("tiny_text", tiny_unet2d_condition(seed), nn.Identity(), scheduler,
-                         SamplerSettings(steps, guidance, 0.0), LATENT, latent_scale=1.0)
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+        super().__init__(
+            "tiny_text",
+            tiny_unet2d_condition(seed),
+            nn.Identity(),
+            scheduler,
+            SamplerSettings(steps, guidance, 0.0),
+            LATENT,
+            latent_scale=1.0,
+        )
 
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
-        ctx = torch.stack([torch.randn(5, CROSS_DIM, generator=torch.Generator().manual_seed(int(i)))
-                           for i in indices])
+        ctx = torch.stack(
+            [torch.randn(5, CROSS_DIM, generator=torch.Generator().manual_seed(int(i))) for i in indices]
+        )
         uncond = {"encoder_hidden_states": torch.zeros_like(ctx)} if self.guided else None
         return Conditioning({"encoder_hidden_states": ctx}, uncond, [f"prompt {i}" for i in indices])

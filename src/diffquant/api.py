@@ -15,8 +15,9 @@ closest valid one).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -45,8 +46,9 @@ def quant_config(quant: str | QuantConfig | dict[str, Any]) -> QuantConfig:
     if isinstance(quant, str):
         return quant_preset(quant)
     base = quant_preset(quant["name"]) if "name" in quant else QuantConfig()
-    return typed({**{k: getattr(base, k) for k in ("name", "weight_bits", "act_bits")}, **quant},
-                 QuantConfig, "quant")
+    return typed(
+        {**{k: getattr(base, k) for k in ("name", "weight_bits", "act_bits")}, **quant}, QuantConfig, "quant"
+    )
 
 
 def method_config(method: str, overrides: dict[str, Any]) -> Any:
@@ -55,10 +57,16 @@ def method_config(method: str, overrides: dict[str, Any]) -> Any:
     return typed({"name": method, **overrides}, METHODS.schema(method), "method")
 
 
-def quantize_model(model: DiffusionModel, quant: str | QuantConfig | dict[str, Any] = "w4a8",
-                   method: str = "ptq", *, cache_dir: str | Path = "cache",
-                   output_dir: str | Path = "outputs/api", seed: int = 0,
-                   **overrides: Any) -> MethodResult:
+def quantize_model(
+    model: DiffusionModel,
+    quant: str | QuantConfig | dict[str, Any] = "w4a8",
+    method: str = "ptq",
+    *,
+    cache_dir: str | Path = "cache",
+    output_dir: str | Path = "outputs/api",
+    seed: int = 0,
+    **overrides: Any,
+) -> MethodResult:
     """Quantize ``model.denoiser`` in place with ``method`` at ``quant``; returns the method's
     result (the model, the final quant config, its metrics). Cached under ``cache_dir`` exactly
     like ``run.py`` jobs."""
@@ -73,12 +81,22 @@ def quantize_model(model: DiffusionModel, quant: str | QuantConfig | dict[str, A
     return quantize(model, qcfg, mcfg, ctx)
 
 
-def quantize(pipe: Any, quant: str | QuantConfig | dict[str, Any] = "w4a8", method: str = "ptq",
-             *, prompts: Optional[Sequence[str]] = None, num_inference_steps: int = 50,
-             guidance_scale: Optional[float] = None, num_classes: Optional[int] = None,
-             name: str = "pipeline", cache_dir: str | Path = "cache",
-             output_dir: str | Path = "outputs/api", seed: int = 0,
-             device: torch.device | str | None = None, **overrides: Any) -> Any:
+def quantize(
+    pipe: Any,
+    quant: str | QuantConfig | dict[str, Any] = "w4a8",
+    method: str = "ptq",
+    *,
+    prompts: Optional[Sequence[str]] = None,
+    num_inference_steps: int = 50,
+    guidance_scale: Optional[float] = None,
+    num_classes: Optional[int] = None,
+    name: str = "pipeline",
+    cache_dir: str | Path = "cache",
+    output_dir: str | Path = "outputs/api",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    **overrides: Any,
+) -> Any:
     """Quantize a diffusers pipeline's denoiser in place and return the pipeline.
 
     ``pipe`` is a diffusers pipeline (see :func:`diffquant.models.pipeline.from_pipeline`; the
@@ -88,10 +106,21 @@ def quantize(pipe: Any, quant: str | QuantConfig | dict[str, Any] = "w4a8", meth
     """
     from diffquant.models.pipeline import from_pipeline
 
-    model = pipe if isinstance(pipe, DiffusionModel) else from_pipeline(
-        pipe, name=name, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        prompts=prompts, num_classes=num_classes, device=device)
-    result = quantize_model(model, quant, method, cache_dir=cache_dir, output_dir=output_dir,
-                            seed=seed, **overrides)
+    model = (
+        pipe
+        if isinstance(pipe, DiffusionModel)
+        else from_pipeline(
+            pipe,
+            name=name,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            prompts=prompts,
+            num_classes=num_classes,
+            device=device,
+        )
+    )
+    result = quantize_model(
+        model, quant, method, cache_dir=cache_dir, output_dir=output_dir, seed=seed, **overrides
+    )
     object.__setattr__(pipe, "diffquant_result", result)
     return pipe

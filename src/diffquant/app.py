@@ -23,9 +23,10 @@ import math
 import random
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -48,9 +49,23 @@ from diffquant.tracking import make_tracker, save_grid
 
 log = logging.getLogger("diffquant")
 
-METRIC_KEYS = ("model", "method", "weight_bits", "act_bits", "seed", "n_samples", "fid",
-               "inception_score", "fid_to_fp", "calibrate_s", "sample_s", "eval_s", "peak_rss_mb",
-               "peak_cuda_mb", "config_hash")
+METRIC_KEYS = (
+    "model",
+    "method",
+    "weight_bits",
+    "act_bits",
+    "seed",
+    "n_samples",
+    "fid",
+    "inception_score",
+    "fid_to_fp",
+    "calibrate_s",
+    "sample_s",
+    "eval_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+    "config_hash",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -124,11 +139,21 @@ def configure(cfg: DictConfig) -> Job:
     if is_sharded(ev):
         tags.append(f"shard{ev.shard_index}of{ev.num_shards}")
     config = job_config(cfg)
-    tracker = make_tracker(run.logger, config, run_dir,
-                           f"{run.model.name}-{quant_name}-{run.method.name}-s{run.seed}", tags,
-                           job_type="evaluate" if is_fp(run) else "quantize")
-    ctx = RunContext(run_dir=run_dir, cache_dir=Path(run.paths.cache_dir),
-                     device=resolve_device(run.device), seed=run.seed, tracker=tracker)
+    tracker = make_tracker(
+        run.logger,
+        config,
+        run_dir,
+        f"{run.model.name}-{quant_name}-{run.method.name}-s{run.seed}",
+        tags,
+        job_type="evaluate" if is_fp(run) else "quantize",
+    )
+    ctx = RunContext(
+        run_dir=run_dir,
+        cache_dir=Path(run.paths.cache_dir),
+        device=resolve_device(run.device),
+        seed=run.seed,
+        tracker=tracker,
+    )
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
     return Job(run, cfg, run_dir, indices, ctx, config_hash(cfg))
 
@@ -147,12 +172,13 @@ def check_finite_features(features: torch.Tensor, what: str) -> None:
     """Non-finite features are never cached nor scored: fail naming where they came from."""
     if not torch.isfinite(features).all():
         bad = int((~torch.isfinite(features)).any(dim=-1).sum())
-        raise FloatingPointError(f"{what}: {bad} of {len(features)} samples have NaN/inf "
-                                 "features: the model produced non-finite images")
+        raise FloatingPointError(
+            f"{what}: {bad} of {len(features)} samples have NaN/inf "
+            "features: the model produced non-finite images"
+        )
 
 
-def fp_reference_features(model: Any, evaluation: Evaluation, job: Job
-                          ) -> tuple[torch.Tensor, float]:
+def fp_reference_features(model: Any, evaluation: Evaluation, job: Job) -> tuple[torch.Tensor, float]:
     """Features of the FP model's samples for this job's indices and seed (cached; resumable),
     and the seconds that sampling them took when they were made."""
     ev = job.run.evaluator
@@ -160,9 +186,17 @@ def fp_reference_features(model: Any, evaluation: Evaluation, job: Job
     with entry.lock():
         if not entry.done():
             feats, seconds = [], 0.0
-            for batch, s in generate(model, evaluation, len(job.indices), job.run.seed,
-                                     ev.batch_size, entry.partial_dir(), keep_images=0,
-                                     desc="FP reference", start=job.indices.start):
+            for batch, s in generate(
+                model,
+                evaluation,
+                len(job.indices),
+                job.run.seed,
+                ev.batch_size,
+                entry.partial_dir(),
+                keep_images=0,
+                desc="FP reference",
+                start=job.indices.start,
+            ):
                 feats.append(batch.features)
                 seconds += s
             features = torch.cat(feats)
@@ -174,8 +208,9 @@ def fp_reference_features(model: Any, evaluation: Evaluation, job: Job
     return rec["features"], rec["sample_s"]
 
 
-def store_fp_reference(evaluation: Evaluation, model: Any, job: Job, features: torch.Tensor,
-                       seconds: float) -> None:
+def store_fp_reference(
+    evaluation: Evaluation, model: Any, job: Job, features: torch.Tensor, seconds: float
+) -> None:
     """An FP job's own features are the FP reference of every quantized job with its seeds."""
     check_finite_features(features, "FP samples")
     entry = fp_reference_entry(evaluation, model, job)
@@ -250,17 +285,35 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
     ev = job.run.evaluator
     seed_everything(job.run.seed)
     sampled = Sampled()
-    batches = sampled.keep(generate(model, evaluation, len(job.indices), job.run.seed,
-                                    ev.batch_size, job.run_dir / "progress",
-                                    keep_images=ev.grid_size, start=job.indices.start))
+    batches = sampled.keep(
+        generate(
+            model,
+            evaluation,
+            len(job.indices),
+            job.run.seed,
+            ev.batch_size,
+            job.run_dir / "progress",
+            keep_images=ev.grid_size,
+            start=job.indices.start,
+        )
+    )
     if not is_sharded(ev):
         return sampled, score(evaluation, batches)
     for _ in batches:
         pass
     logits = None if sampled.logits[0] is None else torch.cat(sampled.logits)
     fp_feats = evaluation._fp_features if "fid_to_fp" in evaluation.metric_names else None
-    save_shard(job.run_dir, job.indices, torch.cat(sampled.features), logits, sampled.labels,
-               fp_feats, ev, job.config_hash, sampled.per_sample)
+    save_shard(
+        job.run_dir,
+        job.indices,
+        torch.cat(sampled.features),
+        logits,
+        sampled.labels,
+        fp_feats,
+        ev,
+        job.config_hash,
+        sampled.per_sample,
+    )
     return sampled, {}
 
 
@@ -280,30 +333,44 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
 
 def summary_line(m: dict[str, Any], run_dir: Path) -> str:
     fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    quality = " ".join(f"{k}={fmt(m.get(k))}" for k in ("fid", "inception_score", "fid_to_fp", "clip_score")
-                       if k in m)
-    return (f"[diffquant] {m['model']} {m['method']} W{m['weight_bits']}A{m['act_bits']} seed={m['seed']} "
-            f"n={m['n_samples']} | {quality} | calibrate {m['calibrate_s']:.1f}s sample {m['sample_s']:.1f}s "
-            f"eval {m['eval_s']:.1f}s | {run_dir}")
+    quality = " ".join(
+        f"{k}={fmt(m.get(k))}" for k in ("fid", "inception_score", "fid_to_fp", "clip_score") if k in m
+    )
+    return (
+        f"[diffquant] {m['model']} {m['method']} W{m['weight_bits']}A{m['act_bits']} seed={m['seed']} "
+        f"n={m['n_samples']} | {quality} | calibrate {m['calibrate_s']:.1f}s sample {m['sample_s']:.1f}s "
+        f"eval {m['eval_s']:.1f}s | {run_dir}"
+    )
 
 
-def job_metrics(job: Job, model: Any, result: MethodResult, quality: dict[str, float],
-                timings: dict[str, Optional[float]]) -> dict[str, Any]:
+def job_metrics(
+    job: Job, model: Any, result: MethodResult, quality: dict[str, float], timings: dict[str, Optional[float]]
+) -> dict[str, Any]:
     """The record of a job: what ran, its quality metrics, timings and the method's metrics."""
     run = job.run
     rss, cuda = peak_memory()
     fp_job = job.is_fp
     return {
-        "model": run.model.name, "method": run.method.name, "method_label": method_label(run),
+        "model": run.model.name,
+        "method": run.method.name,
+        "method_label": method_label(run),
         "weight_bits": FP_BITS if fp_job else run.quant.weight_bits,
         "act_bits": FP_BITS if fp_job else run.quant.act_bits,
-        "quant": "fp32" if fp_job else run.quant.name, "seed": run.seed,
-        "n_samples": len(job.indices), "fid": None, "inception_score": None, "fid_to_fp": None,
+        "quant": "fp32" if fp_job else run.quant.name,
+        "seed": run.seed,
+        "n_samples": len(job.indices),
+        "fid": None,
+        "inception_score": None,
+        "fid_to_fp": None,
         **quality,
         **{k: None if v is None else round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": rss, "peak_cuda_mb": cuda, "config_hash": job.config_hash,
-        "device": str(model.device), "experiment": run.experiment,
-        "num_shards": run.evaluator.num_shards, "shard_index": run.evaluator.shard_index,
+        "peak_rss_mb": rss,
+        "peak_cuda_mb": cuda,
+        "config_hash": job.config_hash,
+        "device": str(model.device),
+        "experiment": run.experiment,
+        "num_shards": run.evaluator.num_shards,
+        "shard_index": run.evaluator.shard_index,
         **result.metrics,
     }
 
@@ -343,17 +410,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if job.is_fp and "fid_to_fp" in run_cfg.evaluator.metrics:
             if not is_sharded(run_cfg.evaluator):
                 quality["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
-            store_fp_reference(evaluation, model, job, torch.cat(sampled.features),
-                               sampled.seconds)
+            store_fp_reference(evaluation, model, job, torch.cat(sampled.features), sampled.seconds)
         if run_cfg.analysis.error_accumulation:  # 6
             from diffquant.analysis.error_accumulation import run_error_accumulation
 
-            result.metrics.update(run_error_accumulation(
-                model, run_cfg.analysis, ctx,
-                label=f"{run_cfg.method.name} {'fp32' if job.is_fp else run_cfg.quant.name}"))
+            result.metrics.update(
+                run_error_accumulation(
+                    model,
+                    run_cfg.analysis,
+                    ctx,
+                    label=f"{run_cfg.method.name} {'fp32' if job.is_fp else run_cfg.quant.name}",
+                )
+            )
 
-        timings = {"calibrate_s": calibrate_s, "sample_s": sampled.seconds,
-                   "fp_sample_s": fp_sample_s, "eval_s": eval_s}
+        timings = {
+            "calibrate_s": calibrate_s,
+            "sample_s": sampled.seconds,
+            "fp_sample_s": fp_sample_s,
+            "eval_s": eval_s,
+        }
         metrics = job_metrics(job, model, result, quality, timings)  # 7
         record(job, metrics, sampled, result)
         print(summary_line(metrics, job.run_dir), flush=True)

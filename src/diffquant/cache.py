@@ -49,9 +49,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Sequence
+from typing import IO, Any, Optional
 
 from filelock import FileLock, Timeout
 
@@ -64,13 +65,13 @@ HASH = "sha256"
 
 # Statuses of a cache folder (:func:`verify_entry`, ``python -m diffquant.cache verify``).
 OK = "ok"
-CORRUPT = "corrupt"            # files differ from the manifest written with them
+CORRUPT = "corrupt"  # files differ from the manifest written with them
 UNVERIFIABLE = "unverifiable"  # no manifest: written before entries were verified
-INCOMPLETE = "incomplete"      # unfinished: no key.json, resumable progress, a temporary folder
+INCOMPLETE = "incomplete"  # unfinished: no key.json, resumable progress, a temporary folder
 MISSING = "missing"
-QUARANTINED = "moved-aside"    # a corrupt entry that done() moved aside (<hash>.corrupt-<time>)
-BUSY = "busy"                  # locked by a running job
-UNKNOWN = "unknown"            # not made by CacheEntry; left alone
+QUARANTINED = "moved-aside"  # a corrupt entry that done() moved aside (<hash>.corrupt-<time>)
+BUSY = "busy"  # locked by a running job
+UNKNOWN = "unknown"  # not made by CacheEntry; left alone
 
 PRUNE_HINT = "python -m diffquant.cache prune --path {entry}"
 _DIGEST = r"[0-9a-f]{8,64}"  # an entry's folder name (stable_hash)
@@ -170,18 +171,23 @@ def write_error(exc: BaseException, path: Path | str) -> Optional[CacheWriteErro
     where = str(path)
     if m := re.fullmatch(rf"\.({_DIGEST})\..+", folder.name):  # in CacheEntry.writing()'s folder
         where = f"{path.name} of cache entry {folder.parent / m[1]}"
-    elsewhere = ("free space there, or write elsewhere: paths.cache_dir=<a folder with room> for "
-                 "the cache, hydra.run.dir=... for job outputs")
+    elsewhere = (
+        "free space there, or write elsewhere: paths.cache_dir=<a folder with room> for "
+        "the cache, hydra.run.dir=... for job outputs"
+    )
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
-        msg = (f"{what} on {mount} ({_fmt_bytes(_free_bytes(folder))} free) while writing {where}: "
-               f"{elsewhere}")
+        msg = f"{what} on {mount} ({_fmt_bytes(_free_bytes(folder))} free) while writing {where}: {elsewhere}"
     elif code == errno.EROFS:
-        msg = (f"read-only file system on {mount} while writing {where}: set paths.cache_dir=<a "
-               f"writable folder> (hydra.run.dir=... for job outputs)")
+        msg = (
+            f"read-only file system on {mount} while writing {where}: set paths.cache_dir=<a "
+            f"writable folder> (hydra.run.dir=... for job outputs)"
+        )
     elif code in (errno.EACCES, errno.EPERM):
-        msg = (f"permission denied while writing {where} (folder {folder}): make the folder "
-               f"writable, or set paths.cache_dir=<a writable folder>")
+        msg = (
+            f"permission denied while writing {where} (folder {folder}): make the folder "
+            f"writable, or set paths.cache_dir=<a writable folder>"
+        )
     else:
         reason = os.strerror(code) if code else f"{type(exc).__name__}: {exc}"
         msg = f"cannot write {where} (folder {folder}, file system {mount}): {reason}"
@@ -258,10 +264,15 @@ def _json_digest(obj: Any) -> str:
 
 def build_manifest(folder: Path | str) -> dict[str, Any]:
     """Size and SHA-256 of every file under ``folder`` (what :meth:`CacheEntry.writing` records)."""
-    files = {rel: {"size": p.stat().st_size, HASH: file_digest(p)}
-             for rel, p in _entry_files(Path(folder)).items()}
-    manifest = {"format": MANIFEST_FORMAT, "algorithm": HASH, "files": files,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    files = {
+        rel: {"size": p.stat().st_size, HASH: file_digest(p)} for rel, p in _entry_files(Path(folder)).items()
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "algorithm": HASH,
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     return {**manifest, "manifest_sha256": _json_digest(manifest)}
 
 
@@ -272,8 +283,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
     files = data.get("files")
     if not isinstance(files, dict) or not all(
-            isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get(HASH), str)
-            for r in files.values()):
+        isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get(HASH), str)
+        for r in files.values()
+    ):
         raise ValueError("no valid file list")
     if data.get("manifest_sha256") != _json_digest({k: v for k, v in data.items() if k != "manifest_sha256"}):
         raise ValueError("its own checksum does not match its content")
@@ -283,6 +295,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 @dataclass
 class Verdict:
     """What :func:`verify_entry` found: a status, and for a bad entry the file and the reason."""
+
     status: str
     path: Path
     detail: str = ""
@@ -307,8 +320,13 @@ def verify_entry(path: Path | str, key: Optional[dict[str, Any]] = None) -> Verd
         return Verdict(CORRUPT, path, "is not a folder")
     if not (path / MANIFEST_FILE).is_file():
         if (path / KEY_FILE).is_file():
-            return Verdict(UNVERIFIABLE, path, f"has no {MANIFEST_FILE} (written before cache entries "
-                           "were verified), so its content cannot be checked", MANIFEST_FILE)
+            return Verdict(
+                UNVERIFIABLE,
+                path,
+                f"has no {MANIFEST_FILE} (written before cache entries "
+                "were verified), so its content cannot be checked",
+                MANIFEST_FILE,
+            )
         return Verdict(INCOMPLETE, path, f"has no {KEY_FILE} (an unfinished entry)", KEY_FILE)
     try:
         files = _read_manifest(path)["files"]
@@ -320,17 +338,30 @@ def verify_entry(path: Path | str, key: Optional[dict[str, Any]] = None) -> Verd
         return Verdict(CORRUPT, path, f"{missing[0]} is missing (listed in {MANIFEST_FILE})", missing[0])
     extra = sorted(set(on_disk) - set(files))
     if extra:
-        return Verdict(CORRUPT, path, f"{extra[0]} was added after the entry was written "
-                       f"(not in {MANIFEST_FILE})", extra[0])
+        return Verdict(
+            CORRUPT,
+            path,
+            f"{extra[0]} was added after the entry was written (not in {MANIFEST_FILE})",
+            extra[0],
+        )
     for rel, rec in files.items():
         size = on_disk[rel].stat().st_size
         if size != rec["size"]:
-            return Verdict(CORRUPT, path, f"{rel} has {size} bytes, {rec['size']} when written "
-                           "(truncated or overwritten)", rel)
+            return Verdict(
+                CORRUPT,
+                path,
+                f"{rel} has {size} bytes, {rec['size']} when written (truncated or overwritten)",
+                rel,
+            )
     for rel, rec in files.items():
         if file_digest(on_disk[rel]) != rec[HASH]:
-            return Verdict(CORRUPT, path, f"{rel} has the size it was written with but not the same "
-                           f"{HASH} (changed bytes: a disk, memory or copy fault, or an edit)", rel)
+            return Verdict(
+                CORRUPT,
+                path,
+                f"{rel} has the size it was written with but not the same "
+                f"{HASH} (changed bytes: a disk, memory or copy fault, or an edit)",
+                rel,
+            )
     if key is not None:
         try:
             stored = json.dumps(json.loads((path / KEY_FILE).read_bytes()), sort_keys=True)
@@ -363,7 +394,8 @@ def _read_error(path: Path, entry: Path, reason: str) -> CacheReadError:
     return CacheReadError(
         f"cannot read {path.relative_to(entry).as_posix()} of cache entry {entry}: {reason}. The "
         f"entry is damaged, changed after it was verified, or from an incompatible version: remove "
-        f"it with `{PRUNE_HINT.format(entry=entry)}` (or delete the folder) and rerun to recompute it")
+        f"it with `{PRUNE_HINT.format(entry=entry)}` (or delete the folder) and rerun to recompute it"
+    )
 
 
 def check_size(path: Path | str) -> None:
@@ -453,13 +485,18 @@ class CacheEntry:
             if verdict.status == CORRUPT:
                 aside = self.path.with_name(f"{self.digest}.corrupt-{_stamp()}")
                 os.replace(self.path, aside)
-                log.warning("cache entry %s is corrupt: %s. Moved it aside to %s and recomputing it "
-                            "(`python -m diffquant.cache prune --corrupt --cache-dir %s` removes "
-                            "moved-aside entries).", self.path, verdict.detail, aside.name, root)
+                log.warning(
+                    "cache entry %s is corrupt: %s. Moved it aside to %s and recomputing it "
+                    "(`python -m diffquant.cache prune --corrupt --cache-dir %s` removes "
+                    "moved-aside entries).",
+                    self.path,
+                    verdict.detail,
+                    aside.name,
+                    root,
+                )
             else:
                 shutil.rmtree(self.path)
-                log.warning("cache entry %s %s: removed it and recomputing it.", self.path,
-                            verdict.detail)
+                log.warning("cache entry %s %s: removed it and recomputing it.", self.path, verdict.detail)
         except OSError as exc:
             err = write_error(exc, self.path)
             raise (err or exc) from exc
@@ -510,6 +547,7 @@ class CacheEntry:
 @dataclass
 class Item:
     """One folder of a cache, as ``verify``/``prune`` see it."""
+
     path: Path
     digest: Optional[str]
     status: str
@@ -611,8 +649,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing"
     print(f"{root}: {len(items)} folders ({_fmt_bytes(total)}): {summary}")
     if counts.get(CORRUPT):
-        print(f"corrupt entries are recomputed by the next job that needs them; remove them now with "
-              f"`python -m diffquant.cache prune --corrupt --cache-dir {root}`")
+        print(
+            f"corrupt entries are recomputed by the next job that needs them; remove them now with "
+            f"`python -m diffquant.cache prune --corrupt --cache-dir {root}`"
+        )
         return 1
     return 0
 
@@ -620,9 +660,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _selected(item: Item, args: argparse.Namespace) -> bool:
     if item.status in (UNKNOWN, BUSY):
         return item.status == BUSY  # reported as skipped
-    wanted = {s for flag, s in ((args.corrupt, CORRUPT), (args.corrupt, QUARANTINED),
-                                (args.unverifiable, UNVERIFIABLE), (args.incomplete, INCOMPLETE))
-              if flag}
+    wanted = {
+        s
+        for flag, s in (
+            (args.corrupt, CORRUPT),
+            (args.corrupt, QUARANTINED),
+            (args.unverifiable, UNVERIFIABLE),
+            (args.incomplete, INCOMPLETE),
+        )
+        if flag
+    }
     by_status = args.all or item.status in wanted or (not wanted and args.older_than is not None)
     return by_status and (args.older_than is None or item.age_days() > args.older_than)
 
@@ -640,10 +687,19 @@ def _path_item(p: Path) -> Item:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    if not (args.corrupt or args.unverifiable or args.incomplete or args.all
-            or args.older_than is not None or args.path):
-        print("say what to remove: --corrupt, --unverifiable, --incomplete, --all, --older-than DAYS "
-              "or --path P", file=sys.stderr)
+    if not (
+        args.corrupt
+        or args.unverifiable
+        or args.incomplete
+        or args.all
+        or args.older_than is not None
+        or args.path
+    ):
+        print(
+            "say what to remove: --corrupt, --unverifiable, --incomplete, --all, --older-than DAYS "
+            "or --path P",
+            file=sys.stderr,
+        )
         return 2
     if args.path:
         root = Path(args.cache_dir) if args.cache_dir else None
@@ -663,7 +719,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             continue
         lock = item.lock()
         try:
-            with (lock.acquire(timeout=0) if lock is not None else contextlib.nullcontext()):
+            with lock.acquire(timeout=0) if lock is not None else contextlib.nullcontext():
                 if not item.path.exists():
                     continue
                 size = item.size()
@@ -687,22 +743,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.cache",
-                                     description="Check and clean the diffquant cache.")
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.cache", description="Check and clean the diffquant cache."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     default = default_cache_dir()
-    v = sub.add_parser("verify", help="list every entry as ok/corrupt/unverifiable/incomplete "
-                                      "(exit status 1 if any is corrupt)")
+    v = sub.add_parser(
+        "verify",
+        help="list every entry as ok/corrupt/unverifiable/incomplete (exit status 1 if any is corrupt)",
+    )
     v.add_argument("--cache-dir", default=str(default), help=f"the cache (default: {default})")
     p = sub.add_parser("prune", help="remove entries (never one locked by a running job)")
     p.add_argument("--cache-dir", default=None, help=f"the cache (default: {default})")
     p.add_argument("--corrupt", action="store_true", help="corrupt and moved-aside entries")
     p.add_argument("--unverifiable", action="store_true", help="entries without a manifest (older versions)")
-    p.add_argument("--incomplete", action="store_true",
-                   help="unfinished entries, resumable progress and temporary folders of interrupted writes")
+    p.add_argument(
+        "--incomplete",
+        action="store_true",
+        help="unfinished entries, resumable progress and temporary folders of interrupted writes",
+    )
     p.add_argument("--all", action="store_true", help="everything the cache made")
-    p.add_argument("--older-than", type=float, metavar="DAYS",
-                   help="entries last written more than DAYS ago (with other flags: only those)")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="entries last written more than DAYS ago (with other flags: only those)",
+    )
     p.add_argument("--path", action="append", metavar="P", help="this entry (or the entry holding this file)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed")
     args = parser.parse_args(argv)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 _KEY_ERROR = re.compile(r"Could not override '([^']+)'")
 
@@ -60,7 +61,10 @@ def misspelt_key_message(overrides: Sequence[str], config_dir: Path) -> Optional
         names = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
         close = difflib.get_close_matches(leaf, names, n=2)
         where = f"{parent}." if parent else ""
-        hint = (f" Did you mean {' or '.join(where + c for c in close)}?" if close
-                else f" Valid keys of {parent or 'the config'}: {', '.join(names)}.")
+        hint = (
+            f" Did you mean {' or '.join(where + c for c in close)}?"
+            if close
+            else f" Valid keys of {parent or 'the config'}: {', '.join(names)}."
+        )
         lines.append(f"Unknown config key {key!r}.{hint}")
     return "\n".join(lines) or None

@@ -15,7 +15,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Callable)
 

@@ -255,8 +255,7 @@ def typed(node: Any, cls: type, path: str = "", types: Optional[dict[str, type]]
     for key in node:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = (f" Did you mean {join(close[0])}?" if close
-                    else f" Valid keys: {', '.join(names)}.")
+            hint = f" Did you mean {join(close[0])}?" if close else f" Valid keys: {', '.join(names)}."
             raise ConfigError(f"{join(key)} is not a setting of {cls.__name__}.{hint}")
     kwargs = {}
     for name in names:
@@ -289,8 +288,10 @@ def typed_run_config(cfg: Any) -> RunConfig:
     for metric in run.evaluator.metrics:
         EVALUATORS.get(metric)
     if method_name != "fp" and not run.quant.enabled:
-        raise ConfigError(f"method={method_name} needs a bit-width: add quant=w8a8 (or w4a8, "
-                          "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp.")
+        raise ConfigError(
+            f"method={method_name} needs a bit-width: add quant=w8a8 (or w4a8, "
+            "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp."
+        )
     return run
 
 

@@ -24,9 +24,10 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -60,9 +61,11 @@ def shard_indices(n_samples: int, num_shards: int = 1, shard_index: Optional[int
             raise ValueError(f"evaluator.shard_index={shard_index} needs evaluator.num_shards > 1.")
         return range(0, n_samples)
     if shard_index is None or not 0 <= shard_index < num_shards:
-        raise ValueError(f"evaluator.shard_index={shard_index} must lie in 0..{num_shards - 1} when "
-                         f"evaluator.num_shards={num_shards} (sweep it: "
-                         f"'evaluator.shard_index=range(0,{num_shards})').")
+        raise ValueError(
+            f"evaluator.shard_index={shard_index} must lie in 0..{num_shards - 1} when "
+            f"evaluator.num_shards={num_shards} (sweep it: "
+            f"'evaluator.shard_index=range(0,{num_shards})')."
+        )
     if num_shards > n_samples:
         raise ValueError(f"evaluator.num_shards={num_shards} exceeds evaluator.n_samples={n_samples}.")
     base, extra = divmod(n_samples, num_shards)
@@ -70,9 +73,17 @@ def shard_indices(n_samples: int, num_shards: int = 1, shard_index: Optional[int
     return range(start, start + base + (1 if shard_index < extra else 0))
 
 
-def save_shard(run_dir: Path, indices: range, features: torch.Tensor, logits: Optional[torch.Tensor],
-               labels: list[Any], fp_features: Optional[torch.Tensor], eval_cfg: Any,
-               config_hash: str, per_sample: Sequence[dict[str, torch.Tensor]] = ()) -> Path:
+def save_shard(
+    run_dir: Path,
+    indices: range,
+    features: torch.Tensor,
+    logits: Optional[torch.Tensor],
+    labels: list[Any],
+    fp_features: Optional[torch.Tensor],
+    eval_cfg: Any,
+    config_hash: str,
+    per_sample: Sequence[dict[str, torch.Tensor]] = (),
+) -> Path:
     """Write ``<run_dir>/shard.pt`` atomically: the slice's features ``(n, d)``, logits ``(n, k)``
     or None, labels, per-sample metric values ``{metric: (n,)}`` (e.g. CLIP scores; one dict per
     sampled batch, concatenated here), and the FP model's features for the same slice
@@ -80,10 +91,21 @@ def save_shard(run_dir: Path, indices: range, features: torch.Tensor, logits: Op
     path = Path(run_dir) / SHARD_FILE
     keys = set().union(*per_sample) if per_sample else set()
     per_sample_cat = {k: torch.cat([p[k] for p in per_sample]) for k in sorted(keys)}
-    atomic_torch_save({"indices": [indices.start, indices.stop], "features": features, "logits": logits,
-                       "labels": list(labels), "fp_features": fp_features, "per_sample": per_sample_cat,
-                       "num_shards": int(eval_cfg.num_shards), "shard_index": int(eval_cfg.shard_index),
-                       "n_samples_total": int(eval_cfg.n_samples), "config_hash": config_hash}, path)
+    atomic_torch_save(
+        {
+            "indices": [indices.start, indices.stop],
+            "features": features,
+            "logits": logits,
+            "labels": list(labels),
+            "fp_features": fp_features,
+            "per_sample": per_sample_cat,
+            "num_shards": int(eval_cfg.num_shards),
+            "shard_index": int(eval_cfg.shard_index),
+            "n_samples_total": int(eval_cfg.n_samples),
+            "config_hash": config_hash,
+        },
+        path,
+    )
     return path
 
 
@@ -161,8 +183,10 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
     from diffquant.models.loading import resolve_device
 
     if missing := missing_shards(shards):
-        raise ValueError(f"cannot merge {shards[0].run_dir.parent}: shards {missing} of "
-                         f"{shards[0].num_shards} have not finished")
+        raise ValueError(
+            f"cannot merge {shards[0].run_dir.parent}: shards {missing} of "
+            f"{shards[0].num_shards} have not finished"
+        )
     t0 = time.perf_counter()
     first = shards[0]
     cfg = _job_cfg(first.run_dir)
@@ -174,23 +198,37 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
             raise ValueError(f"{s.run_dir}: slice starts at {rec['indices'][0]}, expected {expected}")
         expected = rec["indices"][1]
     if expected != records[0]["n_samples_total"]:
-        raise ValueError(f"slices cover {expected} samples, the jobs asked for "
-                         f"{records[0]['n_samples_total']}")
+        raise ValueError(
+            f"slices cover {expected} samples, the jobs asked for {records[0]['n_samples_total']}"
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(run_dir=out_dir, cache_dir=Path(cfg.paths.cache_dir),
-                     device=resolve_device(device or cfg.device), seed=int(cfg.seed))
+    ctx = RunContext(
+        run_dir=out_dir,
+        cache_dir=Path(cfg.paths.cache_dir),
+        device=resolve_device(device or cfg.device),
+        seed=int(cfg.seed),
+    )
     evaluation = Evaluation(cfg.evaluator, ctx, skip=("fid_to_fp",) if is_fp else ())
     if "fid_to_fp" in evaluation.metric_names:
         fp = [rec["fp_features"] for rec in records]
         if any(f is None for f in fp):
             raise ValueError("fid_to_fp: a shard saved no FP features")
         evaluation.set_fp_features(torch.cat(fp))
-    quality = score(evaluation, (
-        EvalBatch(None, rec["labels"], rec["features"], rec["logits"],
-                  **({"per_sample": rec["per_sample"]} if rec.get("per_sample") else {}))
-        for rec in records))
+    quality = score(
+        evaluation,
+        (
+            EvalBatch(
+                None,
+                rec["labels"],
+                rec["features"],
+                rec["logits"],
+                **({"per_sample": rec["per_sample"]} if rec.get("per_sample") else {}),
+            )
+            for rec in records
+        ),
+    )
     if is_fp and "fid_to_fp" in cfg.evaluator.metrics:
         quality["fid_to_fp"] = 0.0
 
@@ -206,24 +244,36 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
 
     metrics = dict(first.metrics)
     metrics.update(quality)
-    metrics.update({
-        "n_samples": expected, "num_shards": first.num_shards, "shard_index": None,
-        # each shard calibrates, or loads the cached result: the longest one is the real cost
-        "calibrate_s": peak("calibrate_s"), "sample_s": total("sample_s"),
-        "fp_sample_s": total("fp_sample_s"),
-        "eval_s": round((total("eval_s") or 0.0) + time.perf_counter() - t0, 3),
-        "peak_rss_mb": peak("peak_rss_mb"), "peak_cuda_mb": peak("peak_cuda_mb"),
-        "merged_from": [str(s.run_dir) for s in shards],
-    })
+    metrics.update(
+        {
+            "n_samples": expected,
+            "num_shards": first.num_shards,
+            "shard_index": None,
+            # each shard calibrates, or loads the cached result: the longest one is the real cost
+            "calibrate_s": peak("calibrate_s"),
+            "sample_s": total("sample_s"),
+            "fp_sample_s": total("fp_sample_s"),
+            "eval_s": round((total("eval_s") or 0.0) + time.perf_counter() - t0, 3),
+            "peak_rss_mb": peak("peak_rss_mb"),
+            "peak_cuda_mb": peak("peak_cuda_mb"),
+            "merged_from": [str(s.run_dir) for s in shards],
+        }
+    )
     shutil.copyfile(first.run_dir / "config.yaml", out_dir / "config.yaml")
-    atomic_write_json(out_dir / "shards.json", [{"dir": str(s.run_dir), "indices": r["indices"]}
-                                                for s, r in zip(shards, records)])
+    atomic_write_json(
+        out_dir / "shards.json",
+        [{"dir": str(s.run_dir), "indices": r["indices"]} for s, r in zip(shards, records)],
+    )
     write_metrics(out_dir, metrics)
     return metrics
 
 
-def merge_sweep(sweep_dir: Path | str, out_root: Path | str | None = None, device: Optional[str] = None,
-                strict: bool = False) -> list[Path]:
+def merge_sweep(
+    sweep_dir: Path | str,
+    out_root: Path | str | None = None,
+    device: Optional[str] = None,
+    strict: bool = False,
+) -> list[Path]:
     """Merge every complete group of shards under ``sweep_dir`` into
     ``<out_root or sweep_dir>/merged/<model>_<quant>_<method>_s<seed>_<hash>/metrics.json``.
 
@@ -234,8 +284,10 @@ def merge_sweep(sweep_dir: Path | str, out_root: Path | str | None = None, devic
     written = []
     for shards in find_shards(sweep_dir).values():
         if missing := missing_shards(shards):
-            msg = (f"{merged_name(shards[0].metrics)}: shards {missing} of {shards[0].num_shards} "
-                   f"missing under {sweep_dir}")
+            msg = (
+                f"{merged_name(shards[0].metrics)}: shards {missing} of {shards[0].num_shards} "
+                f"missing under {sweep_dir}"
+            )
             if strict:
                 raise ValueError(msg)
             log.warning("not merged: %s", msg)
@@ -266,17 +318,22 @@ class MergeShardsCallback(_HydraCallback):
         try:
             merged = merge_sweep(Path(str(config.hydra.sweep.dir)), device="cpu")
         except Exception as err:  # never turn a finished sweep into a failure; say what to run
-            log.error("merging shards failed (%s); run `python -m diffquant.shards %s`",
-                      err, config.hydra.sweep.dir)
+            log.error(
+                "merging shards failed (%s); run `python -m diffquant.shards %s`", err, config.hydra.sweep.dir
+            )
             return
         for path in merged:
             print(f"[diffquant] merged shards -> {path}/metrics.json", flush=True)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.shards", description=(
-        "Merge the shard jobs of a sweep (evaluator.num_shards > 1) into one metrics.json per "
-        "evaluation, under <sweep dir>/merged/."))
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.shards",
+        description=(
+            "Merge the shard jobs of a sweep (evaluator.num_shards > 1) into one metrics.json per "
+            "evaluation, under <sweep dir>/merged/."
+        ),
+    )
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="write merged/ here (default: the sweep dir)")
     parser.add_argument("--device", default="cpu", help="device of the backbone (default cpu)")
@@ -292,8 +349,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         return 1
     for path in merged:
         m = json.loads((path / "metrics.json").read_text())
-        print(f"{path}: n={m['n_samples']} fid={m.get('fid')} inception_score={m.get('inception_score')} "
-              f"fid_to_fp={m.get('fid_to_fp')}")
+        print(
+            f"{path}: n={m['n_samples']} fid={m.get('fid')} inception_score={m.get('inception_score')} "
+            f"fid_to_fp={m.get('fid_to_fp')}"
+        )
     if not merged:
         print(f"no complete shard groups under {args.sweep_dir}")
     return 0

@@ -30,7 +30,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     for k in range(n):
         r, q = divmod(k, nrow)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = arr[k]
+        grid[y : y + h, x : x + w] = arr[k]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
@@ -80,8 +80,16 @@ class WandbTracker:
     sets it to offline on compute nodes), else online when logged in, else offline.
     """
 
-    def __init__(self, logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str,
-                 tags: list[str], job_type: str | None = None, group: str | None = None) -> None:
+    def __init__(
+        self,
+        logger_cfg: Any,
+        config: dict[str, Any],
+        run_dir: Path,
+        name: str,
+        tags: list[str],
+        job_type: str | None = None,
+        group: str | None = None,
+    ) -> None:
         import wandb
 
         mode = logger_cfg.mode
@@ -90,10 +98,19 @@ class WandbTracker:
         self.wandb = wandb
         self.group = logger_cfg.group or group or sweep_group()
         self.job_type = logger_cfg.job_type or job_type
-        self.run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
-                              group=self.group, job_type=self.job_type, name=name,
-                              tags=tags, config=config, dir=str(run_dir), reinit="finish_previous",
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            mode=mode,
+            group=self.group,
+            job_type=self.job_type,
+            name=name,
+            tags=tags,
+            config=config,
+            dir=str(run_dir),
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True),
+        )
         self.mode = mode
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -116,8 +133,15 @@ class WandbTracker:
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(logger_cfg: Any, config: dict[str, Any], run_dir: Path, name: str, tags: list[str],
-                 job_type: str | None = None, group: str | None = None):
+def make_tracker(
+    logger_cfg: Any,
+    config: dict[str, Any],
+    run_dir: Path,
+    name: str,
+    tags: list[str],
+    job_type: str | None = None,
+    group: str | None = None,
+):
     """W&B when ``logger.name == 'wandb'`` and mode is not disabled, else a no-op tracker.
     ``job_type`` / ``group`` are defaults that ``logger.job_type`` / ``logger.group`` override."""
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled":

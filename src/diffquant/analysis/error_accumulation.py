@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -71,11 +72,13 @@ class ErrorAccumulation:
 
     def summary(self) -> dict[str, float]:
         """Scalars for ``metrics.json``: mean step error and the final accumulated error."""
-        return {"step_error_mean": sum(self.step_error_mean) / len(self.step_error_mean),
-                "accumulated_error_final": self.accumulated_error_mean[-1]}
+        return {
+            "step_error_mean": sum(self.step_error_mean) / len(self.step_error_mean),
+            "accumulated_error_final": self.accumulated_error_mean[-1],
+        }
 
     @classmethod
-    def load(cls, path: Path | str) -> "ErrorAccumulation":
+    def load(cls, path: Path | str) -> ErrorAccumulation:
         path = Path(path)
         if path.is_dir():
             path = path / JSON_FILE
@@ -88,9 +91,14 @@ def _per_sample_norm(diff: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def measure_error_accumulation(model: Any, n_samples: int = 64, seed: int = 0,
-                               batch_size: int = 64, label: str = "",
-                               meta: Optional[dict[str, Any]] = None) -> ErrorAccumulation:
+def measure_error_accumulation(
+    model: Any,
+    n_samples: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+    label: str = "",
+    meta: Optional[dict[str, Any]] = None,
+) -> ErrorAccumulation:
     """Run the FP and the quantized chain of ``n_samples`` samples side by side (see the module
     doc); 3 UNet calls per step and batch (FP step, quantized step on the FP state, quantized
     step on the quantized state)."""
@@ -124,8 +132,18 @@ def measure_error_accumulation(model: Any, n_samples: int = 64, seed: int = 0,
 
     s_mean, s_std = stats(step_err)
     a_mean, a_std = stats(acc_err)
-    return ErrorAccumulation(list(range(n_steps)), [int(t) for t in model.timesteps], s_mean, s_std,
-                             a_mean, a_std, n_samples, seed, label, dict(meta or {}))
+    return ErrorAccumulation(
+        list(range(n_steps)),
+        [int(t) for t in model.timesteps],
+        s_mean,
+        s_std,
+        a_mean,
+        a_std,
+        n_samples,
+        seed,
+        label,
+        dict(meta or {}),
+    )
 
 
 # ---------------------------------------------------------------------------- plots
@@ -173,18 +191,31 @@ def save(result: ErrorAccumulation, run_dir: Path | str) -> tuple[Path, Path]:
     return run_dir / JSON_FILE, png
 
 
-def run_error_accumulation(model: Any, analysis_cfg: Any, ctx: Any, label: str = "",
-                           meta: Optional[dict[str, Any]] = None) -> dict[str, float]:
+def run_error_accumulation(
+    model: Any, analysis_cfg: Any, ctx: Any, label: str = "", meta: Optional[dict[str, Any]] = None
+) -> dict[str, float]:
     """The job-level entry point: measure, save into ``ctx.run_dir``, log to the tracker; returns
     the summary scalars prefixed ``erracc_`` for ``metrics.json``."""
-    result = measure_error_accumulation(model, analysis_cfg.n_samples, ctx.seed,
-                                        analysis_cfg.batch_size, label, meta)
+    result = measure_error_accumulation(
+        model, analysis_cfg.n_samples, ctx.seed, analysis_cfg.batch_size, label, meta
+    )
     _, png = save(result, ctx.run_dir)
-    rows = [[s, t, e, es, a, as_] for s, t, e, es, a, as_ in zip(
-        result.steps, result.timesteps, result.step_error_mean, result.step_error_std,
-        result.accumulated_error_mean, result.accumulated_error_std)]
-    ctx.tracker.log_table("error_accumulation", ["step", "timestep", "step_error", "step_error_std",
-                                                 "accumulated_error", "accumulated_error_std"], rows)
+    rows = [
+        [s, t, e, es, a, as_]
+        for s, t, e, es, a, as_ in zip(
+            result.steps,
+            result.timesteps,
+            result.step_error_mean,
+            result.step_error_std,
+            result.accumulated_error_mean,
+            result.accumulated_error_std,
+        )
+    ]
+    ctx.tracker.log_table(
+        "error_accumulation",
+        ["step", "timestep", "step_error", "step_error_std", "accumulated_error", "accumulated_error_std"],
+        rows,
+    )
     ctx.tracker.log_image("error_accumulation", png, caption=label)
     summary = {f"erracc_{k}": round(v, 6) for k, v in result.summary().items()}
     log.info("error accumulation: %s", summary)
@@ -197,8 +228,9 @@ def _default_label(run_dir: Path, result: ErrorAccumulation) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.analysis.error_accumulation",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.analysis.error_accumulation", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plot", help="overlay the curves of several runs")
     p.add_argument("runs", nargs="+", type=Path, help="run folders (or error_accumulation.json files)")
@@ -217,8 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             r.label = _default_label(run, r)
     out = plot_curves(results, args.out, args.title)
     for r in results:
-        print(f"{r.label:<28} final accumulated {r.accumulated_error_mean[-1]:.4f}  "
-              f"mean step {sum(r.step_error_mean) / len(r.step_error_mean):.4f}")
+        print(
+            f"{r.label:<28} final accumulated {r.accumulated_error_mean[-1]:.4f}  "
+            f"mean step {sum(r.step_error_mean) / len(r.step_error_mean):.4f}"
+        )
     print(f"wrote {out}")
 
 

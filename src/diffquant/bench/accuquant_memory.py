@@ -36,8 +36,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 MODES = ("exact", "approx")
 ROOT = Path(__file__).resolve().parents[3]
@@ -98,15 +99,19 @@ def build_bench_model(model_name: str, quant_name: str, device: str):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose(config_name="config", overrides=[f"model={model_name}", f"quant={quant_name}",
-                                                       "logger=none"])
+        cfg = compose(
+            config_name="config", overrides=[f"model={model_name}", f"quant={quant_name}", "logger=none"]
+        )
     try:
         model, weights = build_model(cfg.model, device), "trained"
     except (FileNotFoundError, OSError, ValueError) as err:
         if model_name != "ldm_digits":
             raise
-        print(f"[bench] trained {model_name} weights not found ({type(err).__name__}); using the "
-              "same architecture with random weights", file=sys.stderr)
+        print(
+            f"[bench] trained {model_name} weights not found ({type(err).__name__}); using the "
+            "same architecture with random weights",
+            file=sys.stderr,
+        )
         model, weights = random_ldm_digits(cfg.model, device), "random"
     qcfg = typed({**cfg.quant, "weight_init": "minmax", "act_init": "minmax"}, QuantConfig, "quant")
     quantize_denoiser(model.denoiser, model.spec, qcfg, timesteps=model.timesteps)
@@ -121,13 +126,26 @@ def random_ldm_digits(model_cfg: Any, device: str):
 
     from diffquant.models.base import SamplerSettings
     from diffquant.models.ldm import LatentDiffusion
-    from diffquant.zoo.train import (LATENT_CHANNELS, LATENT_SIZE, NUM_CLASSES,
-                                     build_sampling_scheduler, build_unet)
+    from diffquant.zoo.train import (
+        LATENT_CHANNELS,
+        LATENT_SIZE,
+        NUM_CLASSES,
+        build_sampling_scheduler,
+        build_unet,
+    )
 
     sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
-    return LatentDiffusion("ldm_digits_random", build_unet(), nn.Identity(), build_sampling_scheduler(),
-                           sampler, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), 1.0, device,
-                           num_classes=NUM_CLASSES)
+    return LatentDiffusion(
+        "ldm_digits_random",
+        build_unet(),
+        nn.Identity(),
+        build_sampling_scheduler(),
+        sampler,
+        (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE),
+        1.0,
+        device,
+        num_classes=NUM_CLASSES,
+    )
 
 
 # ---------------------------------------------------------------------------- one point
@@ -139,13 +157,21 @@ def measure_point(mode: str, group_size: int, args: argparse.Namespace) -> dict[
     from diffquant.methods.accuquant import AccuQuantConfig, LearnedParameters, TrajectoryCalibration
     from diffquant.methods.trajectory import fp_trajectories
 
-    device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) else (
-        "cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     model, weights = build_bench_model(args.model, args.quant, device)
     traj = fp_trajectories(model, list(range(args.batch_size)), 20_000, args.batch_size)
-    cfg = AccuQuantConfig(group_size=group_size, grad_mode=mode, iters_per_group=args.iters,
-                          n_samples=args.batch_size, batch_size=args.batch_size,
-                          revert_if_worse=False)
+    cfg = AccuQuantConfig(
+        group_size=group_size,
+        grad_mode=mode,
+        iters_per_group=args.iters,
+        n_samples=args.batch_size,
+        batch_size=args.batch_size,
+        revert_if_worse=False,
+    )
     cal = TrajectoryCalibration(model, cfg)
     learned = LearnedParameters(model.denoiser, cfg)
     generator = torch.Generator().manual_seed(0)
@@ -171,12 +197,24 @@ def measure_point(mode: str, group_size: int, args: argparse.Namespace) -> dict[
         peak = peak_rss_mb() - base_rss
         how = "rss_hwm_reset" if reset_ok else "ru_maxrss"
     learned.restore()
-    return {"mode": mode, "group_size": group_size, "peak_mb": round(peak, 1),
-            "seconds": round(seconds, 3), "seconds_per_iter": round(seconds / args.iters, 3),
-            "iters": args.iters, "batch_size": args.batch_size, "unet_rows": 2 * args.batch_size
-            if model.guided else args.batch_size, "device": device, "memory": how,
-            "threads": args.threads, "model": args.model, "weights": weights, "quant": args.quant,
-            "loss_first": round(losses[0], 6), "loss_last": round(losses[-1], 6)}
+    return {
+        "mode": mode,
+        "group_size": group_size,
+        "peak_mb": round(peak, 1),
+        "seconds": round(seconds, 3),
+        "seconds_per_iter": round(seconds / args.iters, 3),
+        "iters": args.iters,
+        "batch_size": args.batch_size,
+        "unet_rows": 2 * args.batch_size if model.guided else args.batch_size,
+        "device": device,
+        "memory": how,
+        "threads": args.threads,
+        "model": args.model,
+        "weights": weights,
+        "quant": args.quant,
+        "loss_first": round(losses[0], 6),
+        "loss_last": round(losses[-1], 6),
+    }
 
 
 def measure_agreement(group_sizes: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -186,12 +224,12 @@ def measure_agreement(group_sizes: Sequence[int], args: argparse.Namespace) -> l
     import torch
 
     torch.set_num_threads(args.threads)
-    from diffquant.methods.trajectory import (fp_trajectories, gradient_agreement, gradient_of,
-                                              group_backward)
+    from diffquant.methods.trajectory import fp_trajectories, gradient_agreement, gradient_of, group_backward
     from diffquant.quant import quant_parameters
 
-    model, weights = build_bench_model(args.model, args.quant, "cpu" if args.device == "auto"
-                                       else args.device)
+    model, weights = build_bench_model(
+        args.model, args.quant, "cpu" if args.device == "auto" else args.device
+    )
     traj = fp_trajectories(model, list(range(args.agreement_batch)), 20_000)
     params = list(quant_parameters(model.denoiser, "act_scale", max_bits=15).values())
     for p in params:
@@ -200,23 +238,63 @@ def measure_agreement(group_sizes: Sequence[int], args: argparse.Namespace) -> l
     for m in group_sizes:
         last = traj.n_steps - m
         for where, start in (("first", 0), ("middle", last // 2), ("last", last)):
-            g = {mode: gradient_of(params, lambda mode=mode, start=start: group_backward(
-                model, mode, traj.states[start], start, m, traj.states[start + m], traj.cond,
-                traj.indices, traj.seed)) for mode in MODES}
-            rows.append({"group_size": m, "where": where, "start": start, "weights": weights,
-                         **{k: round(v, 6) for k, v in
-                            gradient_agreement(g["exact"], g["approx"]).items()}})
+            g = {
+                mode: gradient_of(
+                    params,
+                    lambda mode=mode, start=start: group_backward(
+                        model,
+                        mode,
+                        traj.states[start],
+                        start,
+                        m,
+                        traj.states[start + m],
+                        traj.cond,
+                        traj.indices,
+                        traj.seed,
+                    ),
+                )
+                for mode in MODES
+            }
+            rows.append(
+                {
+                    "group_size": m,
+                    "where": where,
+                    "start": start,
+                    "weights": weights,
+                    **{k: round(v, 6) for k, v in gradient_agreement(g["exact"], g["approx"]).items()},
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------------------- parent
 def _child(args: argparse.Namespace, extra: list[str]) -> dict[str, Any] | list:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
-           "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "diffquant.bench.accuquant_memory", *extra,
-           "--batch-size", str(args.batch_size), "--iters", str(args.iters), "--threads",
-           str(args.threads), "--model", args.model, "--quant", args.quant, "--device", args.device,
-           "--agreement-batch", str(args.agreement_batch)]
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffquant.bench.accuquant_memory",
+        *extra,
+        "--batch-size",
+        str(args.batch_size),
+        "--iters",
+        str(args.iters),
+        "--threads",
+        str(args.threads),
+        "--model",
+        args.model,
+        "--quant",
+        args.quant,
+        "--device",
+        args.device,
+        "--agreement-batch",
+        str(args.agreement_batch),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark point {extra} failed:\n{proc.stderr[-3000:]}")
@@ -229,42 +307,60 @@ def markdown(points: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> s
     unit = "max CUDA memory allocated" if p0["device"].startswith("cuda") else "peak RSS increase"
     by = {(p["mode"], p["group_size"]): p for p in points}
     sizes = sorted({p["group_size"] for p in points})
-    lines = [f"AccuQuant: one group's calibration ({p0['iters']} optimiser steps, "
-             f"{p0['batch_size']} trajectories = {p0['unet_rows']} UNet rows, {p0['model']} "
-             f"{p0['quant']}, weights {p0['weights']}, {p0['device']}, {p0['threads']} thread(s)); "
-             f"memory = {unit}, one fresh process per point.", "",
-             "| M | exact peak MB | approx peak MB | exact s | approx s |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"AccuQuant: one group's calibration ({p0['iters']} optimiser steps, "
+        f"{p0['batch_size']} trajectories = {p0['unet_rows']} UNet rows, {p0['model']} "
+        f"{p0['quant']}, weights {p0['weights']}, {p0['device']}, {p0['threads']} thread(s)); "
+        f"memory = {unit}, one fresh process per point.",
+        "",
+        "| M | exact peak MB | approx peak MB | exact s | approx s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for m in sizes:
         e, a = by.get(("exact", m)), by.get(("approx", m))
         fmt = lambda p, k: "—" if p is None else f"{p[k]:.1f}" if k == "peak_mb" else f"{p[k]:.2f}"  # noqa: E731
-        lines.append(f"| {m} | {fmt(e, 'peak_mb')} | {fmt(a, 'peak_mb')} | {fmt(e, 'seconds')} | "
-                     f"{fmt(a, 'seconds')} |")
+        lines.append(
+            f"| {m} | {fmt(e, 'peak_mb')} | {fmt(a, 'peak_mb')} | {fmt(e, 'seconds')} | {fmt(a, 'seconds')} |"
+        )
     a1, a_max = by.get(("approx", sizes[0])), by.get(("approx", sizes[-1]))
     if a1 and a_max and a1["peak_mb"] > 0:
-        lines += ["", f"approx peak at M = {sizes[-1]} / at M = {sizes[0]}: "
-                      f"{a_max['peak_mb'] / a1['peak_mb']:.3f}"]
+        lines += [
+            "",
+            f"approx peak at M = {sizes[-1]} / at M = {sizes[0]}: {a_max['peak_mb'] / a1['peak_mb']:.3f}",
+        ]
     e1, e_max = by.get(("exact", sizes[0])), by.get(("exact", sizes[-1]))
     if e1 and e_max and e1["peak_mb"] > 0:
-        lines += [f"exact peak at M = {sizes[-1]} / at M = {sizes[0]}: "
-                  f"{e_max['peak_mb'] / e1['peak_mb']:.3f}"]
+        lines += [
+            f"exact peak at M = {sizes[-1]} / at M = {sizes[0]}: {e_max['peak_mb'] / e1['peak_mb']:.3f}"
+        ]
     if agreement:
         wheres = list(dict.fromkeys(r["where"] for r in agreement))
         cell = {(r["group_size"], r["where"]): r for r in agreement}
-        lines += ["", "Approximate vs exact gradient of the group loss (activation step sizes; "
-                      "cosine / relative error), for the group of M steps starting at the first, "
-                      "middle and last possible step:", "",
-                  "| M | " + " | ".join(wheres) + " |", "|---:|" + "---:|" * len(wheres)]
+        lines += [
+            "",
+            "Approximate vs exact gradient of the group loss (activation step sizes; "
+            "cosine / relative error), for the group of M steps starting at the first, "
+            "middle and last possible step:",
+            "",
+            "| M | " + " | ".join(wheres) + " |",
+            "|---:|" + "---:|" * len(wheres),
+        ]
         for m in sorted({r["group_size"] for r in agreement}):
-            lines.append(f"| {m} | " + " | ".join(
-                f"{cell[m, w]['cosine']:.3f} / {cell[m, w]['rel_error']:.3f} (step {cell[m, w]['start']})"
-                for w in wheres) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    f"{cell[m, w]['cosine']:.3f} / {cell[m, w]['rel_error']:.3f} (step {cell[m, w]['start']})"
+                    for w in wheres
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.bench.accuquant_memory",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.bench.accuquant_memory", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--batch-size", type=int, default=32, help="trajectories per step")
@@ -292,8 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for m in args.group_sizes:
         for mode in args.modes:
             p = _child(args, ["--point", mode, str(m)])
-            print(f"[bench] {mode:<6} M={m}: peak {p['peak_mb']:8.1f} MB  {p['seconds']:6.2f} s",
-                  flush=True)
+            print(f"[bench] {mode:<6} M={m}: peak {p['peak_mb']:8.1f} MB  {p['seconds']:6.2f} s", flush=True)
             points.append(p)
     agreement = [] if args.no_agreement else _child(args, ["--agreement", *map(str, args.group_sizes)])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -303,8 +398,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     table = markdown(points, agreement)
     (args.out / "accuquant_memory.md").write_text(table)
     print(table)
-    print(f"[bench] {len(points)} points in {time.perf_counter() - t0:.0f}s on {platform.node()}; "
-          f"wrote {args.out}/accuquant_memory.{{json,md}}")
+    print(
+        f"[bench] {len(points)} points in {time.perf_counter() - t0:.0f}s on {platform.node()}; "
+        f"wrote {args.out}/accuquant_memory.{{json,md}}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def main(cfg: DictConfig) -> dict:
         cfg.pop("bench", None)
     run = typed_run_config(cfg)
     device = resolve_device(run.device)
-    ctx = RunContext(run_dir=Path(run.paths.output_dir), cache_dir=Path(run.paths.cache_dir),
-                     device=device, seed=run.seed)
+    ctx = RunContext(
+        run_dir=Path(run.paths.output_dir), cache_dir=Path(run.paths.cache_dir), device=device, seed=run.seed
+    )
     fp = build_model(run.model, device)
     quant = quantize(build_model(run.model, device), run.quant, run.method, ctx).model
     time_sampling(quant, min(n, 8), cfg.seed)  # warm-up both paths
@@ -55,11 +56,24 @@ def main(cfg: DictConfig) -> dict:
     for _ in range(repeats):
         fp_s.append(time_sampling(fp, n, cfg.seed))
         q_s.append(time_sampling(quant, n, cfg.seed))
-    result = {"model": cfg.model.name, "quant": cfg.quant.name, "method": cfg.method.name,
-              "samples": n, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
-              "fp_s": round(statistics.median(fp_s), 3), "quant_s": round(statistics.median(q_s), 3),
-              "ratio": round(statistics.median(q_s) / statistics.median(fp_s), 3)}
-    out = Path(cfg.paths.root_dir) / "outputs" / "bench" / f"sampling_speed_{cfg.model.name}_{cfg.quant.name}_{cfg.method.name}.json"
+    result = {
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "method": cfg.method.name,
+        "samples": n,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "fp_s": round(statistics.median(fp_s), 3),
+        "quant_s": round(statistics.median(q_s), 3),
+        "ratio": round(statistics.median(q_s) / statistics.median(fp_s), 3),
+    }
+    out = (
+        Path(cfg.paths.root_dir)
+        / "outputs"
+        / "bench"
+        / f"sampling_speed_{cfg.model.name}_{cfg.quant.name}_{cfg.method.name}.json"
+    )
     atomic_write_json(out, result)
     print(result, flush=True)
     return result

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -70,8 +71,7 @@ def denoiser_fingerprint(denoiser: nn.Module) -> str:
             if "quantizer." in name or ".adaround." in name:
                 continue
             d = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.6e}:{d.abs().sum().item():.6e};"
-                     .encode())
+            h.update(f"{name}:{tuple(p.shape)}:{d.sum().item():.6e}:{d.abs().sum().item():.6e};".encode())
     return h.hexdigest()[:16]
 
 
@@ -87,15 +87,22 @@ def numerics_identity(device: torch.device | str) -> dict[str, Any]:
 def model_identity(model: Any) -> dict[str, Any]:
     """What identifies the FP model, its sampler and the numerics, for cache keys (JSON-able)."""
     sched_cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
-    return {"name": model.name, "family": model.family, "latent_shape": list(model.latent_shape),
-            "meta": model.meta, "weights": denoiser_fingerprint(model.denoiser),
-            "scheduler": {"class": type(model.scheduler).__name__, **sched_cfg},
-            "sampler": asdict(model.sampler), "timesteps": [int(t) for t in model.timesteps],
-            "numerics": numerics_identity(model.device)}
+    return {
+        "name": model.name,
+        "family": model.family,
+        "latent_shape": list(model.latent_shape),
+        "meta": model.meta,
+        "weights": denoiser_fingerprint(model.denoiser),
+        "scheduler": {"class": type(model.scheduler).__name__, **sched_cfg},
+        "sampler": asdict(model.sampler),
+        "timesteps": [int(t) for t in model.timesteps],
+        "numerics": numerics_identity(model.device),
+    }
 
 
-def calib_cache_key(model: Any, settings: CalibSettings,
-                    identity: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def calib_cache_key(
+    model: Any, settings: CalibSettings, identity: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
     s = asdict(settings)
     s.pop("batch_size")  # does not change the rows (per-sample seeding)
     s.pop("shard_rows")
@@ -119,16 +126,20 @@ class _Recorder:
         if self.step is None or self.step % self.stride:
             return
         if args:
-            raise RuntimeError("calibration recording expects the denoiser to be called with "
-                               "keyword arguments (DiffusionModel.denoiser_kwargs)")
+            raise RuntimeError(
+                "calibration recording expects the denoiser to be called with "
+                "keyword arguments (DiffusionModel.denoiser_kwargs)"
+            )
         n = self.spec.batch_size(kwargs)
         row: dict[str, Tensor] = {}
         for k, v in kwargs.items():
             if v is None:
                 continue
             if not isinstance(v, Tensor):
-                raise RuntimeError(f"denoiser argument {k!r} is a {type(v).__name__}, not a "
-                                   "tensor: a calibration row can only hold per-row tensors")
+                raise RuntimeError(
+                    f"denoiser argument {k!r} is a {type(v).__name__}, not a "
+                    "tensor: a calibration row can only hold per-row tensors"
+                )
             if v.dim() == 0 or v.shape[0] != n:
                 raise RuntimeError(f"denoiser argument {k!r} has no batch dimension of {n}")
             row[k] = v.detach().to("cpu").clone()
@@ -140,8 +151,9 @@ def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
-                        identity: Optional[dict[str, Any]] = None) -> "CalibStream":
+def collect_calibration(
+    model: Any, settings: Any, cache_dir: Path | str, *, identity: Optional[dict[str, Any]] = None
+) -> CalibStream:
     """Gather (or reuse) the calibration set of ``model`` and return a stream over it.
 
     The FP path is used even if ``model.denoiser`` is already quantized (quantization is switched
@@ -151,8 +163,13 @@ def collect_calibration(model: Any, settings: Any, cache_dir: Path | str, *,
     entry = CacheEntry(cache_dir, "calib", calib_cache_key(model, s, identity))
     with entry.lock():
         if not entry.done():
-            log.info("collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
-                     s.n_samples, s.step_stride, len(model.timesteps), entry.path)
+            log.info(
+                "collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
+                s.n_samples,
+                s.step_stride,
+                len(model.timesteps),
+                entry.path,
+            )
             with entry.writing() as tmp:
                 _write_shards(model, s, tmp)
     return CalibStream(entry.path)
@@ -188,9 +205,13 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
             flush()
     finally:
         handle.remove()
-    index = {"rows": sum(sh["rows"] for sh in shards), "shards": shards, "keys": keys,
-             "steps": list(range(0, len(model.timesteps), s.step_stride)),
-             "guided": bool(model.guided)}
+    index = {
+        "rows": sum(sh["rows"] for sh in shards),
+        "shards": shards,
+        "keys": keys,
+        "steps": list(range(0, len(model.timesteps), s.step_stride)),
+        "guided": bool(model.guided),
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -219,9 +240,14 @@ class CalibStream:
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(self.n_rows, generator=g)[:n].sort().values
 
-    def batches(self, batch_size: int, rows: Optional[Tensor] = None, *,
-                device: torch.device | str = "cpu", with_step: bool = False
-                ) -> Iterator[dict[str, Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        rows: Optional[Tensor] = None,
+        *,
+        device: torch.device | str = "cpu",
+        with_step: bool = False,
+    ) -> Iterator[dict[str, Tensor]]:
         wanted = None if rows is None else torch.as_tensor(rows).sort().values
         rest: Optional[dict[str, Tensor]] = None
         offset = 0
@@ -239,8 +265,9 @@ class CalibStream:
                 data = _cat([rest, data])
             n, start = int(data[STEP_KEY].shape[0]), 0
             while n - start >= batch_size:
-                yield self._out({k: v[start:start + batch_size] for k, v in data.items()},
-                                device, with_step)
+                yield self._out(
+                    {k: v[start : start + batch_size] for k, v in data.items()}, device, with_step
+                )
                 start += batch_size
             rest = {k: v[start:] for k, v in data.items()} if start < n else None
         if rest is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def minmax_patterns(denoiser: nn.Module, spec: "DenoiserSpec", quant_cfg: Any) -> list[str]:
+def minmax_patterns(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any) -> list[str]:
     """The quantizer-name patterns that always get ``minmax`` ranges under ``quant_cfg``: the
     input quantizers of the layers of its ``minmax_act_roles``, and its ``minmax_act_layers``."""
     layers = spec.layers(denoiser, *quant_cfg.minmax_act_roles)
@@ -29,9 +30,15 @@ def minmax_patterns(denoiser: nn.Module, spec: "DenoiserSpec", quant_cfg: Any) -
 
 
 @contextmanager
-def observing_act_ranges(denoiser: nn.Module, method: str = "minmax", *, p: float = 2.4,
-                         n_candidates: int = 80, seed: int = 0, minmax_layers: Sequence[str] = ()
-                         ) -> Iterator[list[tuple[str, ActQuantizer]]]:
+def observing_act_ranges(
+    denoiser: nn.Module,
+    method: str = "minmax",
+    *,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    seed: int = 0,
+    minmax_layers: Sequence[str] = (),
+) -> Iterator[list[tuple[str, ActQuantizer]]]:
     """Every activation quantizer of ``denoiser`` observes its inputs while the block runs and sets
     its Δ, z from them when the block ends (``method`` ``minmax`` or ``lp``, see
     :class:`~diffquant.quant.quantizers.ActQuantizer`); quantizers whose name matches a regular
@@ -57,11 +64,19 @@ def observing_act_ranges(denoiser: nn.Module, method: str = "minmax", *, p: floa
 
 
 @torch.no_grad()
-def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: str = "lp",
-                         n_rows: Optional[int] = 256, batch_size: int = 64, p: float = 2.4,
-                         n_candidates: int = 80, seed: int = 0,
-                         device: Optional[torch.device] = None,
-                         minmax_layers: Sequence[str] = ()) -> int:
+def calibrate_act_ranges(
+    denoiser: nn.Module,
+    stream: CalibStream,
+    *,
+    method: str = "lp",
+    n_rows: Optional[int] = 256,
+    batch_size: int = 64,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    seed: int = 0,
+    device: Optional[torch.device] = None,
+    minmax_layers: Sequence[str] = (),
+) -> int:
     """Set Δ, z of every activation quantizer of ``denoiser`` from ``n_rows`` calibration rows
     (a fixed random subset spread over all recorded steps; None = all rows).
 
@@ -72,13 +87,17 @@ def calibrate_act_ranges(denoiser: nn.Module, stream: CalibStream, *, method: st
     observing. Returns the number of quantizers calibrated.
     """
     device = device or next(denoiser.parameters()).device
-    with observing_act_ranges(denoiser, method, p=p, n_candidates=n_candidates, seed=seed,
-                              minmax_layers=minmax_layers) as quantizers:
+    with observing_act_ranges(
+        denoiser, method, p=p, n_candidates=n_candidates, seed=seed, minmax_layers=minmax_layers
+    ) as quantizers:
         with quant_state(denoiser, weights=False):
             for batch in stream.batches(batch_size, stream.subset(n_rows, seed), device=device):
                 denoiser(**batch)
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
-        log.warning("activation quantizers never called during calibration (left uncalibrated, "
-                    "they will fail if used): %s", ", ".join(unused[:8]))
+        log.warning(
+            "activation quantizers never called during calibration (left uncalibrated, "
+            "they will fail if used): %s",
+            ", ".join(unused[:8]),
+        )
     return len(quantizers) - len(unused)

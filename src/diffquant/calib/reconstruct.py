@@ -38,9 +38,10 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -101,8 +102,17 @@ class ReconSettings:
 
     def __post_init__(self) -> None:
         positive(self, "weight_iters", "act_iters", allow_zero=True)
-        positive(self, "batch_size", "weight_lr", "act_lr", "weight_p", "act_p",
-                 "capture_batch_size", "max_rows", "memory_mb")
+        positive(
+            self,
+            "batch_size",
+            "weight_lr",
+            "act_lr",
+            "weight_p",
+            "act_p",
+            "capture_batch_size",
+            "max_rows",
+            "memory_mb",
+        )
         if not 0.0 <= self.warmup < 1.0:
             raise InvalidSetting("warmup", "is not a fraction of the weight iterations: use [0, 1)")
 
@@ -138,11 +148,15 @@ def find_units(denoiser: nn.Module, spec: Any, example: dict[str, Tensor]) -> li
     order: dict[str, int] = {}
     handles = []
     for u in candidates:
+
         def hook(mod, args, name=u.name):
             if name in order:
-                raise RuntimeError(f"reconstruction unit {name} runs twice in one denoiser call; "
-                                   "block reconstruction needs each unit to run once")
+                raise RuntimeError(
+                    f"reconstruction unit {name} runs twice in one denoiser call; "
+                    "block reconstruction needs each unit to run once"
+                )
             order[name] = len(order)
+
         handles.append(u.module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), quant_state(denoiser, weights=False, acts=False):
@@ -152,8 +166,7 @@ def find_units(denoiser: nn.Module, spec: Any, example: dict[str, Tensor]) -> li
             h.remove()
     skipped = [u.name for u in candidates if u.name not in order]
     if skipped:
-        log.warning("quantized modules never called by the denoiser (not reconstructed): %s",
-                    skipped)
+        log.warning("quantized modules never called by the denoiser (not reconstructed): %s", skipped)
     return sorted((u for u in candidates if u.name in order), key=lambda u: order[u.name])
 
 
@@ -188,8 +201,9 @@ class CallSpec:
 
     def call(self, module: nn.Module, batch: dict[str, Tensor], prefix: str) -> Tensor:
         args = [batch[prefix + key] if kind == "row" else key for kind, key in self.arg_slots]
-        kwargs = {k: batch[prefix + key] if kind == "row" else key
-                  for k, (kind, key) in self.kw_slots.items()}
+        kwargs = {
+            k: batch[prefix + key] if kind == "row" else key for k, (kind, key) in self.kw_slots.items()
+        }
         out = module(*args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -230,8 +244,9 @@ class RowStore:
             self.memory = {k: torch.cat([b[k] for b in self.buffer]) for k in self.buffer[0]}
             self.buffer = []
 
-    def sample(self, n_iters: int, batch_size: int, generator: torch.Generator
-               ) -> Iterator[dict[str, Tensor]]:
+    def sample(
+        self, n_iters: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[dict[str, Tensor]]:
         """``n_iters`` random batches (without replacement within a batch). On disk: shards are
         visited in random order and each gives about ``rows / batch_size`` batches."""
         done = 0
@@ -266,7 +281,8 @@ def _check_finite(loss: Tensor, unit: str, stage: str) -> None:
         knob = "method.recon.weight_lr" if stage == "weight" else "method.recon.act_lr"
         raise FloatingPointError(
             f"block reconstruction of {unit} diverged in the {stage} stage (loss {loss.item()}): "
-            f"lower {knob} (or check the calibration data for NaN/inf)")
+            f"lower {knob} (or check the calibration data for NaN/inf)"
+        )
 
 
 # ---------------------------------------------------------------------------- engine
@@ -303,9 +319,16 @@ class Reconstructor:
     to interrupt a run).
     """
 
-    def __init__(self, denoiser: nn.Module, spec: Any, stream: CalibStream, settings: Any, *,
-                 progress_dir: Optional[Path] = None,
-                 on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> None:
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        spec: Any,
+        stream: CalibStream,
+        settings: Any,
+        *,
+        progress_dir: Optional[Path] = None,
+        on_unit_done: Optional[Callable[[int, UnitReport], None]] = None,
+    ) -> None:
         self.denoiser = denoiser
         self.spec = spec
         self.stream = stream
@@ -326,12 +349,15 @@ class Reconstructor:
         if prog.get("units") != unit_names:
             log.warning("ignoring reconstruction progress in %s: other units", self.progress_dir)
             return 0
-        state = torch.load(self.progress_dir / prog["state"], map_location=self.device,
-                           weights_only=True)
+        state = torch.load(self.progress_dir / prog["state"], map_location=self.device, weights_only=True)
         load_quant_state(self.denoiser, state)
         report.units = [UnitReport(**u) for u in prog["reports"]]
-        log.info("resuming block reconstruction after unit %d/%d (%s)", prog["done"],
-                 len(unit_names), unit_names[prog["done"] - 1] if prog["done"] else "-")
+        log.info(
+            "resuming block reconstruction after unit %d/%d (%s)",
+            prog["done"],
+            len(unit_names),
+            unit_names[prog["done"] - 1] if prog["done"] else "-",
+        )
         return int(prog["done"])
 
     def _save_progress(self, unit_names: list[str], done: int, report: ReconReport) -> None:
@@ -340,9 +366,15 @@ class Reconstructor:
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         state_name = f"state_{done:04d}.pt"
         atomic_torch_save(quantizer_state_dict(self.denoiser), self.progress_dir / state_name)
-        atomic_write_json(self.progress_dir / PROGRESS_FILE,
-                          {"units": unit_names, "done": done, "state": state_name,
-                           "reports": [asdict(u) for u in report.units]})
+        atomic_write_json(
+            self.progress_dir / PROGRESS_FILE,
+            {
+                "units": unit_names,
+                "done": done,
+                "state": state_name,
+                "reports": [asdict(u) for u in report.units],
+            },
+        )
         for old in self.progress_dir.glob("state_*.pt"):
             if old.name != state_name:
                 old.unlink(missing_ok=True)
@@ -361,9 +393,17 @@ class Reconstructor:
             unit_report = self._reconstruct_unit(i, unit)
             unit_report.seconds = round(time.perf_counter() - t0, 3)
             report.units.append(unit_report)
-            log.info("[%d/%d] %-40s %-11s w_loss=%s a_loss=%s (%.1fs, capture %.1fs)", i + 1,
-                     len(units), unit.name, unit.kind, _fmt(unit_report.weight_loss),
-                     _fmt(unit_report.act_loss), unit_report.seconds, unit_report.capture_s)
+            log.info(
+                "[%d/%d] %-40s %-11s w_loss=%s a_loss=%s (%.1fs, capture %.1fs)",
+                i + 1,
+                len(units),
+                unit.name,
+                unit.kind,
+                _fmt(unit_report.weight_loss),
+                _fmt(unit_report.act_loss),
+                unit_report.seconds,
+                unit_report.capture_s,
+            )
             self._save_progress(names, i + 1, report)
             if self.on_unit_done is not None:
                 self.on_unit_done(i, unit_report)
@@ -372,8 +412,7 @@ class Reconstructor:
     def _reconstruct_unit(self, index: int, unit: Unit) -> UnitReport:
         s = self.s
         rep = UnitReport(unit.name, unit.kind)
-        w_layers = [m for m in unit.module.modules()
-                    if is_quant_layer(m) and m.weight_quantizer is not None]
+        w_layers = [m for m in unit.module.modules() if is_quant_layer(m) and m.weight_quantizer is not None]
         act_qs = [q for _, q in iter_quantizers(unit.module, "act") if q.bits < SOFTMAX_FP_BITS]
         do_w, do_a = bool(w_layers) and s.weight_iters > 0, bool(act_qs) and s.act_iters > 0
         if not (do_w or do_a):
@@ -397,8 +436,7 @@ class Reconstructor:
 
     # -- capture
     @torch.no_grad()
-    def _capture(self, unit: Unit, with_weight_inputs: bool, spill_dir: Path
-                 ) -> tuple[RowStore, CallSpec]:
+    def _capture(self, unit: Unit, with_weight_inputs: bool, spill_dir: Path) -> tuple[RowStore, CallSpec]:
         store = RowStore(spill_dir, self.s.memory_mb * 2**20)
         spec: Optional[CallSpec] = None
         grabbed: dict[str, Any] = {}
@@ -415,8 +453,7 @@ class Reconstructor:
         h_pre = unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         h_post = unit.module.register_forward_hook(post_hook, with_kwargs=True)
         try:
-            for batch in self.stream.batches(self.s.capture_batch_size, self.rows,
-                                             device=self.device):
+            for batch in self.stream.batches(self.s.capture_batch_size, self.rows, device=self.device):
                 n = self.spec.batch_size(batch)
                 grabbed["stop_before"] = False
                 with quant_state(self.denoiser, weights=False, acts=False):
@@ -440,16 +477,16 @@ class Reconstructor:
         return store, spec
 
     # -- stages
-    def _weight_stage(self, unit: Unit, layers: list[nn.Module], store: RowStore,
-                      spec: CallSpec, gen: torch.Generator) -> float:
+    def _weight_stage(
+        self, unit: Unit, layers: list[nn.Module], store: RowStore, spec: CallSpec, gen: torch.Generator
+    ) -> float:
         s = self.s
         roundings: list[AdaRound] = []
         for layer in layers:
             r = layer.weight_quantizer.start_adaround(layer.weight)
             roundings.extend(r if isinstance(r, list) else [r])
         opt = torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)
-        schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start,
-                                    s.beta_end)
+        schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
         tail = _Tail(s.weight_iters)
         with quant_state(unit.module, weights=True, acts=False):
             for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
@@ -466,8 +503,9 @@ class Reconstructor:
             layer.weight_quantizer.harden()
         return tail.mean()
 
-    def _act_stage(self, unit: Unit, act_qs: list[ActQuantizer], store: RowStore,
-                   spec: CallSpec, gen: torch.Generator) -> float:
+    def _act_stage(
+        self, unit: Unit, act_qs: list[ActQuantizer], store: RowStore, spec: CallSpec, gen: torch.Generator
+    ) -> float:
         s = self.s
         params = [q.scale for q in act_qs]
         for p in params:
@@ -526,10 +564,17 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def reconstruct(denoiser: nn.Module, spec: Any, stream: CalibStream, settings: Any, *,
-                progress_dir: Optional[Path] = None,
-                on_unit_done: Optional[Callable[[int, UnitReport], None]] = None) -> ReconReport:
+def reconstruct(
+    denoiser: nn.Module,
+    spec: Any,
+    stream: CalibStream,
+    settings: Any,
+    *,
+    progress_dir: Optional[Path] = None,
+    on_unit_done: Optional[Callable[[int, UnitReport], None]] = None,
+) -> ReconReport:
     """Block-reconstruct the quantized ``denoiser`` (weights by AdaRound, then activation step sizes
     by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc."""
-    return Reconstructor(denoiser, spec, stream, settings, progress_dir=progress_dir,
-                         on_unit_done=on_unit_done).run()
+    return Reconstructor(
+        denoiser, spec, stream, settings, progress_dir=progress_dir, on_unit_done=on_unit_done
+    ).run()

@@ -14,14 +14,15 @@ it, so a resumed job does not need the images again.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffquant.eval.metrics import EvalBatch, Metric
-from diffquant.models.loading import MissingWeightsError, ZOO_DIR, is_local
+from diffquant.models.loading import ZOO_DIR, MissingWeightsError, is_local
 from diffquant.registry import EVALUATORS
 
 EMBEDDED_COMMAND = "python -m diffquant.zoo.train_sd digits_clip"
@@ -33,19 +34,26 @@ def resolve_clip_location(spec: str) -> str:
 
 
 def missing_clip_message(spec: str, detail: str) -> str:
-    fetch = (EMBEDDED_COMMAND if spec.startswith("zoo:") else
-             f"huggingface-cli download {spec if not is_local(spec) else 'openai/clip-vit-base-patch16'}")
-    return (f"CLIP model for clip_score not found at {spec!r} ({detail}).\n"
-            f"  Get it with: {fetch}\n"
-            "  Then point the config at it: evaluator.clip_model=<hub id in the HF cache or local folder>")
+    fetch = (
+        EMBEDDED_COMMAND
+        if spec.startswith("zoo:")
+        else f"huggingface-cli download {spec if not is_local(spec) else 'openai/clip-vit-base-patch16'}"
+    )
+    return (
+        f"CLIP model for clip_score not found at {spec!r} ({detail}).\n"
+        f"  Get it with: {fetch}\n"
+        "  Then point the config at it: evaluator.clip_model=<hub id in the HF cache or local folder>"
+    )
 
 
 def check_clip_model(eval_cfg: Any) -> None:
     """Fail before any work when ``evaluator.clip_model`` is unset or its weights are absent."""
     spec = eval_cfg.clip_model
     if not spec:
-        raise ValueError("clip_score needs a CLIP model: set evaluator.clip_model (e.g. "
-                         "openai/clip-vit-base-patch16, a local folder, or zoo:digits_clip).")
+        raise ValueError(
+            "clip_score needs a CLIP model: set evaluator.clip_model (e.g. "
+            "openai/clip-vit-base-patch16, a local folder, or zoo:digits_clip)."
+        )
     location = resolve_clip_location(spec)
     if is_local(location) or spec.startswith("zoo:"):
         if not (Path(location).expanduser() / "config.json").is_file():
@@ -98,15 +106,18 @@ class ClipScoreMetric(Metric):
         from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
         prompts = [str(label) for label in labels]
-        scores, _ = _clip_score_update(to_clip_images(images).to(self.device), prompts, self.metric.model,
-                                       self.metric.processor)
+        scores, _ = _clip_score_update(
+            to_clip_images(images).to(self.device), prompts, self.metric.model, self.metric.processor
+        )
         return scores.float().cpu()
 
     def update(self, batch: EvalBatch) -> None:
         scores = batch.per_sample.get(self.name)
         if scores is None:
-            raise ValueError("clip_score: this batch carries no per-image CLIP scores (it was generated "
-                             "before the metric was set up); delete the job's progress/ folder and rerun.")
+            raise ValueError(
+                "clip_score: this batch carries no per-image CLIP scores (it was generated "
+                "before the metric was set up); delete the job's progress/ folder and rerun."
+            )
         self.metric.score += scores.sum().to(self.metric.score)
         self.metric.n_samples += len(scores)
 

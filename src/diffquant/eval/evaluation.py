@@ -54,7 +54,9 @@ class Evaluation:
 
     def reference_features(self) -> Tensor:
         """Backbone features ``(M, d)`` of the real reference images (cached)."""
-        entry = CacheEntry(self.ctx.cache_dir, "reference", {**self.backbone_key(), "reference": self.cfg.reference})
+        entry = CacheEntry(
+            self.ctx.cache_dir, "reference", {**self.backbone_key(), "reference": self.cfg.reference}
+        )
         with entry.lock():
             if not entry.done():
                 with entry.writing() as tmp:
@@ -64,22 +66,30 @@ class Evaluation:
 
     def fp_reference_entry(self, model_key: dict[str, Any], n: int, seed: int) -> CacheEntry:
         """Where the FP model's features for ``n`` samples of ``seed`` live."""
-        return CacheEntry(self.ctx.cache_dir, "fp_samples", {**self.backbone_key(), "model": model_key,
-                                                             "n": n, "seed": seed})
+        return CacheEntry(
+            self.ctx.cache_dir,
+            "fp_samples",
+            {**self.backbone_key(), "model": model_key, "n": n, "seed": seed},
+        )
 
     def set_fp_features(self, features: Tensor) -> None:
         self._fp_features = features
 
     def fp_features(self) -> Tensor:
         if self._fp_features is None:
-            raise RuntimeError("fid_to_fp needs the FP model's features: the app computes them "
-                               "before quantizing (Evaluation.set_fp_features).")
+            raise RuntimeError(
+                "fid_to_fp needs the FP model's features: the app computes them "
+                "before quantizing (Evaluation.set_fp_features)."
+            )
         return self._fp_features
 
     def per_sample(self, images: Tensor, labels: list[Any]) -> dict[str, Tensor]:
         """Per-image values ``{metric: (N,)}`` of the started metrics that need the images themselves."""
-        return {name: metric.per_sample(images, labels) for name, metric in self.metrics.items()
-                if hasattr(metric, "per_sample")}
+        return {
+            name: metric.per_sample(images, labels)
+            for name, metric in self.metrics.items()
+            if hasattr(metric, "per_sample")
+        }
 
     # ------------------------------------------------------------ metrics
     def start(self) -> None:

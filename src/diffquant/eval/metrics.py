@@ -91,8 +91,10 @@ class InceptionScoreMetric(Metric):
 
     def update(self, batch: EvalBatch) -> None:
         if batch.logits is None:
-            raise ValueError("inception_score needs a backbone with logits; this one gives only "
-                             "features: drop it from evaluator.metrics or change evaluator.backbone.")
+            raise ValueError(
+                "inception_score needs a backbone with logits; this one gives only "
+                "features: drop it from evaluator.metrics or change evaluator.backbone."
+            )
         self.metric.update(batch.logits.double())
         self.seen += len(batch.logits)
 

@@ -9,8 +9,9 @@ replays them and samples only what is missing. Sample ``i`` is identical whateve
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -24,8 +25,17 @@ def batch_ranges(n: int, batch_size: int, start: int = 0) -> list[range]:
     return [range(start + b, start + min(b + batch_size, n)) for b in range(0, n, batch_size)]
 
 
-def generate(model, evaluation, n: int, seed: int, batch_size: int, progress_dir: Optional[Path],
-             keep_images: int = 64, desc: str = "sampling", start: int = 0) -> Iterator[tuple[EvalBatch, float]]:
+def generate(
+    model,
+    evaluation,
+    n: int,
+    seed: int,
+    batch_size: int,
+    progress_dir: Optional[Path],
+    keep_images: int = 64,
+    desc: str = "sampling",
+    start: int = 0,
+) -> Iterator[tuple[EvalBatch, float]]:
     """Yield ``(batch, seconds)`` for samples ``start .. start + n`` of ``seed``.
 
     ``seconds`` is the wall time of sampling (not of the backbone) recorded when the batch was
@@ -46,10 +56,18 @@ def generate(model, evaluation, n: int, seed: int, batch_size: int, progress_dir
             seconds = time.perf_counter() - t0
             out = evaluation.features(images)
             kept = images[: max(0, keep_images - (idx.start - start))]
-            rec = {"features": out["features"], "logits": out["logits"], "labels": labels,
-                   "seconds": seconds, "images": (kept.cpu() * 255).round().to(torch.uint8),
-                   "per_sample": evaluation.per_sample(images, labels)}
+            rec = {
+                "features": out["features"],
+                "logits": out["logits"],
+                "labels": labels,
+                "seconds": seconds,
+                "images": (kept.cpu() * 255).round().to(torch.uint8),
+                "per_sample": evaluation.per_sample(images, labels),
+            }
             if path is not None:
                 atomic_torch_save(rec, path)
         images = rec["images"].float() / 255 if rec["images"] is not None and len(rec["images"]) else None
-        yield EvalBatch(images, rec["labels"], rec["features"], rec["logits"], rec.get("per_sample", {})), rec["seconds"]
+        yield (
+            EvalBatch(images, rec["labels"], rec["features"], rec["logits"], rec.get("per_sample", {})),
+            rec["seconds"],
+        )

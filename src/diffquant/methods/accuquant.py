@@ -74,9 +74,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -84,9 +85,19 @@ from torch import Tensor, nn
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.progress import Checkpointer, load_file, save_file, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.methods.trajectory import (GRAD_MODES, LOSSES, Trajectories, check_scheduler,
-                                          fp_trajectories, group_backward, group_length,
-                                          group_starts, loss_fn, rollout, scheduler_at)
+from diffquant.methods.trajectory import (
+    GRAD_MODES,
+    LOSSES,
+    Trajectories,
+    check_scheduler,
+    fp_trajectories,
+    group_backward,
+    group_length,
+    group_starts,
+    loss_fn,
+    rollout,
+    scheduler_at,
+)
 from diffquant.models.base import Conditioning
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import quantizer_state_dict
@@ -94,7 +105,6 @@ from diffquant.quant.config import QuantConfig
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
 from diffquant.quant.state import quant_parameters
-
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, one_of, positive
 
@@ -230,16 +240,21 @@ def weight_leaves(denoiser: nn.Module) -> list[tuple[WeightQuantizer, Tensor]]:
         if not is_quant_layer(m) or m.weight_quantizer is None:
             continue
         wq = m.weight_quantizer
-        leaves += ([(wq, m.weight)] if isinstance(wq, WeightQuantizer) else
-                   [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split:])])
+        leaves += (
+            [(wq, m.weight)]
+            if isinstance(wq, WeightQuantizer)
+            else [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split :])]
+        )
     return leaves
 
 
 def rounding_choices(denoiser: nn.Module) -> list[Tensor]:
     """The current rounding of every leaf weight quantizer (bool masks, round up where True;
     a ``soft`` one's α ≥ 0)."""
-    return [leaf.adaround.hard_mask() if leaf.adaround is not None else
-            _round_up_choice(leaf, weight) for leaf, weight in weight_leaves(denoiser)]
+    return [
+        leaf.adaround.hard_mask() if leaf.adaround is not None else _round_up_choice(leaf, weight)
+        for leaf, weight in weight_leaves(denoiser)
+    ]
 
 
 class HardForwardRounding(AdaRound):
@@ -252,8 +267,7 @@ class HardForwardRounding(AdaRound):
         return self.hard_mask().to(h.dtype) + h - h.detach()
 
 
-def start_soft_rounding(denoiser: nn.Module, margin: float,
-                        forward: str = "soft") -> list[AdaRound]:
+def start_soft_rounding(denoiser: nn.Module, margin: float, forward: str = "soft") -> list[AdaRound]:
     """Put every weight quantizer into AdaRound (``soft``) mode, started from its current rounding
     (α = ±``margin``: the hard choice of every weight stays the PTQ's until its α changes sign);
     ``forward="hard"``: the network sees the hard choices (:class:`HardForwardRounding`).
@@ -300,11 +314,16 @@ class LearnedParameters:
 
     def __init__(self, denoiser: nn.Module, cfg: AccuQuantConfig) -> None:
         self.denoiser = denoiser
-        self.roundings = (start_soft_rounding(denoiser, cfg.round_init, cfg.round_forward)
-                          if "weight_round" in cfg.learn else [])
+        self.roundings = (
+            start_soft_rounding(denoiser, cfg.round_init, cfg.round_forward)
+            if "weight_round" in cfg.learn
+            else []
+        )
         self.by_kind: dict[str, list[nn.Parameter]] = {}
         for kind in cfg.learn:
-            found = quant_parameters(denoiser, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None)
+            found = quant_parameters(
+                denoiser, kind, max_bits=cfg.max_act_bits if kind == "act_scale" else None
+            )
             self.by_kind[kind] = list(found.values())
         self.lrs = {"act_scale": cfg.act_lr, "weight_round": cfg.round_lr, "bias": cfg.bias_lr}
         self._was = {p: p.requires_grad for ps in self.by_kind.values() for p in ps}
@@ -394,45 +413,80 @@ class TrajectoryCalibration:
         ``(N, C, h, w)`` with the FP trajectories' history before it."""
         if isinstance(x_start, Trajectories):
             return x_start
-        return Trajectories(torch.cat([traj.states[:start], x_start[None]]), traj.cond,
-                            traj.indices, traj.seed, traj.outputs[:start])
+        return Trajectories(
+            torch.cat([traj.states[:start], x_start[None]]),
+            traj.cond,
+            traj.indices,
+            traj.seed,
+            traj.outputs[:start],
+        )
 
     def _chunks(self, n: int) -> list[list[int]]:
         size = self.cfg.eval_batch_size
         return [list(range(lo, min(n, lo + size))) for lo in range(0, n, size)]
 
     @torch.no_grad()
-    def group_loss_all(self, traj: Trajectories, x_start: Tensor | Trajectories, start: int,
-                       length: int) -> float:
+    def group_loss_all(
+        self, traj: Trajectories, x_start: Tensor | Trajectories, start: int, length: int
+    ) -> float:
         """The group loss over all trajectories (mean of per-chunk losses weighted by rows),
         from ``x_start`` (see :meth:`chain_from`)."""
         chain, total, n = self.chain_from(traj, x_start, start), 0.0, len(traj)
         for rows in self._chunks(n):
             part = traj.rows(rows)
-            out = rollout(self.model, chain.states[start, rows], start, length, part.cond,
-                          part.indices, part.seed, scheduler_at(self.model, chain, start, rows))
+            out = rollout(
+                self.model,
+                chain.states[start, rows],
+                start,
+                length,
+                part.cond,
+                part.indices,
+                part.seed,
+                scheduler_at(self.model, chain, start, rows),
+            )
             total += float(self.loss(out, traj.states[start + length, rows])) * len(rows)
         return total / n
 
     @torch.no_grad()
-    def advance(self, traj: Trajectories, chain: Trajectories, start: int,
-                length: int) -> Trajectories:
+    def advance(self, traj: Trajectories, chain: Trajectories, start: int, length: int) -> Trajectories:
         """``chain`` (the quantized model's own, up to ``start``) continued by the current model
         over the group's steps (all trajectories), model outputs included."""
         states, outputs = [], []
         for rows in self._chunks(len(traj)):
             part, xs, outs = traj.rows(rows), [], []
-            rollout(self.model, chain.states[start, rows], start, length, part.cond, part.indices,
-                    part.seed, scheduler_at(self.model, chain, start, rows), outs, xs)
+            rollout(
+                self.model,
+                chain.states[start, rows],
+                start,
+                length,
+                part.cond,
+                part.indices,
+                part.seed,
+                scheduler_at(self.model, chain, start, rows),
+                outs,
+                xs,
+            )
             states.append(torch.stack(xs))
             outputs.append(torch.stack(outs))
-        return Trajectories(torch.cat([chain.states[:start + 1], torch.cat(states, 1)]),
-                            traj.cond, traj.indices, traj.seed,
-                            torch.cat([chain.outputs[:start], torch.cat(outputs, 1)]))
+        return Trajectories(
+            torch.cat([chain.states[: start + 1], torch.cat(states, 1)]),
+            traj.cond,
+            traj.indices,
+            traj.seed,
+            torch.cat([chain.outputs[:start], torch.cat(outputs, 1)]),
+        )
 
-    def _optimizer_step(self, opt: torch.optim.Optimizer, learned: LearnedParameters,
-                        traj: Trajectories, chain: Trajectories, start: int, length: int,
-                        generator: torch.Generator, schedule: Optional[RoundingSchedule]) -> float:
+    def _optimizer_step(
+        self,
+        opt: torch.optim.Optimizer,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        chain: Trajectories,
+        start: int,
+        length: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule],
+    ) -> float:
         """One optimiser step on a random mini-batch of one group, rolled out from ``chain``'s
         state (and scheduler state) at ``start``; returns its group loss."""
         cfg = self.cfg
@@ -440,13 +494,24 @@ class TrajectoryCalibration:
         part = traj.rows(rows)
         opt.zero_grad(set_to_none=True)
         r = rows.to(chain.states.device)
-        value = group_backward(self.model, cfg.grad_mode, chain.states[start, r], start, length,
-                               traj.states[start + length, r], part.cond, part.indices,
-                               part.seed, self.loss,
-                               scheduler=scheduler_at(self.model, chain, start, rows))
+        value = group_backward(
+            self.model,
+            cfg.grad_mode,
+            chain.states[start, r],
+            start,
+            length,
+            traj.states[start + length, r],
+            part.cond,
+            part.indices,
+            part.seed,
+            self.loss,
+            scheduler=scheduler_at(self.model, chain, start, rows),
+        )
         if not math.isfinite(value):
-            raise FloatingPointError(f"accuquant: group loss is {value} at steps {start}.."
-                                     f"{start + length - 1}: lower method.act_lr / round_lr")
+            raise FloatingPointError(
+                f"accuquant: group loss is {value} at steps {start}.."
+                f"{start + length - 1}: lower method.act_lr / round_lr"
+            )
         if learned.roundings and schedule is not None:
             reg = schedule.loss(self._iter, learned.roundings)
             if reg.requires_grad:
@@ -458,10 +523,16 @@ class TrajectoryCalibration:
         self._iter += 1
         return value
 
-    def calibrate_group(self, learned: LearnedParameters, traj: Trajectories,
-                        x_start: Tensor | Trajectories, start: int, length: int,
-                        generator: torch.Generator,
-                        schedule: Optional[RoundingSchedule] = None) -> list[float]:
+    def calibrate_group(
+        self,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        x_start: Tensor | Trajectories,
+        start: int,
+        length: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule] = None,
+    ) -> list[float]:
         """``iters_per_group`` optimiser steps on one group (a fresh Adam); returns the losses.
 
         ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory (with the FP
@@ -469,22 +540,44 @@ class TrajectoryCalibration:
         """
         opt, sched = self._optimizer(learned, self.cfg.iters_per_group)
         losses: list[list[float]] = [[]]
-        self._train(opt, sched, learned, traj, [(start, length)],
-                    [self.chain_from(traj, x_start, start)], losses, 0, generator, schedule)
+        self._train(
+            opt,
+            sched,
+            learned,
+            traj,
+            [(start, length)],
+            [self.chain_from(traj, x_start, start)],
+            losses,
+            0,
+            generator,
+            schedule,
+        )
         return losses[0]
 
     def _optimizer(self, learned: LearnedParameters, total: int):
         """A fresh Adam over the learned tensors and its LR schedule over ``total`` steps."""
         opt = learned.optimizer()
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
-                 if self.cfg.lr_schedule == "cosine" else None)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
+            if self.cfg.lr_schedule == "cosine"
+            else None
+        )
         return opt, sched
 
-    def _train(self, opt: torch.optim.Optimizer, sched: Any, learned: LearnedParameters,
-               traj: Trajectories, groups: list[tuple[int, int]], chains: list[Trajectories],
-               losses: list[list[float]], done: int, generator: torch.Generator,
-               schedule: Optional[RoundingSchedule],
-               save: Optional[Any] = None) -> None:
+    def _train(
+        self,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        learned: LearnedParameters,
+        traj: Trajectories,
+        groups: list[tuple[int, int]],
+        chains: list[Trajectories],
+        losses: list[list[float]],
+        done: int,
+        generator: torch.Generator,
+        schedule: Optional[RoundingSchedule],
+        save: Optional[Any] = None,
+    ) -> None:
         """Optimiser steps ``done .. iters_per_group · len(groups) - 1``; step ``j`` trains group
         ``j mod len(groups)`` (from ``chains[k]`` at its start) and appends its loss to
         ``losses``. ``save(j)`` is called after step ``j - 1`` where a mid-phase progress save is
@@ -493,8 +586,9 @@ class TrajectoryCalibration:
         for j in range(done, total):
             k = j % len(groups)
             (start, length), chain = groups[k], chains[k]
-            losses[k].append(self._optimizer_step(opt, learned, traj, chain, start, length,
-                                                  generator, schedule))
+            losses[k].append(
+                self._optimizer_step(opt, learned, traj, chain, start, length, generator, schedule)
+            )
             if sched is not None:
                 sched.step()
             if save is not None and j + 1 < total:
@@ -510,8 +604,9 @@ class TrajectoryCalibration:
             return [(e, [g]) for e in range(self.cfg.epochs) for g in range(n)]
         return [(e, list(range(n))) for e in range(self.cfg.epochs)]
 
-    def run(self, traj: Trajectories, progress: Any = None,
-            resume: Optional[dict[str, Any]] = None) -> list[GroupReport]:
+    def run(
+        self, traj: Trajectories, progress: Any = None, resume: Optional[dict[str, Any]] = None
+    ) -> list[GroupReport]:
         """Calibrate all groups (``epochs`` passes in sampler order); returns the group reports.
 
         ``progress`` (a :class:`~diffquant.methods.progress.Checkpointer`) saves the run's state
@@ -522,16 +617,23 @@ class TrajectoryCalibration:
         cfg = self.cfg
         learned = LearnedParameters(self.model.denoiser, cfg)
         n_groups, phases = len(self._groups(traj)), self.phases(traj)
-        log.info("accuquant: %d groups of %d steps, %s gradient, %s, learning %s", n_groups,
-                 cfg.group_size, cfg.grad_mode, cfg.order, learned.counts())
+        log.info(
+            "accuquant: %d groups of %d steps, %s gradient, %s, learning %s",
+            n_groups,
+            cfg.group_size,
+            cfg.grad_mode,
+            cfg.order,
+            learned.counts(),
+        )
         schedule = None
         if learned.roundings and cfg.round_forward == "soft":
             total = cfg.epochs * n_groups * cfg.iters_per_group
-            schedule = RoundingSchedule(total, cfg.round_reg, cfg.round_warmup,
-                                        cfg.round_beta_start, cfg.round_beta_end)
+            schedule = RoundingSchedule(
+                total, cfg.round_reg, cfg.round_warmup, cfg.round_beta_start, cfg.round_beta_end
+            )
         generator = torch.Generator().manual_seed(cfg.seed)
         run = _RunState(self, learned, generator, traj)
-        first, in_phase = (run.load(resume) if resume is not None else (0, None))
+        first, in_phase = run.load(resume) if resume is not None else (0, None)
         try:
             for p in range(first, len(phases)):
                 self._phase(p, phases[p], run, schedule, progress, in_phase)
@@ -547,8 +649,10 @@ class TrajectoryCalibration:
         return [self.group_loss_all(traj, traj, s, n) for s, n in self._groups(traj)]
 
     def _groups(self, traj: Trajectories) -> list[tuple[int, int]]:
-        return [(s, group_length(s, traj.n_steps, self.cfg.group_size))
-                for s in group_starts(traj.n_steps, self.cfg.group_size)]
+        return [
+            (s, group_length(s, traj.n_steps, self.cfg.group_size))
+            for s in group_starts(traj.n_steps, self.cfg.group_size)
+        ]
 
     def _start_chains(self, traj: Trajectories) -> list[Trajectories]:
         """The chain each group starts from (at its first step): the FP trajectories, or
@@ -566,9 +670,15 @@ class TrajectoryCalibration:
         """A chain at step 0: x_T, no history."""
         return Trajectories(traj.states[:1], traj.cond, traj.indices, traj.seed, traj.outputs[:0])
 
-    def _phase(self, index: int, phase: tuple[int, list[int]], run: "_RunState",
-               schedule: Optional[RoundingSchedule], progress: Any,
-               resume: Optional[dict[str, Any]]) -> None:
+    def _phase(
+        self,
+        index: int,
+        phase: tuple[int, list[int]],
+        run: _RunState,
+        schedule: Optional[RoundingSchedule],
+        progress: Any,
+        resume: Optional[dict[str, Any]],
+    ) -> None:
         """One phase (see :meth:`phases`): ``iters_per_group`` optimiser steps per group, then
         keep the update only if it lowered the loss (summed over the phase's groups) on all
         trajectories (``revert_if_worse``), and report every group."""
@@ -595,10 +705,13 @@ class TrajectoryCalibration:
             losses: list[list[float]] = [[] for _ in groups]
             done = 0
         else:
-            chains = ([run.chain(resume["chain"])] * len(groups) if quant_start
-                      else [traj] * len(groups))
-            before, saved, losses, done = (resume["before"], resume["saved"], resume["losses"],
-                                           resume["done"])
+            chains = [run.chain(resume["chain"])] * len(groups) if quant_start else [traj] * len(groups)
+            before, saved, losses, done = (
+                resume["before"],
+                resume["saved"],
+                resume["losses"],
+                resume["done"],
+            )
             opt.load_state_dict(resume["optimizer"])
             if sched is not None:
                 sched.load_state_dict(resume["scheduler"])
@@ -608,16 +721,24 @@ class TrajectoryCalibration:
         def save(j: int) -> None:
             if progress is None or not progress.due(self._iter):
                 return
-            progress.save(run.state(index, {
-                "chain": _chain_state(chains[0]) if quant_start else None,
-                "before": before, "saved": saved, "losses": losses, "done": j,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "seconds": time.perf_counter() - t0}),
-                f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}")
+            progress.save(
+                run.state(
+                    index,
+                    {
+                        "chain": _chain_state(chains[0]) if quant_start else None,
+                        "before": before,
+                        "saved": saved,
+                        "losses": losses,
+                        "done": j,
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
+                        "seconds": time.perf_counter() - t0,
+                    },
+                ),
+                f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}",
+            )
 
-        self._train(opt, sched, learned, traj, groups, chains, losses, done, run.generator,
-                    schedule, save)
+        self._train(opt, sched, learned, traj, groups, chains, losses, done, run.generator, schedule, save)
         with learned.hardened():  # judged as it will be kept: learned roundings hard
             after = [self.group_loss_all(traj, c, s, n) for c, (s, n) in zip(chains, groups)]
         reverted = saved is not None and sum(after) > sum(before)
@@ -631,17 +752,43 @@ class TrajectoryCalibration:
         for (start, length), b, a, ls in zip(groups, before, after, losses):
             self._report(epoch, start, length, b, a, ls, reverted, seconds)
         if progress is not None:
-            progress.save(run.state(index + 1, None),
-                          f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done")
+            progress.save(
+                run.state(index + 1, None), f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done"
+            )
 
-    def _report(self, epoch: int, start: int, length: int, before: float, after: float,
-                losses: list[float], reverted: bool, seconds: float) -> None:
+    def _report(
+        self,
+        epoch: int,
+        start: int,
+        length: int,
+        before: float,
+        after: float,
+        losses: list[float],
+        reverted: bool,
+        seconds: float,
+    ) -> None:
         tail = losses[-10:]
-        report = GroupReport(epoch, start, length, before, after,
-                             sum(tail) / len(tail) if tail else float("nan"), reverted, seconds)
+        report = GroupReport(
+            epoch,
+            start,
+            length,
+            before,
+            after,
+            sum(tail) / len(tail) if tail else float("nan"),
+            reverted,
+            seconds,
+        )
         self.reports.append(report)
-        log.info("accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)", epoch, start,
-                 start + length - 1, before, after, " (reverted)" if reverted else "", seconds)
+        log.info(
+            "accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)",
+            epoch,
+            start,
+            start + length - 1,
+            before,
+            after,
+            " (reverted)" if reverted else "",
+            seconds,
+        )
 
 
 @dataclass
@@ -660,11 +807,15 @@ class _RunState:
         """The run's state at phase ``phase`` (``in_phase``: where the phase is; None = at its
         start)."""
         cal = self.calibration
-        return {"phase": phase, "in_phase": in_phase,
-                "learned": [t.cpu() for t in self.learned.snapshot()],
-                "generator": self.generator.get_state(), "iter": cal._iter,
-                "reports": [asdict(r) for r in cal.reports],
-                "carry": _chain_state(self.carry) if self.carry is not None else None}
+        return {
+            "phase": phase,
+            "in_phase": in_phase,
+            "learned": [t.cpu() for t in self.learned.snapshot()],
+            "generator": self.generator.get_state(),
+            "iter": cal._iter,
+            "reports": [asdict(r) for r in cal.reports],
+            "carry": _chain_state(self.carry) if self.carry is not None else None,
+        }
 
     def load(self, state: dict[str, Any]) -> tuple[int, Optional[dict[str, Any]]]:
         """Restore a :meth:`state`; returns its phase and where in the phase."""
@@ -682,8 +833,9 @@ class _RunState:
     def chain(self, saved: dict[str, Tensor]) -> Trajectories:
         """A quantized chain from its saved form (:func:`_chain_state`)."""
         device, traj = self.traj.states.device, self.traj
-        return Trajectories(saved["states"].to(device), traj.cond, traj.indices, traj.seed,
-                            saved["outputs"].to(device))
+        return Trajectories(
+            saved["states"].to(device), traj.cond, traj.indices, traj.seed, saved["outputs"].to(device)
+        )
 
 
 def _chain_state(chain: Trajectories) -> dict[str, Tensor]:
@@ -706,43 +858,71 @@ def calibration_indices(model: Any, n_samples: int) -> list[int]:
     return list(range(n_samples))
 
 
-def calibration_trajectories(model: Any, cfg: AccuQuantConfig,
-                             progress: Optional[Path] = None) -> Trajectories:
+def calibration_trajectories(
+    model: Any, cfg: AccuQuantConfig, progress: Optional[Path] = None
+) -> Trajectories:
     """The FP trajectories the groups are calibrated on (samples :func:`calibration_indices`):
     sampled, or loaded from ``progress`` where a stopped job of the same settings kept them (they
     are kept there once sampled)."""
     indices = calibration_indices(model, cfg.n_samples)
-    key = {"n_samples": cfg.n_samples, "seed": cfg.seed, "batch_size": cfg.eval_batch_size,
-           "steps": [float(t) for t in model.timesteps], "indices": indices, "format": 2}
+    key = {
+        "n_samples": cfg.n_samples,
+        "seed": cfg.seed,
+        "batch_size": cfg.eval_batch_size,
+        "steps": [float(t) for t in model.timesteps],
+        "indices": indices,
+        "format": 2,
+    }
     saved = load_file(progress, TRAJECTORIES_FILE, key)
     if saved is not None:
         model.scheduler.set_timesteps(model.sampler.num_inference_steps)  # as sampling does
         to = lambda d: None if d is None else {k: v.to(model.device) for k, v in d.items()}  # noqa: E731
-        return Trajectories(saved["states"].to(model.device),
-                            Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
-                            saved["indices"], saved["seed"], saved["outputs"].to(model.device))
+        return Trajectories(
+            saved["states"].to(model.device),
+            Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
+            saved["indices"],
+            saved["seed"],
+            saved["outputs"].to(model.device),
+        )
     traj = fp_trajectories(model, indices, cfg.seed, cfg.eval_batch_size)
     cpu = lambda d: None if d is None else {k: v.cpu() for k, v in d.items()}  # noqa: E731
-    save_file(progress, TRAJECTORIES_FILE, key, {
-        "states": traj.states.cpu(), "outputs": traj.outputs.cpu(),
-        "cond": cpu(traj.cond.cond), "uncond": cpu(traj.cond.uncond),
-        "labels": traj.cond.labels, "indices": traj.indices, "seed": traj.seed})
+    save_file(
+        progress,
+        TRAJECTORIES_FILE,
+        key,
+        {
+            "states": traj.states.cpu(),
+            "outputs": traj.outputs.cpu(),
+            "cond": cpu(traj.cond.cond),
+            "uncond": cpu(traj.cond.uncond),
+            "labels": traj.cond.labels,
+            "indices": traj.indices,
+            "seed": traj.seed,
+        },
+    )
     return traj
 
 
-def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
-                           progress: Optional[Path] = None,
-                           fingerprint: Optional[dict[str, Any]] = None) -> MethodResult:
+def trajectory_calibration(
+    model: Any,
+    cfg: AccuQuantConfig,
+    ctx: Any,
+    progress: Optional[Path] = None,
+    fingerprint: Optional[dict[str, Any]] = None,
+) -> MethodResult:
     """Run the trajectory calibration on an already quantized ``model`` (the PTQ base); returns
     its metrics, per-group table and ``accuquant_groups.json``. ``progress``: a folder where it
     keeps its FP trajectories and saves its progress, resumed from there by a restarted job whose
     ``fingerprint`` (settings and PTQ base) is the same."""
     t0 = time.perf_counter()
     fingerprint = fingerprint or {"method": asdict(cfg)}
-    fingerprint = {**fingerprint, "start": tensor_digest(
-        {**quantizer_state_dict(model.denoiser), **quant_parameters(model.denoiser, "bias")})}
-    ckpt = Checkpointer(progress, fingerprint, every=cfg.progress_every,
-                        what="accuquant calibration")
+    fingerprint = {
+        **fingerprint,
+        "start": tensor_digest(
+            {**quantizer_state_dict(model.denoiser), **quant_parameters(model.denoiser, "bias")}
+        ),
+    }
+    ckpt = Checkpointer(progress, fingerprint, every=cfg.progress_every, what="accuquant calibration")
     traj = calibration_trajectories(model, cfg, progress)
 
     def on_iteration(it: int, start: int, value: float) -> None:
@@ -752,8 +932,7 @@ def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
     calibration = TrajectoryCalibration(model, cfg, on_iteration=on_iteration)
     resume = ckpt.load()
     initial = resume["initial"] if resume else calibration.all_group_losses(traj)
-    reports = calibration.run(traj, progress=ckpt.within(lambda s: {**s, "initial": initial}),
-                              resume=resume)
+    reports = calibration.run(traj, progress=ckpt.within(lambda s: {**s, "initial": initial}), resume=resume)
     if ckpt.written:
         log.info("accuquant: %s", ckpt.summary())
     final = calibration.all_group_losses(traj)
@@ -767,11 +946,22 @@ def trajectory_calibration(model: Any, cfg: AccuQuantConfig, ctx: Any,
         "accuquant_group_losses": final,
     }
     table = Table(list(asdict(reports[0])), [list(asdict(r).values()) for r in reports])
-    groups_json = json.dumps({"config": asdict(cfg), "groups": [asdict(r) for r in reports],
-                              "group_losses_init": initial, "group_losses_final": final,
-                              "seconds": seconds}, indent=2) + "\n"
-    return MethodResult(model, None, metrics, {"accuquant_groups": table},
-                        {"accuquant_groups.json": groups_json})
+    groups_json = (
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "groups": [asdict(r) for r in reports],
+                "group_losses_init": initial,
+                "group_losses_final": final,
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return MethodResult(
+        model, None, metrics, {"accuquant_groups": table}, {"accuquant_groups.json": groups_json}
+    )
 
 
 @METHODS.register("accuquant", schema=AccuQuantConfig)
@@ -785,12 +975,15 @@ class AccuQuant(Method):
         """The biases of the quantized layers (``learn: [bias]`` trains them)."""
         return quant_parameters(model.denoiser, "bias")
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         check_scheduler(model)
         base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
-        settings = {"method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
-                    "quant": asdict(quant)}
+        settings = {
+            "method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
+            "quant": asdict(quant),
+        }
         result = trajectory_calibration(model, cfg, ctx, progress, settings).merge(base)
         result.quant = base.quant
         result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's

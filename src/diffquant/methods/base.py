@@ -59,7 +59,7 @@ class MethodResult:
     tables: dict[str, Table] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
-    def merge(self, base: "MethodResult") -> "MethodResult":
+    def merge(self, base: MethodResult) -> MethodResult:
         """This result with ``base``'s metrics, tables and files underneath (a method built on
         another's result reports both; its own values win)."""
         self.metrics = {**base.metrics, **self.metrics}
@@ -82,8 +82,7 @@ class Method:
     version: ClassVar[int] = 1
     not_in_key: ClassVar[tuple[str, ...]] = ("save_checkpoint", "ablation")
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: Any, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(self, model: Any, quant: QuantConfig, cfg: Any, ctx: Any, progress: Path) -> MethodResult:
         """Quantize and calibrate ``model.denoiser`` in place.
 
         Args:

@@ -23,6 +23,5 @@ class FP(Method):
 
     cached = False
 
-    def calibrate(self, model: Any, quant: Any, cfg: FPConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(self, model: Any, quant: Any, cfg: FPConfig, ctx: Any, progress: Path) -> MethodResult:
         return MethodResult(model, None)

@@ -33,8 +33,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -91,8 +92,15 @@ class Checkpointer:
     see :meth:`due`).
     """
 
-    def __init__(self, folder: Optional[Path], fingerprint: Mapping[str, Any], *, every: int = 0,
-                 prefix: str = "train", what: str = "training") -> None:
+    def __init__(
+        self,
+        folder: Optional[Path],
+        fingerprint: Mapping[str, Any],
+        *,
+        every: int = 0,
+        prefix: str = "train",
+        what: str = "training",
+    ) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.fingerprint = _normal({"format": FORMAT, **fingerprint})
         self.every = int(every)
@@ -127,17 +135,25 @@ class Checkpointer:
             meta = json.loads(self.index.read_text())
             if meta.get("fingerprint") != self.fingerprint:
                 keys = _differing(meta.get("fingerprint") or {}, self.fingerprint)
-                log.warning("ignoring the %s progress in %s: it was saved for other settings or "
-                            "another starting state (differing: %s); starting over", self.what,
-                            self.folder, ", ".join(keys))
+                log.warning(
+                    "ignoring the %s progress in %s: it was saved for other settings or "
+                    "another starting state (differing: %s); starting over",
+                    self.what,
+                    self.folder,
+                    ", ".join(keys),
+                )
                 return None
             state = torch.load(self.folder / meta["state"], map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - progress is an optimisation: never fatal
-            log.warning("ignoring unreadable %s progress in %s (%s: %s); starting over", self.what,
-                        self.folder, type(exc).__name__, exc)
+            log.warning(
+                "ignoring unreadable %s progress in %s (%s: %s); starting over",
+                self.what,
+                self.folder,
+                type(exc).__name__,
+                exc,
+            )
             return None
-        log.info("resuming %s from %s (save %d: %s)", self.what, self.folder, meta["saves"],
-                 meta["at"])
+        log.info("resuming %s from %s (save %d: %s)", self.what, self.folder, meta["saves"], meta["at"])
         self.saves = int(meta["saves"])
         return state
 
@@ -149,8 +165,9 @@ class Checkpointer:
         t0 = time.perf_counter()
         name = f"{self.prefix}_state_{self.saves + 1:06d}.pt"
         atomic_torch_save(dict(state), self.folder / name)
-        atomic_write_json(self.index, {"fingerprint": self.fingerprint, "state": name,
-                                       "saves": self.saves + 1, "at": at})
+        atomic_write_json(
+            self.index, {"fingerprint": self.fingerprint, "state": name, "saves": self.saves + 1, "at": at}
+        )
         self.saves += 1
         for old in self.folder.glob(f"{self.prefix}_state_*.pt"):
             if old.name != name:
@@ -162,14 +179,16 @@ class Checkpointer:
         self.seconds += end - t0
         log.debug("saved %s progress (%s): %d bytes", self.what, at, self.bytes)
 
-    def within(self, outer: Callable[[dict[str, Any]], dict[str, Any]]) -> "Within":
+    def within(self, outer: Callable[[dict[str, Any]], dict[str, Any]]) -> Within:
         """This checkpointer for an inner loop: the inner loop's state is wrapped by ``outer``
         (which adds what the outer loop needs to resume) before it is saved."""
         return Within(self, outer)
 
     def summary(self) -> str:
-        return (f"{self.written} {self.what} progress saves in {self.seconds:.2f}s, the last "
-                f"{self.bytes / 2**20:.2f} MiB")
+        return (
+            f"{self.written} {self.what} progress saves in {self.seconds:.2f}s, the last "
+            f"{self.bytes / 2**20:.2f} MiB"
+        )
 
 
 class Within:
@@ -188,8 +207,7 @@ class Within:
 def save_file(folder: Optional[Path], name: str, fingerprint: Mapping[str, Any], obj: Any) -> None:
     """Keep ``obj`` in ``folder/name`` (atomically) with ``fingerprint``; no-op without folder."""
     if folder is not None:
-        atomic_torch_save({"fingerprint": _normal(dict(fingerprint)), "payload": obj},
-                          Path(folder) / name)
+        atomic_torch_save({"fingerprint": _normal(dict(fingerprint)), "payload": obj}, Path(folder) / name)
 
 
 def load_file(folder: Optional[Path], name: str, fingerprint: Mapping[str, Any]) -> Optional[Any]:

@@ -95,13 +95,18 @@ AnyPTQConfig = Union[PTQConfig, PTQMinMaxConfig]
 
 # ---------------------------------------------------------------------------- checks
 def _check_finite_quantizers(denoiser: torch.nn.Module, method_name: str) -> None:
-    bad = [n for n, q in iter_quantizers(denoiser)
-           if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())]
+    bad = [
+        n
+        for n, q in iter_quantizers(denoiser)
+        if not (torch.isfinite(q.scale).all() and torch.isfinite(q.zero_point).all())
+    ]
     if bad:
-        hint = ("lower method.recon.act_lr / method.recon.weight_lr" if method_name == "ptq"
-                else "check the calibration data")
-        raise FloatingPointError(f"{method_name}: non-finite quantization parameters in "
-                                 f"{bad[:5]}: {hint}")
+        hint = (
+            "lower method.recon.act_lr / method.recon.weight_lr"
+            if method_name == "ptq"
+            else "check the calibration data"
+        )
+        raise FloatingPointError(f"{method_name}: non-finite quantization parameters in {bad[:5]}: {hint}")
 
 
 @torch.no_grad()
@@ -109,15 +114,20 @@ def _check_finite_output(model: Any, stream: CalibStream, method_name: str) -> N
     batch = next(stream.batches(8, stream.subset(8, 0), device=model.device))
     out = model.spec.forward(model.denoiser, batch)
     if not torch.isfinite(out).all():
-        hint = ("lower method.recon.act_lr (or method.recon.weight_lr)" if method_name == "ptq"
-                else "use quant.act_init=lp or more calibration rows")
-        raise FloatingPointError(f"{method_name}: the quantized denoiser outputs NaN/inf on "
-                                 f"calibration inputs: {hint}")
+        hint = (
+            "lower method.recon.act_lr (or method.recon.weight_lr)"
+            if method_name == "ptq"
+            else "use quant.act_init=lp or more calibration rows"
+        )
+        raise FloatingPointError(
+            f"{method_name}: the quantized denoiser outputs NaN/inf on calibration inputs: {hint}"
+        )
 
 
 # ---------------------------------------------------------------------------- calibration
-def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
-                  progress: Optional[Path]) -> MethodResult:
+def calibrate_ptq(
+    model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any, progress: Optional[Path]
+) -> MethodResult:
     """Quantize ``model.denoiser`` in place and calibrate it: initial ranges, then (``ptq``)
     block reconstruction, resumable through ``progress``."""
     is_minmax = isinstance(cfg, PTQMinMaxConfig)
@@ -127,10 +137,17 @@ def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
     summary = quantize_denoiser(model.denoiser, model.spec, quant, timesteps=model.timesteps)
     text = summary.format()
     log.info("\n%s", text)
-    calibrate_act_ranges(model.denoiser, stream, method=quant.act_init, n_rows=cfg.act_init_rows,
-                         batch_size=cfg.act_init_batch_size, p=quant.lp_norm,
-                         n_candidates=quant.lp_candidates, device=model.device,
-                         minmax_layers=minmax_patterns(model.denoiser, model.spec, quant))
+    calibrate_act_ranges(
+        model.denoiser,
+        stream,
+        method=quant.act_init,
+        n_rows=cfg.act_init_rows,
+        batch_size=cfg.act_init_batch_size,
+        p=quant.lp_norm,
+        n_candidates=quant.lp_candidates,
+        device=model.device,
+        minmax_layers=minmax_patterns(model.denoiser, model.spec, quant),
+    )
     report = None
     if not is_minmax:
         report = reconstruct(model.denoiser, model.spec, stream, cfg.recon, progress_dir=progress)
@@ -139,11 +156,16 @@ def calibrate_ptq(model: Any, quant: QuantConfig, cfg: AnyPTQConfig, ctx: Any,
     metrics: dict[str, Any] = {**summary.metrics(), "calib_rows": len(stream)}
     tables: dict[str, Table] = {}
     if report is not None:
-        metrics.update({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                        for k, v in report.metrics().items()})
+        metrics.update(
+            {
+                k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in report.metrics().items()
+            }
+        )
         tables["recon_units"] = Table(
             ["unit", "kind", "weight_loss", "act_loss", "seconds"],
-            [[u.name, u.kind, u.weight_loss, u.act_loss, u.seconds] for u in report.units])
+            [[u.name, u.kind, u.weight_loss, u.act_loss, u.seconds] for u in report.units],
+        )
     return MethodResult(model, quant, metrics, tables, {"quant_summary.txt": text})
 
 
@@ -153,8 +175,9 @@ class PTQMinMax(Method):
 
     version = 4
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQMinMaxConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: PTQMinMaxConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         return calibrate_ptq(model, quant, cfg, ctx, progress)
 
 
@@ -164,8 +187,9 @@ class PTQ(Method):
 
     version = 4
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: PTQConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         return calibrate_ptq(model, quant, cfg, ctx, progress)
 
 

@@ -62,14 +62,26 @@ from diffquant.cache import CacheEntry
 from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
 from diffquant.calib.ranges import calibrate_act_ranges, minmax_patterns
 from diffquant.methods.base import Method, MethodResult, Table
-from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
 from diffquant.methods.progress import Checkpointer, cpu_tensors, load_tensors, tensor_digest
-from diffquant.methods.quest_finetune import (FPTeacher, Stage, StageReport, layers_matching,
-                                              load_rows, output_mse, plan_stages, rows_per_step,
-                                              train_stage)
-from diffquant.methods.quest_sensitivity import (JSON_FILE, SensitivityReport,
-                                                 SensitivitySettings, activation_sensitivity,
-                                                 load_report)
+from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
+from diffquant.methods.quest_finetune import (
+    FPTeacher,
+    Stage,
+    StageReport,
+    layers_matching,
+    load_rows,
+    output_mse,
+    plan_stages,
+    rows_per_step,
+    train_stage,
+)
+from diffquant.methods.quest_sensitivity import (
+    JSON_FILE,
+    SensitivityReport,
+    SensitivitySettings,
+    activation_sensitivity,
+    load_report,
+)
 from diffquant.quant.checkpoint import quantizer_state_dict
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.quantizers import ActQuantizer
@@ -85,9 +97,11 @@ TIMESTEP_INITS = ("lp", "minmax", "ptq")
 
 
 def _default_critical_by_family() -> dict[str, list[str]]:
-    return {"ldm": ["self_attention_qkv"],
-            "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
-            "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"]}
+    return {
+        "ldm": ["self_attention_qkv"],
+        "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
+        "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"],
+    }
 
 
 @dataclass
@@ -142,8 +156,7 @@ class QuestConfig:
     train_bias: bool = True
     tla_roles: list[str] = field(default_factory=lambda: ["time_projection"])
     critical_layers: Any = "by_family"
-    critical_roles_by_family: dict[str, list[str]] = field(
-        default_factory=_default_critical_by_family)
+    critical_roles_by_family: dict[str, list[str]] = field(default_factory=_default_critical_by_family)
     critical_top_k: int = 4
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     eval_rows: int = 128
@@ -163,17 +176,21 @@ def validate_quest(cfg: QuestConfig) -> None:
 
     one_of(cfg, "timestep_init", TIMESTEP_INITS)
     positive(cfg, "samples_per_step", "batch_size", "timestep_groups", "timestep_init_rows")
-    positive(cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", "progress_every",
-             allow_zero=True)
+    positive(
+        cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", "progress_every", allow_zero=True
+    )
     if isinstance(cfg.critical_layers, str) and cfg.critical_layers not in ("auto", "by_family"):
-        raise InvalidSetting("critical_layers", "is unknown: use 'auto', 'by_family' or a list of name "
-                                                "patterns, e.g. '[to_q,ff.net]'")
+        raise InvalidSetting(
+            "critical_layers",
+            "is unknown: use 'auto', 'by_family' or a list of name patterns, e.g. '[to_q,ff.net]'",
+        )
     roles = [*cfg.tla_roles, *(r for rs in cfg.critical_roles_by_family.values() for r in rs)]
     unknown = sorted({r for r in roles if r not in ROLES})
     if unknown:
-        raise InvalidSetting("tla_roles" if set(unknown) & set(cfg.tla_roles)
-                             else "critical_roles_by_family",
-                             f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}")
+        raise InvalidSetting(
+            "tla_roles" if set(unknown) & set(cfg.tla_roles) else "critical_roles_by_family",
+            f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}",
+        )
 
 
 # ---------------------------------------------------------------------------- time steps
@@ -189,8 +206,10 @@ def make_timestep_aware(denoiser: nn.Module, spec: Any, timesteps, n_groups: int
         if q.n_groups == n_groups:
             continue
         if q.n_groups != 1:
-            raise ValueError(f"{name} already has {q.n_groups} time-step groups, not {n_groups}: "
-                             "set method.timestep_groups to match quant.timestep_groups")
+            raise ValueError(
+                f"{name} already has {q.n_groups} time-step groups, not {n_groups}: "
+                "set method.timestep_groups to match quant.timestep_groups"
+            )
         new = ActQuantizer(q.bits, q.mode, q.channels, n_groups, q.per_channel)
         new.to(q.scale.device)
         with torch.no_grad():
@@ -218,25 +237,37 @@ def resolve_groups(cfg: QuestConfig, qcfg: QuantConfig, stream: CalibStream, n_s
 
 
 # ---------------------------------------------------------------------------- critical layers
-def sensitivity_report(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
-                       ctx: Any) -> SensitivityReport:
+def sensitivity_report(
+    model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream, ctx: Any
+) -> SensitivityReport:
     """The activation sensitivity sweep of the FP ``model.denoiser``, cached by model, quant
     config, calibration set and sweep settings."""
-    key = {"model": model_identity(model), "quant": {k: v for k, v in as_dict(qcfg).items()
-                                                     if k != "name"},
-           "calib": as_dict(cfg.ptq.calib), "sensitivity": as_dict(cfg.sensitivity)}
+    key = {
+        "model": model_identity(model),
+        "quant": {k: v for k, v in as_dict(qcfg).items() if k != "name"},
+        "calib": as_dict(cfg.ptq.calib),
+        "sensitivity": as_dict(cfg.sensitivity),
+    }
     entry = CacheEntry(ctx.cache_dir, "quest_sensitivity", key)
     with entry.lock():
         if not entry.done():
-            report = activation_sensitivity(model.denoiser, model.spec, qcfg, stream,
-                                            cfg.sensitivity, model.device)
+            report = activation_sensitivity(
+                model.denoiser, model.spec, qcfg, stream, cfg.sensitivity, model.device
+            )
             with entry.writing() as tmp:
                 report.write(tmp)
     return load_report(entry.path / JSON_FILE)
 
 
-def resolve_critical_layers(model: Any, qcfg: QuantConfig, cfg: QuestConfig, stream: CalibStream,
-                            ctx: Any, exclude: list[str], result: MethodResult) -> list[str]:
+def resolve_critical_layers(
+    model: Any,
+    qcfg: QuantConfig,
+    cfg: QuestConfig,
+    stream: CalibStream,
+    ctx: Any,
+    exclude: list[str],
+    result: MethodResult,
+) -> list[str]:
     """CMA's layers (qualified names; see the module doc), none of ``exclude``; runs the sweep
     for ``auto`` and adds its ranking to ``result``."""
     denoiser, spec, choice = model.denoiser, model.spec, cfg.critical_layers
@@ -244,11 +275,13 @@ def resolve_critical_layers(model: Any, qcfg: QuantConfig, cfg: QuestConfig, str
         report = sensitivity_report(model, qcfg, cfg, stream, ctx)
         selected = report.select(cfg.critical_top_k, exclude=exclude)
         result.files["sensitivity.md"] = report.to_markdown(selected)
-        result.files["sensitivity.json"] = json.dumps({**report.to_dict(), "selected": selected},
-                                                      indent=2) + "\n"
+        result.files["sensitivity.json"] = (
+            json.dumps({**report.to_dict(), "selected": selected}, indent=2) + "\n"
+        )
         result.tables["quest_sensitivity"] = Table(
             ["rank", "unit", "type", "mse", "rel_mse"],
-            [[i + 1, u.name, u.type, u.error, u.rel_error] for i, u in enumerate(report.units)])
+            [[i + 1, u.name, u.type, u.error, u.rel_error] for i, u in enumerate(report.units)],
+        )
         log.info("QuEST critical layers (auto, top %d): %s", cfg.critical_top_k, selected)
         return selected
     if choice is None or choice == "by_family":
@@ -261,15 +294,16 @@ def resolve_critical_layers(model: Any, qcfg: QuantConfig, cfg: QuestConfig, str
 
 
 # ---------------------------------------------------------------------------- the method
-def _probe_batches(stream: CalibStream, train_rows: Tensor, cfg: QuestConfig, device
-                   ) -> list[dict[str, Tensor]]:
+def _probe_batches(
+    stream: CalibStream, train_rows: Tensor, cfg: QuestConfig, device
+) -> list[dict[str, Tensor]]:
     """``eval_rows`` calibration rows not used for training (fewer if the set is small), in
     batches on ``device``: where the ``quest_eps_mse_*`` diagnostics are measured."""
     free = torch.ones(len(stream), dtype=torch.bool)
     free[train_rows] = False
     candidates = free.nonzero().flatten()
     g = torch.Generator().manual_seed(cfg.seed + 7919)
-    rows = candidates[torch.randperm(len(candidates), generator=g)[:cfg.eval_rows]].sort().values
+    rows = candidates[torch.randperm(len(candidates), generator=g)[: cfg.eval_rows]].sort().values
     return list(stream.batches(cfg.batch_size, rows, device=device)) if len(rows) else []
 
 
@@ -282,24 +316,36 @@ class Quest(Method):
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
         """The latent weights and biases of the quantized layers (TLA/CMA finetune them)."""
-        return {**quant_parameters(model.denoiser, "weight_latent"),
-                **quant_parameters(model.denoiser, "bias")}
+        return {
+            **quant_parameters(model.denoiser, "weight_latent"),
+            **quant_parameters(model.denoiser, "bias"),
+        }
 
-    def fingerprint(self, cfg: QuestConfig, quant: QuantConfig, stages: list[Stage],
-                    rows: dict[str, Tensor], denoiser: nn.Module) -> dict[str, Any]:
+    def fingerprint(
+        self,
+        cfg: QuestConfig,
+        quant: QuantConfig,
+        stages: list[Stage],
+        rows: dict[str, Tensor],
+        denoiser: nn.Module,
+    ) -> dict[str, Any]:
         """What saved finetuning progress must match to be resumed: the settings, the stage plan
         and the denoiser's state when finetuning starts (PTQ base, time-step split, ranges)."""
-        start = {**quantizer_state_dict(denoiser),
-                 **{n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}}
-        return {"method": {k: v for k, v in as_dict(cfg).items() if k not in self.not_in_key},
-                "quant": as_dict(quant),
-                "stages": [[s.name, s.epochs, list(s.weights), list(s.act_scales)]
-                           for s in stages],
-                "rows": tensor_digest(rows),
-                "start": tensor_digest(start)}
+        start = {
+            **quantizer_state_dict(denoiser),
+            **{n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()},
+        }
+        return {
+            "method": {k: v for k, v in as_dict(cfg).items() if k not in self.not_in_key},
+            "quant": as_dict(quant),
+            "stages": [[s.name, s.epochs, list(s.weights), list(s.act_scales)] for s in stages],
+            "rows": tensor_digest(rows),
+            "start": tensor_digest(start),
+        }
 
-    def calibrate(self, model: Any, quant: QuantConfig, cfg: QuestConfig, ctx: Any,
-                  progress: Path) -> MethodResult:
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: QuestConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
         """QuEST on the FP ``model.denoiser`` (quantized in place); the result's quant config is
         time-step aware when the activations were split into groups."""
         denoiser, spec, device = model.denoiser, model.spec, model.device
@@ -309,8 +355,9 @@ class Quest(Method):
         time_layers = spec.layers(denoiser, *cfg.tla_roles)
         if cfg.tla:
             spec.require(denoiser, *cfg.tla_roles, purpose=f"QuEST's TLA (roles {cfg.tla_roles})")
-        critical = (resolve_critical_layers(model, quant, cfg, stream, ctx, time_layers, result)
-                    if cfg.cma else [])
+        critical = (
+            resolve_critical_layers(model, quant, cfg, stream, ctx, time_layers, result) if cfg.cma else []
+        )
         setup_s = time.perf_counter() - t_setup
 
         result.merge(load_or_run_ptq(model, quant, cfg.ptq, ctx))
@@ -318,31 +365,50 @@ class Quest(Method):
         train_rows = rows_per_step(stream, cfg.samples_per_step, cfg.seed)
         probe = _probe_batches(stream, train_rows, cfg, device)
         metrics: dict[str, Any] = {
-            "quest_eps_mse_ptq": output_mse(denoiser, spec, probe, FPTeacher(denoiser, []))}
+            "quest_eps_mse_ptq": output_mse(denoiser, spec, probe, FPTeacher(denoiser, []))
+        }
 
         groups = resolve_groups(cfg, quant, stream, len(model.timesteps))
         split = groups > 1 and quant.act_bits < FP_BITS
-        result.quant = dataclasses.replace(quant, timestep_aware=split,
-                                           timestep_groups=groups if split else 1)
+        result.quant = dataclasses.replace(
+            quant, timestep_aware=split, timestep_groups=groups if split else 1
+        )
         if quant.act_bits < FP_BITS:
             if split:
                 make_timestep_aware(denoiser, spec, model.timesteps, groups)
             if cfg.timestep_init != "ptq":
-                calibrate_act_ranges(denoiser, stream, method=cfg.timestep_init,
-                                     n_rows=cfg.timestep_init_rows,
-                                     batch_size=cfg.ptq.act_init_batch_size, p=quant.lp_norm,
-                                     n_candidates=quant.lp_candidates, seed=cfg.seed,
-                                     device=device,
-                                     minmax_layers=minmax_patterns(denoiser, spec, quant))
-        stages = plan_stages(denoiser, time_layers=time_layers, critical_layers=critical,
-                             tla=cfg.tla, cma=cfg.cma, tla_epochs=cfg.tla_epochs,
-                             cma_epochs=cfg.cma_epochs, train_bias=cfg.train_bias)
+                calibrate_act_ranges(
+                    denoiser,
+                    stream,
+                    method=cfg.timestep_init,
+                    n_rows=cfg.timestep_init_rows,
+                    batch_size=cfg.ptq.act_init_batch_size,
+                    p=quant.lp_norm,
+                    n_candidates=quant.lp_candidates,
+                    seed=cfg.seed,
+                    device=device,
+                    minmax_layers=minmax_patterns(denoiser, spec, quant),
+                )
+        stages = plan_stages(
+            denoiser,
+            time_layers=time_layers,
+            critical_layers=critical,
+            tla=cfg.tla,
+            cma=cfg.cma,
+            tla_epochs=cfg.tla_epochs,
+            cma_epochs=cfg.cma_epochs,
+            train_bias=cfg.train_bias,
+        )
         teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
         metrics["quest_eps_mse_init"] = output_mse(denoiser, spec, probe, teacher)
         rows = load_rows(stream, train_rows)
         finetuned = {n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}
-        ckpt = Checkpointer(progress, self.fingerprint(cfg, quant, stages, rows, denoiser),
-                            every=cfg.progress_every, what="QuEST finetuning")
+        ckpt = Checkpointer(
+            progress,
+            self.fingerprint(cfg, quant, stages, rows, denoiser),
+            every=cfg.progress_every,
+            what="QuEST finetuning",
+        )
         resume = ckpt.load()
         reports = [StageReport(**r) for r in resume["reports"]] if resume else []
         if resume:
@@ -352,20 +418,43 @@ class Quest(Method):
         for i, stage in enumerate(stages):
             if i < len(reports):
                 continue  # finished before the job was stopped
-            log.info("QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
-                     "%d rows x %d epochs", stage.name, len(stage.layers), len(stage.weights),
-                     len(stage.act_scales), stage.n_params, len(next(iter(rows.values()))),
-                     stage.epochs)
-            saver = ckpt.within(lambda stage_state, i=i: {
-                "stage": i, "stage_state": stage_state, "params": cpu_tensors(finetuned),
-                "reports": [dataclasses.asdict(r) for r in reports]})
-            reports.append(train_stage(denoiser, spec, stage, rows, teacher,
-                                       weight_lr=cfg.weight_lr, act_lr=cfg.act_lr,
-                                       global_weight=cfg.global_loss_weight,
-                                       batch_size=cfg.batch_size, seed=cfg.seed + i,
-                                       device=device, tracker=ctx.tracker, progress=saver,
-                                       resume=resume["stage_state"]
-                                       if resume and resume["stage"] == i else None))
+            log.info(
+                "QuEST %s: %d layers, %d weight tensors, %d step-size tensors (%d scalars), "
+                "%d rows x %d epochs",
+                stage.name,
+                len(stage.layers),
+                len(stage.weights),
+                len(stage.act_scales),
+                stage.n_params,
+                len(next(iter(rows.values()))),
+                stage.epochs,
+            )
+            saver = ckpt.within(
+                lambda stage_state, i=i: {
+                    "stage": i,
+                    "stage_state": stage_state,
+                    "params": cpu_tensors(finetuned),
+                    "reports": [dataclasses.asdict(r) for r in reports],
+                }
+            )
+            reports.append(
+                train_stage(
+                    denoiser,
+                    spec,
+                    stage,
+                    rows,
+                    teacher,
+                    weight_lr=cfg.weight_lr,
+                    act_lr=cfg.act_lr,
+                    global_weight=cfg.global_loss_weight,
+                    batch_size=cfg.batch_size,
+                    seed=cfg.seed + i,
+                    device=device,
+                    tracker=ctx.tracker,
+                    progress=saver,
+                    resume=resume["stage_state"] if resume and resume["stage"] == i else None,
+                )
+            )
         if ckpt.written:
             log.info("QuEST: %s", ckpt.summary())
         metrics["quest_eps_mse_final"] = output_mse(denoiser, spec, probe, teacher)
@@ -373,15 +462,17 @@ class Quest(Method):
         trained = {id(p): p for s in stages for p in s.parameters()}
         n_trainable = sum(p.numel() for p in trained.values())
         n_denoiser = sum(p.numel() for p in denoiser.parameters())
-        metrics.update({
-            "finetune_s": round(sum(r.seconds for r in reports), 3),
-            "quest_setup_s": round(setup_s, 3),
-            "n_trainable_params": n_trainable,
-            "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
-            "timestep_groups": groups,
-            "critical_layers": critical,
-            "train_rows": int(len(next(iter(rows.values())))),
-        })
+        metrics.update(
+            {
+                "finetune_s": round(sum(r.seconds for r in reports), 3),
+                "quest_setup_s": round(setup_s, 3),
+                "n_trainable_params": n_trainable,
+                "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
+                "timestep_groups": groups,
+                "critical_layers": critical,
+                "train_rows": int(len(next(iter(rows.values())))),
+            }
+        )
         for r in reports:
             metrics.update(r.metrics())
         result.metrics.update(metrics)

@@ -40,9 +40,10 @@ import dataclasses
 import logging
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +95,15 @@ class Stage:
 def layers_matching(denoiser: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Quantized layers whose ``<name>.weight`` matches a pattern of ``patterns`` (regular
     expressions, searched), in module order."""
-    return [n for n, m in denoiser.named_modules()
-            if is_quant_layer(m) and _matches(f"{n}.weight", patterns)]
+    return [n for n, m in denoiser.named_modules() if is_quant_layer(m) and _matches(f"{n}.weight", patterns)]
 
 
-def _quant_layers(denoiser: nn.Module, names: Sequence[str],
-                  exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+def _quant_layers(
+    denoiser: nn.Module, names: Sequence[str], exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
     """The quantized layers named in ``names`` and not in ``exclude``, in module order."""
     wanted, skip = set(names), set(exclude)
-    return {n: m for n, m in denoiser.named_modules()
-            if is_quant_layer(m) and n in wanted and n not in skip}
+    return {n: m for n, m in denoiser.named_modules() if is_quant_layer(m) and n in wanted and n not in skip}
 
 
 def _belongs(param_name: str, layers: Sequence[str]) -> bool:
@@ -119,9 +119,17 @@ def _layer_params(layers: dict[str, nn.Module], train_bias: bool) -> dict[str, n
     return out
 
 
-def plan_stages(denoiser: nn.Module, *, time_layers: Sequence[str], critical_layers: Sequence[str],
-                tla: bool, cma: bool, tla_epochs: int, cma_epochs: int,
-                train_bias: bool = True) -> list[Stage]:
+def plan_stages(
+    denoiser: nn.Module,
+    *,
+    time_layers: Sequence[str],
+    critical_layers: Sequence[str],
+    tla: bool,
+    cma: bool,
+    tla_epochs: int,
+    cma_epochs: int,
+    train_bias: bool = True,
+) -> list[Stage]:
     """The TLA and/or CMA stages (see the module doc) in training order; ``time_layers`` /
     ``critical_layers`` are qualified layer names (CMA never trains a TLA layer)."""
     stages: list[Stage] = []
@@ -129,8 +137,7 @@ def plan_stages(denoiser: nn.Module, *, time_layers: Sequence[str], critical_lay
     tla_scales = {n: p for n, p in all_scales.items() if _belongs(n, time_layers)}
     if tla:
         layers = _quant_layers(denoiser, time_layers)
-        stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales,
-                            tla_epochs))
+        stages.append(Stage("tla", layers, _layer_params(layers, train_bias), tla_scales, tla_epochs))
     if cma:
         layers = _quant_layers(denoiser, critical_layers, exclude=time_layers)
         scales = {n: p for n, p in all_scales.items() if n not in tla_scales}
@@ -224,15 +231,26 @@ class StageReport:
         first = lambda xs: round(xs[0], 6) if xs else None  # noqa: E731
         last = lambda xs: round(xs[-1], 6) if xs else None  # noqa: E731
         n = self.name
-        return {f"{n}_n_params": self.n_params, f"{n}_n_layers": self.n_layers,
-                f"{n}_steps": self.steps, f"{n}_s": round(self.seconds, 3),
-                f"{n}_loss_first": first(self.total), f"{n}_loss_last": last(self.total),
-                f"{n}_local_loss_last": last(self.local),
-                f"{n}_global_loss_last": last(self.global_)}
+        return {
+            f"{n}_n_params": self.n_params,
+            f"{n}_n_layers": self.n_layers,
+            f"{n}_steps": self.steps,
+            f"{n}_s": round(self.seconds, 3),
+            f"{n}_loss_first": first(self.total),
+            f"{n}_loss_last": last(self.total),
+            f"{n}_local_loss_last": last(self.local),
+            f"{n}_global_loss_last": last(self.global_),
+        }
 
 
-def stage_loss(denoiser: nn.Module, spec: Any, batch: dict[str, Tensor], teacher: FPTeacher,
-               tap: OutputTap, global_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+def stage_loss(
+    denoiser: nn.Module,
+    spec: Any,
+    batch: dict[str, Tensor],
+    teacher: FPTeacher,
+    tap: OutputTap,
+    global_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(total, local, global)`` losses of one batch (see the module doc)."""
     with torch.no_grad(), teacher.active():
         target = spec.forward(denoiser, batch)
@@ -246,12 +264,23 @@ def stage_loss(denoiser: nn.Module, spec: Any, batch: dict[str, Tensor], teacher
     return local + global_weight * glob, local, glob
 
 
-def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Tensor],
-                teacher: FPTeacher, *,
-                weight_lr: float, act_lr: float, global_weight: float, batch_size: int,
-                seed: int = 0, device: Optional[torch.device] = None,
-                tracker: Any = None, progress: Any = None,
-                resume: Optional[dict[str, Any]] = None) -> StageReport:
+def train_stage(
+    denoiser: nn.Module,
+    spec: Any,
+    stage: Stage,
+    rows: dict[str, Tensor],
+    teacher: FPTeacher,
+    *,
+    weight_lr: float,
+    act_lr: float,
+    global_weight: float,
+    batch_size: int,
+    seed: int = 0,
+    device: Optional[torch.device] = None,
+    tracker: Any = None,
+    progress: Any = None,
+    resume: Optional[dict[str, Any]] = None,
+) -> StageReport:
     """Finetune ``stage``'s parameters on ``rows`` (denoiser kwargs ``(N, ...)`` on the CPU); every
     other parameter and buffer of ``denoiser`` stays bit-identical.
 
@@ -261,15 +290,16 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
     the loop where it was (the trained parameters themselves are the caller's to restore).
     """
     report = StageReport(stage.name, stage.n_params, len(stage.layers))
-    groups = [{"params": list(stage.weights.values()), "lr": weight_lr},
-              {"params": list(stage.act_scales.values()), "lr": act_lr}]
+    groups = [
+        {"params": list(stage.weights.values()), "lr": weight_lr},
+        {"params": list(stage.act_scales.values()), "lr": act_lr},
+    ]
     groups = [g for g in groups if g["params"]]
     if not groups or stage.epochs <= 0:
         log.info("QuEST %s: nothing to train", stage.name)
         return report
     if not stage.layers and global_weight == 0:
-        log.warning("QuEST %s: no local layers and no global loss: nothing to learn from",
-                    stage.name)
+        log.warning("QuEST %s: no local layers and no global loss: nothing to learn from", stage.name)
         return report
     device = device or next(denoiser.parameters()).device
     n = int(next(iter(rows.values())).shape[0])
@@ -292,9 +322,16 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
 
     def state() -> dict[str, Any]:
         report.seconds = seconds_before + time.perf_counter() - t0
-        return {"optimizer": optimizer.state_dict(), "generator": g.get_state(),
-                "report": dataclasses.asdict(report), "epoch": epoch, "order": order,
-                "start": start, "sums": sums.clone(), "count": count}
+        return {
+            "optimizer": optimizer.state_dict(),
+            "generator": g.get_state(),
+            "report": dataclasses.asdict(report),
+            "epoch": epoch,
+            "order": order,
+            "start": start,
+            "sums": sums.clone(),
+            "count": count,
+        }
 
     try:
         for p in params:
@@ -303,20 +340,24 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
             if order is None:
                 order = torch.randperm(n, generator=g)
             while start < n:
-                idx = order[start:start + batch_size]
-                total, local, glob = stage_loss(denoiser, spec, _batch(rows, idx, device), teacher,
-                                                tap, global_weight)
+                idx = order[start : start + batch_size]
+                total, local, glob = stage_loss(
+                    denoiser, spec, _batch(rows, idx, device), teacher, tap, global_weight
+                )
                 if not torch.isfinite(total):
-                    raise FloatingPointError(f"QuEST {stage.name}: non-finite loss at epoch "
-                                             f"{epoch}; lower method.weight_lr / method.act_lr")
+                    raise FloatingPointError(
+                        f"QuEST {stage.name}: non-finite loss at epoch "
+                        f"{epoch}; lower method.weight_lr / method.act_lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
                 with torch.no_grad():
                     for s in stage.act_scales.values():
                         s.clamp_(min=_MIN_SCALE)
-                sums += torch.tensor([total.item(), local.item(), glob.item()],
-                                     dtype=torch.float64) * len(idx)
+                sums += torch.tensor([total.item(), local.item(), glob.item()], dtype=torch.float64) * len(
+                    idx
+                )
                 count += len(idx)
                 report.steps += 1
                 start += batch_size
@@ -326,12 +367,21 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
             report.total.append(means[0])
             report.local.append(means[1])
             report.global_.append(means[2])
-            log.info("QuEST %s epoch %d/%d: loss %.5g (local %.5g, global %.5g)", stage.name,
-                     epoch + 1, stage.epochs, *means)
+            log.info(
+                "QuEST %s epoch %d/%d: loss %.5g (local %.5g, global %.5g)",
+                stage.name,
+                epoch + 1,
+                stage.epochs,
+                *means,
+            )
             if tracker is not None:
-                tracker.log({f"quest/{stage.name}_loss": means[0],
-                             f"quest/{stage.name}_local_loss": means[1],
-                             f"quest/{stage.name}_global_loss": means[2]})
+                tracker.log(
+                    {
+                        f"quest/{stage.name}_loss": means[0],
+                        f"quest/{stage.name}_local_loss": means[1],
+                        f"quest/{stage.name}_global_loss": means[2],
+                    }
+                )
             epoch, order, start = epoch + 1, None, 0
             sums, count = torch.zeros(3, dtype=torch.float64), 0
             if progress is not None:
@@ -346,8 +396,9 @@ def train_stage(denoiser: nn.Module, spec: Any, stage: Stage, rows: dict[str, Te
 
 
 @torch.no_grad()
-def output_mse(denoiser: nn.Module, spec: Any, batches: Sequence[dict[str, Tensor]],
-               teacher: FPTeacher) -> Optional[float]:
+def output_mse(
+    denoiser: nn.Module, spec: Any, batches: Sequence[dict[str, Tensor]], teacher: FPTeacher
+) -> Optional[float]:
     """Mean squared error of the quantized denoiser's output against the FP teacher's on
     ``batches``; None when there are no batches (nothing was measured)."""
     if not batches:

@@ -32,9 +32,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -122,26 +123,41 @@ class SensitivityReport:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SensitivityReport":
-        return cls(d["base_bits"], d["low_bits"], d["base_error"], d["fp_power"],
-                   [UnitSensitivity(**u) for u in d["units"]],
-                   [UnitSensitivity(**u) for u in d["types"]])
+    def from_dict(cls, d: dict[str, Any]) -> SensitivityReport:
+        return cls(
+            d["base_bits"],
+            d["low_bits"],
+            d["base_error"],
+            d["fp_power"],
+            [UnitSensitivity(**u) for u in d["units"]],
+            [UnitSensitivity(**u) for u in d["types"]],
+        )
 
     def to_markdown(self, selected: Sequence[str] = ()) -> str:
-        lines = [f"# Activation sensitivity: one unit at A{self.low_bits}, the rest at "
-                 f"A{self.base_bits} (weights FP)", "",
-                 f"Denoiser-output MSE with every activation at A{self.base_bits}: "
-                 f"{self.base_error:.4g} (E[eps_fp^2] = {self.fp_power:.4g}).", ""]
+        lines = [
+            f"# Activation sensitivity: one unit at A{self.low_bits}, the rest at "
+            f"A{self.base_bits} (weights FP)",
+            "",
+            f"Denoiser-output MSE with every activation at A{self.base_bits}: "
+            f"{self.base_error:.4g} (E[eps_fp^2] = {self.fp_power:.4g}).",
+            "",
+        ]
         if selected:
             lines += ["Selected for CMA: " + ", ".join(f"`{p}`" for p in selected), ""]
-        lines += ["## By type (all units of a type lowered together)", "",
-                  "| rank | type | MSE | rel. MSE |", "|---:|---|---:|---:|"]
-        lines += [f"| {i + 1} | `{u.name}` | {u.error:.4g} | {u.rel_error:.4f} |"
-                  for i, u in enumerate(self.types)]
-        lines += ["", "## By unit", "", "| rank | unit | type | MSE | rel. MSE |",
-                  "|---:|---|---|---:|---:|"]
-        lines += [f"| {i + 1} | `{u.name}` | {u.type} | {u.error:.4g} | {u.rel_error:.4f} |"
-                  for i, u in enumerate(self.units)]
+        lines += [
+            "## By type (all units of a type lowered together)",
+            "",
+            "| rank | type | MSE | rel. MSE |",
+            "|---:|---|---:|---:|",
+        ]
+        lines += [
+            f"| {i + 1} | `{u.name}` | {u.error:.4g} | {u.rel_error:.4f} |" for i, u in enumerate(self.types)
+        ]
+        lines += ["", "## By unit", "", "| rank | unit | type | MSE | rel. MSE |", "|---:|---|---|---:|---:|"]
+        lines += [
+            f"| {i + 1} | `{u.name}` | {u.type} | {u.error:.4g} | {u.rel_error:.4f} |"
+            for i, u in enumerate(self.units)
+        ]
         lines.append("")
         return "\n".join(lines)
 
@@ -168,10 +184,8 @@ def activation_units(denoiser: nn.Module, spec: DenoiserSpec) -> list[_Unit]:
         if is_quant_layer(m) and m.input_quantizer is not None:
             units.append(_Unit(name, [(name, "input_quantizer")], [name]))
         elif is_quant_attention(m):
-            slots = [(f"{name}.processor", s) for s in PROCESSOR_SLOTS
-                     if getattr(m.processor, s) is not None]
-            proj = [n for n in qkv if n.startswith(f"{name}.")
-                    and is_quant_layer(denoiser.get_submodule(n))]
+            slots = [(f"{name}.processor", s) for s in PROCESSOR_SLOTS if getattr(m.processor, s) is not None]
+            proj = [n for n in qkv if n.startswith(f"{name}.") and is_quant_layer(denoiser.get_submodule(n))]
             if slots:
                 units.append(_Unit(f"{name}.processor", slots, proj))
     return units
@@ -200,13 +214,15 @@ class _Swap:
 
 # ---------------------------------------------------------------------------- the sweep
 def _acts_only(quant_cfg: QuantConfig, bits: int) -> QuantConfig:
-    return dataclasses.replace(quant_cfg, weight_bits=FP_BITS, act_bits=bits, timestep_aware=False,
-                               timestep_groups=1)
+    return dataclasses.replace(
+        quant_cfg, weight_bits=FP_BITS, act_bits=bits, timestep_aware=False, timestep_groups=1
+    )
 
 
 @torch.no_grad()
-def _output_error(denoiser: nn.Module, spec: DenoiserSpec, batches: list[dict[str, Tensor]],
-                  targets: list[Tensor]) -> float:
+def _output_error(
+    denoiser: nn.Module, spec: DenoiserSpec, batches: list[dict[str, Tensor]], targets: list[Tensor]
+) -> float:
     total, count = 0.0, 0
     for batch, target in zip(batches, targets):
         out = spec.forward(denoiser, batch)
@@ -216,10 +232,14 @@ def _output_error(denoiser: nn.Module, spec: DenoiserSpec, batches: list[dict[st
 
 
 @torch.no_grad()
-def activation_sensitivity(fp_denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
-                           stream: CalibStream,
-                           settings: Any = None, device: Optional[torch.device] = None
-                           ) -> SensitivityReport:
+def activation_sensitivity(
+    fp_denoiser: nn.Module,
+    spec: DenoiserSpec,
+    quant_cfg: Any,
+    stream: CalibStream,
+    settings: Any = None,
+    device: Optional[torch.device] = None,
+) -> SensitivityReport:
     """Run the sweep on copies of the FP ``fp_denoiser`` (left untouched) with calibration rows from
     ``stream``; see the module doc. Cost: two range calibrations and (units + types + 1)
     forwards over ``eval_rows`` rows."""
@@ -227,21 +247,30 @@ def activation_sensitivity(fp_denoiser: nn.Module, spec: DenoiserSpec, quant_cfg
     qcfg = as_dataclass(quant_cfg, QuantConfig)
     low_bits = s.low_bits if s.low_bits is not None else qcfg.act_bits
     if low_bits >= FP_BITS:
-        raise ValueError("the sensitivity sweep needs quantized activations (quant.act_bits < 32 "
-                         "or method.sensitivity.low_bits)")
+        raise ValueError(
+            "the sensitivity sweep needs quantized activations (quant.act_bits < 32 "
+            "or method.sensitivity.low_bits)"
+        )
     device = device or next(fp_denoiser.parameters()).device
     copies = {}
     for label, bits in (("base", s.base_bits), ("low", low_bits)):
         denoiser = copy.deepcopy(fp_denoiser).to(device)
         quantize_denoiser(denoiser, spec, _acts_only(qcfg, bits))
-        calibrate_act_ranges(denoiser, stream, method=qcfg.act_init, n_rows=s.calib_rows,
-                             batch_size=s.batch_size, p=qcfg.lp_norm,
-                             n_candidates=qcfg.lp_candidates, seed=s.seed, device=device,
-                             minmax_layers=minmax_patterns(denoiser, spec, qcfg))
+        calibrate_act_ranges(
+            denoiser,
+            stream,
+            method=qcfg.act_init,
+            n_rows=s.calib_rows,
+            batch_size=s.batch_size,
+            p=qcfg.lp_norm,
+            n_candidates=qcfg.lp_candidates,
+            seed=s.seed,
+            device=device,
+            minmax_layers=minmax_patterns(denoiser, spec, qcfg),
+        )
         copies[label] = denoiser
     base, low = copies["base"], copies["low"]
-    batches = list(stream.batches(s.batch_size, stream.subset(s.eval_rows, s.seed + 1),
-                                  device=device))
+    batches = list(stream.batches(s.batch_size, stream.subset(s.eval_rows, s.seed + 1), device=device))
     with quant_state(base, acts=False):
         targets = [spec.forward(base, b) for b in batches]
     fp_power = sum(float(t.pow(2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
@@ -257,18 +286,17 @@ def activation_sensitivity(fp_denoiser: nn.Module, spec: DenoiserSpec, quant_cfg
         finally:
             swap.restore(undo)
         weights = [w for u in group for w in u.weights]
-        return UnitSensitivity(name, spec.layer_type(group[0].name), err, err / max(fp_power, 1e-12),
-                               weights)
+        return UnitSensitivity(name, spec.layer_type(group[0].name), err, err / max(fp_power, 1e-12), weights)
 
     unit_rows = [measure(u.name, [u]) for u in units]
     by_type: dict[str, list[_Unit]] = {}
     for u in units:
         by_type.setdefault(spec.layer_type(u.name), []).append(u)
-    type_rows = [dataclasses.replace(measure(t, group), name=t, weights=[])
-                 for t, group in by_type.items()]
+    type_rows = [dataclasses.replace(measure(t, group), name=t, weights=[]) for t, group in by_type.items()]
     key = lambda r: -r.error  # noqa: E731
-    return SensitivityReport(s.base_bits, low_bits, base_error, fp_power,
-                             sorted(unit_rows, key=key), sorted(type_rows, key=key))
+    return SensitivityReport(
+        s.base_bits, low_bits, base_error, fp_power, sorted(unit_rows, key=key), sorted(type_rows, key=key)
+    )
 
 
 def load_report(path: Path | str) -> SensitivityReport:

@@ -36,8 +36,7 @@ def method_result_key(method: Method, model: Any, quant: Any, cfg: Any) -> dict[
     quant_d = as_dict(quant)
     quant_d.pop("name", None)
     method_d = {k: v for k, v in as_dict(cfg).items() if k not in method.not_in_key}
-    return {"model": model_identity(model), "quant": quant_d, "method": method_d,
-            "version": method.version}
+    return {"model": model_identity(model), "quant": quant_d, "method": method_d, "version": method.version}
 
 
 def run_method(method: Method, model: Any, quant: Any, cfg: Any, ctx: Any) -> MethodResult:
@@ -54,21 +53,27 @@ def run_method(method: Method, model: Any, quant: Any, cfg: Any, ctx: Any) -> Me
         if cached:
             log.info("loading the cached %s result %s", name, entry.path)
             _, meta = load_quantized(model.denoiser, model.spec, entry.path / RESULT_FILE)
-            result = MethodResult(model, as_dataclass(meta["quant"], QuantConfig),
-                                  dict(meta["metrics"]),
-                                  {k: Table(**t) for k, t in meta["tables"].items()},
-                                  dict(meta["files"]))
+            result = MethodResult(
+                model,
+                as_dataclass(meta["quant"], QuantConfig),
+                dict(meta["metrics"]),
+                {k: Table(**t) for k, t in meta["tables"].items()},
+                dict(meta["files"]),
+            )
         else:
             t0 = time.perf_counter()
             result = method.calibrate(model, quant, cfg, ctx, entry.partial_dir())
             result.metrics[f"{name}_calib_s"] = round(time.perf_counter() - t0, 3)
-            meta = {"method": name, "quant": as_dict(result.quant), "metrics": result.metrics,
-                    "tables": {k: asdict(t) for k, t in result.tables.items()},
-                    "files": result.files}
+            meta = {
+                "method": name,
+                "quant": as_dict(result.quant),
+                "metrics": result.metrics,
+                "tables": {k: asdict(t) for k, t in result.tables.items()},
+                "files": result.files,
+            }
             params = method.changed_parameters(model)
             with entry.writing() as tmp:
-                save_quantized(model.denoiser, tmp / RESULT_FILE, result.quant, meta=meta,
-                               params=params)
+                save_quantized(model.denoiser, tmp / RESULT_FILE, result.quant, meta=meta, params=params)
             entry.clear_partial()
     result.metrics[f"{name}_cached"] = cached
     if getattr(cfg, "save_checkpoint", False):

@@ -65,8 +65,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -133,17 +134,25 @@ def _using(model, scheduler) -> Iterator[None]:
         model.scheduler = own
 
 
-def chain_step(model, scheduler, x: Tensor, i: int, cond: Conditioning,
-               indices: Optional[Sequence[int]], seed: int,
-               outputs: Optional[list[Tensor]] = None) -> Tensor:
+def chain_step(
+    model,
+    scheduler,
+    x: Tensor,
+    i: int,
+    cond: Conditioning,
+    indices: Optional[Sequence[int]],
+    seed: int,
+    outputs: Optional[list[Tensor]] = None,
+) -> Tensor:
     """``model.step`` from step ``i`` of a chain whose scheduler is ``scheduler`` (advanced in
     place); the model output the scheduler received is appended to ``outputs``."""
     with _using(model, _Recording(scheduler, outputs)):
         return model.step(x, i, cond, indices, seed)
 
 
-def _scheduler_kwargs(model, scheduler, x: Tensor, i: int, indices: Optional[Sequence[int]],
-                      seed: int) -> dict[str, Any]:
+def _scheduler_kwargs(
+    model, scheduler, x: Tensor, i: int, indices: Optional[Sequence[int]], seed: int
+) -> dict[str, Any]:
     """The extra arguments ``DiffusionModel.step`` passes to ``scheduler.step`` (eta and the
     samples' own per-step noise)."""
     kwargs: dict[str, Any] = {}
@@ -155,14 +164,16 @@ def _scheduler_kwargs(model, scheduler, x: Tensor, i: int, indices: Optional[Seq
     return kwargs
 
 
-def scheduler_update(model, scheduler, output: Tensor, x: Tensor, i: int,
-                     indices: Optional[Sequence[int]], seed: int) -> Tensor:
+def scheduler_update(
+    model, scheduler, output: Tensor, x: Tensor, i: int, indices: Optional[Sequence[int]], seed: int
+) -> Tensor:
     """The scheduler's part of step ``i`` alone: ``x_{i+1}`` from the model output ``output``
     (no denoiser call); advances ``scheduler`` as :func:`chain_step` would."""
     t = scheduler.timesteps[i]
     scheduler.scale_model_input(x, t)  # as model.eps does first (some samplers note the call)
-    return scheduler.step(output, t, x, **_scheduler_kwargs(model, scheduler, x, i, indices,
-                                                            seed)).prev_sample
+    return scheduler.step(
+        output, t, x, **_scheduler_kwargs(model, scheduler, x, i, indices, seed)
+    ).prev_sample
 
 
 def _probe_step(model, scheduler) -> Tensor:
@@ -176,16 +187,17 @@ def check_scheduler(model) -> None:
     see the FP chain's noise): the same step from the same state must give the same result."""
     a, b = _probe_step(model, fresh_scheduler(model)), _probe_step(model, fresh_scheduler(model))
     if not torch.equal(a, b):
-        raise ValueError(f"{type(model.scheduler).__name__}.step draws its own noise, so the "
-                         "quantized chain cannot follow the FP chain's noise: trajectory "
-                         "calibration needs a deterministic sampler (DDIM with any eta, PNDM, "
-                         "DPM-Solver++ multistep, ...)")
+        raise ValueError(
+            f"{type(model.scheduler).__name__}.step draws its own noise, so the "
+            "quantized chain cannot follow the FP chain's noise: trajectory "
+            "calibration needs a deterministic sampler (DDIM with any eta, PNDM, "
+            "DPM-Solver++ multistep, ...)"
+        )
 
 
 def _same(a: Any, b: Any) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
-                and bool(torch.equal(a, b)))
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     try:
@@ -197,8 +209,7 @@ def _same(a: Any, b: Any) -> bool:
 def keeps_state(model) -> bool:
     """Whether the model's sampler keeps state between steps (a step changes its scheduler)."""
     scheduler = fresh_scheduler(model)
-    before = {k: (v.clone() if torch.is_tensor(v) else copy.copy(v))
-              for k, v in vars(scheduler).items()}
+    before = {k: (v.clone() if torch.is_tensor(v) else copy.copy(v)) for k, v in vars(scheduler).items()}
     _probe_step(model, scheduler)
     after = vars(scheduler)
     return set(before) != set(after) or any(not _same(before[k], after[k]) for k in before)
@@ -215,8 +226,13 @@ def select_rows(cond: Conditioning, rows: Sequence[int] | Tensor) -> Conditionin
 def cat_conditions(parts: Sequence[Conditioning]) -> Conditioning:
     """Concatenate the conditioning of several batches (same keys)."""
     first = parts[0]
-    cat = lambda key: None if getattr(first, key) is None else {  # noqa: E731
-        k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)}
+    cat = lambda key: (
+        None
+        if getattr(first, key) is None
+        else {  # noqa: E731
+            k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)
+        }
+    )
     return Conditioning(cat("cond"), cat("uncond"), [lab for p in parts for lab in p.labels])
 
 
@@ -251,11 +267,16 @@ class Trajectories:
     def __len__(self) -> int:
         return self.states.shape[1]
 
-    def rows(self, rows: Sequence[int] | Tensor) -> "Trajectories":
+    def rows(self, rows: Sequence[int] | Tensor) -> Trajectories:
         """The trajectories of a subset of samples."""
         r = torch.as_tensor(rows, dtype=torch.long).to(self.states.device)
-        return Trajectories(self.states[:, r], select_rows(self.cond, r),
-                            [self.indices[int(j)] for j in r], self.seed, self.outputs[:, r])
+        return Trajectories(
+            self.states[:, r],
+            select_rows(self.cond, r),
+            [self.indices[int(j)] for j in r],
+            self.seed,
+            self.outputs[:, r],
+        )
 
 
 @torch.no_grad()
@@ -267,7 +288,7 @@ def fp_trajectories(model, indices: Sequence[int], seed: int, batch_size: int = 
     model.scheduler.set_timesteps(model.sampler.num_inference_steps)  # model.timesteps, as sampling
     with quant_state(model.denoiser, weights=False, acts=False):
         for start in range(0, len(indices), batch_size):
-            idx = [int(i) for i in indices[start:start + batch_size]]
+            idx = [int(i) for i in indices[start : start + batch_size]]
             cond = model.conditions(idx, seed).to(model.device)
             x = model.initial_noise(idx, seed)
             scheduler, chain, outs = fresh_scheduler(model), [x], []
@@ -277,19 +298,26 @@ def fp_trajectories(model, indices: Sequence[int], seed: int, batch_size: int = 
             states.append(torch.stack(chain))
             outputs.append(torch.stack(outs))
             conds.append(cond)
-    return Trajectories(torch.cat(states, dim=1), cat_conditions(conds), [int(i) for i in indices],
-                        seed, torch.cat(outputs, dim=1))
+    return Trajectories(
+        torch.cat(states, dim=1),
+        cat_conditions(conds),
+        [int(i) for i in indices],
+        seed,
+        torch.cat(outputs, dim=1),
+    )
 
 
 @torch.no_grad()
-def scheduler_at(model, chain: Trajectories, start: int,
-                 rows: Optional[Sequence[int] | Tensor] = None) -> Any:
+def scheduler_at(
+    model, chain: Trajectories, start: int, rows: Optional[Sequence[int] | Tensor] = None
+) -> Any:
     """The scheduler of ``chain`` (samples ``rows``, default all) as it was before step
     ``start``: a fresh copy replayed over the chain's recorded states and model outputs of steps
     ``0 .. start-1`` (scheduler arithmetic only)."""
     if start > chain.outputs.shape[0]:
-        raise ValueError(f"the chain has {chain.outputs.shape[0]} recorded steps: no scheduler "
-                         f"state at step {start}")
+        raise ValueError(
+            f"the chain has {chain.outputs.shape[0]} recorded steps: no scheduler state at step {start}"
+        )
     scheduler = fresh_scheduler(model)
     if start == 0:
         return scheduler
@@ -299,8 +327,7 @@ def scheduler_at(model, chain: Trajectories, start: int,
         r = torch.as_tensor(rows, dtype=torch.long).to(chain.states.device)
         indices = [chain.indices[int(j)] for j in r]
     for j in range(start):
-        scheduler_update(model, scheduler, chain.outputs[j][r], chain.states[j][r], j, indices,
-                         chain.seed)
+        scheduler_update(model, scheduler, chain.outputs[j][r], chain.states[j][r], j, indices, chain.seed)
     return scheduler
 
 
@@ -310,16 +337,26 @@ def _start_scheduler(model, scheduler, start: int) -> Any:
     if scheduler is not None:
         return snapshot_scheduler(scheduler)
     if start > 0 and keeps_state(model):
-        raise ValueError(f"{type(model.scheduler).__name__} keeps state between steps: a chain "
-                         f"starting at step {start} needs its scheduler there (scheduler_at)")
+        raise ValueError(
+            f"{type(model.scheduler).__name__} keeps state between steps: a chain "
+            f"starting at step {start} needs its scheduler there (scheduler_at)"
+        )
     return fresh_scheduler(model)
 
 
 # ---------------------------------------------------------------------------- rollouts
-def rollout(model, x: Tensor, start: int, n_steps: int, cond: Conditioning,
-            indices: Sequence[int], seed: int, scheduler: Any = None,
-            outputs: Optional[list[Tensor]] = None,
-            states: Optional[list[Tensor]] = None) -> Tensor:
+def rollout(
+    model,
+    x: Tensor,
+    start: int,
+    n_steps: int,
+    cond: Conditioning,
+    indices: Sequence[int],
+    seed: int,
+    scheduler: Any = None,
+    outputs: Optional[list[Tensor]] = None,
+    states: Optional[list[Tensor]] = None,
+) -> Tensor:
     """``n_steps`` sampler steps from ``x`` at step ``start``; differentiable (the caller decides
     whether a graph is built). ``x``: ``(N, C, h, w)`` → ``(N, C, h, w)``.
 
@@ -335,10 +372,20 @@ def rollout(model, x: Tensor, start: int, n_steps: int, cond: Conditioning,
     return x
 
 
-def group_backward(model, mode: str, x_start: Tensor, start: int, n_steps: int, target: Tensor,
-                   cond: Conditioning, indices: Sequence[int], seed: int,
-                   loss: LossFn = mse_loss, loss_scale: float = 1.0,
-                   scheduler: Any = None) -> float:
+def group_backward(
+    model,
+    mode: str,
+    x_start: Tensor,
+    start: int,
+    n_steps: int,
+    target: Tensor,
+    cond: Conditioning,
+    indices: Sequence[int],
+    seed: int,
+    loss: LossFn = mse_loss,
+    loss_scale: float = 1.0,
+    scheduler: Any = None,
+) -> float:
     """Accumulate ``loss_scale · ∂L/∂θ`` into the ``.grad`` of every parameter that requires grad,
     for the group loss ``L = loss(x̃_{start+n_steps}, target)`` of the current (quantized) model
     rolled out from ``x_start``; returns ``L`` (a float).
@@ -385,8 +432,9 @@ def group_backward(model, mode: str, x_start: Tensor, start: int, n_steps: int, 
         # w_k: the scheduler alone over the recorded states (detached: identity Jacobians) with
         # the model outputs as leaves, g into every step's result
         leaves = [o.detach().requires_grad_(True) for o in outs]
-        ys = [scheduler_update(model, begin, leaves[k], xs[k], start + k, indices, seed)
-              for k in range(n_steps)]
+        ys = [
+            scheduler_update(model, begin, leaves[k], xs[k], start + k, indices, seed) for k in range(n_steps)
+        ]
         ws = torch.autograd.grad(ys, leaves, grad_outputs=[g] * n_steps, allow_unused=True)
     del ys, leaves
     ws = [torch.zeros_like(o) if w is None else w for w, o in zip(ws, outs)]
@@ -400,13 +448,21 @@ def group_backward(model, mode: str, x_start: Tensor, start: int, n_steps: int, 
     return float(value.detach())
 
 
-def group_loss(model, x_start: Tensor, start: int, n_steps: int, target: Tensor,
-               cond: Conditioning, indices: Sequence[int], seed: int,
-               loss: LossFn = mse_loss, scheduler: Any = None) -> float:
+def group_loss(
+    model,
+    x_start: Tensor,
+    start: int,
+    n_steps: int,
+    target: Tensor,
+    cond: Conditioning,
+    indices: Sequence[int],
+    seed: int,
+    loss: LossFn = mse_loss,
+    scheduler: Any = None,
+) -> float:
     """The group loss of the current model, without gradients."""
     with torch.no_grad():
-        return float(loss(rollout(model, x_start, start, n_steps, cond, indices, seed, scheduler),
-                          target))
+        return float(loss(rollout(model, x_start, start, n_steps, cond, indices, seed, scheduler), target))
 
 
 def gradient_of(params: Sequence[torch.nn.Parameter], fn: Callable[[], object]) -> Tensor:
@@ -415,8 +471,11 @@ def gradient_of(params: Sequence[torch.nn.Parameter], fn: Callable[[], object]) 
     for p in params:
         p.grad = None
     fn()
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params]).detach().clone()
+    flat = (
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        .detach()
+        .clone()
+    )
     for p in params:
         p.grad = None
     return flat
@@ -442,8 +501,26 @@ def group_length(start: int, n_steps: int, group_size: int) -> int:
     return min(group_size, n_steps - start)
 
 
-__all__ = ["GRAD_MODES", "LOSSES", "Trajectories", "chain_step", "check_scheduler",
-           "fp_trajectories", "fresh_scheduler", "gradient_agreement", "gradient_of",
-           "group_backward", "group_length", "group_loss", "group_starts", "keeps_state",
-           "loss_fn", "mse_loss", "rollout", "scheduler_at", "scheduler_update", "select_rows",
-           "snapshot_scheduler"]
+__all__ = [
+    "GRAD_MODES",
+    "LOSSES",
+    "Trajectories",
+    "chain_step",
+    "check_scheduler",
+    "fp_trajectories",
+    "fresh_scheduler",
+    "gradient_agreement",
+    "gradient_of",
+    "group_backward",
+    "group_length",
+    "group_loss",
+    "group_starts",
+    "keeps_state",
+    "loss_fn",
+    "mse_loss",
+    "rollout",
+    "scheduler_at",
+    "scheduler_update",
+    "select_rows",
+    "snapshot_scheduler",
+]

@@ -28,8 +28,9 @@ Conventions
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +46,9 @@ def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     return (seed * _SEED_MULT + index) * 1_009 + stream
 
 
-def per_sample_randn(indices: Sequence[int], seed: int, stream: int, shape: Sequence[int],
-                     device: torch.device | str = "cpu") -> Tensor:
+def per_sample_randn(
+    indices: Sequence[int], seed: int, stream: int, shape: Sequence[int], device: torch.device | str = "cpu"
+) -> Tensor:
     """Standard normal noise of shape ``(len(indices), *shape)``, row ``j`` drawn from the generator
     of sample ``indices[j]`` (CPU generator, so results match across devices)."""
     rows = []
@@ -73,7 +75,7 @@ class Conditioning:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device | str) -> "Conditioning":
+    def to(self, device: torch.device | str) -> Conditioning:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return Conditioning(move(self.cond), move(self.uncond), self.labels)
 
@@ -98,13 +100,23 @@ class DiffusionModel:
     family: str = "base"
     spec: DenoiserSpec
 
-    def __init__(self, name: str, denoiser: nn.Module, vae: nn.Module, scheduler: Any,
-                 sampler: SamplerSettings, latent_shape: Sequence[int],
-                 latent_scale: Optional[float] = None, device: torch.device | str = "cpu",
-                 meta: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        denoiser: nn.Module,
+        vae: nn.Module,
+        scheduler: Any,
+        sampler: SamplerSettings,
+        latent_shape: Sequence[int],
+        latent_scale: Optional[float] = None,
+        device: torch.device | str = "cpu",
+        meta: Optional[dict] = None,
+    ) -> None:
         if not isinstance(getattr(self, "spec", None), DenoiserSpec):
-            raise TypeError(f"{type(self).__name__} must declare its denoiser: a class attribute "
-                            "`spec` (a diffquant.models.denoiser.DenoiserSpec)")
+            raise TypeError(
+                f"{type(self).__name__} must declare its denoiser: a class attribute "
+                "`spec` (a diffquant.models.denoiser.DenoiserSpec)"
+            )
         self.name = name
         self.denoiser = denoiser.eval().requires_grad_(False).to(device)
         self.vae = vae.eval().requires_grad_(False).to(device)
@@ -144,8 +156,10 @@ class DiffusionModel:
         B = 2N with guidance ([uncond; cond]), else N."""
         if self.guided:
             if cond.uncond is None:
-                raise ValueError(f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs "
-                                 "unconditional inputs, but the conditioning has none")
+                raise ValueError(
+                    f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs "
+                    "unconditional inputs, but the conditioning has none"
+                )
             sample = torch.cat([x_t, x_t])
             extra = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
         else:
@@ -162,8 +176,9 @@ class DiffusionModel:
         e_u, e_c = out.chunk(2)
         return e_u + self.sampler.guidance_scale * (e_c - e_u)
 
-    def step(self, x_t: Tensor, i: int, cond: Conditioning, indices: Optional[Sequence[int]] = None,
-             seed: int = 0) -> Tensor:
+    def step(
+        self, x_t: Tensor, i: int, cond: Conditioning, indices: Optional[Sequence[int]] = None, seed: int = 0
+    ) -> Tensor:
         """One guided denoising step from sampler step ``i`` (0 = noisiest): returns x_{t_i} → x_prev.
 
         ``indices``/``seed`` identify the samples so that eta > 0 draws the same per-step noise for
@@ -181,8 +196,9 @@ class DiffusionModel:
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample_latents(self, indices: Sequence[int], seed: int, *,
-                       on_step: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+    def sample_latents(
+        self, indices: Sequence[int], seed: int, *, on_step: Optional[Callable[[int, Tensor], None]] = None
+    ) -> Tensor:
         """Run the whole sampler for samples ``indices``: returns x_0 latents ``(N, C, h, w)``.
 
         ``on_step(i, x_t)`` is called before step ``i`` with the current latents.
@@ -213,6 +229,12 @@ class DiffusionModel:
     def describe(self) -> dict[str, Any]:
         """A short, JSON-able description (for logs and the summary line)."""
         n_params = sum(p.numel() for p in self.denoiser.parameters())
-        return {"name": self.name, "family": self.family, "denoiser_params_m": round(n_params / 1e6, 3),
-                "steps": self.sampler.num_inference_steps, "guidance": self.sampler.guidance_scale,
-                "eta": self.sampler.eta, "latent_shape": list(self.latent_shape)}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "denoiser_params_m": round(n_params / 1e6, 3),
+            "steps": self.sampler.num_inference_steps,
+            "guidance": self.sampler.guidance_scale,
+            "eta": self.sampler.eta,
+            "latent_shape": list(self.latent_shape),
+        }

@@ -20,7 +20,8 @@ record it in ``diffquant.json`` (``unet_attention_heads``) for the ``ldm_compvis
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,9 +82,11 @@ def module_map(params: dict) -> list[tuple[str, str, str]]:
         if level < len(mult) - 1:
             out.append((f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0", updown or "downsample"))
             k += 1
-    out += [("middle_block.0", "mid_block.resnets.0", "resblock"),
-            ("middle_block.1", "mid_block.attentions.0", attn_kind),
-            ("middle_block.2", "mid_block.resnets.1", "resblock")]
+    out += [
+        ("middle_block.0", "mid_block.resnets.0", "resblock"),
+        ("middle_block.1", "mid_block.attentions.0", attn_kind),
+        ("middle_block.2", "mid_block.resnets.1", "resblock"),
+    ]
     k = 0
     for up, level in enumerate(reversed(range(len(mult)))):
         for j in range(n_res + 1):
@@ -93,7 +96,9 @@ def module_map(params: dict) -> list[tuple[str, str, str]]:
                 out.append((f"output_blocks.{k}.1", f"up_blocks.{up}.attentions.{j}", attn_kind))
                 index = 2
             if j == n_res and level > 0:
-                out.append((f"output_blocks.{k}.{index}", f"up_blocks.{up}.upsamplers.0", updown or "upsample"))
+                out.append(
+                    (f"output_blocks.{k}.{index}", f"up_blocks.{up}.upsamplers.0", updown or "upsample")
+                )
             k += 1
     out += [("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
     return out
@@ -106,10 +111,16 @@ def unet2d_config(params: dict, sample_size: int | None = None) -> dict[str, Any
     attn = level_has_attention(params)
     updown = bool(params.get("resblock_updown"))
     last = len(mult) - 1
-    down = ["AttnDownBlock2D" if attn[lv] else
-            ("ResnetDownsampleBlock2D" if updown and lv < last else "DownBlock2D") for lv in range(len(mult))]
-    up = ["AttnUpBlock2D" if attn[lv] else
-          ("ResnetUpsampleBlock2D" if updown and lv > 0 else "UpBlock2D") for lv in reversed(range(len(mult)))]
+    down = [
+        "AttnDownBlock2D"
+        if attn[lv]
+        else ("ResnetDownsampleBlock2D" if updown and lv < last else "DownBlock2D")
+        for lv in range(len(mult))
+    ]
+    up = [
+        "AttnUpBlock2D" if attn[lv] else ("ResnetUpsampleBlock2D" if updown and lv > 0 else "UpBlock2D")
+        for lv in reversed(range(len(mult)))
+    ]
     head_channels = _param(params, "num_head_channels", -1)
     return {
         "sample_size": sample_size or params.get("image_size"),
@@ -149,7 +160,7 @@ def split_qkv(weight: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
 def _renamed(suffix: str, names: dict[str, str]) -> str:
     for old in sorted(names, key=len, reverse=True):
         if suffix == old or suffix.startswith(old + "."):
-            return names[old] + suffix[len(old):]
+            return names[old] + suffix[len(old) :]
     raise KeyError(suffix)
 
 
@@ -164,7 +175,7 @@ def convert_unet2d_state_dict(compvis: dict[str, Tensor], params: dict) -> dict[
     out: dict[str, Tensor] = {}
     for cv_prefix, df_prefix, kind in module_map(params):
         for key in _module_params(remaining, cv_prefix):
-            suffix = key[len(cv_prefix) + 1:]
+            suffix = key[len(cv_prefix) + 1 :]
             value = remaining.pop(key)
             if kind == "attention" and suffix.startswith("qkv."):
                 channels = value.shape[0] // 3
@@ -172,15 +183,21 @@ def convert_unet2d_state_dict(compvis: dict[str, Tensor], params: dict) -> dict[
                 for name, part in zip(("to_q", "to_k", "to_v"), parts):
                     out[f"{df_prefix}.{name}.{suffix[4:]}"] = part
                 continue
-            names = {"resblock": RESBLOCK_NAMES, "attention": ATTENTION_NAMES, "downsample": DOWNSAMPLE_NAMES,
-                     "upsample": UPSAMPLE_NAMES}.get(kind)
+            names = {
+                "resblock": RESBLOCK_NAMES,
+                "attention": ATTENTION_NAMES,
+                "downsample": DOWNSAMPLE_NAMES,
+                "upsample": UPSAMPLE_NAMES,
+            }.get(kind)
             new_suffix = suffix if names is None else _renamed(suffix, names)
             if kind == "attention" and value.ndim == 3:  # Conv1d(C, C, 1) → Linear
                 value = value[:, :, 0]
             out[f"{df_prefix}.{new_suffix}"] = value
     if remaining:
-        raise KeyError(f"{len(remaining)} UNet weights do not fit the configured layout, e.g. "
-                       f"{sorted(remaining)[:5]}; check the original config (unet_config.params).")
+        raise KeyError(
+            f"{len(remaining)} UNet weights do not fit the configured layout, e.g. "
+            f"{sorted(remaining)[:5]}; check the original config (unet_config.params)."
+        )
     return out
 
 

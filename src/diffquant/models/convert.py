@@ -44,8 +44,9 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,12 +86,12 @@ def unet_state(state: dict[str, Tensor], ema: bool) -> dict[str, Tensor]:
     (``model_ema.<name without dots>``), which CompVis checkpoints may also hold."""
     keys = [k for k in state if k.startswith(UNET_PREFIX)]
     if not ema:
-        return {k[len(UNET_PREFIX):]: state[k] for k in keys}
-    ema_keys = {k: "model_ema." + k[len("model."):].replace(".", "") for k in keys}
+        return {k[len(UNET_PREFIX) :]: state[k] for k in keys}
+    ema_keys = {k: "model_ema." + k[len("model.") :].replace(".", "") for k in keys}
     missing = [e for e in ema_keys.values() if e not in state]
     if missing:
         raise KeyError(f"--ema: the checkpoint has no EMA weights (e.g. {missing[0]}); drop --ema.")
-    return {k[len(UNET_PREFIX):]: state[e] for k, e in ema_keys.items()}
+    return {k[len(UNET_PREFIX) :]: state[e] for k, e in ema_keys.items()}
 
 
 def noise_schedule(state: dict[str, Tensor], params: dict) -> dict[str, Any]:
@@ -98,10 +99,16 @@ def noise_schedule(state: dict[str, Tensor], params: dict) -> dict[str, Any]:
     the checkpoint's ``betas`` buffer when present, else from the original config."""
     if "betas" in state:
         betas = state["betas"].double()
-        return {"num_train_timesteps": len(betas), "beta_start": round(float(betas[0]), 8),
-                "beta_end": round(float(betas[-1]), 8)}
-    return {"num_train_timesteps": params.get("timesteps", 1000), "beta_start": params["linear_start"],
-            "beta_end": params["linear_end"]}
+        return {
+            "num_train_timesteps": len(betas),
+            "beta_start": round(float(betas[0]), 8),
+            "beta_end": round(float(betas[-1]), 8),
+        }
+    return {
+        "num_train_timesteps": params.get("timesteps", 1000),
+        "beta_start": params["linear_start"],
+        "beta_end": params["linear_end"],
+    }
 
 
 def latent_scale(state: dict[str, Tensor], params: dict) -> float:
@@ -124,10 +131,15 @@ def convert_vae(state: dict[str, Tensor], first_stage: dict, scaling_factor: flo
         raise NotImplementedError("autoencoders with attention outside the mid block are not supported")
     n = len(dd["ch_mult"])
     config: dict[str, Any] = {
-        "in_channels": dd["in_channels"], "out_channels": dd["out_ch"],
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [dd["ch"] * m for m in dd["ch_mult"]], "layers_per_block": dd["num_res_blocks"],
-        "latent_channels": dd["z_channels"], "sample_size": dd["resolution"], "scaling_factor": scaling_factor,
+        "in_channels": dd["in_channels"],
+        "out_channels": dd["out_ch"],
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [dd["ch"] * m for m in dd["ch_mult"]],
+        "layers_per_block": dd["num_res_blocks"],
+        "latent_channels": dd["z_channels"],
+        "sample_size": dd["resolution"],
+        "scaling_factor": scaling_factor,
     }
     weights = convert_ldm_vae_checkpoint(state, config)
     if "VQ" in first_stage["target"]:
@@ -147,12 +159,16 @@ def convert_unet(state: dict[str, Tensor], config: dict, image_size: int, ema: b
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     unet_params = config["model"]["params"]["unet_config"]["params"]
-    vae_factor = 2 ** (len(config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    vae_factor = 2 ** (
+        len(config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1
+    )
     sample_size = image_size // vae_factor
     weights = unet_state(state, ema)
     if unet_params.get("use_spatial_transformer"):
-        from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                         create_unet_diffusers_config_from_ldm)
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_unet_checkpoint,
+            create_unet_diffusers_config_from_ldm,
+        )
 
         unet_config = create_unet_diffusers_config_from_ldm(config, state)
         unet_config["sample_size"] = sample_size
@@ -169,16 +185,24 @@ def ddim_scheduler(schedule: dict[str, Any]):
     """CompVis' DDIM sampler in diffusers terms (uniform ``leading`` timesteps, ``steps_offset=1``)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**schedule, beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    return DDIMScheduler(
+        **schedule,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
 
 
 def plms_scheduler(schedule: dict[str, Any]):
     """CompVis' PLMS sampler in diffusers terms (``PNDMScheduler`` without Runge-Kutta warm-up)."""
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(**schedule, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False,
-                         steps_offset=1)
+    return PNDMScheduler(
+        **schedule, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    )
 
 
 def convert_class_embedder(state: dict[str, Tensor]):
@@ -205,15 +229,25 @@ def convert_text_encoder(state: dict[str, Tensor], clip: str):
     text_encoder = CLIPTextModel(config)
     weights = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if not k.endswith("position_ids")}
     text_encoder.load_state_dict(weights, strict=True)
-    tokenizer = CLIPTokenizer.from_pretrained(clip, subfolder="tokenizer") if (Path(clip) / "tokenizer").is_dir() \
+    tokenizer = (
+        CLIPTokenizer.from_pretrained(clip, subfolder="tokenizer")
+        if (Path(clip) / "tokenizer").is_dir()
         else CLIPTokenizer.from_pretrained(clip)
+    )
     return text_encoder, tokenizer
 
 
 # ------------------------------------------------------------------------------------ whole models
-def convert_checkpoint(model: str, ckpt: Path, out: Path, config_path: Path | None = None, ema: bool = False,
-                       clip: str = "openai/clip-vit-large-patch14", image_size: int | None = None,
-                       command: str = "") -> Path:
+def convert_checkpoint(
+    model: str,
+    ckpt: Path,
+    out: Path,
+    config_path: Path | None = None,
+    ema: bool = False,
+    clip: str = "openai/clip-vit-large-patch14",
+    image_size: int | None = None,
+    command: str = "",
+) -> Path:
     """Convert ``ckpt`` of ``model`` into the folder ``out`` (see the module docstring)."""
     config = read_original_config(model, config_path)
     params = config["model"]["params"]
@@ -222,16 +256,29 @@ def convert_checkpoint(model: str, ckpt: Path, out: Path, config_path: Path | No
     schedule = noise_schedule(state, params)
     vae = convert_vae(state, params["first_stage_config"], latent_scale(state, params))
     unet, heads = convert_unet(state, config, image_size, ema)
-    meta: dict[str, Any] = {"model": model, "source": str(ckpt), "ema": ema, "image_size": image_size,
-                            "noise_schedule": schedule, "converted_by": command}
+    meta: dict[str, Any] = {
+        "model": model,
+        "source": str(ckpt),
+        "ema": ema,
+        "image_size": image_size,
+        "noise_schedule": schedule,
+        "converted_by": command,
+    }
     out = Path(out)
     if model == "sd_v1_4":
         from diffusers import StableDiffusionPipeline
 
         text_encoder, tokenizer = convert_text_encoder(state, clip)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=plms_scheduler(schedule), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=plms_scheduler(schedule),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(out, safe_serialization=True)
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,18 +316,27 @@ def fetch_hub_ldm(hub_id: str, out: Path, command: str = "") -> Path:
 
 # ------------------------------------------------------------------------------------ command line
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.models.convert",
-                                     description="Convert a CompVis checkpoint into a folder for model.pretrained.")
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.models.convert",
+        description="Convert a CompVis checkpoint into a folder for model.pretrained.",
+    )
     parser.add_argument("model", choices=MODELS)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="the CompVis .ckpt (or .safetensors)")
     source.add_argument("--hub", help="a diffusers LDMPipeline hub id or folder (ldm_celebahq)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (model.pretrained=OUT)")
-    parser.add_argument("--original-config", type=Path, default=None,
-                        help="the checkpoint's CompVis YAML (default: the released config of MODEL)")
+    parser.add_argument(
+        "--original-config",
+        type=Path,
+        default=None,
+        help="the checkpoint's CompVis YAML (default: the released config of MODEL)",
+    )
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA UNet weights")
-    parser.add_argument("--clip", default="openai/clip-vit-large-patch14",
-                        help="sd_v1_4: CLIP text config and tokenizer (hub id or folder)")
+    parser.add_argument(
+        "--clip",
+        default="openai/clip-vit-large-patch14",
+        help="sd_v1_4: CLIP text config and tokenizer (hub id or folder)",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="pixels (default: the paper's)")
     args = parser.parse_args(argv)
     if args.hub and args.model != "ldm_celebahq":
@@ -295,8 +351,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.hub:
         out = fetch_hub_ldm(args.hub, args.out, command)
     else:
-        out = convert_checkpoint(args.model, args.ckpt, args.out, args.original_config, args.ema, args.clip,
-                                 args.image_size, command)
+        out = convert_checkpoint(
+            args.model,
+            args.ckpt,
+            args.out,
+            args.original_config,
+            args.ema,
+            args.clip,
+            args.image_size,
+            command,
+        )
     print(f"wrote {out}; run with: model={args.model} model.pretrained={out}")
     return out
 

@@ -52,8 +52,17 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-ROLES = ("first", "last", "time_embedding", "time_projection", "self_attention_qkv",
-         "cross_attention_q", "cross_attention_kv", "attention_out", "feed_forward")
+ROLES = (
+    "first",
+    "last",
+    "time_embedding",
+    "time_projection",
+    "self_attention_qkv",
+    "cross_attention_q",
+    "cross_attention_kv",
+    "attention_out",
+    "feed_forward",
+)
 
 
 class RoleError(ValueError):
@@ -99,8 +108,10 @@ class DenoiserSpec:
             return kwargs[self.timestep_arg]
         if self.timestep_position is not None and len(args) > self.timestep_position:
             return args[self.timestep_position]
-        raise RuntimeError(f"{self.family} denoiser called without its time step (keyword "
-                           f"argument {self.timestep_arg!r}): time-step-aware quantizers need it")
+        raise RuntimeError(
+            f"{self.family} denoiser called without its time step (keyword "
+            f"argument {self.timestep_arg!r}): time-step-aware quantizers need it"
+        )
 
     # ------------------------------------------------------------------ roles
     def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
@@ -121,8 +132,10 @@ class DenoiserSpec:
         and ``purpose`` (a method that needs them would otherwise silently train nothing)."""
         layers = self.layers(denoiser, *roles)
         if not layers:
-            raise RoleError(f"{purpose or 'this method'} needs layers in the denoiser role(s) "
-                            f"{list(roles)}, which this {self.family} model has none of")
+            raise RoleError(
+                f"{purpose or 'this method'} needs layers in the denoiser role(s) "
+                f"{list(roles)}, which this {self.family} model has none of"
+            )
         return layers
 
     # ------------------------------------------------------------------ structure
@@ -163,8 +176,10 @@ class DiffusersSpec(DenoiserSpec):
         for role, names in (("first", self.first_layers), ("last", self.last_layers)):
             for n in names:
                 if not is_layer(modules.get(n, nn.Identity())):
-                    raise RoleError(f"{self.family} denoiser: role {role!r} names layer {n!r}, "
-                                    "which is not a Conv2d/Linear of this model")
+                    raise RoleError(
+                        f"{self.family} denoiser: role {role!r} names layer {n!r}, "
+                        "which is not a Conv2d/Linear of this model"
+                    )
                 table[role].append(n)
 
         def sub(prefix: str, attr: str) -> list[str]:
@@ -177,15 +192,12 @@ class DiffusersSpec(DenoiserSpec):
                     table["cross_attention_q"] += sub(name, "to_q")
                     table["cross_attention_kv"] += sub(name, "to_k") + sub(name, "to_v")
                 else:
-                    table["self_attention_qkv"] += (sub(name, "to_q") + sub(name, "to_k")
-                                                    + sub(name, "to_v"))
+                    table["self_attention_qkv"] += sub(name, "to_q") + sub(name, "to_k") + sub(name, "to_v")
                 table["attention_out"] += sub(name, "to_out.0")
             elif isinstance(m, FeedForward):
-                table["feed_forward"] += [f"{name}.{n}" for n, c in m.named_modules()
-                                          if n and is_layer(c)]
+                table["feed_forward"] += [f"{name}.{n}" for n, c in m.named_modules() if n and is_layer(c)]
             elif isinstance(m, TimestepEmbedding):
-                table["time_embedding"] += [f"{name}.{n}" for n, c in m.named_modules()
-                                            if n and is_layer(c)]
+                table["time_embedding"] += [f"{name}.{n}" for n, c in m.named_modules() if n and is_layer(c)]
             elif isinstance(m, ResnetBlock2D):
                 table["time_projection"] += sub(name, "time_emb_proj")
         return table
@@ -195,8 +207,11 @@ class DiffusersSpec(DenoiserSpec):
         from diffusers.models.attention_processor import Attention
         from diffusers.models.resnet import ResnetBlock2D
 
-        for cls, kind in ((ResnetBlock2D, "resnet"), (BasicTransformerBlock, "transformer"),
-                          (Attention, "attention")):
+        for cls, kind in (
+            (ResnetBlock2D, "resnet"),
+            (BasicTransformerBlock, "transformer"),
+            (Attention, "attention"),
+        ):
             if isinstance(module, cls):
                 return kind
         return None
@@ -229,8 +244,11 @@ class UNetSpec(DiffusersSpec):
             h_channels = entering
             for j, resnet in enumerate(getattr(block, "resnets", None) or []):
                 shortcut = getattr(resnet, "conv_shortcut", None)
-                if (isinstance(shortcut, nn.Conv2d) and h_channels is not None
-                        and 0 < h_channels < shortcut.in_channels):
+                if (
+                    isinstance(shortcut, nn.Conv2d)
+                    and h_channels is not None
+                    and 0 < h_channels < shortcut.in_channels
+                ):
                     splits[f"up_blocks.{k}.resnets.{j}.conv_shortcut"] = int(h_channels)
                 h_channels = int(resnet.out_channels)
             entering = _out_channels(block) or entering

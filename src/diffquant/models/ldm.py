@@ -8,15 +8,16 @@ Components are read from a diffusers folder or hub id with the subfolders ``unet
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
-from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.denoiser import UNET
 from diffquant.models.loading import check_weights, load_component, read_meta, resolve_location
 from diffquant.registry import MODELS
 
@@ -32,9 +33,11 @@ class LatentDiffusion(DiffusionModel):
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
         if self.guided and num_classes is None:
-            raise ValueError(f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs a "
-                             "class-conditional model (model.num_classes); set "
-                             "model.guidance_scale=1.0 for an unconditional one.")
+            raise ValueError(
+                f"{self.name}: guidance_scale={self.sampler.guidance_scale} needs a "
+                "class-conditional model (model.num_classes); set "
+                "model.guidance_scale=1.0 for an unconditional one."
+            )
 
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
         if self.num_classes is None:
@@ -87,6 +90,15 @@ def build_ldm(model_cfg: Any, device: torch.device) -> LatentDiffusion:
     size = size if isinstance(size, int) else size[0]
     sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
     num_classes = model_cfg.num_classes if model_cfg.num_classes is not None else meta.get("num_classes")
-    return LatentDiffusion(model_cfg.name, unet, vae, scheduler, sampler,
-                           (unet.config.in_channels, size, size), model_cfg.latent_scale, device,
-                           meta, num_classes=num_classes)
+    return LatentDiffusion(
+        model_cfg.name,
+        unet,
+        vae,
+        scheduler,
+        sampler,
+        (unet.config.in_channels, size, size),
+        model_cfg.latent_scale,
+        device,
+        meta,
+        num_classes=num_classes,
+    )

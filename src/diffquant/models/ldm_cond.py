@@ -13,7 +13,8 @@ text encoder; methods only replace ``unet``, whose batched call carries
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,8 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.denoiser import UNET
 from diffquant.models.ldm import load_scheduler, vae_class
 from diffquant.models.loading import check_weights, load_component, read_meta
 from diffquant.models.sd import latent_shape
@@ -58,7 +59,9 @@ class ClassContextDiffusion(DiffusionModel):
 
     @torch.no_grad()
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
-        labels = torch.tensor([int(i) % self.num_classes for i in indices], dtype=torch.long, device=self.device)
+        labels = torch.tensor(
+            [int(i) % self.num_classes for i in indices], dtype=torch.long, device=self.device
+        )
         cond = {"encoder_hidden_states": self.class_embedder(labels)}
         uncond = None
         if self.guided:
@@ -76,10 +79,21 @@ def build_ldm_class_context(model_cfg: Any, device: torch.device) -> ClassContex
     scheduler = load_scheduler(model_cfg)
     num_classes = model_cfg.num_classes or class_embedder.null_class
     if num_classes > class_embedder.null_class:
-        raise ValueError(f"model.num_classes={num_classes} exceeds the {class_embedder.null_class} classes "
-                         "of the class embedder.")
+        raise ValueError(
+            f"model.num_classes={num_classes} exceeds the {class_embedder.null_class} classes "
+            "of the class embedder."
+        )
     sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
-    return ClassContextDiffusion(model_cfg.name, unet, vae, scheduler, sampler,
-                                 latent_shape(unet, vae, model_cfg.image_size), model_cfg.latent_scale,
-                                 device, read_meta(model_cfg), class_embedder=class_embedder,
-                                 num_classes=num_classes)
+    return ClassContextDiffusion(
+        model_cfg.name,
+        unet,
+        vae,
+        scheduler,
+        sampler,
+        latent_shape(unet, vae, model_cfg.image_size),
+        model_cfg.latent_scale,
+        device,
+        read_meta(model_cfg),
+        class_embedder=class_embedder,
+        num_classes=num_classes,
+    )

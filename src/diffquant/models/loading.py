@@ -42,9 +42,11 @@ def missing_weights_message(model_cfg: Any, location: str, detail: str = "") -> 
         lines.append(f"  ({detail})")
     if model_cfg.get_weights:
         lines.append(f"  Get them with: {model_cfg.get_weights}")
-    lines.append("  Then point the config at them: model.pretrained=/path/to/diffusers/folder"
-                 " (or set model.local_files_only=false on a machine with internet access to use a"
-                 " hub id).")
+    lines.append(
+        "  Then point the config at them: model.pretrained=/path/to/diffusers/folder"
+        " (or set model.local_files_only=false on a machine with internet access to use a"
+        " hub id)."
+    )
     return "\n".join(lines)
 
 
@@ -55,17 +57,21 @@ def check_weights(model_cfg: Any, subfolders: tuple[str, ...]) -> str:
         root = Path(location).expanduser()
         absent = [s for s in subfolders if not (root / s).is_dir()]
         if absent:
-            raise MissingWeightsError(missing_weights_message(
-                model_cfg, location, f"missing component folders: {', '.join(absent)}"))
+            raise MissingWeightsError(
+                missing_weights_message(
+                    model_cfg, location, f"missing component folders: {', '.join(absent)}"
+                )
+            )
     elif model_cfg.local_files_only:
         from huggingface_hub import try_to_load_from_cache
 
-        probe = try_to_load_from_cache(location, f"{subfolders[0]}/config.json",
-                                       revision=model_cfg.revision)
+        probe = try_to_load_from_cache(location, f"{subfolders[0]}/config.json", revision=model_cfg.revision)
         if not isinstance(probe, str):
-            raise MissingWeightsError(missing_weights_message(
-                model_cfg, location, "not in the local Hugging Face cache and "
-                "model.local_files_only=true"))
+            raise MissingWeightsError(
+                missing_weights_message(
+                    model_cfg, location, "not in the local Hugging Face cache and model.local_files_only=true"
+                )
+            )
     return location
 
 
@@ -73,18 +79,25 @@ def load_component(cls: type, model_cfg: Any, subfolder: str, **kwargs: Any):
     """``cls.from_pretrained(location, subfolder=subfolder)`` with the config's offline policy."""
     location = resolve_location(model_cfg.pretrained)
     try:
-        return cls.from_pretrained(location, subfolder=subfolder, revision=model_cfg.revision,
-                                   local_files_only=model_cfg.local_files_only, **kwargs)
-    except (OSError, EnvironmentError) as err:
+        return cls.from_pretrained(
+            location,
+            subfolder=subfolder,
+            revision=model_cfg.revision,
+            local_files_only=model_cfg.local_files_only,
+            **kwargs,
+        )
+    except OSError as err:
         folder = Path(location).expanduser() / subfolder
         weights = [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".pt")]
         if weights and "Unable to load weights" in str(err):
             raise CorruptWeightsError(
                 f"Weights of model '{model_cfg.name}' at {folder} exist but cannot be read "
                 f"({str(err).splitlines()[0]}): the file is corrupt or truncated. Re-download or "
-                "retrain them" + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "")
-                + ".") from err
-        raise MissingWeightsError(missing_weights_message(model_cfg, location, str(err).splitlines()[0])) from err
+                "retrain them" + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "") + "."
+            ) from err
+        raise MissingWeightsError(
+            missing_weights_message(model_cfg, location, str(err).splitlines()[0])
+        ) from err
 
 
 def read_meta(model_cfg: Any) -> dict[str, Any]:
@@ -119,7 +132,9 @@ def check_finite_weights(model: Any, model_cfg: Any) -> None:
                     f"model '{model_cfg.name}' ({model_cfg.pretrained}): {component} parameter "
                     f"{name!r} holds {n_bad} NaN/inf value(s) of {p.numel()}. The weights are "
                     "corrupt: re-download or retrain them"
-                    + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "") + ".")
+                    + (f" ({model_cfg.get_weights})" if model_cfg.get_weights else "")
+                    + "."
+                )
 
 
 def build_model(model_cfg: Any, device: torch.device | str = "cpu"):

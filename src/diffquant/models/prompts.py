@@ -14,32 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
-COCO_COMMAND = ("python -m diffquant.models.prompts coco --annotations captions_val2014.json "
-                "--out <file>")
+COCO_COMMAND = "python -m diffquant.models.prompts coco --annotations captions_val2014.json --out <file>"
 
 
 def resolve_prompts_path(spec: str) -> Path:
     """``assets:<rel>`` → the packaged file; anything else → that path (``~`` expanded)."""
     if spec.startswith("assets:"):
-        return ASSETS_DIR / spec[len("assets:"):]
+        return ASSETS_DIR / spec[len("assets:") :]
     return Path(spec).expanduser()
 
 
 def load_prompts(spec: str | None) -> list[str]:
     """The prompts of ``spec`` (non-empty lines, stripped); fails naming the config key and the fix."""
     if not spec:
-        raise ValueError("A text-to-image model needs a prompt set: set model.prompts=<file with one "
-                         "prompt per line> (e.g. model.prompts=assets:prompts/digits.txt).")
+        raise ValueError(
+            "A text-to-image model needs a prompt set: set model.prompts=<file with one "
+            "prompt per line> (e.g. model.prompts=assets:prompts/digits.txt)."
+        )
     path = resolve_prompts_path(spec)
     if not path.is_file():
         raise FileNotFoundError(
             f"Prompt file {str(path)!r} (model.prompts={spec!r}) not found. Point model.prompts at a "
-            f"file with one prompt per line; for MS-COCO captions make one with: {COCO_COMMAND}")
+            f"file with one prompt per line; for MS-COCO captions make one with: {COCO_COMMAND}"
+        )
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"Prompt file {str(path)!r} (model.prompts={spec!r}) has no prompts.")
@@ -60,8 +62,10 @@ def coco_captions(annotations: Path, n: int | None = None, seed: int = 0) -> lis
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m diffquant.models.prompts",
-                                     description="Make prompt files for text-to-image evaluation.")
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.models.prompts",
+        description="Make prompt files for text-to-image evaluation.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     coco = sub.add_parser("coco", help="captions of MS-COCO images, one per image")
     coco.add_argument("--annotations", type=Path, required=True, help="captions_val2014.json (or 2017)")

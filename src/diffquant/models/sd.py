@@ -14,14 +14,15 @@ the unconditional rows first and the conditional rows second (``encoder_hidden_s
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 
-from diffquant.models.denoiser import UNET
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.denoiser import UNET
 from diffquant.models.ldm import load_scheduler
 from diffquant.models.loading import check_weights, load_component, read_meta
 from diffquant.models.prompts import load_prompts
@@ -42,8 +43,13 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Tensor:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                                max_length=self.tokenizer.model_max_length)
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.tokenizer.model_max_length,
+        )
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
@@ -83,7 +89,11 @@ class TextToImageDiffusion(DiffusionModel):
 
     def describe(self) -> dict[str, Any]:
         n_text = sum(p.numel() for p in self.text_encoder.parameters())
-        return {**super().describe(), "prompts": len(self.prompts), "text_encoder_params_m": round(n_text / 1e6, 3)}
+        return {
+            **super().describe(),
+            "prompts": len(self.prompts),
+            "text_encoder_params_m": round(n_text / 1e6, 3),
+        }
 
 
 def latent_shape(unet: nn.Module, vae: nn.Module, image_size: int | None) -> tuple[int, int, int]:
@@ -95,8 +105,10 @@ def latent_shape(unet: nn.Module, vae: nn.Module, image_size: int | None) -> tup
     else:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if image_size % factor:
-            raise ValueError(f"model.image_size={image_size} is not a multiple of the autoencoder's "
-                             f"downsampling factor {factor}.")
+            raise ValueError(
+                f"model.image_size={image_size} is not a multiple of the autoencoder's "
+                f"downsampling factor {factor}."
+            )
         size = image_size // factor
     return (unet.config.in_channels, size, size)
 
@@ -114,9 +126,20 @@ def build_sd(model_cfg: Any, device: torch.device) -> TextToImageDiffusion:
     scheduler = load_scheduler(model_cfg)
     sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
     # The prompts decide the conditions of every sample: part of the model's identity in cache keys.
-    meta = {**read_meta(model_cfg), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]}
-    return TextToImageDiffusion(model_cfg.name, unet, vae, scheduler, sampler,
-                                latent_shape(unet, vae, model_cfg.image_size), model_cfg.latent_scale,
-                                device, meta,
-                                prompt_encoder=PromptEncoder(tokenizer, text_encoder, torch.device(device)),
-                                prompts=prompts)
+    meta = {
+        **read_meta(model_cfg),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+    }
+    return TextToImageDiffusion(
+        model_cfg.name,
+        unet,
+        vae,
+        scheduler,
+        sampler,
+        latent_shape(unet, vae, model_cfg.image_size),
+        model_cfg.latent_scale,
+        device,
+        meta,
+        prompt_encoder=PromptEncoder(tokenizer, text_encoder, torch.device(device)),
+        prompts=prompts,
+    )

@@ -33,7 +33,7 @@ class AdaRound(nn.Module):
         self.alpha = nn.Parameter(alpha.clone().float())
 
     @classmethod
-    def from_weight(cls, weight: Tensor, scale: Tensor) -> "AdaRound":
+    def from_weight(cls, weight: Tensor, scale: Tensor) -> AdaRound:
         """α such that ``h(α) = frac(weight / scale)``; ``scale`` broadcasts to ``weight``."""
         rest = weight / scale - torch.floor(weight / scale)
         alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
@@ -45,7 +45,7 @@ class AdaRound(nn.Module):
 
     def hard_mask(self) -> Tensor:
         """The frozen choice ``α ≥ 0`` (bool, weight-shaped): round up where True."""
-        return (self.alpha.detach() >= 0)
+        return self.alpha.detach() >= 0
 
     def regularizer(self, beta: float) -> Tensor:
         """``Σ (1 - |2 h(α) - 1|^β)`` (a scalar; 0 when every h is 0 or 1)."""

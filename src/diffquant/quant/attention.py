@@ -33,9 +33,13 @@ class QuantAttnProcessor(nn.Module):
     Any of the quantizers may be None (kept in full precision).
     """
 
-    def __init__(self, q_quantizer: Optional[ActQuantizer], k_quantizer: Optional[ActQuantizer],
-                 v_quantizer: Optional[ActQuantizer],
-                 prob_quantizer: Optional[ActQuantizer]) -> None:
+    def __init__(
+        self,
+        q_quantizer: Optional[ActQuantizer],
+        k_quantizer: Optional[ActQuantizer],
+        v_quantizer: Optional[ActQuantizer],
+        prob_quantizer: Optional[ActQuantizer],
+    ) -> None:
         super().__init__()
         self.q_quantizer = q_quantizer
         self.k_quantizer = k_quantizer
@@ -43,15 +47,23 @@ class QuantAttnProcessor(nn.Module):
         self.prob_quantizer = prob_quantizer
 
     # ``Attention.forward`` filters keyword arguments by the processor's ``__call__`` signature.
-    def __call__(self, attn: nn.Module, hidden_states: Tensor,
-                 encoder_hidden_states: Optional[Tensor] = None,
-                 attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None,
-                 **kwargs) -> Tensor:
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        temb: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def _quantizers(self) -> list[ActQuantizer]:
-        return [q for q in (self.q_quantizer, self.k_quantizer, self.v_quantizer,
-                            self.prob_quantizer) if q is not None]
+        return [
+            q
+            for q in (self.q_quantizer, self.k_quantizer, self.v_quantizer, self.prob_quantizer)
+            if q is not None
+        ]
 
     def _active(self) -> bool:
         return any(q.enabled or q._observer is not None for q in self._quantizers())
@@ -65,9 +77,14 @@ class QuantAttnProcessor(nn.Module):
         flat = quantizer(x.transpose(1, 2).reshape(b, n, h * d))
         return flat.view(b, n, h, d).transpose(1, 2)
 
-    def forward(self, attn: nn.Module, hidden_states: Tensor,
-                encoder_hidden_states: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        temb: Optional[Tensor] = None,
+    ) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -77,8 +94,9 @@ class QuantAttnProcessor(nn.Module):
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
 
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
@@ -106,9 +124,9 @@ class QuantAttnProcessor(nn.Module):
         if self._active():
             hidden_states = self._quantized_attention(attn, query, key, value, attention_mask)
         else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=0.0, is_causal=False,
-                                                           scale=attn.scale)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -121,8 +139,9 @@ class QuantAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _quantized_attention(self, attn: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                             attention_mask: Optional[Tensor]) -> Tensor:
+    def _quantized_attention(
+        self, attn: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor]
+    ) -> Tensor:
         """Explicit attention on ``(B, heads, L, d)`` operands: returns ``(B, heads, L_q, d)``."""
         query = self._quant_heads(query, self.q_quantizer)
         key = self._quant_heads(key, self.k_quantizer)

@@ -41,13 +41,17 @@ FORMAT = "diffquant-quant-v1"
 def quantizer_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The entries of ``denoiser.state_dict()`` that belong to quantizers (detached, on CPU)."""
     prefixes = tuple(f"{name}." for name, _ in iter_quantizers(denoiser))
-    return {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()
-            if k.startswith(prefixes)}
+    return {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items() if k.startswith(prefixes)}
 
 
-def save_quantized(denoiser: nn.Module, path: Path | str, quant_cfg: Any, *,
-                   meta: Optional[dict[str, Any]] = None,
-                   params: Optional[dict[str, torch.Tensor]] = None) -> Path:
+def save_quantized(
+    denoiser: nn.Module,
+    path: Path | str,
+    quant_cfg: Any,
+    *,
+    meta: Optional[dict[str, Any]] = None,
+    params: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
     """Write the quantization state of ``denoiser`` and the values of ``params`` (qualified
     parameter names of ``denoiser``) to ``path`` (atomically); returns ``path``."""
     router = get_router(denoiser)
@@ -67,8 +71,10 @@ def save_quantized(denoiser: nn.Module, path: Path | str, quant_cfg: Any, *,
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
     payload = load_torch(Path(path), map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a diffquant quantized checkpoint "
-                         f"(format {payload.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{path} is not a diffquant quantized checkpoint "
+            f"(format {payload.get('format')!r}, expected {FORMAT!r})"
+        )
     return payload
 
 
@@ -78,23 +84,26 @@ def load_quant_state(denoiser: nn.Module, state: dict[str, torch.Tensor]) -> Non
     result = denoiser.load_state_dict(state, strict=False)
     missing = sorted(k for k in result.missing_keys if k in expected)
     if missing or result.unexpected_keys:
-        raise ValueError("quantized checkpoint does not match the model's quantizers: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                         f"{result.unexpected_keys[:5]} — was it saved with another model or "
-                         "quant config?")
+        raise ValueError(
+            "quantized checkpoint does not match the model's quantizers: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{result.unexpected_keys[:5]} — was it saved with another model or "
+            "quant config?"
+        )
 
 
-def load_quantized(denoiser: nn.Module, spec: "DenoiserSpec", path: Path | str
-                   ) -> tuple[QuantSummary, dict[str, Any]]:
+def load_quantized(
+    denoiser: nn.Module, spec: DenoiserSpec, path: Path | str
+) -> tuple[QuantSummary, dict[str, Any]]:
     """Quantize the FP ``denoiser`` (described by ``spec``, its family's
     :class:`~diffquant.models.denoiser.DenoiserSpec`) as recorded in ``path`` and load its state;
     returns the summary and the checkpoint's ``meta``."""
     payload = read_checkpoint(path)
     cfg = as_dataclass(payload["quant_cfg"], QuantConfig)
     ts = payload["timesteps"]
-    summary = quantize_denoiser(denoiser, spec, cfg,
-                                timesteps=None if ts is None else ts["schedule"],
-                                init_weights=False)
+    summary = quantize_denoiser(
+        denoiser, spec, cfg, timesteps=None if ts is None else ts["schedule"], init_weights=False
+    )
     if ts is not None and get_router(denoiser) is None:
         raise ValueError(f"{path}: time-step schedule saved but the config is not time-step aware")
     if payload["weights"]:

@@ -58,8 +58,7 @@ class QuantConfig:
     shortcut_split: bool = True
     weight_init: str = "lp"
     act_init: str = "lp"
-    minmax_act_roles: list[str] = field(
-        default_factory=lambda: ["time_embedding", "time_projection"])
+    minmax_act_roles: list[str] = field(default_factory=lambda: ["time_embedding", "time_projection"])
     minmax_act_layers: list[str] = field(default_factory=list)
     lp_norm: float = 2.4
     lp_candidates: int = 80
@@ -87,20 +86,25 @@ def validate_bits(cfg) -> None:
         if bits is None and key == "first_last_act_bits":
             continue
         if bits != FP_BITS and not 2 <= bits <= 16:
-            raise InvalidSetting(key, f"is impossible: use 2..16 bits, or 32 for full precision "
-                                      f"(e.g. quant.{key}=4).")
+            raise InvalidSetting(
+                key, f"is impossible: use 2..16 bits, or 32 for full precision (e.g. quant.{key}=4)."
+            )
     for key in ("weight_init", "act_init"):
         one_of(cfg, key, ("lp", "minmax"))
     for pattern in cfg.minmax_act_layers:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise InvalidSetting("minmax_act_layers", f"holds {pattern!r}, not a regular expression "
-                                 f"({err}); e.g. 'quant.minmax_act_layers=[\\.proj_in\\.]'.") from err
+            raise InvalidSetting(
+                "minmax_act_layers",
+                f"holds {pattern!r}, not a regular expression "
+                f"({err}); e.g. 'quant.minmax_act_layers=[\\.proj_in\\.]'.",
+            ) from err
     from diffquant.models.denoiser import ROLES
 
     unknown = [r for r in cfg.minmax_act_roles if r not in ROLES]
     if unknown:
-        raise InvalidSetting("minmax_act_roles", f"has unknown role(s) {unknown}; roles are "
-                                                 f"{', '.join(ROLES)}.")
+        raise InvalidSetting(
+            "minmax_act_roles", f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}."
+        )
     positive(cfg, "timestep_groups", "lp_candidates")

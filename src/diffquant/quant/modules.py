@@ -17,8 +17,7 @@ from typing import Optional, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffquant.quant.quantizers import (ActQuantizer, SplitActQuantizer, SplitWeightQuantizer,
-                                        WeightQuantizer)
+from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
 AnyActQuantizer = Union[ActQuantizer, SplitActQuantizer]
@@ -30,8 +29,9 @@ class QuantLayerMixin:
     weight_quantizer: Optional[AnyWeightQuantizer]
     input_quantizer: Optional[AnyActQuantizer]
 
-    def _init_quant(self, weight_quantizer: Optional[AnyWeightQuantizer],
-                    input_quantizer: Optional[AnyActQuantizer]) -> None:
+    def _init_quant(
+        self, weight_quantizer: Optional[AnyWeightQuantizer], input_quantizer: Optional[AnyActQuantizer]
+    ) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.register_buffer("fp_weight", None, persistent=False)
@@ -67,29 +67,44 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input. Input ``(B, C_in, H, W)``."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Optional[AnyWeightQuantizer],
-                   input_quantizer: Optional[AnyActQuantizer]) -> "QuantConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        weight_quantizer: Optional[AnyWeightQuantizer],
+        input_quantizer: Optional[AnyActQuantizer],
+    ) -> QuantConv2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
         q.weight, q.bias = conv.weight, conv.bias
         q.train(conv.training)
         q._init_quant(weight_quantizer, input_quantizer)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(),
-                                  self.effective_bias())
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.effective_bias())
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input. Input ``(..., C_in)``."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quantizer: Optional[AnyWeightQuantizer],
-                   input_quantizer: Optional[AnyActQuantizer]) -> "QuantLinear":
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                device="meta")
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weight_quantizer: Optional[AnyWeightQuantizer],
+        input_quantizer: Optional[AnyActQuantizer],
+    ) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
         q.train(linear.training)
         q._init_quant(weight_quantizer, input_quantizer)

@@ -95,10 +95,16 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: 
     return (x_int - zero_point) * scale
 
 
-def lp_search_range(x2d: Tensor, bits: int, mode: str, p: float = 2.4,
-                    n_candidates: int = 80, lo: Optional[Tensor] = None,
-                    hi: Optional[Tensor] = None,
-                    col_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def lp_search_range(
+    x2d: Tensor,
+    bits: int,
+    mode: str,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    lo: Optional[Tensor] = None,
+    hi: Optional[Tensor] = None,
+    col_weight: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """Q-Diffusion's clipping search, per row of ``x2d`` ``(C, N)``: returns ``(lo, hi)``, each ``(C,)``.
 
     Candidate ``i`` (0 ≤ i < n_candidates ≤ 100) scales the full range by ``1 - 0.01 i``; the
@@ -128,8 +134,9 @@ def lp_search_range(x2d: Tensor, bits: int, mode: str, p: float = 2.4,
     return best_lo, best_hi
 
 
-def _tail_preserving_sample(x2d: Tensor, keep: int, generator: Optional[torch.Generator]
-                            ) -> tuple[Tensor, Tensor]:
+def _tail_preserving_sample(
+    x2d: Tensor, keep: int, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
     """``keep`` columns per row of ``x2d`` ``(C, N)`` and their weights ``(keep,)``: the
     ``keep // 4`` largest ``|x|`` of the row exactly (weight 1/N), and a uniform sample of the
     rest (weight (N - k)/(N · n_rest)), so the weighted L_p loss is an unbiased estimate of the
@@ -142,14 +149,22 @@ def _tail_preserving_sample(x2d: Tensor, keep: int, generator: Optional[torch.Ge
     scores.scatter_(1, top, -1.0)
     rest = scores.topk(n_rest, dim=1).indices
     cols = torch.cat([top, rest], dim=1)
-    weight = torch.cat([torch.full((n_top,), 1.0 / n),
-                        torch.full((n_rest,), (n - n_top) / (n * n_rest))]).to(x2d.device)
+    weight = torch.cat([torch.full((n_top,), 1.0 / n), torch.full((n_rest,), (n - n_top) / (n * n_rest))]).to(
+        x2d.device
+    )
     return torch.gather(x2d, 1, cols), weight
 
 
-def find_range(x2d: Tensor, bits: int, mode: str, method: str, p: float = 2.4,
-               n_candidates: int = 80, max_elems: int = 1 << 18,
-               generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def find_range(
+    x2d: Tensor,
+    bits: int,
+    mode: str,
+    method: str,
+    p: float = 2.4,
+    n_candidates: int = 80,
+    max_elems: int = 1 << 18,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
     """The initial clipping range ``(lo, hi)`` ``(C,)`` of data ``x2d`` ``(C, N)`` by ``method``.
 
     ``minmax``: the row's min and max. ``lp``: :func:`lp_search_range` on the full data's
@@ -209,11 +224,17 @@ class WeightQuantizer(nn.Module):
         return t.view(-1, *([1] * (len(self.weight_shape) - 1)))
 
     @torch.no_grad()
-    def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4,
-                   n_candidates: int = 80) -> None:
+    def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4, n_candidates: int = 80) -> None:
         """Set Δ, z per output channel from ``weight`` by ``minmax`` or the ``lp`` search."""
-        lo, hi = find_range(weight.detach().reshape(weight.shape[0], -1), self.bits, self.mode,
-                            method, p, n_candidates, max_elems=1 << 62)
+        lo, hi = find_range(
+            weight.detach().reshape(weight.shape[0], -1),
+            self.bits,
+            self.mode,
+            method,
+            p,
+            n_candidates,
+            max_elems=1 << 62,
+        )
         scale, zp = range_to_qparams(lo, hi, self.bits, self.mode)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
@@ -246,8 +267,9 @@ class WeightQuantizer(nn.Module):
         w_int = torch.clamp(w_int + zp, self.q_min, self.q_max)
         return (w_int - zp) * scale
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # the rounding mode is part of the state: recreate the slots the checkpoint fills
         key, alpha_key = prefix + "round_up", prefix + "adaround.alpha"
         if key in state_dict:
@@ -259,8 +281,9 @@ class WeightQuantizer(nn.Module):
                 self.adaround = AdaRound(torch.zeros_like(state_dict[alpha_key]))
         else:
             self.adaround, self.round_up = None, None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}, per_channel, rounding={self.rounding}"
@@ -273,8 +296,7 @@ class SplitWeightQuantizer(nn.Module):
 
     kind = "weight_split"
 
-    def __init__(self, weight_shape: tuple[int, ...], split: int, bits: int,
-                 mode: str = "affine") -> None:
+    def __init__(self, weight_shape: tuple[int, ...], split: int, bits: int, mode: str = "affine") -> None:
         super().__init__()
         if not 0 < split < weight_shape[1]:
             raise ValueError(f"split {split} outside the {weight_shape[1]} input channels")
@@ -283,25 +305,26 @@ class SplitWeightQuantizer(nn.Module):
         tail = (weight_shape[0], weight_shape[1] - split, *weight_shape[2:])
         self.head, self.tail = WeightQuantizer(head, bits, mode), WeightQuantizer(tail, bits, mode)
 
-    def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4,
-                   n_candidates: int = 80) -> None:
+    def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4, n_candidates: int = 80) -> None:
         self.head.init_range(weight[:, : self.split], method, p, n_candidates)
-        self.tail.init_range(weight[:, self.split:], method, p, n_candidates)
+        self.tail.init_range(weight[:, self.split :], method, p, n_candidates)
 
     @property
     def enabled(self) -> bool:
         return self.head.enabled
 
     def start_adaround(self, weight: Tensor) -> list[AdaRound]:
-        return [self.head.start_adaround(weight[:, : self.split]),
-                self.tail.start_adaround(weight[:, self.split:])]
+        return [
+            self.head.start_adaround(weight[:, : self.split]),
+            self.tail.start_adaround(weight[:, self.split :]),
+        ]
 
     def harden(self) -> None:
         self.head.harden()
         self.tail.harden()
 
     def forward(self, weight: Tensor) -> Tensor:
-        return torch.cat([self.head(weight[:, : self.split]), self.tail(weight[:, self.split:])], 1)
+        return torch.cat([self.head(weight[:, : self.split]), self.tail(weight[:, self.split :])], 1)
 
 
 # ---------------------------------------------------------------------------- activations
@@ -323,8 +346,9 @@ class ActQuantizer(nn.Module):
 
     kind = "act"
 
-    def __init__(self, bits: int, mode: str = "affine", channels: int = 1, n_groups: int = 1,
-                 per_channel: bool = False) -> None:
+    def __init__(
+        self, bits: int, mode: str = "affine", channels: int = 1, n_groups: int = 1, per_channel: bool = False
+    ) -> None:
         super().__init__()
         self.bits, self.mode = int(bits), mode
         self.q_min, self.q_max = int_range(self.bits, mode)
@@ -350,7 +374,8 @@ class ActQuantizer(nn.Module):
         if gi is None:
             raise RuntimeError(
                 "time-step-aware activation quantizer has no time step: call the UNet (its "
-                "time-step hook sets it) or diffquant.quant.set_timestep(module, timestep) first")
+                "time-step hook sets it) or diffquant.quant.set_timestep(module, timestep) first"
+            )
         gi = gi.reshape(-1).to(x.device)
         if gi.numel() == 1:
             return gi.expand(x.shape[0])
@@ -379,17 +404,18 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if not bool(self.initialized):
-            raise RuntimeError("activation quantizer used before its range was calibrated: run "
-                               "diffquant.calib.calibrate_act_ranges (or load a quantized "
-                               "checkpoint) first, or disable activations with quant_state")
+            raise RuntimeError(
+                "activation quantizer used before its range was calibrated: run "
+                "diffquant.calib.calibrate_act_ranges (or load a quantized "
+                "checkpoint) first, or disable activations with quant_state"
+            )
         groups = self._row_groups(x)
         scale = self._broadcast(self.scale, x, groups)
         zp = self._broadcast(self.zero_point, x, groups)
         return fake_quant(x, scale, zp, self.q_min, self.q_max)
 
     # -- range calibration
-    def start_observing(self, method: str, p: float = 2.4, n_candidates: int = 80,
-                        seed: int = 0) -> None:
+    def start_observing(self, method: str, p: float = 2.4, n_candidates: int = 80, seed: int = 0) -> None:
         self._observer = _RangeObserver(self, method, p, n_candidates, seed)
 
     @torch.no_grad()
@@ -408,8 +434,9 @@ class ActQuantizer(nn.Module):
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Set Δ, z from a range ``(G, C)`` (or broadcastable) directly."""
-        scale, zp = range_to_qparams(lo.expand_as(self.scale).float(),
-                                     hi.expand_as(self.scale).float(), self.bits, self.mode)
+        scale, zp = range_to_qparams(
+            lo.expand_as(self.scale).float(), hi.expand_as(self.scale).float(), self.bits, self.mode
+        )
         with torch.no_grad():
             self.scale.data.copy_(scale)
             self.zero_point.copy_(zp)
@@ -446,8 +473,16 @@ class _RangeObserver:
     def _add(self, g: int, x: Tensor, n_rows: int) -> None:
         q = self.q
         x2d = channels_first(x, q.per_channel, q._ch_axis(x))
-        lo, hi = find_range(x2d, q.bits, q.mode, self.method, self.p, self.n_candidates,
-                            max_elems=self.MAX_ELEMS, generator=self.generator)
+        lo, hi = find_range(
+            x2d,
+            q.bits,
+            q.mode,
+            self.method,
+            self.p,
+            self.n_candidates,
+            max_elems=self.MAX_ELEMS,
+            generator=self.generator,
+        )
         lo, hi = lo.double().cpu(), hi.double().cpu()
         if self.method == "minmax":
             if self.count[g] == 0:
@@ -488,4 +523,4 @@ class SplitActQuantizer(nn.Module):
         self.head, self.tail = head, tail
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.head(x[:, : self.split]), self.tail(x[:, self.split:])], dim=1)
+        return torch.cat([self.head(x[:, : self.split]), self.tail(x[:, self.split :])], dim=1)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterable, Iterator, Optional, Union
+from collections.abc import Iterable, Iterator
+from typing import Optional, Union
 
 from torch import nn
 
@@ -36,8 +37,7 @@ PARAM_KINDS = ("act_scale", "weight_round", "weight_latent", "bias")
 def iter_quantizers(module: nn.Module, kind: Optional[str] = None) -> Iterator[tuple[str, Quantizer]]:
     """``(name, quantizer)`` for every weight (``kind="weight"``), activation (``"act"``) or any
     (``None``) leaf quantizer under ``module``; split quantizers yield their two halves."""
-    want = {None: (WeightQuantizer, ActQuantizer), "weight": (WeightQuantizer,),
-            "act": (ActQuantizer,)}
+    want = {None: (WeightQuantizer, ActQuantizer), "weight": (WeightQuantizer,), "act": (ActQuantizer,)}
     if kind not in want:
         raise ValueError(f"unknown quantizer kind {kind!r}; use 'weight', 'act' or None")
     for name, m in module.named_modules():
@@ -49,8 +49,9 @@ def is_quantized(module: nn.Module) -> bool:
     return any(True for _ in iter_quantizers(module))
 
 
-def set_quant_state(module: nn.Module, weights: Optional[bool] = None,
-                    acts: Optional[bool] = None) -> dict[Quantizer, bool]:
+def set_quant_state(
+    module: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None
+) -> dict[Quantizer, bool]:
     """Enable/disable weight and activation quantizers; returns the previous flags."""
     previous: dict[Quantizer, bool] = {}
     for _, q in iter_quantizers(module):
@@ -62,8 +63,9 @@ def set_quant_state(module: nn.Module, weights: Optional[bool] = None,
 
 
 @contextlib.contextmanager
-def quant_state(module: nn.Module, weights: Optional[bool] = None,
-                acts: Optional[bool] = None) -> Iterator[None]:
+def quant_state(
+    module: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None
+) -> Iterator[None]:
     """Within the block, weight/activation quantization of ``module`` is on/off as given;
     the previous flags are restored on exit (also on error)."""
     previous = set_quant_state(module, weights, acts)
@@ -82,10 +84,13 @@ def _matches(name: str, patterns: Optional[Union[str, Iterable[str]]]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def quant_parameters(module: nn.Module, kind: str,
-                     include: Optional[Union[str, Iterable[str]]] = None,
-                     exclude: Optional[Union[str, Iterable[str]]] = None,
-                     max_bits: Optional[int] = None) -> dict[str, nn.Parameter]:
+def quant_parameters(
+    module: nn.Module,
+    kind: str,
+    include: Optional[Union[str, Iterable[str]]] = None,
+    exclude: Optional[Union[str, Iterable[str]]] = None,
+    max_bits: Optional[int] = None,
+) -> dict[str, nn.Parameter]:
     """The parameters of one kind (see the module doc), keyed by qualified parameter name.
 
     ``include`` / ``exclude``: regular expressions (or lists of them) searched in the parameter's
@@ -108,8 +113,11 @@ def quant_parameters(module: nn.Module, kind: str,
             p = m.weight if kind == "weight_latent" else m.bias
             if p is not None:
                 found[prefix + ("weight" if kind == "weight_latent" else "bias")] = p
-    return {n: p for n, p in found.items() if _matches(n, include) and not
-            (exclude is not None and _matches(n, exclude))}
+    return {
+        n: p
+        for n, p in found.items()
+        if _matches(n, include) and not (exclude is not None and _matches(n, exclude))
+    }
 
 
 def keep_fp_weights(module: nn.Module, include: Optional[Union[str, Iterable[str]]] = None) -> int:

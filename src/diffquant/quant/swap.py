@@ -24,8 +24,9 @@ that kind of tensor in full precision (no quantizer is created).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -33,15 +34,13 @@ from torch import nn
 from diffquant.quant.attention import QuantAttnProcessor, is_quant_attention
 from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
 from diffquant.quant.modules import QuantConv2d, QuantLinear, is_quant_layer
-from diffquant.quant.quantizers import (ActQuantizer, SplitActQuantizer, SplitWeightQuantizer,
-                                        WeightQuantizer)
+from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 from diffquant.quant.state import is_quantized, iter_quantizers
 from diffquant.quant.timestep import attach_timestep_router
 from diffquant.quant.typed import as_dataclass
 
 if TYPE_CHECKING:
     from diffquant.models.denoiser import DenoiserSpec
-
 
 
 @dataclass
@@ -67,11 +66,13 @@ class QuantSummary:
 
     def metrics(self) -> dict[str, int]:
         """Numbers for ``metrics.json``."""
-        return {"n_quant_layers": self.n_quant_layers,
-                "n_quant_conv2d": self.layers.get("Conv2d", 0),
-                "n_quant_linear": self.layers.get("Linear", 0),
-                "n_quant_attention": self.attention,
-                "n_split_shortcuts": len(self.split_shortcuts)}
+        return {
+            "n_quant_layers": self.n_quant_layers,
+            "n_quant_conv2d": self.layers.get("Conv2d", 0),
+            "n_quant_linear": self.layers.get("Linear", 0),
+            "n_quant_attention": self.attention,
+            "n_split_shortcuts": len(self.split_shortcuts),
+        }
 
     def format(self) -> str:
         """A small table for the log."""
@@ -81,23 +82,28 @@ class QuantSummary:
         a = "FP" if q["act_bits"] >= FP_BITS else f"{q['act_bits']}-bit {gran}"
         groups = q["timestep_groups"] if q.get("timestep_aware") else 1
         fl = q.get("first_last_act_bits") or q["act_bits"]
-        lines = [f"Quantized denoiser [{q.get('name', '?')}]: weights {w}, activations {a}"
-                 + (f", {groups} time-step groups" if groups > 1 else ""),
-                 f"  {'module type':<28}{'count':>6}  {'W bits':>6}  {'A bits':>6}"]
+        lines = [
+            f"Quantized denoiser [{q.get('name', '?')}]: weights {w}, activations {a}"
+            + (f", {groups} time-step groups" if groups > 1 else ""),
+            f"  {'module type':<28}{'count':>6}  {'W bits':>6}  {'A bits':>6}",
+        ]
         for kind in ("Conv2d", "Linear"):
             if self.layers.get(kind):
-                lines.append(f"  {kind:<28}{self.layers[kind]:>6}  {q['weight_bits']:>6}  "
-                             f"{q['act_bits']:>6}")
+                lines.append(f"  {kind:<28}{self.layers[kind]:>6}  {q['weight_bits']:>6}  {q['act_bits']:>6}")
         if self.attention:
             sm = q["softmax_bits"]
-            lines.append(f"  {'Attention (q,k,v | softmax)':<28}{self.attention:>6}  {'-':>6}  "
-                         f"{q['act_bits']}|{sm}".rstrip())
+            lines.append(
+                f"  {'Attention (q,k,v | softmax)':<28}{self.attention:>6}  {'-':>6}  "
+                f"{q['act_bits']}|{sm}".rstrip()
+            )
         if self.first_last:
             lines.append(f"  first/last layer inputs at {fl} bits: {', '.join(self.first_last)}")
         if self.split_shortcuts:
             lines.append(f"  split shortcuts: {len(self.split_shortcuts)}")
-        lines.append(f"  n_quant_layers = {self.n_quant_layers}; quantizers: "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(self.quantizers.items())))
+        lines.append(
+            f"  n_quant_layers = {self.n_quant_layers}; quantizers: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.quantizers.items()))
+        )
         return "\n".join(lines)
 
 
@@ -118,8 +124,13 @@ class _Factory:
         self.a_mode = "symmetric" if cfg.symmetric_acts else "affine"
         self.groups = cfg.timestep_groups if cfg.timestep_aware else 1
 
-    def act(self, channels: int, bits: Optional[int] = None, mode: Optional[str] = None,
-            per_channel: Optional[bool] = None) -> Optional[ActQuantizer]:
+    def act(
+        self,
+        channels: int,
+        bits: Optional[int] = None,
+        mode: Optional[str] = None,
+        per_channel: Optional[bool] = None,
+    ) -> Optional[ActQuantizer]:
         bits = self.cfg.act_bits if bits is None else bits
         if bits >= FP_BITS or self.cfg.act_bits >= FP_BITS:
             return None
@@ -137,8 +148,11 @@ class _Factory:
         if cfg.weight_bits >= FP_BITS:
             return None
         shape = tuple(weight.shape)
-        q = (WeightQuantizer(shape, cfg.weight_bits, self.w_mode) if split is None
-             else SplitWeightQuantizer(shape, split, cfg.weight_bits, self.w_mode))
+        q = (
+            WeightQuantizer(shape, cfg.weight_bits, self.w_mode)
+            if split is None
+            else SplitWeightQuantizer(shape, split, cfg.weight_bits, self.w_mode)
+        )
         q.to(weight.device)
         if init:
             q.init_range(weight, cfg.weight_init, cfg.lp_norm, cfg.lp_candidates)
@@ -151,9 +165,14 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
-                      timesteps: Optional[Sequence[int]] = None, *,
-                      init_weights: bool = True) -> QuantSummary:
+def quantize_denoiser(
+    denoiser: nn.Module,
+    spec: DenoiserSpec,
+    quant_cfg: Any,
+    timesteps: Optional[Sequence[int]] = None,
+    *,
+    init_weights: bool = True,
+) -> QuantSummary:
     """Swap ``denoiser``'s layers and attention processors for fake-quantized ones, in place.
 
     Args:
@@ -176,8 +195,7 @@ def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
     splits = spec.shortcut_splits(denoiser) if cfg.shortcut_split else {}
     first_last = set(spec.layers(denoiser, "first", "last"))
     fl_bits = cfg.first_last_act_bits if cfg.first_last_act_bits is not None else cfg.act_bits
-    summary = QuantSummary(quant={**dataclasses.asdict(cfg),
-                                  "_acts_per_channel": cfg.acts_per_channel})
+    summary = QuantSummary(quant={**dataclasses.asdict(cfg), "_acts_per_channel": cfg.acts_per_channel})
 
     targets = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for name, layer in targets:
@@ -203,9 +221,13 @@ def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
             inner, kv_inner = attn.inner_dim, attn.inner_kv_dim
             sm_bits = cfg.softmax_bits
             proc = QuantAttnProcessor(
-                factory.act(inner), factory.act(kv_inner), factory.act(kv_inner),
-                None if sm_bits >= FP_BITS else
-                ActQuantizer(sm_bits, "unsigned", 1, factory.groups, per_channel=False))
+                factory.act(inner),
+                factory.act(kv_inner),
+                factory.act(kv_inner),
+                None
+                if sm_bits >= FP_BITS
+                else ActQuantizer(sm_bits, "unsigned", 1, factory.groups, per_channel=False),
+            )
             attn.set_processor(proc.to(next(attn.parameters()).device))
             summary.attention += 1
 
@@ -214,8 +236,10 @@ def quantize_denoiser(denoiser: nn.Module, spec: DenoiserSpec, quant_cfg: Any,
         summary.quantizers[k] = summary.quantizers.get(k, 0) + 1
     if factory.groups > 1:
         if timesteps is None:
-            raise ValueError("quant.timestep_aware=true needs the sampler's timesteps: call "
-                             "quantize_denoiser(model.denoiser, model.spec, cfg, timesteps=model.timesteps)")
+            raise ValueError(
+                "quant.timestep_aware=true needs the sampler's timesteps: call "
+                "quantize_denoiser(model.denoiser, model.spec, cfg, timesteps=model.timesteps)"
+            )
         attach_timestep_router(denoiser, spec, [int(t) for t in timesteps], factory.groups)
     return summary
 

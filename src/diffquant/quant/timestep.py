@@ -14,7 +14,8 @@ nearest one. Code that calls a UNet sub-module directly (block reconstruction) r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +35,9 @@ class TimestepRouter:
         self.schedule = torch.as_tensor(schedule, dtype=torch.float64).reshape(-1).cpu()
         self.n_groups = int(n_groups)
         if self.n_groups < 1 or self.n_groups > len(self.schedule):
-            raise ValueError(f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} "
-                             f"(the number of sampler steps)")
+            raise ValueError(
+                f"timestep_groups={n_groups} must be in 1..{len(self.schedule)} (the number of sampler steps)"
+            )
 
     def step_index(self, timestep: Tensor | int | float) -> Tensor:
         """Sampler step index ``(B,)`` of each time step (nearest schedule entry)."""
@@ -64,8 +66,9 @@ def set_group_index(module: nn.Module, group_index: Optional[Tensor | int]) -> N
             m.group_index = None if group_index is None else group_index.to(m.scale.device)
 
 
-def attach_timestep_router(denoiser: nn.Module, spec: "DenoiserSpec", schedule: Sequence[int] | Tensor,
-                           n_groups: int) -> TimestepRouter:
+def attach_timestep_router(
+    denoiser: nn.Module, spec: DenoiserSpec, schedule: Sequence[int] | Tensor, n_groups: int
+) -> TimestepRouter:
     """Install (or replace) the denoiser's router and its forward pre-hook, which reads the time
     step where ``spec`` says the family passes it; returns the router."""
     detach_timestep_router(denoiser)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
@@ -89,7 +89,8 @@ def save_tokenizer(corpus: Iterable[str], out_dir: Path, max_length: int):
     vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
     vocab_file.write_text(json.dumps(build_vocab(merges), ensure_ascii=False))
     merges_file.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length,
-                              pad_token=EOS_TOKEN)
+    tokenizer = CLIPTokenizer(
+        str(vocab_file), str(merges_file), model_max_length=max_length, pad_token=EOS_TOKEN
+    )
     tokenizer.save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)

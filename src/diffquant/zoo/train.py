@@ -28,9 +28,10 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -308,7 +309,10 @@ def train_vae(seed: int, steps_scale: float, recipe: VaeRecipe = VaeRecipe()) ->
     for step in range(steps):
         set_lr(optimizer, cosine_lr(step, steps, recipe.lr, warmup=max(1, steps // 30)))
         idx = random_batch(len(images), recipe.batch_size, gen)
-        x = random_affine(images[idx], gen, recipe.max_shift_px, recipe.max_rotate_deg, recipe.max_scale) * 2 - 1
+        x = (
+            random_affine(images[idx], gen, recipe.max_shift_px, recipe.max_rotate_deg, recipe.max_scale) * 2
+            - 1
+        )
         loss, stats = vae_loss(vae, x, recipe.kl_weight, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,7 +436,9 @@ def train_unet(
     progress = Progress("ldm_digits/unet", steps)
     running = None
     for step in range(steps):
-        set_lr(optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10))))
+        set_lr(
+            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
+        )
         idx = random_batch(len(lat_mean), recipe.batch_size, gen)
         z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
@@ -466,8 +472,12 @@ def train_ldm(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str])
     lat_mean, lat_std = encode_posteriors(vae, images)  # (1437, 4, 8, 8) each
     scaling_factor = 1.0 / lat_mean.std().item()
     vae.register_to_config(scaling_factor=scaling_factor)
-    print(f"[ldm_digits] latent std {1 / scaling_factor:.4f} -> scaling_factor {scaling_factor:.4f}", flush=True)
-    unet, unet_meta = train_unet(lat_mean * scaling_factor, lat_std * scaling_factor, labels, seed, steps_scale)
+    print(
+        f"[ldm_digits] latent std {1 / scaling_factor:.4f} -> scaling_factor {scaling_factor:.4f}", flush=True
+    )
+    unet, unet_meta = train_unet(
+        lat_mean * scaling_factor, lat_std * scaling_factor, labels, seed, steps_scale
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
@@ -505,13 +515,17 @@ def train_ldm(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str])
 # --------------------------------------------------------------------------------------------
 
 
-def training_parser(module: str, doc: str, models: Sequence[str], default_out: Path) -> argparse.ArgumentParser:
+def training_parser(
+    module: str, doc: str, models: Sequence[str], default_out: Path
+) -> argparse.ArgumentParser:
     """The options every zoo training command has (``diffquant.zoo.train``, ``.train_sd``)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("model", choices=[*models, "all"], help="which model to train")
     parser.add_argument("--out", type=Path, default=default_out, help="weights root (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)")
+    parser.add_argument(
+        "--steps-scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)"
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -30,9 +30,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,21 @@ from torch import Tensor, nn
 from diffquant.data.digits import load_digits
 from diffquant.zoo.captions import TEMPLATES, all_captions
 from diffquant.zoo.tokenizer import save_tokenizer
-from diffquant.zoo.train import (Ema, Progress, command_line, cosine_lr, encode_posteriors, parse_training_args,
-                                 random_affine, random_batch, reproducible, scaled_steps, set_lr, train_vae,
-                                 training_parser)
+from diffquant.zoo.train import (
+    Ema,
+    Progress,
+    command_line,
+    cosine_lr,
+    encode_posteriors,
+    parse_training_args,
+    random_affine,
+    random_batch,
+    reproducible,
+    scaled_steps,
+    set_lr,
+    train_vae,
+    training_parser,
+)
 
 MODULE = "diffquant.zoo.train_sd"
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
@@ -94,8 +107,9 @@ def caption_corpus() -> list[str]:
 
 def caption_tokens(tokenizer) -> Tensor:
     """Token ids of every caption: ``(10, len(TEMPLATES), MAX_TOKENS)`` int64."""
-    ids = tokenizer(caption_corpus(), padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        caption_corpus(), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     return ids.reshape(NUM_CLASSES, len(TEMPLATES), MAX_TOKENS)
 
 
@@ -114,11 +128,26 @@ def build_clip(tokenizer):
     """A small CLIP: 2-layer ViT (8×8 patches) and 2-layer text transformer, 64 wide, 64-d embeddings."""
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=IMAGE_SIZE, patch_size=8, num_channels=3, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=2)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
@@ -126,8 +155,9 @@ def build_clip_processor(tokenizer):
     from transformers import CLIPImageProcessor, CLIPProcessor
 
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
@@ -180,17 +210,24 @@ def train_clip(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str]
     clip.eval()
     held, held_labels = load_digits("heldout", IMAGE_SIZE)
     meta = {
-        "command": command_line(argv, MODULE), "seed": seed, "steps": steps, "seconds": round(progress.elapsed(), 1),
+        "command": command_line(argv, MODULE),
+        "seed": seed,
+        "steps": steps,
+        "seconds": round(progress.elapsed(), 1),
         "final_loss": round(loss.item(), 5),
         "heldout_zero_shot_accuracy": round(clip_zero_shot_accuracy(clip, tokens, held, held_labels), 5),
-        "recipe": asdict(recipe), "num_parameters": sum(p.numel() for p in clip.parameters()),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "recipe": asdict(recipe),
+        "num_parameters": sum(p.numel() for p in clip.parameters()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     clip.save_pretrained(out_dir, safe_serialization=True)
     build_clip_processor(tokenizer).save_pretrained(out_dir)
     (out_dir / "diffquant.json").write_text(json.dumps({"train": meta}, indent=2) + "\n")
-    print(f"[digits_clip] held-out zero-shot accuracy {meta['heldout_zero_shot_accuracy']:.4f} -> {out_dir}",
-          flush=True)
+    print(
+        f"[digits_clip] held-out zero-shot accuracy {meta['heldout_zero_shot_accuracy']:.4f} -> {out_dir}",
+        flush=True,
+    )
     return meta
 
 
@@ -228,8 +265,14 @@ def build_sampling_scheduler():
     """DDIM as Stable Diffusion's pipelines configure it (same betas as training)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1, timestep_spacing="leading")
+    return DDIMScheduler(
+        **SCHEDULE,
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
 
 
 def load_text_encoder(clip_dir: Path):
@@ -249,7 +292,9 @@ def load_or_train_vae(vae_dir: Path, seed: int, steps_scale: float) -> tuple[Any
 
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-        source = f"zoo:{vae_dir.relative_to(DEFAULT_OUT)}" if vae_dir.is_relative_to(DEFAULT_OUT) else str(vae_dir)
+        source = (
+            f"zoo:{vae_dir.relative_to(DEFAULT_OUT)}" if vae_dir.is_relative_to(DEFAULT_OUT) else str(vae_dir)
+        )
         return vae.eval().requires_grad_(False), {"source": source}
     print(f"[sd_digits] no autoencoder at {vae_dir}: training one with ldm_digits' recipe", flush=True)
     vae, meta = train_vae(seed, steps_scale)
@@ -266,8 +311,16 @@ def caption_states(text_encoder, tokens: Tensor, empty: Tensor) -> tuple[Tensor,
     return states.reshape(*tokens.shape, -1), text_encoder(empty[None])[0][0]
 
 
-def train_sd_unet(lat_mean: Tensor, lat_std: Tensor, labels: Tensor, states: Tensor, empty_state: Tensor,
-                  seed: int, steps_scale: float, recipe: SdUnetRecipe = SdUnetRecipe()) -> tuple[nn.Module, dict]:
+def train_sd_unet(
+    lat_mean: Tensor,
+    lat_std: Tensor,
+    labels: Tensor,
+    states: Tensor,
+    empty_state: Tensor,
+    seed: int,
+    steps_scale: float,
+    recipe: SdUnetRecipe = SdUnetRecipe(),
+) -> tuple[nn.Module, dict]:
     """Train the UNet on scaled latents ``(N, 4, 8, 8)`` with random caption phrasings; return the EMA model."""
     steps = scaled_steps(recipe.steps, steps_scale)
     gen = torch.Generator().manual_seed(seed + 20)
@@ -279,7 +332,9 @@ def train_sd_unet(lat_mean: Tensor, lat_std: Tensor, labels: Tensor, states: Ten
     progress = Progress("sd_digits/unet", steps)
     running = None
     for step in range(steps):
-        set_lr(optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10))))
+        set_lr(
+            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
+        )
         idx = random_batch(len(lat_mean), recipe.batch_size, gen)
         z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
@@ -297,19 +352,27 @@ def train_sd_unet(lat_mean: Tensor, lat_std: Tensor, labels: Tensor, states: Ten
         ema.update(unet)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         progress.update(step + 1, loss=loss.item(), loss_avg=running)
-    meta = {"steps": steps, "seconds": round(progress.elapsed(), 1), "final_loss_avg": round(running, 6),
-            "recipe": asdict(recipe), "num_parameters": sum(p.numel() for p in unet.parameters())}
+    meta = {
+        "steps": steps,
+        "seconds": round(progress.elapsed(), 1),
+        "final_loss_avg": round(running, 6),
+        "recipe": asdict(recipe),
+        "num_parameters": sum(p.numel() for p in unet.parameters()),
+    }
     return ema.module, meta
 
 
-def train_sd(out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scale: float,
-             argv: Sequence[str]) -> dict[str, Any]:
+def train_sd(
+    out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scale: float, argv: Sequence[str]
+) -> dict[str, Any]:
     """Assemble and train ``sd_digits``; write the ``StableDiffusionPipeline`` folder ``out_dir``."""
     from diffusers import StableDiffusionPipeline
 
     if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"sd_digits needs digits_clip's text tower at {clip_dir}: run "
-                                "`python -m diffquant.zoo.train_sd digits_clip` first (or `all`).")
+        raise FileNotFoundError(
+            f"sd_digits needs digits_clip's text tower at {clip_dir}: run "
+            "`python -m diffquant.zoo.train_sd digits_clip` first (or `all`)."
+        )
     start = time.perf_counter()
     text_encoder, tokenizer = load_text_encoder(clip_dir)
     vae, vae_meta = load_or_train_vae(vae_dir, seed, steps_scale)
@@ -318,21 +381,42 @@ def train_sd(out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scal
     scale = vae.config.scaling_factor
     empty = tokenizer("", padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     states, empty_state = caption_states(text_encoder, caption_tokens(tokenizer), empty)
-    unet, unet_meta = train_sd_unet(lat_mean * scale, lat_std * scale, labels, states, empty_state, seed, steps_scale)
+    unet, unet_meta = train_sd_unet(
+        lat_mean * scale, lat_std * scale, labels, states, empty_state, seed, steps_scale
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_sampling_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     meta = {
-        "family": "sd", "image_size": IMAGE_SIZE, "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
-        "scaling_factor": scale, "sampling": SAMPLING, "prompts": "assets:prompts/digits.txt",
-        "train": {"command": command_line(argv, MODULE), "seed": seed, "steps_scale": steps_scale,
-                  "seconds": round(time.perf_counter() - start, 1), "text_encoder": f"text tower of {clip_dir.name}",
-                  "vae": vae_meta, "unet": unet_meta, "noise_schedule": {**SCHEDULE, "prediction_type": "epsilon"},
-                  "data": "sklearn digits, train split (1437 images), 32x32; captions: diffquant.zoo.captions",
-                  "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "family": "sd",
+        "image_size": IMAGE_SIZE,
+        "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
+        "scaling_factor": scale,
+        "sampling": SAMPLING,
+        "prompts": "assets:prompts/digits.txt",
+        "train": {
+            "command": command_line(argv, MODULE),
+            "seed": seed,
+            "steps_scale": steps_scale,
+            "seconds": round(time.perf_counter() - start, 1),
+            "text_encoder": f"text tower of {clip_dir.name}",
+            "vae": vae_meta,
+            "unet": unet_meta,
+            "noise_schedule": {**SCHEDULE, "prediction_type": "epsilon"},
+            "data": "sklearn digits, train split (1437 images), 32x32; captions: diffquant.zoo.captions",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     (out_dir / "diffquant.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"[sd_digits] wrote {out_dir} ({meta['train']['seconds']:.0f} s)", flush=True)
@@ -347,8 +431,12 @@ def train_sd(out_dir: Path, clip_dir: Path, vae_dir: Path, seed: int, steps_scal
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     parser = training_parser(MODULE, __doc__, MODELS, DEFAULT_OUT)
-    parser.add_argument("--vae", type=Path, default=None,
-                        help="autoencoder folder to reuse (default: OUT/ldm_digits/vae, trained if absent)")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="autoencoder folder to reuse (default: OUT/ldm_digits/vae, trained if absent)",
+    )
     return parse_training_args(parser, argv)
 
 
@@ -364,8 +452,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 results[name] = train_clip(args.out / "digits_clip", args.seed, args.steps_scale, argv)
             else:
                 vae_dir = args.vae or args.out / "ldm_digits" / "vae"
-                results[name] = train_sd(args.out / "sd_digits", args.out / "digits_clip", vae_dir, args.seed,
-                                         args.steps_scale, argv)
+                results[name] = train_sd(
+                    args.out / "sd_digits",
+                    args.out / "digits_clip",
+                    vae_dir,
+                    args.seed,
+                    args.steps_scale,
+                    argv,
+                )
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 

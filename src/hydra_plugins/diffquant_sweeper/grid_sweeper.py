@@ -33,9 +33,9 @@ receives the jobs as one batch (or ``max_batch_size`` chunks), as from the basic
 import itertools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -51,12 +51,11 @@ log = logging.getLogger(__name__)
 class GridSweeperConf:
     _target_: str = "hydra_plugins.diffquant_sweeper.grid_sweeper.GridSweeper"
     max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
-    grids: Optional[Dict[str, Any]] = field(default_factory=dict)
+    params: Optional[dict[str, str]] = None
+    grids: Optional[dict[str, Any]] = field(default_factory=dict)
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridSweeperConf,
-                             provider="diffquant")
+ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridSweeperConf, provider="diffquant")
 
 _PLAIN = re.compile(r"^[\w.\-/:+@]+$")
 
@@ -98,16 +97,19 @@ def _axes(overrides: Sequence[Override]) -> dict[str, list[str]]:
         key = o.get_key_element()
         if o.is_sweep_override():
             if not o.is_discrete_sweep():
-                raise HydraException(f"the grids sweeper does not support sweep type "
-                                     f"{o.value_type.name if o.value_type else '?'} ({key})")
+                raise HydraException(
+                    f"the grids sweeper does not support sweep type "
+                    f"{o.value_type.name if o.value_type else '?'} ({key})"
+                )
             axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
         else:
             axes[key] = [f"{key}={o.get_value_element_as_str()}"]
     return axes
 
 
-def expand_grids(grids: Optional[Mapping[str, Any]], common: Sequence[Override],
-                 parser: Optional[OverridesParser] = None) -> list[list[str]]:
+def expand_grids(
+    grids: Optional[Mapping[str, Any]], common: Sequence[Override], parser: Optional[OverridesParser] = None
+) -> list[list[str]]:
     """Every job's override list: for each grid in order, its product with ``common`` (the
     command line's and ``params``' overrides, already parsed); duplicates dropped.
 
@@ -139,7 +141,8 @@ def expand_grids(grids: Optional[Mapping[str, Any]], common: Sequence[Override],
                     f"`{common_keys[o.key_or_group]}` sets {o.key_or_group!r}, which grid {name!r} of "
                     f"the sweep config sweeps ({o.input_line}). Change the grid's values instead "
                     f"(e.g. grid.quant=[w4a4] or grid.methods=[ptq]), or skip the grid with "
-                    f"hydra.sweeper.grids.{name}=null.")
+                    f"hydra.sweeper.grids.{name}=null."
+                )
         axes = {**common_axes, **_axes(parsed)}
         for job in itertools.product(*axes.values()):
             key = frozenset(job)
@@ -152,22 +155,32 @@ def expand_grids(grids: Optional[Mapping[str, Any]], common: Sequence[Override],
 class GridSweeper(BasicSweeper):
     """The basic sweeper, launching the union of ``grids`` (see the module docstring)."""
 
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 grids: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: Optional[int] = None,
+        params: Optional[dict[str, str]] = None,
+        grids: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         if isinstance(grids, (DictConfig, ListConfig)):
             grids = OmegaConf.to_container(grids, resolve=True)
         self.grids = grids or {}
 
     # BasicSweeper.sweep calls self.split_arguments(parsed params + command line, max_batch_size)
-    def split_arguments(self, overrides: List[Override],  # type: ignore[override]
-                        max_batch_size: Optional[int]) -> List[List[List[str]]]:
+    def split_arguments(
+        self,
+        overrides: list[Override],  # type: ignore[override]
+        max_batch_size: Optional[int],
+    ) -> list[list[list[str]]]:
         loader = self.hydra_context.config_loader if self.hydra_context is not None else None
         jobs = expand_grids(self.grids, overrides, OverridesParser.create(config_loader=loader))
         if not jobs:
             raise HydraException("the sweep has no job: every grid is null or empty")
-        log.info("sweep: %d jobs from grids %s", len(jobs),
-                 ", ".join(k for k, v in self.grids.items() if v is not None) or "(none)")
+        log.info(
+            "sweep: %d jobs from grids %s",
+            len(jobs),
+            ", ".join(k for k, v in self.grids.items() if v is not None) or "(none)",
+        )
         if max_batch_size is None or max_batch_size == -1:
             return [jobs]
-        return [jobs[i:i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
+        return [jobs[i : i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from diffquant.eval.backbones.digits_cnn import DigitsClassifier
-from diffquant.models.loading import MissingWeightsError, ZOO_DIR
+from diffquant.models.loading import ZOO_DIR, MissingWeightsError
 from diffquant.registry import BACKBONES
 
 

@@ -99,8 +99,11 @@ class DigitsClassifier(nn.Module):
             raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear",
-                align_corners=False, antialias=True,
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )
         return x
 
@@ -122,7 +125,10 @@ class DigitsClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
         """Return the predicted class ``(N,)`` int64 of images ``(N, C, H, W)`` in [0, 1], in batches."""
-        preds = [self(images[i : i + batch_size])["logits"].argmax(dim=1) for i in range(0, len(images), batch_size)]
+        preds = [
+            self(images[i : i + batch_size])["logits"].argmax(dim=1)
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -136,7 +142,9 @@ class DigitsClassifier(nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "DigitsClassifier":
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> DigitsClassifier:
         """Load a classifier written by :meth:`save_pretrained`; returned in eval mode."""
         from safetensors.torch import load_file
 

@@ -49,8 +49,11 @@ class FidelityInception(nn.Module):
             raise MissingWeightsError("evaluator.backbone=inception_v3 needs torch-fidelity. " + HOW_TO_GET)
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=weights)
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=weights,
+        )
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats, logits = self.net((_to_rgb(images) * 255).round().to(torch.uint8))
