@@ -298,6 +298,59 @@ def test_soft_rounding_starts_from_the_ptq_rounding(tiny):
         q.round_up = hard[n]
 
 
+def test_reported_losses_and_revert_judge_the_hard_rounded_model():
+    """With soft (AdaRound) rounding the network trained is not the one kept: every reported
+    loss, and so ``revert_if_worse``, is that of the hard-rounded model — before: the PTQ model's
+    (not the soft one's at α = ±2), after: the kept (hardened) model's."""
+    torch.manual_seed(0)
+    model = quantize_tiny(TinyDiffusion(steps=4))
+    traj = fp_trajectories(model, list(range(8)), SEED)
+    cfg = aq.AccuQuantConfig(
+        group_size=2,
+        learn=["act_scale", "weight_round"],
+        round_forward="soft",
+        round_init=2.0,
+        iters_per_group=3,
+        n_samples=8,
+        batch_size=4,
+    )
+    cal = aq.TrajectoryCalibration(model, cfg)
+    initial = cal.all_group_losses(traj)
+    learned = aq.LearnedParameters(model.denoiser, cfg)  # soft at α = ±2: another network
+    soft = cal.all_group_losses(traj)
+    with learned.hardened():
+        assert cal.all_group_losses(traj) == initial
+    assert cal.all_group_losses(traj) == soft  # soft again after the block
+    assert soft != initial
+    learned.restore()
+    reports = cal.run(traj)
+    assert [r.loss_before for r in reports] == initial
+    assert [r.loss_after for r in reports] == cal.all_group_losses(traj)
+
+
+def test_weight_round_flips_roundings_where_the_trajectory_loss_wants():
+    """``weight_round`` (defaults: the network sees the hard choices, the gradient passes through
+    h(α), α started ±0.5 from the PTQ choice) changes roundings and keeps them only if the hard
+    model's loss fell; AdaRound's relaxation started at the PTQ choices (α = ±2, λ = 0.01) never
+    flipped one (see the module doc of diffquant.methods.accuquant)."""
+    torch.manual_seed(0)
+    model = quantize_tiny(TinyDiffusion(steps=4))
+    traj = fp_trajectories(model, list(range(16)), SEED)
+    cfg = aq.AccuQuantConfig(
+        group_size=2, learn=["weight_round"], iters_per_group=100, n_samples=16, batch_size=8
+    )
+    assert cfg.round_forward == "hard"
+    before = aq.rounding_choices(model.denoiser)
+    cal = aq.TrajectoryCalibration(model, cfg)
+    initial = cal.all_group_losses(traj)
+    reports = cal.run(traj)
+    after = aq.rounding_choices(model.denoiser)
+    flips = sum(int((a != b).sum()) for a, b in zip(after, before))
+    assert flips > 0 and not any(r.reverted for r in reports)
+    assert sum(cal.all_group_losses(traj)) < sum(initial)
+    assert all(q.rounding == "hard" for _, q in iter_quantizers(model.denoiser, "weight"))
+
+
 @pytest.mark.parametrize("order", ["sequential", "interleaved"])
 def test_run_calibrates_all_groups_in_sampler_order_with_quant_starts(order):
     torch.manual_seed(0)
@@ -319,9 +372,25 @@ def test_run_calibrates_all_groups_in_sampler_order_with_quant_starts(order):
     assert group_starts(20, 8) == [0, 8, 16]
 
 
+def test_calibration_samples_spread_over_the_classes():
+    imagenet = SimpleNamespace(num_classes=1000)
+    indices = aq.calibration_indices(imagenet, 256)
+    classes = [i % 1000 for i in indices]
+    assert len(set(classes)) == 256 and classes[0] == 0 and classes[-1] >= 990
+    digits = SimpleNamespace(num_classes=10)  # more samples than classes: 0 .. n-1, balanced
+    assert aq.calibration_indices(digits, 64) == list(range(64))
+    assert aq.calibration_indices(SimpleNamespace(), 8) == list(range(8))  # text prompts
+
+
 def test_bad_settings_name_the_key():
     # the config validates itself (the key relative to it) ...
-    for key, value in (("grad_mode", "bptt"), ("order", "random"), ("learn", ["weights"])):
+    for key, value in (
+        ("grad_mode", "bptt"),
+        ("order", "random"),
+        ("learn", ["weights"]),
+        ("round_forward", "ste"),
+        ("round_init", 0.0),
+    ):
         with pytest.raises(InvalidSetting, match=key) as err:
             aq.AccuQuantConfig(**{key: value})
         assert err.value.key == key

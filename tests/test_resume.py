@@ -179,6 +179,47 @@ def test_accuquant_resumes_bit_identically(
     assert groups(resumed) == groups(uninterrupted)
 
 
+def tiny5_plms() -> TinyDiffusion:
+    """PLMS (PNDM, skip_prk_steps): 6 sampler calls for 5 steps, history between them."""
+    from diffusers import PNDMScheduler
+
+    return TinyDiffusion(
+        steps=5,
+        scheduler=PNDMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+    )
+
+
+@pytest.mark.parametrize("order, kills", [("sequential", (2, 1)), ("interleaved", (1, 1))])
+def test_accuquant_resumes_bit_identically_on_a_multistep_sampler(
+    order, kills, tmp_path, monkeypatch, caplog
+):
+    """With a sampler that keeps state (PLMS), the quantized chain a group starts from
+    (``group_start: quant``) is saved with its model outputs, from which its scheduler state is
+    rebuilt: the resumed job ends where the uninterrupted one does."""
+    monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)
+    cfg = accuquant_cfg(
+        order=order,
+        group_start="quant",
+        learn=["act_scale", "weight_round"],
+        progress_every=3,
+        revert_if_worse=True,
+    )
+    uninterrupted = run("accuquant", tiny5_plms, cfg, tmp_path / "a" / "cache", monkeypatch)
+    assert uninterrupted["metrics"]["accuquant_groups"] == 3  # 6 calls: groups of 2
+
+    cache = tmp_path / "b" / "cache"
+    assert run("accuquant", tiny5_plms, cfg, cache, monkeypatch, kill=kills[0]) is None
+    resumed = kill_and_resume("accuquant", tiny5_plms, cfg, cache, monkeypatch, caplog, kills[1:])
+    assert_same(resumed, uninterrupted)
+
+
 def test_accuquant_ignores_progress_of_another_start(tmp_path, monkeypatch, caplog):
     """Progress saved on another PTQ base (e.g. recomputed differently) is not resumed."""
     monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)

@@ -76,13 +76,14 @@ def unet2d_condition_inputs(n: int = 3, seed: int = 1) -> dict[str, torch.Tensor
 
 
 class TinyDiffusion(DiffusionModel):
-    """Class-conditional latent diffusion over :func:`tiny_unet2d`, guidance 2.0, DDIM."""
+    """Class-conditional latent diffusion over :func:`tiny_unet2d`, guidance 2.0, DDIM (or
+    ``scheduler``)."""
 
     family = "tiny"
     spec = UNET
 
-    def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0) -> None:
-        scheduler = DDIMScheduler(
+    def __init__(self, steps: int = 6, guidance: float = 2.0, seed: int = 0, scheduler=None) -> None:
+        scheduler = scheduler or DDIMScheduler(
             num_train_timesteps=1000,
             beta_schedule="scaled_linear",
             beta_start=0.00085,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from diffquant.cache import atomic_write_json
+from diffquant.methods.trajectory import chain_step, fresh_scheduler, snapshot_scheduler
 from diffquant.quant.state import quant_state
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,15 @@ def measure_error_accumulation(
         cond = model.conditions(idx, seed).to(model.device)
         x_fp = model.initial_noise(idx, seed)
         x_q = x_fp.clone()
+        # each chain advances its own scheduler (multistep samplers keep a history); the
+        # quantized step on the FP state starts from the FP chain's scheduler state
+        fp_scheduler, q_scheduler = fresh_scheduler(model), fresh_scheduler(model)
         for i in range(n_steps):
+            on_fp_scheduler = snapshot_scheduler(fp_scheduler)
             with quant_state(denoiser, weights=False, acts=False):
-                next_fp = model.step(x_fp, i, cond, idx, seed)
-            q_on_fp = model.step(x_fp, i, cond, idx, seed)
-            x_q = model.step(x_q, i, cond, idx, seed)
+                next_fp = chain_step(model, fp_scheduler, x_fp, i, cond, idx, seed)
+            q_on_fp = chain_step(model, on_fp_scheduler, x_fp, i, cond, idx, seed)
+            x_q = chain_step(model, q_scheduler, x_q, i, cond, idx, seed)
             step_err[i].append(_per_sample_norm(q_on_fp - next_fp))
             acc_err[i].append(_per_sample_norm(x_q - next_fp))
             x_fp = next_fp

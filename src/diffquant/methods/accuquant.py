@@ -8,27 +8,50 @@ open is a field of :class:`AccuQuantConfig`:
 1. **Base.** Start from the baseline PTQ result (``method.ptq``: the Q-Diffusion recipe, loaded
    from the cache when the same model/quant/PTQ settings were calibrated before).
 2. **FP trajectories.** Sample ``n_samples`` FP trajectories (seed ``seed``), keeping every state
-   ``x_0 .. x_S`` (see :mod:`diffquant.methods.trajectory`).
+   ``x_0 .. x_S`` and every step's model output, from which a multistep sampler's state (PLMS,
+   DPM-Solver++) at any step is rebuilt (see :mod:`diffquant.methods.trajectory`).
 3. **Grouped trajectory calibration.** Split the ``S`` sampler steps into consecutive groups of
    ``group_size`` = M steps and calibrate them in sampler order (``epochs`` passes). For group
    ``[i0, i0 + M)``: start from ``x_{i0}`` of the FP trajectory (``group_start: fp``; or from
-   the quantized model's own trajectory, ``quant``), run M quantized steps with the same
-   scheduler, guidance and noise as the FP chain, and minimise ``loss(x̃_{i0+M}, x_{i0+M})``
+   the quantized model's own trajectory, ``quant``) and that chain's scheduler state, run M
+   quantized steps with the same scheduler (its own copy), guidance and noise as the FP chain,
+   and minimise ``loss(x̃_{i0+M}, x_{i0+M})``
    (MSE) with Adam on mini-batches of ``batch_size`` trajectories, ``iters_per_group`` steps
    per group: ``order: sequential`` spends them group after group, ``interleaved`` cycles
    through the groups (in sampler order) at every step. What is learned is ``learn``:
-   activation step sizes (``act_scale``), optionally weight rounding (``weight_round``:
-   AdaRound α, started from the PTQ rounding and hardened at the end) and biases (``bias``).
+   activation step sizes (``act_scale``), optionally weight rounding (``weight_round``: one
+   α per weight, started from the PTQ rounding, which a rounding flips by changing sign; see
+   *Rounding* below) and biases (``bias``).
 4. **Gradient.** ``grad_mode: approx`` (default) uses the identity-Jacobian approximation of the
    overview figure — peak memory of one step whatever M is; ``exact`` back-propagates through
    all M steps (memory O(M)); see :func:`diffquant.methods.trajectory.group_backward`.
+
+**Rounding** (``weight_round``). AdaRound's relaxation cannot refine a finished rounding here:
+started at the PTQ choices (α = ±2, h = 0.957 / 0.043) under AdaRound's regulariser (λ = 0.01), the
+group loss's per-weight gradient ∂L/∂h (median 3e-7, max 1e-3 on ldm_digits W4A4) never beats the
+regulariser's (λ · 4–9), and α cannot travel to 0 within the iterations anyway: measured, no
+rounding flipped, and the soft network the step sizes were fitted to is not the hard one kept
+(hard trajectory loss 0.00722 vs 0.00702 learning step sizes alone). With a small margin
+(α = ±0.5, h = 0.65 / 0.35) the soft network is far from any hard one, and hardening undid the
+calibration (reverted). So by default (``round_forward: hard``) the network sees the *hard*
+choices (α ≥ 0: round up) and the gradient reaches α straight through h(α): α = ±``round_init``
+is an inertia, a rounding flips where the loss pushes it consistently for ``round_init /
+round_lr`` Adam steps, and the model trained is the model kept (1243 of 1.84M roundings flipped,
+hard trajectory loss 0.00648; FID to the FP samples, mean of evaluation seeds 0-2: 0.0796 with
+the soft rounding, 0.0702 now, 0.0712 learning step sizes alone — within the seeds' spread of
+the latter, while the calibration objective is 8% lower). ``round_forward: soft``
+is AdaRound's relaxation, its regulariser weighted relative to the group loss (``round_reg`` ×
+the phase's mean group loss before it), so that λ does not depend on the scale of the latents.
+Whatever the mode, every reported loss and ``revert_if_worse`` judge the hard-rounded model
+(:meth:`LearnedParameters.hardened`).
 
 Parameters are shared by all groups unless the quant config is time-step aware
 (``quant.timestep_aware=true``): then every step routes its own activation parameter group
 through the denoiser's time-step argument, and a group's iterations only move the parameters of
 its steps' groups. With shared parameters, ``sequential`` lets each group undo what earlier
-groups learned (on ldm_digits W4A4 the full-trajectory error got *worse* than PTQ's although
-every group's own loss fell), so the default is ``interleaved``: one optimiser fits all groups.
+groups learned (on ldm_digits W4A4, learning step sizes, the mean group loss went from PTQ's
+0.0102 to 0.0324 although every group's own loss fell; interleaved: 0.0070), so the default is
+``interleaved``: one optimiser fits all groups.
 
 Metrics of the result: ``accuquant_s`` (seconds of trajectory calibration, the PTQ base
 excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups of the group loss
@@ -46,10 +69,12 @@ uninterrupted job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -64,13 +89,14 @@ from diffquant.methods.trajectory import (
     GRAD_MODES,
     LOSSES,
     Trajectories,
-    check_stateless_scheduler,
+    check_scheduler,
     fp_trajectories,
     group_backward,
     group_length,
     group_starts,
     loss_fn,
     rollout,
+    scheduler_at,
 )
 from diffquant.models.base import Conditioning
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
@@ -88,6 +114,7 @@ LEARNABLE = ("act_scale", "weight_round", "bias")
 GROUP_STARTS = ("fp", "quant")
 ORDERS = ("sequential", "interleaved")
 LR_SCHEDULES = ("cosine", "constant")
+ROUND_FORWARDS = ("hard", "soft")
 
 
 @dataclass
@@ -104,14 +131,16 @@ class AccuQuantConfig:
         grad_mode: ``approx`` (identity-Jacobian approximation, memory of one step) or ``exact``
             (back-propagation through the M steps, memory O(M)).
         learn: what is learned, any of ``act_scale`` (activation step sizes Δ below
-            ``max_act_bits``), ``weight_round`` (AdaRound α, from the PTQ rounding), ``bias``.
+            ``max_act_bits``), ``weight_round`` (one α per weight from the PTQ rounding: see
+            the module doc's *Rounding*), ``bias``.
         act_lr / round_lr / bias_lr: Adam learning rates of each kind.
         lr_schedule: ``cosine`` (to 0 over each optimiser's steps: one group's when
             sequential, all of an epoch's when interleaved) or ``constant``.
         iters_per_group: optimisation steps per group and epoch.
         epochs: passes over all groups (in sampler order each time).
         n_samples: FP trajectories the groups are calibrated on (classes balanced: sample ``i``
-            has class ``i % num_classes``).
+            has class ``i % num_classes``; spread over the classes when there are more classes
+            than samples: :func:`calibration_indices`).
         batch_size: trajectories per optimisation step (with guidance the UNet sees 2×).
         seed: seed of those trajectories (the calibration seed, apart from evaluation seeds).
         loss: the distance between the final states (``mse``).
@@ -125,11 +154,17 @@ class AccuQuantConfig:
             through the groups in sampler order: shared parameters fit all groups at once
             instead of drifting toward the last group).
         revert_if_worse: keep an update only if it lowered the loss on all trajectories (per
-            group when sequential; the mean over groups when interleaved).
+            group when sequential; the mean over groups when interleaved), judged with the
+            learned roundings hard (the model that is kept).
         max_act_bits: activation quantizers above this many bits (16-bit softmax) are not learned.
-        round_reg / round_warmup / round_beta_start / round_beta_end: the AdaRound regulariser
-            over all ``weight_round`` iterations (as in PTQ's weight stage).
-        round_init: |α| the PTQ rounding choices are started from (h(±2) = 0.957 / 0.043).
+        round_forward: ``hard`` (the network sees the hard choices α ≥ 0, the gradient passes
+            straight through h(α)) or ``soft`` (AdaRound: the network sees h(α), hardened at the
+            end).
+        round_init: |α| the PTQ rounding choices are started from: with ``hard``, the inertia
+            a flip must overcome; with ``soft``, h(±0.5) = 0.65 / 0.35, h(±2) = 0.957 / 0.043.
+        round_reg / round_warmup / round_beta_start / round_beta_end: ``soft`` only: the
+            AdaRound regulariser over all ``weight_round`` iterations (as in PTQ's weight stage),
+            its weight ``round_reg`` relative to the phase's mean group loss before it.
         eval_batch_size: trajectories per no-grad forward when measuring group losses.
         progress_every: besides after every group (``sequential``) / epoch (``interleaved``),
             save the calibration's progress every that many optimiser steps (0: at those
@@ -144,7 +179,7 @@ class AccuQuantConfig:
     grad_mode: str = "approx"
     learn: list[str] = field(default_factory=lambda: ["act_scale"])
     act_lr: float = 3e-3
-    round_lr: float = 1e-3
+    round_lr: float = 1e-2
     bias_lr: float = 1e-5
     lr_schedule: str = "cosine"
     iters_per_group: int = 40
@@ -161,7 +196,8 @@ class AccuQuantConfig:
     round_warmup: float = 0.2
     round_beta_start: float = 20.0
     round_beta_end: float = 2.0
-    round_init: float = 2.0
+    round_init: float = 0.5
+    round_forward: str = "hard"
     eval_batch_size: int = 64
     progress_every: int = 20
     save_checkpoint: bool = False
@@ -182,6 +218,9 @@ def validate_config(cfg: AccuQuantConfig) -> None:
     one_of(cfg, "order", ORDERS)
     one_of(cfg, "lr_schedule", LR_SCHEDULES)
     one_of(cfg, "loss", LOSSES)
+    one_of(cfg, "round_forward", ROUND_FORWARDS)
+    positive(cfg, "round_init")  # α = 0 would be a choice (α ≥ 0: round up), not a margin
+    positive(cfg, "round_lr", allow_zero=True)
 
 
 # ---------------------------------------------------------------------------- learned tensors
@@ -194,26 +233,70 @@ def _round_up_choice(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
     return (w - torch.floor(w)) >= 0.5
 
 
-def start_soft_rounding(denoiser: nn.Module, margin: float) -> list[AdaRound]:
-    """Put every weight quantizer into AdaRound (``soft``) mode, started from its current rounding
-    (α = ±``margin``) so that the soft weights begin at the PTQ result; returns the roundings."""
-    roundings: list[AdaRound] = []
+def weight_leaves(denoiser: nn.Module) -> list[tuple[WeightQuantizer, Tensor]]:
+    """Every leaf weight quantizer of ``denoiser`` with the weight (part) it quantizes."""
+    leaves: list[tuple[WeightQuantizer, Tensor]] = []
     for m in denoiser.modules():
         if not is_quant_layer(m) or m.weight_quantizer is None:
             continue
         wq = m.weight_quantizer
-        leaves = (
+        leaves += (
             [(wq, m.weight)]
             if isinstance(wq, WeightQuantizer)
             else [(wq.head, m.weight[:, : wq.split]), (wq.tail, m.weight[:, wq.split :])]
         )
-        for leaf, weight in leaves:
-            mask = _round_up_choice(leaf, weight)
-            ada = leaf.start_adaround(weight)
-            with torch.no_grad():
-                ada.alpha.copy_(torch.where(mask, margin, -margin))
-            roundings.append(ada)
+    return leaves
+
+
+def rounding_choices(denoiser: nn.Module) -> list[Tensor]:
+    """The current rounding of every leaf weight quantizer (bool masks, round up where True;
+    a ``soft`` one's α ≥ 0)."""
+    return [
+        leaf.adaround.hard_mask() if leaf.adaround is not None else _round_up_choice(leaf, weight)
+        for leaf, weight in weight_leaves(denoiser)
+    ]
+
+
+class HardForwardRounding(AdaRound):
+    """AdaRound α whose network sees the hard choice (``α ≥ 0``: round up) while the gradient
+    passes through the rectified sigmoid h(α) (straight-through): the model trained is the model
+    kept, and a rounding flips when its α changes sign."""
+
+    def rectified(self) -> Tensor:
+        h = super().rectified()
+        return self.hard_mask().to(h.dtype) + h - h.detach()
+
+
+def start_soft_rounding(denoiser: nn.Module, margin: float, forward: str = "soft") -> list[AdaRound]:
+    """Put every weight quantizer into AdaRound (``soft``) mode, started from its current rounding
+    (α = ±``margin``: the hard choice of every weight stays the PTQ's until its α changes sign);
+    ``forward="hard"``: the network sees the hard choices (:class:`HardForwardRounding`).
+    Returns the roundings."""
+    roundings: list[AdaRound] = []
+    for leaf, weight in weight_leaves(denoiser):
+        mask = _round_up_choice(leaf, weight)
+        ada = leaf.start_adaround(weight)
+        if forward == "hard":
+            leaf.adaround = ada = HardForwardRounding(ada.alpha.detach())
+        with torch.no_grad():
+            ada.alpha.copy_(torch.where(mask, margin, -margin))
+        roundings.append(ada)
     return roundings
+
+
+@contextlib.contextmanager
+def hard_rounding(denoiser: nn.Module) -> Iterator[None]:
+    """Within the block, every ``soft`` weight quantizer rounds by its current hard choice
+    (``α ≥ 0``: the model :func:`harden_rounding` would keep); soft again afterwards."""
+    soft = [leaf for leaf, _ in weight_leaves(denoiser) if leaf.adaround is not None]
+    alphas = [leaf.adaround for leaf in soft]
+    for leaf, ada in zip(soft, alphas):
+        leaf.round_up, leaf.adaround = ada.hard_mask(), None
+    try:
+        yield
+    finally:
+        for leaf, ada in zip(soft, alphas):
+            leaf.round_up, leaf.adaround = None, ada
 
 
 def harden_rounding(denoiser: nn.Module) -> None:
@@ -231,7 +314,11 @@ class LearnedParameters:
 
     def __init__(self, denoiser: nn.Module, cfg: AccuQuantConfig) -> None:
         self.denoiser = denoiser
-        self.roundings = start_soft_rounding(denoiser, cfg.round_init) if "weight_round" in cfg.learn else []
+        self.roundings = (
+            start_soft_rounding(denoiser, cfg.round_init, cfg.round_forward)
+            if "weight_round" in cfg.learn
+            else []
+        )
         self.by_kind: dict[str, list[nn.Parameter]] = {}
         for kind in cfg.learn:
             found = quant_parameters(
@@ -267,6 +354,11 @@ class LearnedParameters:
     def load(self, values: list[Tensor]) -> None:
         for p, v in zip(self.params, values):
             p.copy_(v)
+
+    def hardened(self) -> contextlib.AbstractContextManager:
+        """A block in which learned roundings are hard (:func:`hard_rounding`): the model as it
+        would be kept, which every reported loss and ``revert_if_worse`` judge."""
+        return hard_rounding(self.denoiser) if self.roundings else contextlib.nullcontext()
 
     def restore(self) -> None:
         """Harden learned rounding and turn ``requires_grad`` back to what it was."""
@@ -308,59 +400,112 @@ class TrajectoryCalibration:
 
     def __post_init__(self) -> None:
         validate_config(self.cfg)
-        check_stateless_scheduler(self.model.scheduler)
+        check_scheduler(self.model)
         self.loss = loss_fn(self.cfg.loss)
         self._iter = 0
+        self._reg_scale = 1.0  # the rounding regulariser's weight is relative to this loss
 
     # -- pieces
+    @staticmethod
+    def chain_from(traj: Trajectories, x_start: Tensor | Trajectories, start: int) -> Trajectories:
+        """The chain a group at ``start`` starts from: ``x_start`` itself when it is one (the FP
+        trajectories, or the quantized model's own chain), else the state ``x_start``
+        ``(N, C, h, w)`` with the FP trajectories' history before it."""
+        if isinstance(x_start, Trajectories):
+            return x_start
+        return Trajectories(
+            torch.cat([traj.states[:start], x_start[None]]),
+            traj.cond,
+            traj.indices,
+            traj.seed,
+            traj.outputs[:start],
+        )
+
+    def _chunks(self, n: int) -> list[list[int]]:
+        size = self.cfg.eval_batch_size
+        return [list(range(lo, min(n, lo + size))) for lo in range(0, n, size)]
+
     @torch.no_grad()
-    def group_loss_all(self, traj: Trajectories, x_start: Tensor, start: int, length: int) -> float:
-        """The group loss over all trajectories (mean of per-chunk losses weighted by rows)."""
-        total, n = 0.0, len(traj)
-        for lo in range(0, n, self.cfg.eval_batch_size):
-            rows = list(range(lo, min(n, lo + self.cfg.eval_batch_size)))
+    def group_loss_all(
+        self, traj: Trajectories, x_start: Tensor | Trajectories, start: int, length: int
+    ) -> float:
+        """The group loss over all trajectories (mean of per-chunk losses weighted by rows),
+        from ``x_start`` (see :meth:`chain_from`)."""
+        chain, total, n = self.chain_from(traj, x_start, start), 0.0, len(traj)
+        for rows in self._chunks(n):
             part = traj.rows(rows)
-            out = rollout(self.model, x_start[rows], start, length, part.cond, part.indices, part.seed)
+            out = rollout(
+                self.model,
+                chain.states[start, rows],
+                start,
+                length,
+                part.cond,
+                part.indices,
+                part.seed,
+                scheduler_at(self.model, chain, start, rows),
+            )
             total += float(self.loss(out, traj.states[start + length, rows])) * len(rows)
         return total / n
 
     @torch.no_grad()
-    def advance(self, traj: Trajectories, x: Tensor, start: int, length: int) -> Tensor:
-        """The quantized model's states after the group, from ``x`` (all trajectories)."""
-        outs = []
-        for lo in range(0, len(traj), self.cfg.eval_batch_size):
-            rows = list(range(lo, min(len(traj), lo + self.cfg.eval_batch_size)))
-            part = traj.rows(rows)
-            outs.append(rollout(self.model, x[rows], start, length, part.cond, part.indices, part.seed))
-        return torch.cat(outs)
+    def advance(self, traj: Trajectories, chain: Trajectories, start: int, length: int) -> Trajectories:
+        """``chain`` (the quantized model's own, up to ``start``) continued by the current model
+        over the group's steps (all trajectories), model outputs included."""
+        states, outputs = [], []
+        for rows in self._chunks(len(traj)):
+            part, xs, outs = traj.rows(rows), [], []
+            rollout(
+                self.model,
+                chain.states[start, rows],
+                start,
+                length,
+                part.cond,
+                part.indices,
+                part.seed,
+                scheduler_at(self.model, chain, start, rows),
+                outs,
+                xs,
+            )
+            states.append(torch.stack(xs))
+            outputs.append(torch.stack(outs))
+        return Trajectories(
+            torch.cat([chain.states[: start + 1], torch.cat(states, 1)]),
+            traj.cond,
+            traj.indices,
+            traj.seed,
+            torch.cat([chain.outputs[:start], torch.cat(outputs, 1)]),
+        )
 
     def _optimizer_step(
         self,
         opt: torch.optim.Optimizer,
         learned: LearnedParameters,
         traj: Trajectories,
-        x_start: Tensor,
+        chain: Trajectories,
         start: int,
         length: int,
         generator: torch.Generator,
         schedule: Optional[RoundingSchedule],
     ) -> float:
-        """One optimiser step on a random mini-batch of one group; returns its group loss."""
+        """One optimiser step on a random mini-batch of one group, rolled out from ``chain``'s
+        state (and scheduler state) at ``start``; returns its group loss."""
         cfg = self.cfg
         rows = torch.randperm(len(traj), generator=generator)[: cfg.batch_size].sort().values
         part = traj.rows(rows)
         opt.zero_grad(set_to_none=True)
+        r = rows.to(chain.states.device)
         value = group_backward(
             self.model,
             cfg.grad_mode,
-            x_start[rows],
+            chain.states[start, r],
             start,
             length,
-            traj.states[start + length, rows],
+            traj.states[start + length, r],
             part.cond,
             part.indices,
             part.seed,
             self.loss,
+            scheduler=scheduler_at(self.model, chain, start, rows),
         )
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -370,7 +515,7 @@ class TrajectoryCalibration:
         if learned.roundings and schedule is not None:
             reg = schedule.loss(self._iter, learned.roundings)
             if reg.requires_grad:
-                reg.backward()
+                (reg * self._reg_scale).backward()
         opt.step()
         learned.after_step()
         if self.on_iteration is not None:
@@ -382,7 +527,7 @@ class TrajectoryCalibration:
         self,
         learned: LearnedParameters,
         traj: Trajectories,
-        x_start: Tensor,
+        x_start: Tensor | Trajectories,
         start: int,
         length: int,
         generator: torch.Generator,
@@ -390,11 +535,23 @@ class TrajectoryCalibration:
     ) -> list[float]:
         """``iters_per_group`` optimiser steps on one group (a fresh Adam); returns the losses.
 
-        ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory.
+        ``x_start``: ``(N, C, h, w)``, the group's start state of every trajectory (with the FP
+        history before it), or a chain (see :meth:`chain_from`).
         """
         opt, sched = self._optimizer(learned, self.cfg.iters_per_group)
         losses: list[list[float]] = [[]]
-        self._train(opt, sched, learned, traj, [(start, length)], [x_start], losses, 0, generator, schedule)
+        self._train(
+            opt,
+            sched,
+            learned,
+            traj,
+            [(start, length)],
+            [self.chain_from(traj, x_start, start)],
+            losses,
+            0,
+            generator,
+            schedule,
+        )
         return losses[0]
 
     def _optimizer(self, learned: LearnedParameters, total: int):
@@ -414,7 +571,7 @@ class TrajectoryCalibration:
         learned: LearnedParameters,
         traj: Trajectories,
         groups: list[tuple[int, int]],
-        x_starts: list[Tensor],
+        chains: list[Trajectories],
         losses: list[list[float]],
         done: int,
         generator: torch.Generator,
@@ -422,14 +579,15 @@ class TrajectoryCalibration:
         save: Optional[Any] = None,
     ) -> None:
         """Optimiser steps ``done .. iters_per_group · len(groups) - 1``; step ``j`` trains group
-        ``j mod len(groups)`` and appends its loss to ``losses``. ``save(j)`` is called after
-        step ``j - 1`` where a mid-phase progress save is due."""
+        ``j mod len(groups)`` (from ``chains[k]`` at its start) and appends its loss to
+        ``losses``. ``save(j)`` is called after step ``j - 1`` where a mid-phase progress save is
+        due."""
         total = self.cfg.iters_per_group * len(groups)
         for j in range(done, total):
             k = j % len(groups)
-            (start, length), x_start = groups[k], x_starts[k]
+            (start, length), chain = groups[k], chains[k]
             losses[k].append(
-                self._optimizer_step(opt, learned, traj, x_start, start, length, generator, schedule)
+                self._optimizer_step(opt, learned, traj, chain, start, length, generator, schedule)
             )
             if sched is not None:
                 sched.step()
@@ -468,7 +626,7 @@ class TrajectoryCalibration:
             learned.counts(),
         )
         schedule = None
-        if learned.roundings:
+        if learned.roundings and cfg.round_forward == "soft":
             total = cfg.epochs * n_groups * cfg.iters_per_group
             schedule = RoundingSchedule(
                 total, cfg.round_reg, cfg.round_warmup, cfg.round_beta_start, cfg.round_beta_end
@@ -488,7 +646,7 @@ class TrajectoryCalibration:
         """Every group's loss over all trajectories with the current parameters (FP starts), in
         sampler order — unlike a report's ``loss_after``, measured after *all* groups moved the
         shared parameters."""
-        return [self.group_loss_all(traj, traj.states[s], s, n) for s, n in self._groups(traj)]
+        return [self.group_loss_all(traj, traj, s, n) for s, n in self._groups(traj)]
 
     def _groups(self, traj: Trajectories) -> list[tuple[int, int]]:
         return [
@@ -496,17 +654,21 @@ class TrajectoryCalibration:
             for s in group_starts(traj.n_steps, self.cfg.group_size)
         ]
 
-    def _start_states(self, traj: Trajectories) -> list[Tensor]:
-        """Each group's start states: the FP trajectory's, or (``group_start: quant``) the current
-        quantized model's own trajectory from x_T."""
+    def _start_chains(self, traj: Trajectories) -> list[Trajectories]:
+        """The chain each group starts from (at its first step): the FP trajectories, or
+        (``group_start: quant``) the current quantized model's own chain from x_T."""
         groups = self._groups(traj)
         if self.cfg.group_start == "fp":
-            return [traj.states[s] for s, _ in groups]
-        x, out = traj.states[0], []
-        for s, n in groups:
-            out.append(x)
-            x = self.advance(traj, x, s, n)
-        return out
+            return [traj] * len(groups)
+        chain = self._chain_origin(traj)
+        for s, n in groups[:-1]:
+            chain = self.advance(traj, chain, s, n)
+        return [chain] * len(groups)
+
+    @staticmethod
+    def _chain_origin(traj: Trajectories) -> Trajectories:
+        """A chain at step 0: x_T, no history."""
+        return Trajectories(traj.states[:1], traj.cond, traj.indices, traj.seed, traj.outputs[:0])
 
     def _phase(
         self,
@@ -526,24 +688,24 @@ class TrajectoryCalibration:
         sequential = cfg.order == "sequential"
         quant_start = cfg.group_start == "quant"
         if sequential and quant_start and members[0] == 0:
-            run.carry = traj.states[0]  # each epoch's quantized chain starts from x_T
+            run.carry = self._chain_origin(traj)  # each epoch's quantized chain starts from x_T
         t0 = time.perf_counter()
         opt, sched = self._optimizer(learned, cfg.iters_per_group * len(groups))
         if resume is None:
-            if sequential:
-                x_starts = [run.carry if quant_start else traj.states[groups[0][0]]]
+            if not quant_start:
+                chains = [traj] * len(groups)
+            elif sequential:
+                chains = [run.carry]
             else:
-                x_starts = self._start_states(traj)
-            before = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
+                with learned.hardened():
+                    chains = self._start_chains(traj)
+            with learned.hardened():
+                before = [self.group_loss_all(traj, c, s, n) for c, (s, n) in zip(chains, groups)]
             saved = learned.snapshot() if cfg.revert_if_worse else None
             losses: list[list[float]] = [[] for _ in groups]
             done = 0
         else:
-            x_starts = (
-                [x.to(traj.states.device) for x in resume["x_starts"]]
-                if quant_start
-                else [traj.states[s] for s, _ in groups]
-            )
+            chains = [run.chain(resume["chain"])] * len(groups) if quant_start else [traj] * len(groups)
             before, saved, losses, done = (
                 resume["before"],
                 resume["saved"],
@@ -554,6 +716,7 @@ class TrajectoryCalibration:
             if sched is not None:
                 sched.load_state_dict(resume["scheduler"])
             t0 -= resume["seconds"]
+        self._reg_scale = sum(before) / len(before)
 
         def save(j: int) -> None:
             if progress is None or not progress.due(self._iter):
@@ -562,7 +725,7 @@ class TrajectoryCalibration:
                 run.state(
                     index,
                     {
-                        "x_starts": [x.cpu() for x in x_starts] if quant_start else None,
+                        "chain": _chain_state(chains[0]) if quant_start else None,
                         "before": before,
                         "saved": saved,
                         "losses": losses,
@@ -575,14 +738,16 @@ class TrajectoryCalibration:
                 f"epoch {epoch + 1} groups {members[0]}..{members[-1]} step {j}",
             )
 
-        self._train(opt, sched, learned, traj, groups, x_starts, losses, done, run.generator, schedule, save)
-        after = [self.group_loss_all(traj, x, s, n) for x, (s, n) in zip(x_starts, groups)]
+        self._train(opt, sched, learned, traj, groups, chains, losses, done, run.generator, schedule, save)
+        with learned.hardened():  # judged as it will be kept: learned roundings hard
+            after = [self.group_loss_all(traj, c, s, n) for c, (s, n) in zip(chains, groups)]
         reverted = saved is not None and sum(after) > sum(before)
         if reverted:
             learned.load(saved)
             after = before
         if sequential and quant_start:
-            run.carry = self.advance(traj, x_starts[0], *groups[0])
+            with learned.hardened():
+                run.carry = self.advance(traj, chains[0], *groups[0])
         seconds = (time.perf_counter() - t0) / len(groups)
         for (start, length), b, a, ls in zip(groups, before, after, losses):
             self._report(epoch, start, length, b, a, ls, reverted, seconds)
@@ -636,7 +801,7 @@ class _RunState:
     learned: LearnedParameters
     generator: torch.Generator
     traj: Trajectories
-    carry: Optional[Tensor] = None
+    carry: Optional[Trajectories] = None
 
     def state(self, phase: int, in_phase: Optional[dict[str, Any]]) -> dict[str, Any]:
         """The run's state at phase ``phase`` (``in_phase``: where the phase is; None = at its
@@ -649,7 +814,7 @@ class _RunState:
             "generator": self.generator.get_state(),
             "iter": cal._iter,
             "reports": [asdict(r) for r in cal.reports],
-            "carry": self.carry.cpu() if self.carry is not None else None,
+            "carry": _chain_state(self.carry) if self.carry is not None else None,
         }
 
     def load(self, state: dict[str, Any]) -> tuple[int, Optional[dict[str, Any]]]:
@@ -662,24 +827,51 @@ class _RunState:
         cal._iter = state["iter"]
         cal.reports = [GroupReport(**r) for r in state["reports"]]
         if state["carry"] is not None:
-            self.carry = state["carry"].to(self.traj.states.device)
+            self.carry = self.chain(state["carry"])
         return state["phase"], state["in_phase"]
+
+    def chain(self, saved: dict[str, Tensor]) -> Trajectories:
+        """A quantized chain from its saved form (:func:`_chain_state`)."""
+        device, traj = self.traj.states.device, self.traj
+        return Trajectories(
+            saved["states"].to(device), traj.cond, traj.indices, traj.seed, saved["outputs"].to(device)
+        )
+
+
+def _chain_state(chain: Trajectories) -> dict[str, Tensor]:
+    """What a progress save keeps of a quantized chain: its states and model outputs."""
+    return {"states": chain.states.cpu(), "outputs": chain.outputs.cpu()}
 
 
 # ---------------------------------------------------------------------------- the method's run
 TRAJECTORIES_FILE = "fp_trajectories.pt"
 
 
+def calibration_indices(model: Any, n_samples: int) -> list[int]:
+    """The sample indices of the calibration trajectories: ``0 .. n_samples-1``, or, for a
+    class-conditional model with more classes than samples (sample ``i`` has class
+    ``i % num_classes``), indices spread evenly over the classes (ImageNet, 256 samples: classes
+    0, 3, 7, 11, ..., not 0 .. 255)."""
+    classes = getattr(model, "num_classes", None)
+    if classes and n_samples < classes:
+        return [i * classes // n_samples for i in range(n_samples)]
+    return list(range(n_samples))
+
+
 def calibration_trajectories(
     model: Any, cfg: AccuQuantConfig, progress: Optional[Path] = None
 ) -> Trajectories:
-    """The FP trajectories the groups are calibrated on: sampled, or loaded from ``progress``
-    where a stopped job of the same settings kept them (they are kept there once sampled)."""
+    """The FP trajectories the groups are calibrated on (samples :func:`calibration_indices`):
+    sampled, or loaded from ``progress`` where a stopped job of the same settings kept them (they
+    are kept there once sampled)."""
+    indices = calibration_indices(model, cfg.n_samples)
     key = {
         "n_samples": cfg.n_samples,
         "seed": cfg.seed,
         "batch_size": cfg.eval_batch_size,
-        "steps": [int(t) for t in model.timesteps],
+        "steps": [float(t) for t in model.timesteps],
+        "indices": indices,
+        "format": 2,
     }
     saved = load_file(progress, TRAJECTORIES_FILE, key)
     if saved is not None:
@@ -690,8 +882,9 @@ def calibration_trajectories(
             Conditioning(to(saved["cond"]), to(saved["uncond"]), saved["labels"]),
             saved["indices"],
             saved["seed"],
+            saved["outputs"].to(model.device),
         )
-    traj = fp_trajectories(model, list(range(cfg.n_samples)), cfg.seed, cfg.eval_batch_size)
+    traj = fp_trajectories(model, indices, cfg.seed, cfg.eval_batch_size)
     cpu = lambda d: None if d is None else {k: v.cpu() for k, v in d.items()}  # noqa: E731
     save_file(
         progress,
@@ -699,6 +892,7 @@ def calibration_trajectories(
         key,
         {
             "states": traj.states.cpu(),
+            "outputs": traj.outputs.cpu(),
             "cond": cpu(traj.cond.cond),
             "uncond": cpu(traj.cond.uncond),
             "labels": traj.cond.labels,
@@ -774,7 +968,7 @@ def trajectory_calibration(
 class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
 
-    version = 2
+    version = 3
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
@@ -784,7 +978,7 @@ class AccuQuant(Method):
     def calibrate(
         self, model: Any, quant: QuantConfig, cfg: AccuQuantConfig, ctx: Any, progress: Path
     ) -> MethodResult:
-        check_stateless_scheduler(model.scheduler)
+        check_scheduler(model)
         base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
         settings = {
             "method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
