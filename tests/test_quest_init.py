@@ -20,7 +20,6 @@ from diffquant.methods.quest_init import (
     StepInit,
     init_timestep_ranges,
     percentile_search_range,
-    reference_order,
     take_rows,
 )
 from diffquant.models.denoiser import UNET
@@ -143,7 +142,7 @@ def test_percentile_search_beyond_torch_quantile_falls_back_to_numpy(monkeypatch
 # ---------------------------------------------------------------------------- rows and network
 def test_reference_order_is_step_major_with_conditional_rows_first(tiny):
     model, stream = tiny
-    rows = take_rows(stream, reference_order(stream, (CALIB.n_samples, CALIB.batch_size)))
+    rows = take_rows(stream, stream.reference_order())
     steps, labels = rows["_step"].tolist(), rows["class_labels"].tolist()
     null = 4  # TinyDiffusion's null class
     assert steps == [0] * 5 + [2] * 5 + [4] * 5 + [0] * 5 + [2] * 5 + [4] * 5
@@ -163,10 +162,9 @@ def test_each_group_gets_the_min_max_of_its_first_rows(tiny, network):
         network=network,
         rows=None,
         rows_per_step=k,
-        layout=(CALIB.n_samples, CALIB.batch_size),
     )
     assert init_timestep_ranges(denoiser, stream, init) > 60
-    order = reference_order(stream, init.layout)
+    order = stream.reference_order()
     rows = take_rows(stream, order)
     for g, step in enumerate(stream.index["steps"]):
         first = {key: v[rows["_step"] == step][:k] for key, v in rows.items()}
@@ -201,11 +199,10 @@ def test_running_statistics_average_each_steps_batches(tiny):
         running=True,
         running_batch_size=3,
         momentum=0.9,
-        layout=(CALIB.n_samples, CALIB.batch_size),
     )
     init_timestep_ranges(denoiser, stream, init)
     q = denoiser.conv_in.input_quantizer
-    rows = take_rows(stream, reference_order(stream, init.layout))
+    rows = take_rows(stream, stream.reference_order())
     for g, step in enumerate(stream.index["steps"]):
         x = rows["sample"][rows["_step"] == step]  # 10 rows: 5 conditional, 5 unconditional
         x2d = lambda t: channels_first(t, q.per_channel, 1).double()  # noqa: E731
@@ -402,3 +399,29 @@ def test_quest_on_a_pndm_schedule_sets_every_group_from_its_own_step(tmp_path):
     for g in range(6):
         scale, _ = group_qparams(q, data["sample"][data["_step"] == g])
         torch.testing.assert_close(q.scale[g], scale, msg=f"group {g}")
+
+
+def test_pndm_act_ranges_and_lsq_route_by_step_index(pndm):
+    """The PTQ calibration of time-step-aware quantizers (``quant.timestep_aware``) on PNDM's
+    repeated 601: ``calibrate_act_ranges`` sets group 2 from step 2's rows (by value it would get
+    none and keep its copied range), and block reconstruction's LSQ stage trains group 2 (by value
+    its step size would never move)."""
+    from diffquant.calib import ReconSettings, reconstruct
+
+    _, stream = pndm
+    model = TinyPNDM()  # the fixture's model may hold a quantized denoiser by now
+    groups = len(model.timesteps)
+    denoiser = quantized(model, stream, groups=groups)
+    q = denoiser.conv_in.input_quantizer
+    data = take_rows(stream, torch.arange(len(stream)))
+    calibrate_act_ranges(denoiser, stream, method="minmax", n_rows=None, batch_size=4)
+    for g in range(groups):
+        scale, _ = group_qparams(q, data["sample"][data["_step"] == g])
+        torch.testing.assert_close(q.scale[g], scale, msg=f"group {g}")
+    assert not torch.equal(q.scale[1], q.scale[2])
+
+    before = q.scale.detach().clone()
+    settings = ReconSettings(weight_iters=0, act_iters=6, batch_size=len(stream), act_lr=1e-2)
+    reconstruct(denoiser.requires_grad_(True), UNET, stream, settings)  # a trainable model: frozen inside
+    moved = (q.scale.detach() != before).reshape(groups, -1).any(dim=1)
+    assert moved.all(), f"groups whose step size LSQ never trained: {(~moved).nonzero().flatten().tolist()}"

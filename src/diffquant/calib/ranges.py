@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor, nn
 
-from diffquant.calib.collect import CalibStream
+from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
+from diffquant.quant.timestep import sampler_step
 
 if TYPE_CHECKING:
     from diffquant.models.denoiser import DenoiserSpec
@@ -120,7 +121,7 @@ def calibrate_act_ranges(
     quantized network's activations.
 
     Time-step-aware quantizers are calibrated per group (the denoiser's time-step hook routes each
-    row). Returns the number of quantizers calibrated.
+    row by its sampler step index, ``_step``). Returns the number of quantizers calibrated.
     """
     device = device or next(denoiser.parameters()).device
     init_rows = stream.subset(n_rows, seed) if rows is None else torch.as_tensor(rows)
@@ -136,19 +137,19 @@ def calibrate_act_ranges(
     ) as quantizers:
         with quant_state(denoiser, **state):
             batches = (
-                stream.batches(batch_size, init_rows, device=device)
+                stream.batches(batch_size, init_rows, device=device, with_step=True)
                 if rows is None
-                else stream.ordered_batches(batch_size, init_rows, device=device)
+                else stream.ordered_batches(batch_size, init_rows, device=device, with_step=True)
             )
             for batch in batches:
-                denoiser(**batch)
+                _call_at_steps(denoiser, batch)
             if running is not None:
                 for _, q in quantizers:
                     q.start_running(running.momentum)
                 for batch in stream.ordered_batches(
-                    running.batch_size, running.rows, device=device, drop_last=True
+                    running.batch_size, running.rows, device=device, drop_last=True, with_step=True
                 ):
-                    denoiser(**batch)
+                    _call_at_steps(denoiser, batch)
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
         log.warning(
@@ -157,3 +158,11 @@ def calibrate_act_ranges(
             ", ".join(unused[:8]),
         )
     return len(quantizers) - len(unused)
+
+
+def _call_at_steps(denoiser: nn.Module, batch: dict[str, Tensor]) -> None:
+    """Call ``denoiser`` on a calibration batch whose rows carry their sampler step (``_step``):
+    time-step groups are routed by step index, not by time-step value (a schedule may repeat one)."""
+    step = batch.pop(STEP_KEY)
+    with sampler_step(denoiser, step):
+        denoiser(**batch)

@@ -62,13 +62,13 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.cache import atomic_torch_save, atomic_write_json
-from diffquant.calib.collect import CalibStream
+from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_state
-from diffquant.quant.timestep import get_router
+from diffquant.quant.timestep import get_router, sampler_step
 from diffquant.quant.typed import as_dataclass
 from diffquant.stopping import check_stop
 from diffquant.validation import InvalidSetting, one_of, positive
@@ -481,19 +481,26 @@ class Reconstructor:
         h_pre = unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         h_post = unit.module.register_forward_hook(post_hook, with_kwargs=True)
         try:
-            for batch in self.stream.batches(self.s.capture_batch_size, self.rows, device=self.device):
+            for batch in self.stream.batches(
+                self.s.capture_batch_size, self.rows, device=self.device, with_step=True
+            ):
+                step = batch.pop(STEP_KEY).cpu()
                 n = self.spec.batch_size(batch)
                 grabbed["stop_before"] = False
-                with quant_state(self.denoiser, weights=False, acts=False):
+                with quant_state(self.denoiser, weights=False, acts=False), sampler_step(self.denoiser, step):
                     _run_until_stop(self.denoiser, batch)
                 if spec is None:
                     spec = CallSpec(grabbed["args"], grabbed["kwargs"], n)
                 rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
                 rows["y"] = grabbed["out"].detach().cpu()
                 rows["t"] = batch[self.spec.timestep_arg].detach().cpu()
+                rows["step"] = step  # the sampler step index: routes time-step groups (PNDM repeats a t)
                 if with_weight_inputs:
                     grabbed["stop_before"] = True
-                    with quant_state(self.denoiser, weights=True, acts=False):
+                    with (
+                        quant_state(self.denoiser, weights=True, acts=False),
+                        sampler_step(self.denoiser, step),
+                    ):
                         _run_until_stop(self.denoiser, batch)
                     rows.update(spec.rows(grabbed["args"], grabbed["kwargs"], "w_"))
                 store.append(rows)
@@ -548,7 +555,7 @@ class Reconstructor:
                     check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     if self.router is not None:
-                        self.router.route(unit.module, batch["t"])
+                        self.router.route(unit.module, batch["t"], batch["step"])
                     out = spec.call(unit.module, batch, "fp_")
                     loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
                     _check_finite(loss, unit.name, "act")
@@ -604,7 +611,15 @@ def reconstruct(
     on_unit_done: Optional[Callable[[int, UnitReport], None]] = None,
 ) -> ReconReport:
     """Block-reconstruct the quantized ``denoiser`` (weights by AdaRound, then activation step sizes
-    by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc."""
-    return Reconstructor(
-        denoiser, spec, stream, settings, progress_dir=progress_dir, on_unit_done=on_unit_done
-    ).run()
+    by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc. Only what a
+    stage trains requires a gradient while it runs (every other parameter is frozen, and its flag
+    restored afterwards)."""
+    flags = [(p, p.requires_grad) for p in denoiser.parameters()]
+    denoiser.requires_grad_(False)
+    try:
+        return Reconstructor(
+            denoiser, spec, stream, settings, progress_dir=progress_dir, on_unit_done=on_unit_done
+        ).run()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

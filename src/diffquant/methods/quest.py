@@ -294,7 +294,6 @@ def step_init(cfg: QuestConfig, quant: QuantConfig) -> StepInit:
         p=quant.lp_norm,
         n_candidates=quant.lp_candidates,
         seed=cfg.seed,
-        layout=(cfg.ptq.calib.n_samples, cfg.ptq.calib.batch_size),
     )
 
 

@@ -31,7 +31,7 @@ Our settings (:class:`StepInit`, the ``method.timestep_init*`` keys of
 * ``network``: ``quantized`` (as above) or ``fp`` (weights FP, inputs observed and passed on
   unquantized);
 * rows: ``rows_per_step`` = the first k rows of every recorded step, one forward per step, in the
-  reference's row order (:func:`reference_order`: with guidance the conditional rows first); or,
+  reference's row order (:meth:`CalibStream.reference_order <diffquant.calib.collect.CalibStream.reference_order>`: with guidance the conditional rows first); or,
   when it is None, ``rows`` = a fixed random subset over all steps in batches of ``batch_size``
   (a range then is the min / max over batches for ``minmax``, the row-weighted mean of per-batch
   ranges otherwise);
@@ -162,7 +162,6 @@ class StepInit:
     p: float = 2.4
     n_candidates: int = 80
     seed: int = 0
-    layout: Optional[tuple[int, int]] = None  # (n_samples, batch_size) of the calibration set
 
     @property
     def observer(self) -> bool:
@@ -278,44 +277,6 @@ def row_steps(stream: CalibStream) -> Tensor:
     return torch.cat([b[STEP_KEY] for b in stream.batches(4096, with_step=True)])
 
 
-def reference_order(stream: CalibStream, layout: Optional[tuple[int, int]] = None) -> Tensor:
-    """Every row index in the reference code's order (QuEST / Q-Diffusion ``get_train_samples``:
-    time-step major, with guidance all conditional rows before the unconditional ones, by
-    trajectory within a step): ``CalibStream.reference_order`` where the stream has it, else from
-    ``layout`` = ``(n_samples, batch_size)`` of the calibration settings (rows are written per
-    batch of trajectories, per recorded step, ``[uncond; cond]``; this assumes the set was written
-    with that batch size, which its cache key leaves out), else storage order. Rows always keep
-    their own step: only which rows of a step come first depends on it."""
-    own = getattr(stream, "reference_order", None)
-    if callable(own):
-        return own()
-    if layout is None:
-        return torch.arange(len(stream))
-    n, bs = layout
-    steps = list(stream.index["steps"])
-    guided = bool(stream.index.get("guided"))
-    branch, step, traj = [], [], []
-    for start in range(0, n, bs):
-        ids = list(range(start, min(n, start + bs)))
-        for s in steps:
-            for b in (1, 0) if guided else (0,):  # stored [uncond; cond]: cond sorts first
-                branch += [b] * len(ids)
-                step += [s] * len(ids)
-                traj += ids
-    if len(step) != len(stream):
-        log.warning(
-            "calibration set %s: %d rows, but n_samples=%d x %d steps gives %d: using storage order",
-            stream.path,
-            len(stream),
-            n,
-            len(steps),
-            len(step),
-        )
-        return torch.arange(len(stream))
-    key = (torch.tensor(branch) * (max(steps) + 1) + torch.tensor(step)) * n + torch.tensor(traj)
-    return torch.argsort(key)
-
-
 def take_rows(stream: CalibStream, rows: Tensor) -> dict[str, Tensor]:
     """The rows ``rows`` (with ``_step``) on the CPU, in the order given."""
     rows = torch.as_tensor(rows, dtype=torch.long)
@@ -343,7 +304,7 @@ def _init_batches(
     stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
 ) -> Iterator[dict[str, Tensor]]:
     if s.scope == "per_step" and s.rows_per_step is not None:
-        order = reference_order(stream, s.layout)
+        order = stream.reference_order()
         steps = steps()
         for step in stream.index["steps"]:
             rows = order[steps[order] == step][: s.rows_per_step]
@@ -361,7 +322,7 @@ def _running_batches(
         order = torch.randperm(len(stream), generator=g)
         yield from _chunks(take_rows(stream, order), s.running_batch_size, drop_last=True)
         return
-    order = reference_order(stream, s.layout)
+    order = stream.reference_order()
     steps = steps()
     for step in stream.index["steps"]:
         rows = order[steps[order] == step]
