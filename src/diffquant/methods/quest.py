@@ -17,7 +17,7 @@ the same model, quant config and PTQ settings were calibrated before: ``method.p
    QuEST code's (percentile search, quantized network, first 64 rows of each step, no running
    statistics): on ldm_digits it halves FID→FP against our earlier L_p init on the FP network
    from 512 random rows (W4A4 0.066 vs 0.146; W4A8 0.026 vs 0.041; sd_digits W4A4 0.081 vs
-   0.190; experiments/FIDELITY_quest.md).
+   0.190; experiments/FIDELITY.md).
 2. **TLA**, then 3. **CMA**: selective finetuning of the time-embedding projections (the
    denoiser roles ``tla_roles``, default ``time_projection``) and of the critical layers with all
    remaining step sizes (:mod:`diffquant.methods.quest_finetune` says exactly which parameters
