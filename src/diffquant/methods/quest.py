@@ -30,13 +30,13 @@ Critical layers (``critical_layers``), read from the denoiser's roles
 (:mod:`diffquant.models.denoiser`), never from module names:
 
 * ``by_family`` (default) — the roles of the model family in ``critical_roles_by_family``:
-  ``ldm`` (UNet2DModel with self-attention blocks, e.g. ldm_digits, the LSUN LDMs) →
-  ``self_attention_qkv`` (the QuEST code's ``qkv`` for LSUN, ``post_layer_recon_uncond.py``
-  36/54); ``ldm_class_context`` (the ImageNet LDM-4) → ``feed_forward``, ``self_attention_qkv``,
+  ``ldm`` (UNet2DModel with self-attention blocks, e.g. ldm_digits, LSUN-Bedroom) and
+  ``ldm_compvis`` (LSUN-Church) → ``self_attention_qkv`` (the QuEST code's ``qkv`` for LSUN,
+  ``post_layer_recon_uncond.py`` 36/54); ``ldm_class_context`` (the ImageNet LDM-4) → ``feed_forward``, ``self_attention_qkv``,
   ``cross_attention_q`` (its ``ff.net``, ``to_q``, ``attn1.to_k/v``,
   ``post_layer_recon_imagenet.py`` 35-49/62); ``sd`` → the same three roles, the embedded
   default (sd_digits): the QuEST SD script trains ``ff.net`` only (``post_layer_recon_sd.py``
-  35/53), which ``experiment=quest_sd`` selects (``critical_roles_by_family.sd:
+  35/53), which ``method=quest_paper_sd`` selects (``critical_roles_by_family.sd:
   [feed_forward]``); any other family → ``default``.
 * ``auto`` — the activation sensitivity sweep (:mod:`diffquant.methods.quest_sensitivity`) on
   the FP model picks the ``critical_top_k`` most sensitive units; its ranking is a file of the
@@ -120,6 +120,7 @@ LOSS_FORMS = ("paper", "code")
 def _default_critical_by_family() -> dict[str, list[str]]:
     return {
         "ldm": ["self_attention_qkv"],
+        "ldm_compvis": ["self_attention_qkv"],  # LSUN-Church (LDM-8, converted from CompVis)
         "ldm_class_context": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"],
