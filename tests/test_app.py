@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import open_dict
 
 from conftest import run_cli
-from diffquant.app import METRIC_KEYS, run
+from diffquant.app import METRIC_KEYS, config_hash, run
+from diffquant.seeds import derive_seed
 
 SMALL = ["evaluator.n_samples=40", "evaluator.batch_size=20", "logger=none"]
 
@@ -24,6 +27,12 @@ def test_fp_run_writes_metrics_grid_and_config(make_cfg):
     assert on_disk["n_samples"] == 40 and on_disk["fid"] > 0 and 1 <= on_disk["inception_score"] <= 10
     assert on_disk["peak_cuda_mb"] is None and on_disk["peak_rss_mb"] > 0
     assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
+    assert on_disk["calib_seed"] == 0
+    env = on_disk["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["device"] == "cpu"
+    assert set(env["cpu_flags"]) == {"avx2", "avx512f", "amx"} and env["cpu_model"] == env["device_name"]
+    assert env["diffusers"] and env["transformers"] and env["cuda"] is None
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_cfg):
@@ -109,3 +118,30 @@ def test_quantized_run_through_the_app(make_cfg):
     assert m["method"] == "ptq_minmax" and m["weight_bits"] == 8 and m["act_bits"] == 8
     assert m["n_quant_layers"] > 0 and m["fid_to_fp"] is not None and m["fid_to_fp"] >= 0
     assert m["fp_sample_s"] is not None and m["calibrate_s"] > 0
+
+
+def test_calib_seed_is_recorded_and_names_the_job(make_cfg):
+    """A ptq_minmax job at calib_seed=1: recorded in metrics.json, in the config hash (which
+    calib_seed=0 leaves as it was computed before), and its calibration set drawn with the
+    derived seed."""
+    args = [
+        *SMALL,
+        "model.num_inference_steps=5",
+        "evaluator.n_samples=20",
+        "evaluator.metrics=[fid]",
+        "quant=w8a8",
+        "method=ptq_minmax",
+        "method.calib.n_samples=8",
+        "method.act_init_rows=32",
+    ]
+    zero = make_cfg(args, name="zero")
+    before = zero.copy()  # the config as composed before calib_seed existed
+    with open_dict(before):
+        before.pop("calib_seed")
+    assert config_hash(zero) == config_hash(before)
+    cfg = make_cfg([*args, "calib_seed=1"], name="one")
+    assert config_hash(cfg) != config_hash(zero)
+    m = run(cfg)
+    assert m["calib_seed"] == 1 and m["config_hash"] == config_hash(cfg)
+    keys = [json.loads(p.read_text()) for p in Path(cfg.paths.cache_dir).glob("calib/*/key.json")]
+    assert [k["calib"]["seed"] for k in keys] == [derive_seed(10_000, 1)]

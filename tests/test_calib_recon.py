@@ -212,12 +212,18 @@ def test_time_step_only_inputs_get_minmax_ranges(stream):
 
 
 def test_cache_keys_name_the_numerics():
-    """Results differ with the CPU thread count (summation order), so cache keys include it."""
+    """Results differ with the CPU thread count (summation order), the CPU capability torch
+    dispatches on and the torch version, so cache keys include them."""
     from diffquant.calib.collect import calib_cache_key
 
     model, threads = TinyDiffusion(), torch.get_num_threads()
     key = calib_cache_key(model, CALIB)
-    assert key["model"]["numerics"] == {"device": "cpu", "cpu_threads": threads}
+    assert key["model"]["numerics"] == {
+        "device": "cpu",
+        "cpu_threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
     try:
         torch.set_num_threads(threads + 1)
         assert calib_cache_key(model, CALIB) != key

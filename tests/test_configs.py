@@ -44,7 +44,8 @@ def sweep_jobs(cfg) -> list[dict[str, str]]:
     from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
 
     grids = OmegaConf.to_container(cfg.hydra.sweeper.grids, resolve=True)
-    return [dict(o.split("=", 1) for o in job) for job in expand_grids(grids, [])]
+    jobs = expand_grids(grids, [], outer=list(cfg.hydra.sweeper.outer))
+    return [dict(o.split("=", 1) for o in job) for job in jobs]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -60,7 +61,8 @@ def test_every_experiment_composes_with_sweep_paper(experiment, make_cfg):
     jobs = sweep_jobs(cfg)
     assert jobs[0] == {"method": "fp", "quant": "fp32"}  # first, so its features are cached first
     assert [j for j in jobs if j["method"] == "fp"] == [jobs[0]]  # once, not once per bit-width
-    assert jobs[1:] == [{"quant": q, "method": m} for q in grid["quant"] for m in grid["methods"]]
+    quantized = [{"quant": q, "method": m, "calib_seed": "0"} for q in grid["quant"] for m in grid["methods"]]
+    assert jobs[1:] == quantized  # one calibration seed unless the experiment lists more
 
 
 def test_embedded_sweep_is_the_readme_grid(make_cfg):
@@ -91,7 +93,7 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
 def test_ablation_sweep(make_cfg):
     cfg = make_cfg(["experiment=embedded_digits", "sweep=ablations"])
     assert sweep_jobs(cfg) == [{"method": "fp", "quant": "fp32"}] + [
-        {"quant": "w4a4", "method": m}
+        {"quant": "w4a4", "method": m, "calib_seed": "0"}
         for m in ("quest", "quest_tla_only", "quest_cma_only", "quest_no_global")
     ]
 
@@ -106,7 +108,7 @@ def test_grid_values_are_overridable(make_cfg):
             "hydra.sweeper.grids.fp=null",
         ]
     )
-    assert sweep_jobs(cfg) == [{"quant": "w4a4", "method": "quest_paper"}]
+    assert sweep_jobs(cfg) == [{"quant": "w4a4", "method": "quest_paper", "calib_seed": "0"}]
     with pytest.raises(ConfigCompositionException):
         make_cfg(["experiment=quest_imagenet", "grid.quants=[w4a4]"])  # typo: the schema names it
 

@@ -170,6 +170,63 @@ def test_grid_sweeper_expands_a_union_of_grids():
         expand_grids(grids, parse(["quant=w4a4"]))
 
 
+def test_outer_keys_order_the_union_stably():
+    """`outer` keys sort the jobs by their values, in first-seen order, keeping the order within
+    a value; a job without the key sorts with the first value."""
+    from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
+
+    grids = {"fp": {"method": "fp"}, "q": {"method": ["ptq", "quest"], "calib_seed": [2, 0]}}
+    jobs = expand_grids(grids, [], outer=["calib_seed"])
+    assert [" ".join(j) for j in jobs] == [
+        "method=fp",
+        "method=ptq calib_seed=2",
+        "method=quest calib_seed=2",
+        "method=ptq calib_seed=0",
+        "method=quest calib_seed=0",
+    ]
+    assert expand_grids(grids, [])[1:3] == [["method=ptq", "calib_seed=2"], ["method=ptq", "calib_seed=0"]]
+
+
+def _jobs(cfg) -> list[dict[str, str]]:
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.diffquant_sweeper.grid_sweeper import expand_grids
+
+    grids = OmegaConf.to_container(cfg.hydra.sweeper.grids, resolve=True)
+    return [
+        dict(o.split("=", 1) for o in job) for job in expand_grids(grids, [], outer=cfg.hydra.sweeper.outer)
+    ]
+
+
+@pytest.mark.parametrize("sweep, n_fp, n_quantized", [("paper", 1, 12), ("embedded", 2, 27)])
+def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(sweep, n_fp, n_quantized, make_cfg):
+    """`grid.calib_seeds=[0,1]`: every quantized job twice, once per calibration seed (the FP rows
+    once); the calib_seed=0 jobs first, with the numbers and folder names of a sweep without
+    calibration seeds (`10_ldm_digits_w4a4_ptq_s0`), then the calib_seed=1 jobs in the same
+    order, their folders named `..._s0_c1`; each job composes with its calib_seed."""
+    base = ["experiment=embedded_digits", f"sweep={sweep}"]
+    one = _jobs(make_cfg(base, name="one"))
+    two = _jobs(make_cfg([*base, "grid.calib_seeds=[0,1]"], name="two"))
+    assert len(one) == n_fp + n_quantized and len(two) == n_fp + 2 * n_quantized
+    assert two[: len(one)] == one  # calib_seed=0: the jobs (and numbers) of one seed
+    assert sum(j["method"] == "fp" for j in two) == n_fp and all(
+        "calib_seed" not in j for j in two if j["method"] == "fp"
+    )
+    quantized = [j for j in one if j["method"] != "fp"]
+    assert all(j["calib_seed"] == "0" for j in quantized)
+    assert two[len(one) :] == [{**j, "calib_seed": "1"} for j in quantized]
+
+    def folder(num: int) -> str:
+        overrides = [*base, *(f"{k}={v}" for k, v in two[num].items()), f"hydra.job.num={num}"]
+        cfg = make_cfg(overrides, name=f"job{num}")
+        assert cfg.calib_seed == int(two[num].get("calib_seed", 0))
+        return cfg.hydra.sweep.subdir
+
+    assert folder(10) == "10_ldm_digits_w4a4_ptq_s0"
+    assert folder(len(one) + 9) == f"{len(one) + 9}_ldm_digits_w4a4_ptq_s0_c1"
+    assert two[len(one) + 9] == {**two[10], "calib_seed": "1"}
+
+
 def test_makefile_sweep_targets_are_one_run_py_call_each():
     """`make sweep` / `make sweep-embedded` are one run.py command with a sweep config, and what
     they run composes into the grid sweep."""

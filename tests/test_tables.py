@@ -256,3 +256,74 @@ def test_table_callback_never_fails_a_finished_sweep(tmp_path, capsys):
     assert not list(empty.iterdir())
     with pytest.raises(ValueError, match="choose from"):
         TableCallback(formats=["pdf"])
+
+
+def calib_sweep(tmp_path, eval_seeds=(0, 1)) -> Path:
+    """ptq at W4A4 over calibration seeds 0-2 x ``eval_seeds``, the FP row over the evaluation
+    seeds (jobs written before calib_seed was recorded: no key), one quest job."""
+    s = tmp_path / "sweep"
+    common = dict(model="ldm_digits", experiment="embedded_digits")
+    fid = {(0, 0): 1.0, (1, 0): 2.0, (2, 0): 3.0, (0, 1): 1.5, (1, 1): 3.5, (2, 1): 4.0}
+    for e in eval_seeds:
+        write_job(s, f"fp_s{e}", seed=e, fid=[0.3, 0.35][e], **common)
+        for c in range(3):
+            write_job(
+                s, f"ptq_s{e}_c{c}", method="ptq", weight_bits=4, act_bits=4, seed=e, calib_seed=c,
+                fid=fid[c, e], **common,
+            )  # fmt: skip
+    write_job(s, "quest", method="quest", weight_bits=4, act_bits=4, calib_seed=0, fid=0.5, **common)
+    return s
+
+
+def test_calibration_and_evaluation_seeds_are_separate_spreads(tmp_path):
+    """Known values: ptq's FID at (calib seed, eval seed) = (0,0) 1.0, (1,0) 2.0, (2,0) 3.0,
+    (0,1) 1.5, (1,1) 3.5, (2,1) 4.0. Mean 2.5; over calibration seeds the variances are 1.0 (eval
+    seed 0) and 1.75 (eval seed 1), pooled √1.375 = 1.1726; over evaluation seeds 0.125, 1.125,
+    0.5, pooled √(1.75/3) = 0.7638."""
+    table = build_table(calib_sweep(tmp_path), metrics=["fid"])
+    ptq = next(r for r in table.rows if r.method == "ptq")
+    stat = ptq.ours["fid"]
+    assert (ptq.calib_seeds, ptq.seeds, stat.n) == ([0, 1, 2], [0, 1], 6)
+    assert stat.mean == pytest.approx(2.5)
+    assert stat.calib_std == pytest.approx(1.375**0.5) and stat.eval_std == pytest.approx((1.75 / 3) ** 0.5)
+
+    md = render_markdown(table)
+    assert "| Model | Method | W/A | calib seeds | eval seeds | n | FID | FID ± eval |" in md
+    assert "| ldm_digits | ptq | W4A4 | 3 | 2 | 100 | 2.50 ± 1.17 | 0.76 |" in md
+    assert "| ldm_digits | fp | W32A32 | 1 | 2 | 100 | 0.325 | 0.035 |" in md  # no calibration spread
+    assert "| ldm_digits | quest | W4A4 | 1 | 1 | 100 | 0.500 |  |" in md
+    assert "± std over calibration seeds (calib_seed) at a fixed evaluation seed" in md
+    assert "± eval: std over evaluation seeds (seed)" in md
+
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--metrics", "fid"]) == 0
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert rows["ptq"]["calib_seeds"] == "0 1 2" and rows["ptq"]["eval_seeds"] == "0 1"
+    assert float(rows["ptq"]["fid_ours_std"]) == pytest.approx(1.172604, rel=1e-5)
+    assert float(rows["ptq"]["fid_eval_std"]) == pytest.approx(0.763763, rel=1e-5)
+    assert rows["fp"]["fid_ours_std"] == "" and float(rows["fp"]["fid_eval_std"]) == pytest.approx(
+        0.0353553, rel=1e-5
+    )
+    tex = (out / "table.tex").read_text()
+    assert r"FID $\pm$ eval" in tex and r"2.50 $\pm$ 1.17 & 0.76" in tex
+    assert r"$\pm$ std over calibration seeds (calib\_seed)" in tex
+
+
+def test_one_evaluation_seed_shows_the_calibration_spread_only(tmp_path):
+    md = render_markdown(build_table(calib_sweep(tmp_path, eval_seeds=(0,)), metrics=["fid"]))
+    assert "| Model | Method | W/A | calib seeds | eval seeds | n | FID |\n" in md  # no ± eval column
+    assert "| ldm_digits | ptq | W4A4 | 3 | 1 | 100 | 2.00 ± 1.00 |" in md
+    assert "± eval" not in md
+
+
+def test_calib_seed_0_everywhere_keeps_the_table_as_it_was(tmp_path):
+    """Jobs that record calib_seed 0 (and jobs from before it was recorded) give the table of
+    before: one `seeds` column, mean ± std over evaluation seeds."""
+    s = tmp_path / "sweep"
+    common = dict(model="ldm_digits", experiment="embedded_digits", method="ptq", weight_bits=4, act_bits=4)
+    write_job(s, "0", seed=0, calib_seed=0, fid=1.0, **common)
+    write_job(s, "1", seed=1, fid=2.0, **common)
+    md = render_markdown(build_table(s, metrics=["fid"]))
+    assert "| Model | Method | W/A | seeds | n | FID |" in md
+    assert "| ldm_digits | ptq | W4A4 | 2 | 100 | 1.50 ± 0.71 |" in md
+    assert "mean ± std over seeds; n = samples per job." in md

@@ -9,7 +9,8 @@ It runs the same typed configs, methods and cache as ``run.py``: ``quant`` is a 
 :class:`~diffquant.quant.config.QuantConfig` or a dict of its fields; ``method`` a registered
 method name; ``**overrides`` the method's settings (nested dicts for nested settings, e.g.
 ``recon={"weight_iters": 500}``), validated like the config files (a misspelt key names the
-closest valid one).
+closest valid one); ``calib_seed`` re-seeds all of calibration as ``run.py``'s ``calib_seed``
+does (:mod:`diffquant.seeds`; 0: the method's own seeds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from diffquant.models.base import DiffusionModel
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.registry import METHODS
 from diffquant.schema import typed
-from diffquant.validation import ConfigError
+from diffquant.seeds import check_calib_seed, with_calib_seed
+from diffquant.validation import ConfigError, InvalidSetting
 
 
 def quant_preset(name: str) -> QuantConfig:
@@ -51,10 +53,15 @@ def quant_config(quant: str | QuantConfig | dict[str, Any]) -> QuantConfig:
     )
 
 
-def method_config(method: str, overrides: dict[str, Any]) -> Any:
-    """The method's config dataclass with ``overrides`` (validated, naming bad keys)."""
+def method_config(method: str, overrides: dict[str, Any], calib_seed: int = 0) -> Any:
+    """The method's config dataclass with ``overrides`` (validated, naming bad keys), its seeds
+    derived for ``calib_seed`` (:func:`diffquant.seeds.with_calib_seed`)."""
     METHODS.get(method)
-    return typed({"name": method, **overrides}, METHODS.schema(method), "method")
+    try:
+        check_calib_seed(calib_seed)
+    except InvalidSetting as err:
+        raise ConfigError(f"calib_seed={calib_seed!r} {err.message}") from None
+    return with_calib_seed(typed({"name": method, **overrides}, METHODS.schema(method), "method"), calib_seed)
 
 
 def quantize_model(
@@ -65,6 +72,7 @@ def quantize_model(
     cache_dir: str | Path = "cache",
     output_dir: str | Path = "outputs/api",
     seed: int = 0,
+    calib_seed: int = 0,
     **overrides: Any,
 ) -> MethodResult:
     """Quantize ``model.denoiser`` in place with ``method`` at ``quant``; returns the method's
@@ -72,7 +80,7 @@ def quantize_model(
     like ``run.py`` jobs."""
     from diffquant.app import quantize
 
-    qcfg, mcfg = quant_config(quant), method_config(method, overrides)
+    qcfg, mcfg = quant_config(quant), method_config(method, overrides, calib_seed)
     if method != "fp" and not qcfg.enabled:
         raise ConfigError(f"method={method} needs a bit-width, not quant={qcfg.name}")
     output_dir = Path(output_dir)
@@ -94,6 +102,7 @@ def quantize(
     cache_dir: str | Path = "cache",
     output_dir: str | Path = "outputs/api",
     seed: int = 0,
+    calib_seed: int = 0,
     device: torch.device | str | None = None,
     **overrides: Any,
 ) -> Any:
@@ -120,7 +129,14 @@ def quantize(
         )
     )
     result = quantize_model(
-        model, quant, method, cache_dir=cache_dir, output_dir=output_dir, seed=seed, **overrides
+        model,
+        quant,
+        method,
+        cache_dir=cache_dir,
+        output_dir=output_dir,
+        seed=seed,
+        calib_seed=calib_seed,
+        **overrides,
     )
     object.__setattr__(pipe, "diffquant_result", result)
     return pipe

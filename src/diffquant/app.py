@@ -8,7 +8,8 @@
     4. quantize   the method (METHODS), through the result cache: a :class:`MethodResult`
     5. sample     this job's samples, streamed into the metrics (resumable batch by batch)
     6. analyse    optional analyses of the final model (error accumulation)
-    7. record     ``metrics.json`` (atomic, finite values only), sample grid, tracker
+    7. record     ``metrics.json`` (atomic, finite values only; with the calibration seed and
+                  the ``environment``: :mod:`diffquant.numerics`), sample grid, tracker
 
 ``run(cfg) -> dict`` is plain Python (tests call it with a composed config); ``run.py`` wraps it
 in ``@hydra.main`` and returns the primary metric for sweepers. The shard merge
@@ -41,9 +42,10 @@ from diffquant.eval.sampling import generate
 from diffquant.methods.base import MethodResult
 from diffquant.methods.result_cache import run_method
 from diffquant.models.loading import build_model, resolve_device
+from diffquant.numerics import environment
 from diffquant.quant.config import FP_BITS
 from diffquant.registry import METHODS
-from diffquant.schema import RunConfig, typed_run_config
+from diffquant.schema import RunConfig, calib_tag, typed_run_config
 from diffquant.shards import is_sharded, save_shard, shard_indices
 from diffquant.stopping import check_stop, graceful_stop
 from diffquant.tracking import make_tracker, save_grid
@@ -56,6 +58,7 @@ METRIC_KEYS = (
     "weight_bits",
     "act_bits",
     "seed",
+    "calib_seed",
     "n_samples",
     "fid",
     "inception_score",
@@ -66,6 +69,7 @@ METRIC_KEYS = (
     "peak_rss_mb",
     "peak_cuda_mb",
     "config_hash",
+    "environment",
 )
 
 
@@ -85,10 +89,14 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
 
 def config_hash(cfg: DictConfig) -> str:
     """A digest of everything that determines the metrics (not logging or folders; not the shard
-    a job evaluates, so all shards of one evaluation and their merge share it)."""
+    a job evaluates, so all shards of one evaluation and their merge share it). ``calib_seed``
+    enters only when it is not 0: ``calib_seed=0`` adds nothing to the hash."""
     c = job_config(cfg)
     c["evaluator"] = {k: v for k, v in c["evaluator"].items() if k not in ("num_shards", "shard_index")}
-    return stable_hash({k: c[k] for k in ("model", "quant", "method", "evaluator", "seed")})
+    digest = {k: c[k] for k in ("model", "quant", "method", "evaluator", "seed")}
+    if c.get("calib_seed"):
+        digest["calib_seed"] = c["calib_seed"]
+    return stable_hash(digest)
 
 
 def peak_memory() -> tuple[float, float | None]:
@@ -144,7 +152,7 @@ def configure(cfg: DictConfig) -> Job:
         run.logger,
         config,
         run_dir,
-        f"{run.model.name}-{quant_name}-{run.method.name}-s{run.seed}",
+        f"{run.model.name}-{quant_name}-{run.method.name}-s{run.seed}{calib_tag(run.calib_seed)}",
         tags,
         job_type="evaluate" if is_fp(run) else "quantize",
     )
@@ -339,7 +347,8 @@ def summary_line(m: dict[str, Any], run_dir: Path) -> str:
         f"{k}={fmt(m.get(k))}" for k in ("fid", "inception_score", "fid_to_fp", "clip_score") if k in m
     )
     return (
-        f"[diffquant] {m['model']} {m['method']} W{m['weight_bits']}A{m['act_bits']} seed={m['seed']} "
+        f"[diffquant] {m['model']} {m['method']} W{m['weight_bits']}A{m['act_bits']} seed={m['seed']}"
+        f"{' calib_seed=' + str(m['calib_seed']) if m.get('calib_seed') else ''} "
         f"n={m['n_samples']} | {quality} | calibrate {m['calibrate_s']:.1f}s sample {m['sample_s']:.1f}s "
         f"eval {m['eval_s']:.1f}s | {run_dir}"
     )
@@ -360,6 +369,7 @@ def job_metrics(
         "act_bits": FP_BITS if fp_job else run.quant.act_bits,
         "quant": "fp32" if fp_job else run.quant.name,
         "seed": run.seed,
+        "calib_seed": run.calib_seed,
         "n_samples": len(job.indices),
         "fid": None,
         "inception_score": None,
@@ -370,6 +380,7 @@ def job_metrics(
         "peak_cuda_mb": cuda,
         "config_hash": job.config_hash,
         "device": str(model.device),
+        "environment": environment(model.device),
         "experiment": run.experiment,
         "num_shards": run.evaluator.num_shards,
         "shard_index": run.evaluator.shard_index,

@@ -12,6 +12,31 @@ sweep compute it once and a killed job never leaves a half-written entry behind.
                 torch.save(data, tmp / "data.pt")
     data = entry.load("data.pt")              # torch.load that names the entry when it fails
 
+**What the keys name.** An entry is reused only where recomputing it would give the same bits,
+so a key holds every setting that produced the entry *and* the numerics that change float
+results (:func:`diffquant.numerics.numerics_identity`: device type, CPU thread count, the CPU
+capability torch dispatches on, the torch version, on CUDA the device name and cuDNN version;
+a rerun on another machine moved calibrated results while the FP row stayed exact). The
+numerics enter through the FP model's identity (:func:`diffquant.calib.collect.model_identity`)
+in the keys of every *computed* result:
+
+* ``calib/`` — calibration sets (:func:`~diffquant.calib.collect.calib_cache_key`: model
+  identity, calibration settings with the derived ``calib.seed``);
+* ``<method>/`` — method results, PTQ bases included
+  (:func:`~diffquant.methods.result_cache.method_result_key`: model identity, quant config,
+  method config with every derived seed, version), and QuEST's ``quest_sensitivity/`` sweep;
+* ``fp_samples/`` — the FP model's features for ``fid_to_fp`` (model identity, seed, chunks).
+
+Seeds: the method config in a key holds the seeds that ``calib_seed`` derives
+(:mod:`diffquant.seeds`), so two calibration seeds never share an entry, and ``calib_seed=0``,
+which derives every seed as configured, adds nothing to a key. Not keyed by the numerics:
+``reference/`` — the real images' backbone features, one target for every row of a table; the
+shard merge (:mod:`diffquant.shards`) reuses them on whatever machine it runs, instead of
+recomputing e.g. 50k Inception features on the launching node's CPU, and a backbone forward of
+fixed images differs across machines in the last bits only, unlike a sampled trajectory or an
+optimisation, which amplify such differences. Entries written under an older key (before the
+CPU capability and torch version were named) are not found and are computed again.
+
 **Verification.** :meth:`CacheEntry.writing` records ``manifest.json`` beside ``key.json``: the
 size and SHA-256 of every file of the entry (recursively). :meth:`CacheEntry.done` re-hashes all
 files against it on every call (once per job and entry: hashing runs at about the speed of

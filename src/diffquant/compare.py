@@ -2,10 +2,11 @@
 
     python -m diffquant.compare <sweep A> <sweep B> [--metrics fid,inception_score,fid_to_fp]
 
-Jobs are matched by their folder name (``<num>_<model>_<quant>_<method>_s<seed>``). Prints a
-markdown table of the chosen metrics side by side, then every other key whose value differs,
-ignoring timings (``*_s``), memory (``*_mb``) and ``config_hash``. Exit status 1 when a chosen
-metric differs or a job is missing on either side.
+Jobs are matched by their folder name (``<num>_<model>_<quant>_<method>_s<seed>``, and
+``_c<calib seed>`` when it is not 0). Prints a markdown table of the chosen metrics side by side,
+then every other key whose value differs (the ``environment`` of two machines, say), ignoring
+timings (``*_s``), memory (``*_mb``) and ``config_hash``. Exit status 1 when a chosen metric
+differs or a job is missing on either side.
 """
 
 from __future__ import annotations

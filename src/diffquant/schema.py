@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from diffquant.quant.config import QuantConfig
+from diffquant.seeds import check_calib_seed, with_calib_seed
 from diffquant.validation import ConfigError, InvalidSetting, one_of, positive
 
 
@@ -188,12 +189,21 @@ class GridConfig:
             sweep config's own grid).
         ablation_quant / ablations: ``sweep=ablations`` (and ``sweep=embedded``) runs these
             methods (the full method and its ablations) at this one bit-width.
+        calib_seeds: the calibration seeds (``calib_seed``) every quantized job runs with; the
+            FP row, which calibrates nothing, runs once. Jobs are ordered by calibration seed
+            first, so the ``calib_seed=0`` jobs keep the numbers (folder names) of a sweep
+            without calibration seeds.
     """
 
     quant: list[str] = field(default_factory=lambda: ["w8a8", "w4a8", "w4a4"])
     methods: list[str] = field(default_factory=lambda: ["ptq_minmax", "ptq", "quest", "accuquant"])
     ablation_quant: str = "w4a4"
     ablations: list[str] = field(default_factory=list)
+    calib_seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        for calib_seed in self.calib_seeds:
+            check_calib_seed(calib_seed, "calib_seeds")
 
 
 @dataclass
@@ -208,7 +218,12 @@ class PathsConfig:
 
 @dataclass
 class RunConfig:
-    """The whole job. ``method`` is typed by the selected method's own schema."""
+    """The whole job. ``method`` is typed by the selected method's own schema.
+
+    ``seed`` is the evaluation seed (which samples are drawn); ``calib_seed`` re-seeds every random
+    choice of calibration (:mod:`diffquant.seeds`): :func:`typed_run_config` replaces the method
+    config's base seeds by their derived seeds, so methods read them from their typed config.
+    """
 
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
@@ -218,6 +233,7 @@ class RunConfig:
     paths: PathsConfig = MISSING
     task_name: str = "run"
     seed: int = 0
+    calib_seed: int = 0
     device: str = "auto"
     save_quantized: bool = False
     tags: list[str] = field(default_factory=list)
@@ -226,11 +242,33 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     grid: GridConfig = field(default_factory=GridConfig)
 
+    def __post_init__(self) -> None:
+        check_calib_seed(self.calib_seed)
+
+
+def calib_tag(calib_seed: Any) -> str:
+    """The suffix a calibration seed adds to job folder names (``${diffquant.calib_tag:...}`` in
+    ``conf/config.yaml``): none for 0, so names stay those of before; ``_c<k>`` otherwise."""
+    return "" if int(calib_seed) == 0 else f"_c{int(calib_seed)}"
+
+
+def register_resolvers() -> None:
+    """Register the config's own OmegaConf resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("diffquant.calib_tag"):
+        OmegaConf.register_new_resolver("diffquant.calib_tag", calib_tag)
+
+
+# At import, not only in register_configs: a submitit job process resolves its folder name
+# (hydra.sweep.subdir) after unpickling the ConfigStore, which imports this module, and before
+# anything of ours runs.
+register_resolvers()
+
 
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    """Store every schema in Hydra's ConfigStore and register the resolvers (idempotent)."""
     from diffquant.registry import METHODS
 
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -281,7 +319,8 @@ def typed(node: Any, cls: type, path: str = "", types: Optional[dict[str, type]]
 
 def typed_run_config(cfg: Any) -> RunConfig:
     """The composed config as typed dataclasses, converted once (the method's part by its own
-    schema) and validated before any work: bad values fail naming their key and the fix."""
+    schema, its base seeds replaced by those ``calib_seed`` derives: :mod:`diffquant.seeds`) and
+    validated before any work: bad values fail naming their key and the fix."""
     from diffquant.registry import EVALUATORS, METHODS, MODELS
 
     if isinstance(cfg, RunConfig):
@@ -290,6 +329,7 @@ def typed_run_config(cfg: Any) -> RunConfig:
     method_name = node["method"]["name"]
     METHODS.get(method_name)
     run = typed(node, RunConfig, types={"method": METHODS.schema(method_name)})
+    run.method = with_calib_seed(run.method, run.calib_seed)
     MODELS.get(run.model.family)
     for metric in run.evaluator.metrics:
         EVALUATORS.get(metric)

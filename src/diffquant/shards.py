@@ -161,7 +161,8 @@ def missing_shards(shards: Sequence[Shard]) -> list[int]:
 
 
 def merged_name(m: dict[str, Any]) -> str:
-    return f"{m['model']}_{m.get('quant', 'q')}_{m['method']}_s{m['seed']}_{m['config_hash'][:8]}"
+    calib = f"_c{m['calib_seed']}" if m.get("calib_seed") else ""
+    return f"{m['model']}_{m.get('quant', 'q')}_{m['method']}_s{m['seed']}{calib}_{m['config_hash'][:8]}"
 
 
 def _job_cfg(run_dir: Path):
@@ -275,7 +276,7 @@ def merge_sweep(
     strict: bool = False,
 ) -> list[Path]:
     """Merge every complete group of shards under ``sweep_dir`` into
-    ``<out_root or sweep_dir>/merged/<model>_<quant>_<method>_s<seed>_<hash>/metrics.json``.
+    ``<out_root or sweep_dir>/merged/<model>_<quant>_<method>_s<seed>[_c<calib seed>]_<hash>/metrics.json``.
 
     Incomplete groups are reported (and raise with ``strict``); returns the merged folders.
     """

@@ -4,11 +4,26 @@
                                [--metrics fid,fid_to_fp] [--all-published] [--published FILE]
 
 Reads every ``metrics.json`` under the sweep folder (merging sharded evaluations first, see
-:mod:`diffquant.shards`), groups the jobs by (model, method, W/A bits), reports the mean ± std
-over seeds when there are several, joins the numbers of ``experiments/published.yaml`` for the
+:mod:`diffquant.shards`), groups the jobs by (model, method label, W/A bits), reports the mean ±
+std when there are several jobs, joins the numbers of ``experiments/published.yaml`` for the
 experiment (read from the jobs' ``experiment`` field, or ``--experiment``), and writes
 ``table.md``, ``table.tex`` and ``table.csv`` into ``--out`` (default: the sweep folder). The
 markdown is also printed.
+
+**Two sources of spread.** A job has an evaluation seed (``seed``: which samples are drawn) and
+a calibration seed (``calib_seed``: which calibration data, rows and batches; 0 in jobs written
+before it existed). The mean is over all jobs of a row. The spreads are kept apart
+(:func:`summarize_seeds`): the std over calibration seeds at a fixed evaluation seed, and the std
+over evaluation seeds at a fixed calibration seed, each pooled (dof-weighted variance) over the
+other seed when there are several.
+
+* When every row has one calibration seed the table looks as it always did: a ``seeds`` column
+  (evaluation seeds) and ``mean ± std`` over evaluation seeds.
+* When some row has several calibration seeds: columns ``calib seeds`` and ``eval seeds``;
+  ``mean ± std`` where the std is over **calibration** seeds; and, when some row also has
+  several evaluation seeds, a ``± eval`` column per metric with the std over evaluation seeds.
+  A gap between two methods is then read against the calibration spread, the noise a different
+  calibration draw alone would cause.
 
 Columns per metric: ours, the paper's, and Δ = ours − paper. Rows follow the paper's order; rows
 we ran that the paper lacks come after. Published rows of methods we did not run (other papers'
@@ -134,22 +149,51 @@ def read_results(sweep_dir: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Stat:
-    """A metric over the seeds of one row: mean, sample std (None for one seed), count."""
+    """A metric over the jobs of one row: the mean of all jobs, the sample std over calibration
+    seeds at a fixed evaluation seed (``calib_std``) and over evaluation seeds at a fixed
+    calibration seed (``eval_std``), each pooled over the other seed (None without two jobs that
+    differ in that seed only), the number of jobs."""
 
     mean: Optional[float]
-    std: Optional[float]
+    calib_std: Optional[float]
+    eval_std: Optional[float]
     n: int
 
 
-def summarize(values: Sequence[Any]) -> Stat:
-    nums = [
-        float(v)
-        for v in values
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    ]
-    if not nums:
-        return Stat(None, None, 0)
-    return Stat(statistics.fmean(nums), statistics.stdev(nums) if len(nums) > 1 else None, len(nums))
+def _number(value: Any) -> Optional[float]:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    return float(value) if ok else None
+
+
+def pooled_std(groups: Iterable[Sequence[float]]) -> Optional[float]:
+    """The pooled sample std of ``groups``: √(Σ (n_g − 1) s_g² / Σ (n_g − 1)), the std of one
+    group when there is one; None when no group has two values."""
+    dof = squares = 0.0
+    for values in groups:
+        if len(values) > 1:
+            dof += len(values) - 1
+            squares += (len(values) - 1) * statistics.variance(values)
+    return math.sqrt(squares / dof) if dof else None
+
+
+def summarize_seeds(points: Sequence[tuple[int, int, Any]]) -> Stat:
+    """A metric's :class:`Stat` from ``(calib_seed, seed, value)`` of a row's jobs (values that
+    are not finite numbers are left out)."""
+    kept = [(c, e, x) for c, e, x in ((c, e, _number(v)) for c, e, v in points) if x is not None]
+    if not kept:
+        return Stat(None, None, None, 0)
+    at_eval: dict[int, list[float]] = {}
+    at_calib: dict[int, list[float]] = {}
+    for c, e, x in kept:
+        at_eval.setdefault(e, []).append(x)
+        at_calib.setdefault(c, []).append(x)
+    mean = statistics.fmean(x for _, _, x in kept)
+    return Stat(mean, pooled_std(at_eval.values()), pooled_std(at_calib.values()), len(kept))
+
+
+def calib_seed_of(m: dict[str, Any]) -> int:
+    """A job's calibration seed (0 for jobs written before ``calib_seed`` was recorded)."""
+    return int(m.get("calib_seed") or 0)
 
 
 @dataclass
@@ -163,6 +207,7 @@ class Row:
     ours: dict[str, Stat] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
+    calib_seeds: list[int] = field(default_factory=list)
     n_samples: Optional[int] = None
 
     @property
@@ -195,8 +240,11 @@ def build_rows(
     ours: dict[tuple[str, str, str], Row] = {}
     for key, ms in groups.items():
         row = Row(*key)
-        row.ours = {k: summarize([m.get(k) for m in ms]) for k in metrics}
+        row.ours = {
+            k: summarize_seeds([(calib_seed_of(m), m.get("seed"), m.get(k)) for m in ms]) for k in metrics
+        }
         row.seeds = sorted({m.get("seed") for m in ms if m.get("seed") is not None})
+        row.calib_seeds = sorted({calib_seed_of(m) for m in ms})
         sizes = {m.get("n_samples") for m in ms}
         row.n_samples = sizes.pop() if len(sizes) == 1 else None
         ours[key] = row
@@ -279,12 +327,21 @@ def fmt_num(value: Optional[float], metric: str, signed: bool = False, places: O
     return f"{value:+.{d}f}" if signed else f"{value:.{d}f}"
 
 
-def fmt_ours(stat: Optional[Stat], metric: str, pm: str = "±") -> str:
+def fmt_ours(stat: Optional[Stat], metric: str, pm: str = "±", std: str = "eval_std") -> str:
+    """``mean ± std`` (``std``: the :class:`Stat` field shown), or the mean alone."""
     if stat is None or stat.mean is None:
         return "—"
     d = decimals(stat.mean, metric)
     text = fmt_num(stat.mean, metric, places=d)
-    return f"{text} {pm} {fmt_num(stat.std, metric, places=d)}" if stat.std is not None else text
+    spread = getattr(stat, std)
+    return f"{text} {pm} {fmt_num(spread, metric, places=d)}" if spread is not None else text
+
+
+def fmt_spread(stat: Optional[Stat], metric: str) -> str:
+    """The std over evaluation seeds alone (the ``± eval`` column), at the mean's decimals."""
+    if stat is None or stat.mean is None or stat.eval_std is None:
+        return ""
+    return fmt_num(stat.eval_std, metric, places=decimals(stat.mean, metric))
 
 
 def fmt_paper(value: Any, metric: str) -> str:
@@ -318,6 +375,34 @@ class Table:
     def has_paper(self) -> bool:
         return bool(self.published and self.published.get("rows"))
 
+    @property
+    def by_calib_seed(self) -> bool:
+        """Whether some row has several calibration seeds: then the std beside the mean is over
+        calibration seeds (module doc), else over evaluation seeds, as before."""
+        return any(len(r.calib_seeds) > 1 for r in self.rows)
+
+    @property
+    def eval_column(self) -> bool:
+        """Whether the evaluation-seed std gets a column of its own (``± eval``)."""
+        return self.by_calib_seed and any(len(r.seeds) > 1 for r in self.rows)
+
+    @property
+    def shown_std(self) -> str:
+        """The :class:`Stat` field shown beside the mean."""
+        return "calib_std" if self.by_calib_seed else "eval_std"
+
+    def spread_note(self) -> str:
+        """What the stds of the table are, for its footer or caption."""
+        if not self.by_calib_seed:
+            return "mean ± std over seeds"
+        note = (
+            "mean of all jobs ± std over calibration seeds (calib_seed) at a fixed evaluation seed, "
+            "pooled over evaluation seeds"
+        )
+        if self.eval_column:
+            note += "; ± eval: std over evaluation seeds (seed) at a fixed calibration seed, pooled"
+        return note
+
     def title(self) -> str:
         if not self.published:
             return f"Results of {self.sweep_dir}"
@@ -325,23 +410,32 @@ class Table:
 
 
 def header_cells(t: Table, labels: dict[str, str]) -> list[str]:
-    cells = ["Model", "Method", "W/A", "seeds", "n"]
+    seeds = ["calib seeds", "eval seeds"] if t.by_calib_seed else ["seeds"]
+    cells = ["Model", "Method", "W/A", *seeds, "n"]
     if t.has_paper:
         cells.insert(2, "Paper's name")
     for k in t.metrics:
         lab = labels.get(k, k)
-        cells += [f"{lab} ours", f"{lab} paper", f"{lab} Δ"] if t.has_paper else [lab]
+        cells.append(f"{lab} ours" if t.has_paper else lab)
+        if t.eval_column:
+            cells.append(f"{lab} ± eval")
+        if t.has_paper:
+            cells += [f"{lab} paper", f"{lab} Δ"]
     return cells
 
 
 def body_cells(t: Table, row: Row, pm: str = "±", dash: str = "—") -> list[str]:
-    seeds = str(len(row.seeds)) if row.seeds else ""
-    cells = [row.model, row.method, row.bits, seeds, "" if row.n_samples is None else str(row.n_samples)]
+    count = lambda seeds: str(len(seeds)) if seeds else ""  # noqa: E731
+    seeds = [count(row.calib_seeds), count(row.seeds)] if t.by_calib_seed else [count(row.seeds)]
+    cells = [row.model, row.method, row.bits, *seeds, "" if row.n_samples is None else str(row.n_samples)]
     if t.has_paper:
         cells.insert(2, row.paper_method)
     for k in t.metrics:
-        ours = fmt_ours(row.ours.get(k), k, pm)
-        cells += [ours, fmt_paper(row.paper.get(k), k), fmt_diff(row, k)] if t.has_paper else [ours]
+        cells.append(fmt_ours(row.ours.get(k), k, pm, t.shown_std))
+        if t.eval_column:
+            cells.append(fmt_spread(row.ours.get(k), k))
+        if t.has_paper:
+            cells += [fmt_paper(row.paper.get(k), k), fmt_diff(row, k)]
     return [dash if c == "—" else c for c in cells]
 
 
@@ -356,7 +450,7 @@ def render_markdown(t: Table) -> str:
     for row in t.rows:
         lines.append("| " + " | ".join(body_cells(t, row)) + " |")
     lines.append("")
-    foot = f"Ours: {t.n_jobs} jobs from `{t.sweep_dir}`; mean ± std over seeds; n = samples per job."
+    foot = f"Ours: {t.n_jobs} jobs from `{t.sweep_dir}`; {t.spread_note()}; n = samples per job."
     if t.has_paper:
         foot += " Δ = ours − paper."
         if t.published.get("notes"):
@@ -390,13 +484,14 @@ def render_latex(t: Table) -> str:
     n_text = 4 if t.has_paper else 3
     spec = "l" * n_text + "r" * (len(head) - n_text)
     esc_head = [h if "$" in h else tex_escape(h) for h in head]
-    esc_head = [h.replace("Δ", r"$\Delta$") for h in esc_head]
+    esc_head = [h.replace("Δ", r"$\Delta$").replace("±", r"$\pm$") for h in esc_head]
+    note = tex_escape(t.spread_note()).replace("±", r"$\pm$")
     lines = [
         "% Generated by `python -m diffquant.tables`; needs \\usepackage{booktabs}.",
         r"\begin{table}[t]",
         r"\centering",
         r"\small",
-        rf"\caption{{{tex_escape(t.title())}. Ours: mean $\pm$ std over seeds"
+        rf"\caption{{{tex_escape(t.title())}. Ours: {note}"
         + (r"; $\Delta$ = ours $-$ paper" if t.has_paper else "")
         + ".}",
         rf"\begin{{tabular}}{{{spec}}}",
@@ -412,30 +507,38 @@ def render_latex(t: Table) -> str:
 
 
 def render_csv(t: Table) -> str:
+    """One line per row. With several calibration seeds in a row (:attr:`Table.by_calib_seed`):
+    ``calib_seeds`` / ``eval_seeds`` instead of ``seeds``, ``<metric>_ours_std`` over calibration
+    seeds and ``<metric>_eval_std`` over evaluation seeds; else the columns as they always were."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    head = ["model", "method", "paper_method", "bits", "seeds", "n_samples"]
+    split = t.by_calib_seed
+    joined = lambda seeds: " ".join(str(s) for s in seeds)  # noqa: E731
+    head = ["model", "method", "paper_method", "bits"]
+    head += ["calib_seeds", "eval_seeds"] if split else ["seeds"]
+    head.append("n_samples")
     for k in t.metrics:
-        head += [f"{k}_ours", f"{k}_ours_std", f"{k}_paper", f"{k}_diff"]
+        head += [
+            f"{k}_ours",
+            f"{k}_ours_std",
+            *([f"{k}_eval_std"] if split else []),
+            f"{k}_paper",
+            f"{k}_diff",
+        ]
     writer.writerow(head)
     for row in t.rows:
-        cells: list[Any] = [
-            row.model,
-            row.method,
-            row.paper_method,
-            row.bits,
-            " ".join(str(s) for s in row.seeds),
-            row.n_samples,
-        ]
+        cells: list[Any] = [row.model, row.method, row.paper_method, row.bits]
+        cells += [joined(row.calib_seeds), joined(row.seeds)] if split else [joined(row.seeds)]
+        cells.append(row.n_samples)
         for k in t.metrics:
             stat = row.ours.get(k)
-            pub = row.paper.get(k)
             cells += [
                 None if stat is None else stat.mean,
-                None if stat is None else stat.std,
-                pub,
-                row.diff(k),
+                None if stat is None else getattr(stat, t.shown_std),
             ]
+            if split:
+                cells.append(None if stat is None else stat.eval_std)
+            cells += [row.paper.get(k), row.diff(k)]
         writer.writerow(["" if c is None else c for c in cells])
     return buf.getvalue()
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.cache import CacheEntry, atomic_torch_save, load_torch
+from diffquant.numerics import numerics_identity
 from diffquant.quant.state import quant_state
 from diffquant.quant.typed import as_dataclass
 from diffquant.validation import InvalidSetting, positive
@@ -57,7 +58,8 @@ class CalibSettings:
             ``step_stride``. When ``nsteps`` is not a multiple, that is more than ``n_steps``
             steps (51 PNDM calls / 25 → stride 2 → 26 steps), as in the reference.
         batch_size: trajectories sampled together.
-        seed: seed of the calibration trajectories (keep it apart from evaluation seeds).
+        seed: base seed of the calibration trajectories (keep it apart from evaluation seeds;
+            re-seeded by the run's ``calib_seed``, :mod:`diffquant.seeds`).
         shard_rows: rows per shard file.
     """
 
@@ -102,17 +104,9 @@ def denoiser_fingerprint(denoiser: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def numerics_identity(device: torch.device | str) -> dict[str, Any]:
-    """What changes floating-point results on the same machine: the device type and, on CPU, the
-    intra-op thread count (it changes summation order: W4A4 ``ptq`` on ldm_digits calibrated with
-    1 thread gives FID→FP 0.621, with 2 threads 0.555). Part of every cache key, so that a cached
-    result is only reused where recomputing it would give the same numbers."""
-    kind = torch.device(device).type
-    return {"device": kind, "cpu_threads": torch.get_num_threads() if kind == "cpu" else None}
-
-
 def model_identity(model: Any) -> dict[str, Any]:
-    """What identifies the FP model, its sampler and the numerics, for cache keys (JSON-able)."""
+    """What identifies the FP model, its sampler and the numerics
+    (:func:`~diffquant.numerics.numerics_identity`), for cache keys (JSON-able)."""
     sched_cfg = {k: v for k, v in dict(model.scheduler.config).items() if not k.startswith("_")}
     return {
         "name": model.name,

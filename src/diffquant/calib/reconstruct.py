@@ -101,7 +101,8 @@ class ReconSettings:
             4-D outputs, the last dim of token outputs) or ``dim1`` (dim 1 of every output, the
             reference code's; see the module doc).
         memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
-        seed: base seed (each unit's optimisation is seeded by it and the unit's index).
+        seed: base seed (each unit's optimisation is seeded by it and the unit's index; the
+            ``max_rows`` subset by it; re-seeded by the run's ``calib_seed``).
     """
 
     weight_iters: int = 200

@@ -19,8 +19,8 @@ restarted in the same folder replays them and samples only what is missing.
 
 **Keyed progress.** A batch file is only replayed by the configuration that made it: its name
 carries a tag hashed from ``progress_key`` (the caller's digest of its configuration, e.g. the
-job's config hash), the seed, the chunk grid and the numerics (device, CPU threads). Batches of
-any other tag in the folder are left alone and named in a warning.
+job's config hash), the seed, the chunk grid and the numerics (:mod:`diffquant.numerics`).
+Batches of any other tag in the folder are left alone and named in a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from diffquant.cache import atomic_torch_save, stable_hash
 from diffquant.eval.metrics import EvalBatch
+from diffquant.numerics import numerics_identity
 from diffquant.stopping import check_stop
 
 log = logging.getLogger("diffquant")
@@ -85,12 +86,6 @@ class SampleGrid:
         return [range(c, min(c + self.chunk_size, self.total)) for c in range(first, stop, self.chunk_size)]
 
 
-def _numerics(device: torch.device) -> dict[str, Any]:
-    from diffquant.calib.collect import numerics_identity
-
-    return numerics_identity(device)
-
-
 def progress_tag(progress_key: Optional[str], seed: int, grid: SampleGrid, device: torch.device) -> str:
     """The tag in the names of saved batches: what must match for a batch to be replayed."""
     return stable_hash(
@@ -99,7 +94,7 @@ def progress_tag(progress_key: Optional[str], seed: int, grid: SampleGrid, devic
             "seed": int(seed),
             "n_samples": grid.total,
             "chunk_size": grid.chunk_size,
-            "numerics": _numerics(device),
+            "numerics": numerics_identity(device),
         },
         length=12,
     )

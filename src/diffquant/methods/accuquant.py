@@ -142,7 +142,8 @@ class AccuQuantConfig:
             has class ``i % num_classes``; spread over the classes when there are more classes
             than samples: :func:`calibration_indices`).
         batch_size: trajectories per optimisation step (with guidance the UNet sees 2×).
-        seed: seed of those trajectories (the calibration seed, apart from evaluation seeds).
+        seed: base seed of those trajectories and of the mini-batches (apart from evaluation
+            seeds; re-seeded by the run's ``calib_seed``, :mod:`diffquant.seeds`).
         loss: the distance between the final states (``mse``).
         group_start: where a group's chains start: ``fp`` (the FP trajectory's state, as the
             overview figure shows) or ``quant`` (the quantized model's own state after the

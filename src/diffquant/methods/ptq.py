@@ -85,6 +85,7 @@ def _check_act_init(cfg: Any) -> None:
     one_of(cfg, "act_init_select", ACT_INIT_SELECTS)
     one_of(cfg, "act_running_order", ACT_RUNNING_ORDERS)
     positive(cfg, "act_init_rows", "act_init_batch_size", "act_running_batch_size")
+    positive(cfg, "act_init_seed", allow_zero=True)
     check_quant_overrides(cfg)
 
 
@@ -98,6 +99,8 @@ class PTQMinMaxConfig:
         range_init: ``minmax`` or ``lp`` for weights and activations; None keeps the quant
             config's ``weight_init`` / ``act_init``.
         act_init_rows: calibration rows the activation ranges are set from (None = all).
+        act_init_seed: base seed of the random ``act_init_rows`` subset and of the L_p search's
+            element sampling (re-seeded by the run's ``calib_seed``, :mod:`diffquant.seeds`).
         act_init_batch_size: rows per forward while observing (``before_recon``).
         act_init_stage / act_init_select / act_running_order / act_running_batch_size: as in
             :class:`PTQConfig` (``after_weights``: after round-to-nearest weight quantization).
@@ -109,6 +112,7 @@ class PTQMinMaxConfig:
     calib: CalibSettings = field(default_factory=CalibSettings)
     range_init: Optional[str] = "minmax"
     act_init_rows: Optional[int] = 256
+    act_init_seed: int = 0
     act_init_batch_size: int = 64
     act_init_stage: str = "before_recon"
     act_init_select: str = "random"
@@ -131,6 +135,8 @@ class PTQConfig:
         calib: calibration trajectories (samples, recorded steps, seed).
         act_init_rows: calibration rows the initial activation ranges are set from (by the quant
             config's ``act_init``, before LSQ refines them; None = all).
+        act_init_seed: base seed of the random ``act_init_rows`` subset and of the L_p search's
+            element sampling (re-seeded by the run's ``calib_seed``, :mod:`diffquant.seeds`).
         act_init_batch_size: rows per forward while observing them (``before_recon``; with
             ``after_weights`` the rows pass in one forward, as Q-Diffusion's ``qnn(cali_xs[:64])``).
         act_init_stage: ``before_recon`` (FP network, before reconstruction) or ``after_weights``
@@ -152,6 +158,7 @@ class PTQConfig:
     name: str = "ptq"
     calib: CalibSettings = field(default_factory=CalibSettings)
     act_init_rows: Optional[int] = 256
+    act_init_seed: int = 0
     act_init_batch_size: int = 64
     act_init_stage: str = "before_recon"
     act_init_select: str = "random"
@@ -243,6 +250,7 @@ def init_act_ranges(model: Any, stream: CalibStream, quant: QuantConfig, cfg: An
         method=quant.act_init,
         n_rows=cfg.act_init_rows,
         batch_size=batch,
+        seed=cfg.act_init_seed,
         p=quant.lp_norm,
         n_candidates=quant.lp_candidates,
         device=model.device,

@@ -179,7 +179,7 @@ class QuestConfig:
         critical_top_k: units ``auto`` picks from the sensitivity ranking.
         sensitivity: the sweep's settings (bits, rows).
         eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
-        seed: row sampling and shuffling.
+        seed: base seed of row sampling and shuffling (re-seeded by the run's ``calib_seed``).
         progress_every: besides after every epoch, save the finetuning progress every that many
             optimiser steps (0: after epochs only), so that a stopped job resumes there
             (:mod:`diffquant.methods.progress`; results do not depend on it).

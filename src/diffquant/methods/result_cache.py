@@ -5,7 +5,8 @@ method's final quantized denoiser — quantizer state, time-step router and the 
 method declares it changed (:meth:`~diffquant.methods.base.Method.changed_parameters`), as
 written by :func:`~diffquant.quant.checkpoint.save_quantized` — and the result's metrics, tables
 and files, in a :class:`~diffquant.cache.CacheEntry` keyed by the FP model (weights, sampler and
-numerics), the quant config, the method config and the method's version. A stopped job resumes
+numerics), the quant config, the method config (with the seeds the run's ``calib_seed`` derives,
+:mod:`diffquant.seeds`) and the method's version. A stopped job resumes
 from the entry's partial folder (the method's ``progress``); a later job with the same settings
 (another seed, a benchmark, QuEST asking for its PTQ base) loads the result instead. Two jobs
 asking at once compute it once.

@@ -22,7 +22,12 @@ the values can be interpolated from the job config, where an experiment pins the
   may overlap (the full method listed with its ablations);
 * a key that a grid sets may not also be given on the command line or in ``params`` (which value
   would win is a guess); the error names the key: change the grid's values instead
-  (``grid.quant=[w4a4]``).
+  (``grid.quant=[w4a4]``);
+* ``outer`` keys (``hydra.sweeper.outer: [calib_seed]``) order the union: the jobs are sorted,
+  stably, by their value of each such key, in the order its values first appear (a job without
+  the key sorts with the first value). With ``outer: [calib_seed]`` the jobs of the first
+  calibration seed keep the numbers a sweep without calibration seeds gives them (the folder
+  names ``10_ldm_digits_w4a4_ptq_s0`` stay), and each further seed's jobs follow.
 
 Without ``grids`` it is exactly the basic sweeper. The launcher (basic, submitit local or SLURM)
 receives the jobs as one batch (or ``max_batch_size`` chunks), as from the basic sweeper.
@@ -53,6 +58,7 @@ class GridSweeperConf:
     max_batch_size: Optional[int] = None
     params: Optional[dict[str, str]] = None
     grids: Optional[dict[str, Any]] = field(default_factory=dict)
+    outer: list[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridSweeperConf, provider="diffquant")
@@ -107,11 +113,34 @@ def _axes(overrides: Sequence[Override]) -> dict[str, list[str]]:
     return axes
 
 
+def _value(job: Sequence[str], key: str) -> Optional[str]:
+    """The value a job's override list gives ``key`` (None: not set)."""
+    for override in job:
+        name, _, value = override.partition("=")
+        if name == key:
+            return value
+    return None
+
+
+def order_outer(jobs: list[list[str]], outer: Sequence[str]) -> list[list[str]]:
+    """``jobs`` stably sorted by their values of the ``outer`` keys, each in the order its values
+    first appear; a job without the key sorts with the first value."""
+    ranks: dict[str, dict[str, int]] = {}
+    for key in outer:
+        values = [v for v in (_value(job, key) for job in jobs) if v is not None]
+        ranks[key] = {v: i for i, v in enumerate(dict.fromkeys(values))}
+    return sorted(jobs, key=lambda job: tuple(ranks[k].get(_value(job, k), 0) for k in outer))
+
+
 def expand_grids(
-    grids: Optional[Mapping[str, Any]], common: Sequence[Override], parser: Optional[OverridesParser] = None
+    grids: Optional[Mapping[str, Any]],
+    common: Sequence[Override],
+    parser: Optional[OverridesParser] = None,
+    outer: Sequence[str] = (),
 ) -> list[list[str]]:
     """Every job's override list: for each grid in order, its product with ``common`` (the
-    command line's and ``params``' overrides, already parsed); duplicates dropped.
+    command line's and ``params``' overrides, already parsed); duplicates dropped; then ordered
+    by the ``outer`` keys (:func:`order_outer`).
 
     ``grids`` empty or None: the basic sweeper's product of ``common``.
     """
@@ -120,7 +149,7 @@ def expand_grids(
     if isinstance(grids, (DictConfig, ListConfig)):
         grids = OmegaConf.to_container(grids, resolve=True)
     if not grids:
-        return [list(job) for job in itertools.product(*common_axes.values())]
+        return order_outer([list(job) for job in itertools.product(*common_axes.values())], outer)
     common_keys = {o.key_or_group: o.input_line or o.get_key_element() for o in common}
     jobs: list[list[str]] = []
     seen: set[frozenset[str]] = set()
@@ -140,8 +169,8 @@ def expand_grids(
                 raise HydraException(
                     f"`{common_keys[o.key_or_group]}` sets {o.key_or_group!r}, which grid {name!r} of "
                     f"the sweep config sweeps ({o.input_line}). Change the grid's values instead "
-                    f"(e.g. grid.quant=[w4a4] or grid.methods=[ptq]), or skip the grid with "
-                    f"hydra.sweeper.grids.{name}=null."
+                    f"(e.g. grid.quant=[w4a4], grid.methods=[ptq] or grid.calib_seeds=[0,1]), or "
+                    f"skip the grid with hydra.sweeper.grids.{name}=null."
                 )
         axes = {**common_axes, **_axes(parsed)}
         for job in itertools.product(*axes.values()):
@@ -149,7 +178,7 @@ def expand_grids(
             if key not in seen:
                 seen.add(key)
                 jobs.append(list(job))
-    return jobs
+    return order_outer(jobs, outer)
 
 
 class GridSweeper(BasicSweeper):
@@ -160,11 +189,13 @@ class GridSweeper(BasicSweeper):
         max_batch_size: Optional[int] = None,
         params: Optional[dict[str, str]] = None,
         grids: Optional[dict[str, Any]] = None,
+        outer: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         if isinstance(grids, (DictConfig, ListConfig)):
             grids = OmegaConf.to_container(grids, resolve=True)
         self.grids = grids or {}
+        self.outer = list(outer or [])
 
     # BasicSweeper.sweep calls self.split_arguments(parsed params + command line, max_batch_size)
     def split_arguments(
@@ -173,7 +204,7 @@ class GridSweeper(BasicSweeper):
         max_batch_size: Optional[int],
     ) -> list[list[list[str]]]:
         loader = self.hydra_context.config_loader if self.hydra_context is not None else None
-        jobs = expand_grids(self.grids, overrides, OverridesParser.create(config_loader=loader))
+        jobs = expand_grids(self.grids, overrides, OverridesParser.create(config_loader=loader), self.outer)
         if not jobs:
             raise HydraException("the sweep has no job: every grid is null or empty")
         log.info(
