@@ -61,8 +61,13 @@ def test_every_experiment_composes_with_sweep_paper(experiment, make_cfg):
     jobs = sweep_jobs(cfg)
     assert jobs[0] == {"method": "fp", "quant": "fp32"}  # first, so its features are cached first
     assert [j for j in jobs if j["method"] == "fp"] == [jobs[0]]  # once, not once per bit-width
-    quantized = [{"quant": q, "method": m, "calib_seed": "0"} for q in grid["quant"] for m in grid["methods"]]
-    assert jobs[1:] == quantized  # one calibration seed unless the experiment lists more
+    quantized = [
+        {"quant": q, "method": m, "calib_seed": str(c)}
+        for c in grid.get("calib_seeds", [0])  # outermost: all jobs of one calibration seed first
+        for q in grid["quant"]
+        for m in grid["methods"]
+    ]
+    assert jobs[1:] == quantized
 
 
 def test_embedded_sweep_is_the_readme_grid(make_cfg):
@@ -70,13 +75,22 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    assert len(jobs) == 29  # 2 FP + 2 x 12 grid + 3 ablations
-    assert len({frozenset(j.items()) for j in jobs}) == 29
+    # 2 FP + ldm_digits 6 bit-widths x 4 methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x 4 x 1 seed
+    assert len(jobs) == 2 + 72 + 9 + 24
+    assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
     for model, evaluator in [("ldm_digits", "digits"), ("sd_digits", "clip_digits")]:
         mine = [j for j in jobs if j["model"] == model]
         assert all(j["evaluator"] == evaluator for j in mine)
         assert [j["quant"] for j in mine if j["method"] == "fp"] == ["fp32"]
-    ablations = [j["method"] for j in jobs if j["model"] == "ldm_digits" and j["quant"] == "w4a4"]
+    assert {j["quant"] for j in jobs} == {"fp32", "w8a8", "w4a8", "w4a6", "w4a4", "w3a8", "w3a6"}
+    assert {j.get("calib_seed") for j in jobs if j["model"] == "ldm_digits"} == {None, "0", "1", "2"}
+    assert {j.get("calib_seed") for j in jobs if j["model"] == "sd_digits"} == {None, "0"}
+    ablations = [
+        j["method"]
+        for j in jobs
+        if j["model"] == "ldm_digits" and j["quant"] == "w4a4" and j.get("calib_seed") == "0"
+    ]
     assert ablations == [
         "ptq_minmax",
         "ptq",
@@ -93,7 +107,8 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
 def test_ablation_sweep(make_cfg):
     cfg = make_cfg(["experiment=embedded_digits", "sweep=ablations"])
     assert sweep_jobs(cfg) == [{"method": "fp", "quant": "fp32"}] + [
-        {"quant": "w4a4", "method": m, "calib_seed": "0"}
+        {"quant": "w4a4", "method": m, "calib_seed": c}
+        for c in ("0", "1", "2")
         for m in ("quest", "quest_tla_only", "quest_cma_only", "quest_no_global")
     ]
 

@@ -39,6 +39,7 @@ def test_paper_sweep_runs_fp_once_then_the_grid_then_writes_the_table(tmp_path):
             "sweep=paper",
             "grid.quant=[w8a8]",
             "grid.methods=[ptq_minmax]",
+            "grid.calib_seeds=[0]",
             *SMALL,
             "analysis.error_accumulation=false",
             f"hydra.sweep.dir={sweep}",
@@ -73,6 +74,7 @@ def test_paper_sweep_on_slurm_writes_the_table(slurm_env, tmp_path):
             "sweep=paper",
             "grid.quant=[w8a8]",
             "grid.methods=[ptq_minmax]",
+            "grid.calib_seeds=[0]",
             *SMALL,
             "analysis.error_accumulation=false",
             "hydra/launcher=slurm",
@@ -198,23 +200,30 @@ def _jobs(cfg) -> list[dict[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("sweep, n_fp, n_quantized", [("paper", 1, 12), ("embedded", 2, 27)])
-def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(sweep, n_fp, n_quantized, make_cfg):
-    """`grid.calib_seeds=[0,1]`: every quantized job twice, once per calibration seed (the FP rows
-    once); the calib_seed=0 jobs first, with the numbers and folder names of a sweep without
+@pytest.mark.parametrize("sweep, n_fp, n_quantized, n_sd", [("paper", 1, 12, 0), ("embedded", 2, 27, 12)])
+def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(sweep, n_fp, n_quantized, n_sd, make_cfg):
+    """`grid.calib_seeds=[0,1]`: every quantized `ldm_digits` job twice, once per calibration seed
+    (the FP rows once; `sweep=embedded`'s `sd_digits` jobs follow `grid.sd_calib_seeds`, here
+    `[0]`); the calib_seed=0 jobs first, with the numbers and folder names of a sweep without
     calibration seeds (`10_ldm_digits_w4a4_ptq_s0`), then the calib_seed=1 jobs in the same
     order, their folders named `..._s0_c1`; each job composes with its calib_seed."""
-    base = ["experiment=embedded_digits", f"sweep={sweep}"]
-    one = _jobs(make_cfg(base, name="one"))
+    base = [
+        "experiment=embedded_digits",
+        f"sweep={sweep}",
+        "grid.quant=[w8a8,w4a8,w4a4]",
+        "grid.sd_calib_seeds=[0]",
+    ]
+    one = _jobs(make_cfg([*base, "grid.calib_seeds=[0]"], name="one"))
     two = _jobs(make_cfg([*base, "grid.calib_seeds=[0,1]"], name="two"))
-    assert len(one) == n_fp + n_quantized and len(two) == n_fp + 2 * n_quantized
+    assert len(one) == n_fp + n_quantized and len(two) == n_fp + 2 * n_quantized - n_sd
     assert two[: len(one)] == one  # calib_seed=0: the jobs (and numbers) of one seed
     assert sum(j["method"] == "fp" for j in two) == n_fp and all(
         "calib_seed" not in j for j in two if j["method"] == "fp"
     )
     quantized = [j for j in one if j["method"] != "fp"]
     assert all(j["calib_seed"] == "0" for j in quantized)
-    assert two[len(one) :] == [{**j, "calib_seed": "1"} for j in quantized]
+    doubled = [j for j in quantized if j.get("model") != "sd_digits"]
+    assert two[len(one) :] == [{**j, "calib_seed": "1"} for j in doubled]
 
     def folder(num: int) -> str:
         overrides = [*base, *(f"{k}={v}" for k, v in two[num].items()), f"hydra.job.num={num}"]

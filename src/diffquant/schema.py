@@ -193,6 +193,8 @@ class GridConfig:
             FP row, which calibrates nothing, runs once. Jobs are ordered by calibration seed
             first, so the ``calib_seed=0`` jobs keep the numbers (folder names) of a sweep
             without calibration seeds.
+        sd_calib_seeds: the calibration seeds of ``sweep=embedded``'s second model
+            (``sd_digits``), which the benchmark runs with fewer seeds than ``ldm_digits``.
     """
 
     quant: list[str] = field(default_factory=lambda: ["w8a8", "w4a8", "w4a4"])
@@ -200,10 +202,12 @@ class GridConfig:
     ablation_quant: str = "w4a4"
     ablations: list[str] = field(default_factory=list)
     calib_seeds: list[int] = field(default_factory=lambda: [0])
+    sd_calib_seeds: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
-        for calib_seed in self.calib_seeds:
-            check_calib_seed(calib_seed, "calib_seeds")
+        for key in ("calib_seeds", "sd_calib_seeds"):
+            for calib_seed in getattr(self, key):
+                check_calib_seed(calib_seed, key)
 
 
 @dataclass
