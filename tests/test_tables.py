@@ -327,3 +327,30 @@ def test_calib_seed_0_everywhere_keeps_the_table_as_it_was(tmp_path):
     assert "| Model | Method | W/A | seeds | n | FID |" in md
     assert "| ldm_digits | ptq | W4A4 | 2 | 100 | 1.50 ± 0.71 |" in md
     assert "mean ± std over seeds; n = samples per job." in md
+
+
+def test_the_new_metrics_are_columns_with_their_headers(tmp_path):
+    """sFID, PSNR, SSIM and the digits LPIPS stand-in: default columns of a table without a
+    published one, under their own headers and decimals; AccuQuant's published sFID / LPIPS /
+    PSNR / SSIM join ours."""
+    s = tmp_path / "sweep"
+    common = dict(model="ldm_digits", experiment=None, fid=0.3, inception_score=7.7, sfid=1.234)
+    write_job(s, "0", fid_to_fp=0.0, psnr=100.0, ssim=1.0, lpips_digits=0.0, **common)
+    write_job(
+        s, "1", method="ptq", weight_bits=4, act_bits=8, fid_to_fp=0.2, psnr=31.4159, ssim=0.98765,
+        lpips_digits=0.0123456, **common,
+    )  # fmt: skip
+    md = render_markdown(build_table(s))
+    head = "| Model | Method | W/A | seeds | n | FID | sFID | IS | FID→FP | LPIPS (digits) | PSNR | SSIM |"
+    assert head in md
+    assert (
+        "| ldm_digits | ptq | W4A8 | 1 | 100 | 0.300 | 1.23 | 7.70 | 0.200 | 0.0123 | 31.42 | 0.9877 |" in md
+    )
+    a = tmp_path / "accuquant"
+    write_job(
+        a, "0", experiment="accuquant_imagenet", method="accuquant", weight_bits=4, act_bits=8,
+        fid=9.0, sfid=7.0, inception_score=350.0, fid_to_fp=0.6, lpips=0.16, psnr=24.5, ssim=0.87,
+    )  # fmt: skip
+    row = next(r for r in build_table(a).rows if r.key == ("ldm_imagenet", "accuquant", "W4A8"))
+    assert row.paper["sfid"] == 7.41 and row.paper["psnr"] == 24.4338
+    assert row.diff("ssim") == pytest.approx(0.87 - 0.8713)

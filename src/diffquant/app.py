@@ -3,8 +3,9 @@
     1. configure  the composed config as typed dataclasses (validated before any work), folders,
                   tracker
     2. build      the model wrapper (MODELS); its weights are checked finite
-    3. reference  the evaluator, and the FP model's features for ``fid_to_fp`` (cached, keyed by
-                  the model's identity: weights, sampler, numerics)
+    3. reference  the evaluator, and the FP model's samples for the metrics that compare with
+                  them: features (``fid_to_fp``), 8-bit images (``psnr``, ``ssim``, ``lpips``...);
+                  cached, keyed by the model's identity: weights, sampler, numerics
     4. quantize   the method (METHODS), through the result cache: a :class:`MethodResult`
     5. sample     this job's samples, streamed into the metrics (resumable batch by batch)
     6. analyse    optional analyses of the final model (error accumulation)
@@ -37,6 +38,7 @@ from diffquant.cache import atomic_torch_save, atomic_write_json, atomic_write_t
 from diffquant.calib.collect import model_identity
 from diffquant.context import RunContext
 from diffquant.eval.evaluation import Evaluation
+from diffquant.eval.fp_images import FPImages, ImageBlockWriter
 from diffquant.eval.metrics import EvalBatch
 from diffquant.eval.sampling import generate
 from diffquant.methods.base import MethodResult
@@ -169,8 +171,10 @@ def configure(cfg: DictConfig) -> Job:
 
 # ---------------------------------------------------------------------------- 3. reference
 def fp_reference_entry(evaluation: Evaluation, model: Any, job: Job):
-    """The cache entry of the FP model's features for this job's samples (all ``n_samples``, or
-    one shard's slice), keyed by the model's identity (weights fingerprint, sampler, numerics)."""
+    """The cache entry of the FP model's samples for this job's samples (all ``n_samples``, or
+    one shard's slice), keyed by the model's identity (weights fingerprint, sampler, numerics):
+    ``features.pt`` (``{"features": (n, d), "sample_s": seconds}``) and, when a metric of the
+    evaluator compares images, the 8-bit images as blocks (:mod:`diffquant.eval.fp_images`)."""
     key = model_identity(model)
     if len(job.indices) != job.run.evaluator.n_samples:
         key = {**key, "indices": [job.indices.start, job.indices.stop]}
@@ -187,14 +191,25 @@ def check_finite_features(features: torch.Tensor, what: str) -> None:
         )
 
 
-def fp_reference_features(model: Any, evaluation: Evaluation, job: Job) -> tuple[torch.Tensor, float]:
-    """Features of the FP model's samples for this job's indices and seed (cached; resumable),
-    and the seconds that sampling them took when they were made."""
+def _entry_complete(entry, job: Job, images: bool) -> bool:
+    """Whether the FP reference ``entry`` is written, with the images when ``images``."""
+    return entry.done() and (not images or FPImages.open(entry.path, job.indices) is not None)
+
+
+def fp_reference(
+    model: Any, evaluation: Evaluation, job: Job
+) -> tuple[torch.Tensor, float, Optional[FPImages]]:
+    """The FP model's samples for this job's indices and seed (cached; resumable): their features
+    ``(n, d)``, the seconds that sampling them took when they were made, and their 8-bit images
+    when a metric needs them (else None). An entry written without images (by an FP job of an
+    evaluator without such metrics) is sampled again, with them."""
     ev = job.run.evaluator
+    images = "fp_images" in evaluation.fp_needs
     entry = fp_reference_entry(evaluation, model, job)
     with entry.lock():
-        if not entry.done():
-            feats, seconds = [], 0.0
+        if not _entry_complete(entry, job, images):
+            feats, seconds, pos = [], 0.0, job.indices.start
+            staged = ImageBlockWriter(entry.partial_dir() / "images") if images else None
             for batch, s in generate(
                 model,
                 evaluation,
@@ -202,41 +217,60 @@ def fp_reference_features(model: Any, evaluation: Evaluation, job: Job) -> tuple
                 job.run.seed,
                 ev.batch_size,
                 entry.partial_dir(),
-                keep_images=0,
+                keep_images=len(job.indices) if images else 0,
                 desc="FP reference",
                 start=job.indices.start,
+                progress_key="fp_images" if images else None,  # saved batches carry the images
             ):
                 feats.append(batch.features)
                 seconds += s
+                if staged is not None:
+                    staged.write(range(pos, pos + len(batch.features)), batch.images)
+                pos += len(batch.features)
             features = torch.cat(feats)
             check_finite_features(features, "FP reference")
             with entry.writing() as tmp:
                 atomic_torch_save({"features": features, "sample_s": seconds}, tmp / "features.pt")
+                if staged is not None:
+                    staged.move_into(tmp, job.indices)
             entry.clear_partial()
     rec = entry.load("features.pt")
-    return rec["features"], rec["sample_s"]
+    return rec["features"], rec["sample_s"], FPImages.open(entry.path, job.indices) if images else None
 
 
 def store_fp_reference(
-    evaluation: Evaluation, model: Any, job: Job, features: torch.Tensor, seconds: float
+    evaluation: Evaluation,
+    model: Any,
+    job: Job,
+    features: torch.Tensor,
+    seconds: float,
+    images: Optional[ImageBlockWriter] = None,
 ) -> None:
-    """An FP job's own features are the FP reference of every quantized job with its seeds."""
+    """An FP job's own samples are the FP reference of every quantized job with its seeds: its
+    features and, when the evaluator has paired metrics, its 8-bit images (staged in ``images``)."""
     check_finite_features(features, "FP samples")
     entry = fp_reference_entry(evaluation, model, job)
     with entry.lock():
-        if not entry.done():
+        if not _entry_complete(entry, job, images is not None):
             with entry.writing() as tmp:
                 atomic_torch_save({"features": features, "sample_s": seconds}, tmp / "features.pt")
+                if images is not None:
+                    images.move_into(tmp, job.indices)
+    if images is not None:
+        images.discard()  # moved into the entry, or another job's copy is there already
 
 
 def reference(job: Job, model: Any) -> tuple[Evaluation, Optional[float]]:
-    """Step 3: the evaluation, with the FP features set when ``fid_to_fp`` is computed; returns
-    it and the seconds the FP samples took when they were made (None if not needed)."""
-    evaluation = Evaluation(job.run.evaluator, job.ctx, skip=("fid_to_fp",) if job.is_fp else ())
-    if "fid_to_fp" not in evaluation.metric_names:
+    """Step 3: the evaluation, with the FP samples' features (and images) set when a metric
+    compares with them; returns it and the seconds the FP samples took when they were made (None
+    if not needed)."""
+    evaluation = Evaluation(job.run.evaluator, job.ctx, fp_job=job.is_fp)
+    if job.is_fp or not evaluation.fp_needs:
         return evaluation, None
-    feats, seconds = fp_reference_features(model, evaluation, job)
+    feats, seconds, images = fp_reference(model, evaluation, job)
     evaluation.set_fp_features(feats)
+    if images is not None:
+        evaluation.set_fp_images(images)
     return evaluation, seconds
 
 
@@ -257,10 +291,18 @@ def quantize(model: Any, quant: Any, method_cfg: Any, ctx: RunContext) -> Method
 # ---------------------------------------------------------------------------- 5. sample
 @dataclass
 class Sampled:
-    """What step 5 produced: per-sample features (on the CPU) and the images of the grid."""
+    """What step 5 produced: per-sample features (on the CPU) and the images of the grid.
 
+    ``start``: the index of the first sample; ``grid_size``: images kept for the grid;
+    ``fp_images``: where an FP job stages its 8-bit images for the FP reference (None: nowhere).
+    """
+
+    start: int = 0
+    grid_size: int = 64
+    fp_images: Optional[ImageBlockWriter] = None
     features: list[torch.Tensor] = field(default_factory=list)
     logits: list[Optional[torch.Tensor]] = field(default_factory=list)
+    spatial: list[Optional[torch.Tensor]] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)
     per_sample: list[dict] = field(default_factory=list)
     grid: list[torch.Tensor] = field(default_factory=list)
@@ -268,14 +310,22 @@ class Sampled:
 
     def keep(self, batches: Iterable[tuple[EvalBatch, float]]) -> Iterable[EvalBatch]:
         """Pass ``batches`` through, keeping what recording and sharding need."""
+        pos = self.start
         for batch, seconds in batches:
+            idx = range(pos, pos + len(batch.features))
+            pos = idx.stop
             self.seconds += seconds
             self.features.append(batch.features)
             self.logits.append(batch.logits)
+            self.spatial.append(batch.spatial)
             self.labels.extend(batch.labels)
             self.per_sample.append(getattr(batch, "per_sample", None) or {})
             if batch.images is not None:
-                self.grid.append(batch.images)
+                room = self.grid_size - sum(len(g) for g in self.grid)
+                if room > 0:
+                    self.grid.append(batch.images[:room])
+                if self.fp_images is not None:
+                    self.fp_images.write(idx, batch.images)
             yield batch
 
 
@@ -293,7 +343,13 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
     features for :mod:`diffquant.shards` to score with the others."""
     ev = job.run.evaluator
     seed_everything(job.run.seed)
-    sampled = Sampled()
+    # an FP job keeps all its 8-bit images when the quantized jobs compare theirs with them
+    fp_images = job.is_fp and "fp_images" in evaluation.fp_needs
+    sampled = Sampled(
+        start=job.indices.start,
+        grid_size=ev.grid_size,
+        fp_images=ImageBlockWriter(job.run_dir / "fp_images") if fp_images else None,
+    )
     batches = sampled.keep(
         generate(
             model,
@@ -302,16 +358,18 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
             job.run.seed,
             ev.batch_size,
             job.run_dir / "progress",
-            keep_images=ev.grid_size,
+            keep_images=len(job.indices) if fp_images else ev.grid_size,
             start=job.indices.start,
             progress_key=job.config_hash,
         )
     )
     if not is_sharded(ev):
         return sampled, score(evaluation, batches)
+    evaluation.start()  # the per-sample metrics (CLIP score, PSNR...) are computed as chunks are made
     for _ in batches:
         pass
     logits = None if sampled.logits[0] is None else torch.cat(sampled.logits)
+    spatial = None if sampled.spatial[0] is None else torch.cat(sampled.spatial)
     fp_feats = evaluation._fp_features if "fid_to_fp" in evaluation.metric_names else None
     save_shard(
         job.run_dir,
@@ -323,6 +381,7 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
         ev,
         job.config_hash,
         sampled.per_sample,
+        spatial,
     )
     return sampled, {}
 
@@ -344,7 +403,19 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
 def summary_line(m: dict[str, Any], run_dir: Path) -> str:
     fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     quality = " ".join(
-        f"{k}={fmt(m.get(k))}" for k in ("fid", "inception_score", "fid_to_fp", "clip_score") if k in m
+        f"{k}={fmt(m.get(k))}"
+        for k in (
+            "fid",
+            "sfid",
+            "inception_score",
+            "fid_to_fp",
+            "psnr",
+            "ssim",
+            "lpips",
+            "lpips_digits",
+            "clip_score",
+        )
+        if k in m
     )
     return (
         f"[diffquant] {m['model']} {m['method']} W{m['weight_bits']}A{m['act_bits']} seed={m['seed']}"
@@ -425,10 +496,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t_start = time.perf_counter()
             sampled, quality = sample(job, result.model, evaluation)  # 5
             eval_s = max(0.0, time.perf_counter() - t_start - sampled.seconds)
-            if job.is_fp and "fid_to_fp" in run_cfg.evaluator.metrics:
+            if job.is_fp and evaluation.skipped:  # metrics against the FP samples
                 if not is_sharded(run_cfg.evaluator):
-                    quality["fid_to_fp"] = 0.0  # FID of the FP model to itself: 0 by definition
-                store_fp_reference(evaluation, model, job, torch.cat(sampled.features), sampled.seconds)
+                    quality.update(evaluation.fp_identity())  # e.g. fid_to_fp 0 by definition
+                store_fp_reference(
+                    evaluation, model, job, torch.cat(sampled.features), sampled.seconds, sampled.fp_images
+                )
             check_stop(step="analyse")
             if run_cfg.analysis.error_accumulation:  # 6
                 from diffquant.analysis.error_accumulation import run_error_accumulation

@@ -75,10 +75,12 @@ class EvaluatorConfig:
 
     Attributes:
         name: the evaluator option (``digits``, ``standard``, ``clip``...), for logs.
-        metrics: EVALUATORS registry keys to compute (``fid``, ``inception_score``, ``fid_to_fp``...).
+        metrics: EVALUATORS registry keys to compute (``fid``, ``sfid``, ``inception_score``,
+            ``fid_to_fp``, ``psnr``, ``ssim``, ``lpips``, ``lpips_digits``, ``clip_score``).
         backbone: BACKBONES registry key of the feature network (``digits_cnn``, ``inception_v3``).
         backbone_weights: local weights of the backbone (None: its packaged default).
-        reference: real images for FID: ``digits_heldout`` or a ``.npz`` of uint8 NHWC images.
+        reference: real images for FID and sFID: ``digits_heldout`` or a ``.npz`` of uint8 NHWC
+            images.
         n_samples: images generated per job (FID is biased at small N: compare equal N only).
         batch_size: samples per saved (resumable) batch of a job's progress; it changes no sample.
         chunk_size: samples per model call. Every call (sampler, decoder, backbone) runs on one

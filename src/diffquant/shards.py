@@ -83,11 +83,12 @@ def save_shard(
     eval_cfg: Any,
     config_hash: str,
     per_sample: Sequence[dict[str, torch.Tensor]] = (),
+    spatial: Optional[torch.Tensor] = None,
 ) -> Path:
     """Write ``<run_dir>/shard.pt`` atomically: the slice's features ``(n, d)``, logits ``(n, k)``
-    or None, labels, per-sample metric values ``{metric: (n,)}`` (e.g. CLIP scores; one dict per
-    sampled batch, concatenated here), and the FP model's features for the same slice
-    (``fid_to_fp``) or None."""
+    or None, spatial features ``(n, s)`` (``sfid``) or None, labels, per-sample metric values
+    ``{metric: (n,)}`` (e.g. CLIP scores, PSNR; one dict per sampled batch, concatenated here),
+    and the FP model's features for the same slice (``fid_to_fp``) or None."""
     path = Path(run_dir) / SHARD_FILE
     keys = set().union(*per_sample) if per_sample else set()
     per_sample_cat = {k: torch.cat([p[k] for p in per_sample]) for k in sorted(keys)}
@@ -96,6 +97,7 @@ def save_shard(
             "indices": [indices.start, indices.stop],
             "features": features,
             "logits": logits,
+            "spatial": spatial,
             "labels": list(labels),
             "fp_features": fp_features,
             "per_sample": per_sample_cat,
@@ -172,7 +174,8 @@ def _job_cfg(run_dir: Path):
 
 
 def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = None) -> dict[str, Any]:
-    """Compute FID / IS (and FID to FP) of the concatenated slices of one evaluation and write
+    """Compute the metrics (FID, sFID, IS, FID to FP, and the means of the saved per-sample values:
+    CLIP score, PSNR, SSIM...) of the concatenated slices of one evaluation and write
     ``out_dir/metrics.json`` (atomically), ``config.yaml`` and ``shards.json``. Returns the metrics.
 
     The backbone is built only for the real reference features, which the shard jobs have cached.
@@ -211,7 +214,7 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
         device=resolve_device(device or cfg.device),
         seed=int(cfg.seed),
     )
-    evaluation = Evaluation(cfg.evaluator, ctx, skip=("fid_to_fp",) if is_fp else ())
+    evaluation = Evaluation(cfg.evaluator, ctx, fp_job=is_fp)
     if "fid_to_fp" in evaluation.metric_names:
         fp = [rec["fp_features"] for rec in records]
         if any(f is None for f in fp):
@@ -225,13 +228,14 @@ def merge_group(shards: Sequence[Shard], out_dir: Path, device: Optional[str] = 
                 rec["labels"],
                 rec["features"],
                 rec["logits"],
-                **({"per_sample": rec["per_sample"]} if rec.get("per_sample") else {}),
+                rec.get("per_sample") or {},
+                rec.get("spatial"),
             )
             for rec in records
         ),
     )
-    if is_fp and "fid_to_fp" in cfg.evaluator.metrics:
-        quality["fid_to_fp"] = 0.0
+    if is_fp:
+        quality.update(evaluation.fp_identity())
 
     ms = [s.metrics for s in shards]
 

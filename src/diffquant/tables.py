@@ -48,7 +48,17 @@ from typing import Any, Optional
 
 import yaml
 
-DEFAULT_METRICS = ("fid", "inception_score", "fid_to_fp", "clip_score")
+DEFAULT_METRICS = (
+    "fid",
+    "sfid",
+    "inception_score",
+    "fid_to_fp",
+    "lpips",
+    "lpips_digits",
+    "psnr",
+    "ssim",
+    "clip_score",
+)
 METRIC_LABELS = {
     "fid": "FID",
     "sfid": "sFID",
@@ -56,6 +66,7 @@ METRIC_LABELS = {
     "fid_to_fp": "FID→FP",
     "clip_score": "CLIP",
     "lpips": "LPIPS",
+    "lpips_digits": "LPIPS (digits)",
     "psnr": "PSNR",
     "ssim": "SSIM",
     "calibrate_s": "calib. s",
@@ -70,6 +81,7 @@ METRIC_LABELS = {
 METRIC_LABELS_TEX = {**METRIC_LABELS, "fid_to_fp": r"FID$\to$FP"}
 DECIMALS = {
     "lpips": 4,
+    "lpips_digits": 4,
     "ssim": 4,
     "psnr": 2,
     "calibrate_s": 1,

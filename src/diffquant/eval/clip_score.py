@@ -102,8 +102,9 @@ class ClipScoreMetric(Metric):
         self.scores: list[Tensor] = []
 
     @torch.no_grad()
-    def per_sample(self, images: Tensor, labels: list[Any]) -> Tensor:
-        """``100 · cos`` of each image ``(N, C, H, W)`` in [0, 1] with its prompt: ``(N,)`` on the CPU."""
+    def per_sample(self, images: Tensor, labels: list[Any], indices: range | None = None) -> Tensor:
+        """``100 · cos`` of each image ``(N, C, H, W)`` in [0, 1] with its prompt: ``(N,)`` on the
+        CPU (``indices``, the samples' indices, are not needed)."""
         from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
         prompts = [str(label) for label in labels]

@@ -13,9 +13,10 @@ the same bits whatever ``batch_size`` or shard it is drawn in (with the same ``c
 ``n_samples``, device and thread count); ``chunk_size`` is the speed / memory knob.
 
 **Batches.** ``batch_size`` only sets how many samples make one yielded and saved batch. Each
-finished batch (features, logits, labels, per-sample metric values, the sampling seconds, and the
-images of the first ``keep_images`` samples for the grid) is saved under ``progress_dir``; a job
-restarted in the same folder replays them and samples only what is missing.
+finished batch (features, logits, spatial features when a metric needs them, labels, per-sample
+metric values, the sampling seconds, and the images of the first ``keep_images`` samples, for the
+grid or the FP reference's images) is saved under ``progress_dir``; a job restarted in the same
+folder replays them and samples only what is missing.
 
 **Keyed progress.** A batch file is only replayed by the configuration that made it: its name
 carries a tag hashed from ``progress_key`` (the caller's digest of its configuration, e.g. the
@@ -164,8 +165,9 @@ def _sample_chunk(model, evaluation, chunk: range, seed: int, keep_until: int) -
         "seconds": seconds,
         "features": out["features"],
         "logits": out["logits"],
+        "spatial": out.get("spatial"),
         "labels": list(labels),
-        "per_sample": evaluation.per_sample(images, labels),
+        "per_sample": evaluation.per_sample(images, labels, chunk),
         "images": (images[:n_keep].cpu() * 255).round().to(torch.uint8),
     }
 
@@ -178,12 +180,14 @@ def _rows(chunk_rec: dict[str, Any], idx: range) -> tuple[slice, int, int]:
 
 def _assemble(parts: list[dict[str, Any]], idx: range, keep_until: int, seconds: float) -> dict[str, Any]:
     """The record of batch ``idx`` from the chunks that cover it."""
-    feats, logits, labels, images, per_sample = [], [], [], [], {}
+    feats, logits, spatial, labels, images, per_sample = [], [], [], [], [], {}
     for rec in parts:
         rows, lo, hi = _rows(rec, idx)
         feats.append(rec["features"][rows])
         if rec["logits"] is not None:
             logits.append(rec["logits"][rows])
+        if rec.get("spatial") is not None:
+            spatial.append(rec["spatial"][rows])
         labels.extend(rec["labels"][rows])
         for k, v in rec["per_sample"].items():
             per_sample.setdefault(k, []).append(v[rows])
@@ -192,6 +196,7 @@ def _assemble(parts: list[dict[str, Any]], idx: range, keep_until: int, seconds:
     return {
         "features": torch.cat(feats),
         "logits": torch.cat(logits) if logits else None,
+        "spatial": torch.cat(spatial) if spatial else None,
         "labels": labels,
         "seconds": seconds,
         "images": torch.cat(images),
@@ -242,5 +247,12 @@ def generate(
         for c in [c for c, r in computed.items() if r["range"].stop <= idx.stop]:
             del computed[c]  # batches run in order: no later batch needs it
         images = rec["images"].float() / 255 if rec["images"] is not None and len(rec["images"]) else None
-        batch = EvalBatch(images, rec["labels"], rec["features"], rec["logits"], rec.get("per_sample", {}))
+        batch = EvalBatch(
+            images,
+            rec["labels"],
+            rec["features"],
+            rec["logits"],
+            rec.get("per_sample", {}),
+            rec.get("spatial"),
+        )
         yield batch, rec["seconds"]

@@ -7,7 +7,9 @@ The real metrics use InceptionV3, which needs downloaded weights and torchvision
 
 * ``features``: the 64-d penultimate activations (the input of the classification layer), used
   like Inception's 2048-d pool features for FID;
-* ``logits``: the 10-way class logits, used like Inception's logits for the Inception Score.
+* ``logits``: the 10-way class logits, used like Inception's logits for the Inception Score;
+* :meth:`DigitsClassifier.feature_maps`: the intermediate maps of the conv trunk (for sFID's
+  spatial features and the ``lpips_digits`` stand-in, see :mod:`diffquant.eval.backbones.digits`).
 
 Inputs are images ``(N, C, H, W)`` in [0, 1] with C = 1 or 3 (RGB is averaged to gray) and any
 H×W (resized to 32×32, bilinear with antialiasing, inside :meth:`DigitsClassifier.forward`).
@@ -16,6 +18,7 @@ H×W (resized to 32×32, bilinear with antialiasing, inside :meth:`DigitsClassif
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,20 +110,37 @@ class DigitsClassifier(nn.Module):
             )
         return x
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, maps: Sequence[int] = ()) -> dict[str, Any]:
         """Classify images.
 
         Args:
             images: ``(N, C, H, W)`` in [0, 1], C = 1 or 3, any H×W.
+            maps: indices into :attr:`trunk` whose outputs to return as well (see
+                :meth:`feature_maps`); the trunk runs layer by layer either way, so the features
+                and logits are the same bits with or without them.
 
         Returns:
-            ``{"features": (N, 64) float32, "logits": (N, 10) float32}``; features are the
-            (post-ReLU) penultimate activations, logits the unnormalised class scores.
+            ``{"features": (N, 64) float32, "logits": (N, 10) float32, "maps": {index: map}}``;
+            features are the (post-ReLU) penultimate activations, logits the unnormalised class
+            scores, maps the requested trunk outputs ``(N, C_i, H_i, W_i)``.
         """
-        x = self.preprocess(images)
-        features = self.embed(self.trunk(x))
+        x, kept = self.preprocess(images), {}
+        for i, layer in enumerate(self.trunk):
+            x = layer(x)
+            if i in maps:
+                kept[i] = x
+        features = self.embed(x)
         logits = self.head(self.dropout(features))
-        return {"features": features, "logits": logits}
+        return {"features": features, "logits": logits, "maps": kept}
+
+    def feature_maps(self, images: Tensor, maps: Sequence[int]) -> list[Tensor]:
+        """The outputs of trunk layers ``maps`` for images ``(N, C, H, W)`` in [0, 1], in that order.
+
+        With the default widths, the post-ReLU conv blocks are trunk layers 0, 1 (32 channels at
+        32×32), 3, 4 (48 at 16×16), 6, 7 (64 at 8×8); 2 and 5 are the max-pools.
+        """
+        kept = self(images, maps=maps)["maps"]
+        return [kept[i] for i in maps]
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
