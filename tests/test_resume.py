@@ -424,3 +424,27 @@ def test_saves_within_a_phase_keep_their_overhead_small(tmp_path, monkeypatch):
     assert not ckpt.due(4)
     ckpt._last = (1.0, time.perf_counter() - 30)  # 30 s ago: 1/30 < 5 %
     assert ckpt.due(4)
+
+
+def test_saved_sample_batches_are_keyed_by_the_denoisers_numbers():
+    """A job restarted in the same run folder replays its saved sample batches only if it samples
+    with the same numbers: the progress key is the configuration's hash and a digest of the
+    denoiser's parameters and buffers (one changed weight, e.g. a method whose code changed,
+    gives another key; the same numbers give the same key)."""
+    from types import SimpleNamespace
+
+    from diffquant.app import sampling_key
+    from tiny_models import TinyDiffusion
+
+    model, job = TinyDiffusion(), SimpleNamespace(config_hash="abc")
+    key = sampling_key(job, model)
+    assert sampling_key(job, TinyDiffusion()) == key  # same numbers, another instance
+    assert sampling_key(SimpleNamespace(config_hash="abd"), model) != key
+    weight = next(model.denoiser.parameters())
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-6
+    assert sampling_key(job, model) != key
+    with torch.no_grad():
+        weight.copy_(original)
+    assert sampling_key(job, model) == key

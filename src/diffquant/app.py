@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffquant.cache import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
+from diffquant.cache import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    module_digest,
+    stable_hash,
+)
 from diffquant.calib.collect import model_identity
 from diffquant.context import RunContext
 from diffquant.eval.evaluation import Evaluation
@@ -338,6 +344,14 @@ def score(evaluation: Evaluation, batches: Iterable[EvalBatch]) -> dict[str, flo
     return evaluation.compute()
 
 
+def sampling_key(job: Job, model: Any) -> str:
+    """What saved sample batches may be replayed by: the job's configuration and the numbers of
+    the denoiser it samples with (a restarted job whose quantized model came out differently, e.g.
+    after a code change of its method, samples afresh instead of mixing in the old model's
+    batches)."""
+    return stable_hash([job.config_hash, module_digest(model.denoiser)])
+
+
 def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[str, float]]:
     """Step 5: sample this job's indices and score them (unsharded), or save the shard's
     features for :mod:`diffquant.shards` to score with the others."""
@@ -360,7 +374,7 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
             job.run_dir / "progress",
             keep_images=len(job.indices) if fp_images else ev.grid_size,
             start=job.indices.start,
-            progress_key=job.config_hash,
+            progress_key=sampling_key(job, model),
         )
     )
     if not is_sharded(ev):

@@ -108,6 +108,20 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def module_digest(module: Any, length: int = 16) -> str:
+    """A hex digest of every parameter and buffer of ``module`` (a ``torch.nn.Module``: names,
+    dtypes, shapes and bytes): the identity of a model's numbers, e.g. of the quantized denoiser
+    a job samples with."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:length]
+
+
 # ---------------------------------------------------------------------------- atomic writes
 class CacheWriteError(OSError):
     """A write that failed for a reason outside the program (a full disk, a read-only file system,
