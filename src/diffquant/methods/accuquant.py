@@ -46,7 +46,7 @@ Whatever the mode, every reported loss judges the hard-rounded model
 (:meth:`LearnedParameters.hardened`), and so does the guard.
 
 **Guard** (``guard``, :mod:`diffquant.methods.guard`). The calibrated model is kept only if its
-final-state error on held-out FP trajectories (``guard_samples`` chains of seed ``guard_seed``,
+final-image error on held-out FP trajectories (``guard_samples`` chains of seed ``guard_seed``,
 neither the calibration trajectories nor the evaluation samples) is not above the PTQ base's;
 otherwise the PTQ base is put back. It replaces the earlier ``revert_if_worse``, which judged
 the update on the calibration trajectories themselves by the group loss it had just lowered.
@@ -162,7 +162,7 @@ class AccuQuantConfig:
             ``interleaved`` (one optimiser; step ``j`` trains group ``j mod n_groups``, cycling
             through the groups in sampler order: shared parameters fit all groups at once
             instead of drifting toward the last group).
-        guard: keep the calibrated model only if its final-state error on held-out FP
+        guard: keep the calibrated model only if its final-image error on held-out FP
             trajectories is not above the PTQ base's, else put the base back
             (:mod:`diffquant.methods.guard`). The paper configs turn it off (the paper describes
             no such step).
@@ -966,7 +966,7 @@ def trajectory_calibration(
 class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
 
-    version = 4  # 4: the held-out guard replaces revert_if_worse
+    version = 5  # 4: the held-out guard replaces revert_if_worse; 5: judged on decoded images
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:

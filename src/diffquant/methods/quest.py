@@ -43,7 +43,7 @@ Critical layers (``critical_layers``), read from the denoiser's roles
   result (``sensitivity.md``) and is cached.
 * a list of regular expressions searched in ``<layer>.weight`` (for users naming layers).
 
-**Guards** (:mod:`diffquant.methods.guard`), judged by the final-state error on held-out FP
+**Guards** (:mod:`diffquant.methods.guard`), judged by the final-image error on held-out FP
 trajectories (``guard_samples`` chains of seed ``guard_seed``: not the evaluation samples) against
 the PTQ base's (its single set of ranges copied into every group, its weights):
 
@@ -198,7 +198,7 @@ class QuestConfig:
         critical_top_k: units ``auto`` picks from the sensitivity ranking.
         sensitivity: the sweep's settings (bits, rows).
         eval_rows: calibration rows not trained on, for the ``quest_eps_mse_*`` diagnostics.
-        guard: keep the finetuned model only if its final-state error on held-out FP
+        guard: keep the finetuned model only if its final-image error on held-out FP
             trajectories is not above the PTQ base's, else put the base back (module doc).
         init_guard: keep the per-step range init only if it is not worse than PTQ's ranges by
             the same measure, else start the finetuning from PTQ's ranges (module doc: on
@@ -250,7 +250,7 @@ class QuestConfig:
     guard: bool = True
     init_guard: bool = True
     # 256, not 64: the per-step init's damage at W8A8 is a few samples that leave the FP
-    # trajectory; 64 held-out chains missed them (final-state error 0.00032 vs PTQ's 0.00038),
+    # trajectory; 64 held-out chains missed them (latent final-state error 0.00032 vs PTQ's 0.00038),
     # 256 did not (0.0032 vs 0.00039), ranking as FID→FP does (0.00310 vs 0.000637)
     guard_samples: int = 256
     guard_seed: int = 30_000
@@ -465,7 +465,7 @@ def _probe_batches(
 class Quest(Method):
     """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
 
-    version = 4  # 4: the held-out guard
+    version = 5  # 4: the held-out guard; 5: judged on decoded images
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
