@@ -145,7 +145,7 @@ def tiny5() -> TinyDiffusion:
 
 
 @pytest.mark.parametrize(
-    "order, start, learn, every, revert, kills",
+    "order, start, learn, every, guard, kills",
     [
         # interleaved: saves at step 4 (mid epoch 0), 6 (end of epoch 0), 8, 12
         ("interleaved", "quant", ["act_scale", "weight_round"], 4, True, (1, 1)),
@@ -157,11 +157,11 @@ def tiny5() -> TinyDiffusion:
     ],
 )
 def test_accuquant_resumes_bit_identically(
-    order, start, learn, every, revert, kills, tmp_path, monkeypatch, caplog
+    order, start, learn, every, guard, kills, tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setattr(aq, "load_or_run_ptq", fake_ptq)
     cfg = accuquant_cfg(
-        order=order, group_start=start, learn=learn, progress_every=every, revert_if_worse=revert
+        order=order, group_start=start, learn=learn, progress_every=every, guard=guard, guard_samples=4
     )
     uninterrupted = run("accuquant", tiny5, cfg, tmp_path / "a" / "cache", monkeypatch)
 
@@ -209,7 +209,8 @@ def test_accuquant_resumes_bit_identically_on_a_multistep_sampler(
         group_start="quant",
         learn=["act_scale", "weight_round"],
         progress_every=3,
-        revert_if_worse=True,
+        guard=True,
+        guard_samples=4,
     )
     uninterrupted = run("accuquant", tiny5_plms, cfg, tmp_path / "a" / "cache", monkeypatch)
     assert uninterrupted["metrics"]["accuquant_groups"] == 3  # 6 calls: groups of 2

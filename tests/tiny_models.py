@@ -102,6 +102,10 @@ class TinyDiffusion(DiffusionModel):
             latent_scale=1.0,
         )
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """No autoencoder: the latents are the images."""
+        return latents
+
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
         labels = torch.tensor([int(i) % N_CLASSES for i in indices])
         uncond = {"class_labels": torch.full_like(labels, N_CLASSES)} if self.guided else None
@@ -128,6 +132,10 @@ class TinyTextDiffusion(DiffusionModel):
             LATENT,
             latent_scale=1.0,
         )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """No autoencoder: the latents are the images."""
+        return latents
 
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
         ctx = torch.stack(

@@ -170,7 +170,6 @@ def measure_point(mode: str, group_size: int, args: argparse.Namespace) -> dict[
         iters_per_group=args.iters,
         n_samples=args.batch_size,
         batch_size=args.batch_size,
-        revert_if_worse=False,
     )
     cal = TrajectoryCalibration(model, cfg)
     learned = LearnedParameters(model.denoiser, cfg)

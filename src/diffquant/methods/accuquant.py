@@ -42,8 +42,14 @@ the soft rounding, 0.0702 now, 0.0712 learning step sizes alone — within the s
 the latter, while the calibration objective is 8% lower). ``round_forward: soft``
 is AdaRound's relaxation, its regulariser weighted relative to the group loss (``round_reg`` ×
 the phase's mean group loss before it), so that λ does not depend on the scale of the latents.
-Whatever the mode, every reported loss and ``revert_if_worse`` judge the hard-rounded model
-(:meth:`LearnedParameters.hardened`).
+Whatever the mode, every reported loss judges the hard-rounded model
+(:meth:`LearnedParameters.hardened`), and so does the guard.
+
+**Guard** (``guard``, :mod:`diffquant.methods.guard`). The calibrated model is kept only if its
+final-image error on held-out FP trajectories (``guard_samples`` chains of seed ``guard_seed``,
+neither the calibration trajectories nor the evaluation samples) is not above the PTQ base's;
+otherwise the PTQ base is put back. It replaces the earlier ``revert_if_worse``, which judged
+the update on the calibration trajectories themselves by the group loss it had just lowered.
 
 Parameters are shared by all groups unless the quant config is time-step aware
 (``quant.timestep_aware=true``): then every step routes its own activation parameter group
@@ -57,7 +63,9 @@ Metrics of the result: ``accuquant_s`` (seconds of trajectory calibration, the P
 excluded), ``accuquant_loss_init`` / ``accuquant_loss_final`` (mean over groups of the group loss
 on all calibration trajectories, FP starts, before / after the whole calibration),
 ``accuquant_groups``, ``accuquant_group_losses_init`` and ``accuquant_group_losses`` (per group,
-before / after); its files hold ``accuquant_groups.json`` and its tables the per-group table;
+before / after; the calibrated model's, whichever the guard keeps), ``accuquant_guard_loss_base``
+/ ``accuquant_guard_loss_final`` / ``accuquant_guard_kept`` (the guard's; absent with
+``guard: false``); its files hold ``accuquant_groups.json`` and its tables the per-group table;
 the loss curve is logged to the tracker while it runs. The calibrated denoiser and all of these
 are cached (:mod:`diffquant.methods.result_cache`; ``accuquant_cached``).
 
@@ -83,6 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.guard import RefinementGuard, spread_indices
 from diffquant.methods.progress import Checkpointer, load_file, save_file, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
 from diffquant.methods.trajectory import (
@@ -154,9 +163,11 @@ class AccuQuantConfig:
             ``interleaved`` (one optimiser; step ``j`` trains group ``j mod n_groups``, cycling
             through the groups in sampler order: shared parameters fit all groups at once
             instead of drifting toward the last group).
-        revert_if_worse: keep an update only if it lowered the loss on all trajectories (per
-            group when sequential; the mean over groups when interleaved), judged with the
-            learned roundings hard (the model that is kept).
+        guard: keep the calibrated model only if its final-image error on held-out FP
+            trajectories is not above the PTQ base's, else put the base back
+            (:mod:`diffquant.methods.guard`). The paper configs turn it off (the paper describes
+            no such step).
+        guard_samples / guard_seed: the held-out trajectories (a seed other than ``seed``).
         max_act_bits: activation quantizers above this many bits (16-bit softmax) are not learned.
         round_forward: ``hard`` (the network sees the hard choices α ≥ 0, the gradient passes
             straight through h(α)) or ``soft`` (AdaRound: the network sees h(α), hardened at the
@@ -191,7 +202,9 @@ class AccuQuantConfig:
     loss: str = "mse"
     group_start: str = "fp"
     order: str = "interleaved"
-    revert_if_worse: bool = True
+    guard: bool = True
+    guard_samples: int = 256  # 64 missed the few diverging samples behind FID→FP (see quest.py)
+    guard_seed: int = 30_000
     max_act_bits: int = 15
     round_reg: float = 0.01
     round_warmup: float = 0.2
@@ -210,7 +223,13 @@ class AccuQuantConfig:
 def validate_config(cfg: AccuQuantConfig) -> None:
     """Raise :class:`~diffquant.validation.InvalidSetting` naming the key and the fix for values
     the schema's types allow (``AccuQuantConfig`` calls it on construction)."""
-    positive(cfg, "group_size", "epochs", "n_samples", "batch_size", "eval_batch_size")
+    positive(cfg, "group_size", "epochs", "n_samples", "batch_size", "eval_batch_size", "guard_samples")
+    if cfg.guard and cfg.guard_seed == cfg.seed:
+        raise InvalidSetting(
+            "guard_seed",
+            f"equals seed ({cfg.seed}): the guard's trajectories would be the calibration ones; "
+            "choose another seed",
+        )
     positive(cfg, "iters_per_group", "progress_every", allow_zero=True)
     one_of(cfg, "grad_mode", GRAD_MODES)
     if not cfg.learn or any(k not in LEARNABLE for k in cfg.learn):
@@ -358,7 +377,7 @@ class LearnedParameters:
 
     def hardened(self) -> contextlib.AbstractContextManager:
         """A block in which learned roundings are hard (:func:`hard_rounding`): the model as it
-        would be kept, which every reported loss and ``revert_if_worse`` judge."""
+        would be kept, which every reported loss judges."""
         return hard_rounding(self.denoiser) if self.roundings else contextlib.nullcontext()
 
     def restore(self) -> None:
@@ -383,7 +402,6 @@ class GroupReport:
     loss_before: float
     loss_after: float
     train_loss_tail: float
-    reverted: bool
     seconds: float
 
 
@@ -598,8 +616,7 @@ class TrajectoryCalibration:
     # -- the whole run
     def phases(self, traj: Trajectories) -> list[tuple[int, list[int]]]:
         """The run as ``(epoch, group indices)`` phases, in order. A phase trains its groups with
-        one fresh optimiser, then keeps or reverts the update (``revert_if_worse``):
-        ``sequential`` has one phase per group, ``interleaved`` one per epoch (all groups)."""
+        one fresh optimiser: ``sequential`` has one phase per group, ``interleaved`` one per epoch (all groups)."""
         n = len(self._groups(traj))
         if self.cfg.order == "sequential":
             return [(e, [g]) for e in range(self.cfg.epochs) for g in range(n)]
@@ -681,8 +698,7 @@ class TrajectoryCalibration:
         resume: Optional[dict[str, Any]],
     ) -> None:
         """One phase (see :meth:`phases`): ``iters_per_group`` optimiser steps per group, then
-        keep the update only if it lowered the loss (summed over the phase's groups) on all
-        trajectories (``revert_if_worse``), and report every group."""
+        report every group's loss on all trajectories before and after."""
         cfg, traj, learned = self.cfg, run.traj, run.learned
         epoch, members = phase
         groups = [self._groups(traj)[g] for g in members]
@@ -702,14 +718,12 @@ class TrajectoryCalibration:
                     chains = self._start_chains(traj)
             with learned.hardened():
                 before = [self.group_loss_all(traj, c, s, n) for c, (s, n) in zip(chains, groups)]
-            saved = learned.snapshot() if cfg.revert_if_worse else None
             losses: list[list[float]] = [[] for _ in groups]
             done = 0
         else:
             chains = [run.chain(resume["chain"])] * len(groups) if quant_start else [traj] * len(groups)
-            before, saved, losses, done = (
+            before, losses, done = (
                 resume["before"],
-                resume["saved"],
                 resume["losses"],
                 resume["done"],
             )
@@ -728,7 +742,6 @@ class TrajectoryCalibration:
                     {
                         "chain": _chain_state(chains[0]) if quant_start else None,
                         "before": before,
-                        "saved": saved,
                         "losses": losses,
                         "done": j,
                         "optimizer": opt.state_dict(),
@@ -742,16 +755,12 @@ class TrajectoryCalibration:
         self._train(opt, sched, learned, traj, groups, chains, losses, done, run.generator, schedule, save)
         with learned.hardened():  # judged as it will be kept: learned roundings hard
             after = [self.group_loss_all(traj, c, s, n) for c, (s, n) in zip(chains, groups)]
-        reverted = saved is not None and sum(after) > sum(before)
-        if reverted:
-            learned.load(saved)
-            after = before
         if sequential and quant_start:
             with learned.hardened():
                 run.carry = self.advance(traj, chains[0], *groups[0])
         seconds = (time.perf_counter() - t0) / len(groups)
         for (start, length), b, a, ls in zip(groups, before, after, losses):
-            self._report(epoch, start, length, b, a, ls, reverted, seconds)
+            self._report(epoch, start, length, b, a, ls, seconds)
         if progress is not None:
             progress.save(
                 run.state(index + 1, None), f"epoch {epoch + 1} groups {members[0]}..{members[-1]} done"
@@ -765,7 +774,6 @@ class TrajectoryCalibration:
         before: float,
         after: float,
         losses: list[float],
-        reverted: bool,
         seconds: float,
     ) -> None:
         tail = losses[-10:]
@@ -776,18 +784,16 @@ class TrajectoryCalibration:
             before,
             after,
             sum(tail) / len(tail) if tail else float("nan"),
-            reverted,
             seconds,
         )
         self.reports.append(report)
         log.info(
-            "accuquant: epoch %d steps %d..%d loss %.5g -> %.5g%s (%.1fs)",
+            "accuquant: epoch %d steps %d..%d loss %.5g -> %.5g (%.1fs)",
             epoch,
             start,
             start + length - 1,
             before,
             after,
-            " (reverted)" if reverted else "",
             seconds,
         )
 
@@ -848,15 +854,7 @@ def _chain_state(chain: Trajectories) -> dict[str, Tensor]:
 TRAJECTORIES_FILE = "fp_trajectories.pt"
 
 
-def calibration_indices(model: Any, n_samples: int) -> list[int]:
-    """The sample indices of the calibration trajectories: ``0 .. n_samples-1``, or, for a
-    class-conditional model with more classes than samples (sample ``i`` has class
-    ``i % num_classes``), indices spread evenly over the classes (ImageNet, 256 samples: classes
-    0, 3, 7, 11, ..., not 0 .. 255)."""
-    classes = getattr(model, "num_classes", None)
-    if classes and n_samples < classes:
-        return [i * classes // n_samples for i in range(n_samples)]
-    return list(range(n_samples))
+calibration_indices = spread_indices  # the calibration trajectories' samples, classes spread
 
 
 def calibration_trajectories(
@@ -969,7 +967,7 @@ def trajectory_calibration(
 class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
 
-    version = 3
+    version = 5  # 4: the held-out guard replaces revert_if_worse; 5: judged on decoded images
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
@@ -985,7 +983,14 @@ class AccuQuant(Method):
             "method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
             "quant": asdict(quant),
         }
+        guard = (
+            RefinementGuard(model, cfg.guard_samples, cfg.guard_seed, cfg.eval_batch_size)
+            if cfg.guard
+            else None
+        )
         result = trajectory_calibration(model, cfg, ctx, progress, settings).merge(base)
+        if guard is not None:
+            result.metrics.update(guard.judge("accuquant").metrics("accuquant"))
         result.quant = base.quant
         result.metrics.pop("ptq_cached", None)  # the base's provenance, not this result's
         return result

@@ -1,0 +1,191 @@
+"""The refinement guard (:mod:`diffquant.methods.guard`): a method that refines a base keeps the
+better of the base and its final model, judged on held-out trajectories; the paper configs run
+without it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONF
+from diffquant.calib import CalibSettings, ReconSettings, observing_act_ranges
+from diffquant.context import RunContext
+from diffquant.methods import accuquant as aq
+from diffquant.methods import quest as quest_mod
+from diffquant.methods.base import MethodResult
+from diffquant.methods.guard import (
+    RefinementGuard,
+    final_state_error,
+    heldout_trajectories,
+    snapshot_state,
+)
+from diffquant.methods.ptq import PTQConfig
+from diffquant.methods.quest import QuestConfig
+from diffquant.methods.result_cache import run_method
+from diffquant.quant import QuantConfig, quantize_denoiser
+from diffquant.quant.state import quant_parameters
+from diffquant.registry import METHODS
+from tiny_models import TinyDiffusion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W4A8 = QuantConfig(name="w4a8", weight_bits=4, act_bits=8)
+GUARD = {"guard_samples": 8, "guard_seed": 30_000}
+
+
+def minmax_ptq(model, quant_cfg, ptq_cfg=None, ctx=None) -> MethodResult:
+    """A PTQ base in miniature: min-max activation ranges from a few FP samples."""
+    quantize_denoiser(model.denoiser, model.spec, quant_cfg, timesteps=model.timesteps)
+    with observing_act_ranges(model.denoiser, "minmax"):
+        model.sample_latents(list(range(8)), 123)
+    return MethodResult(model, quant_cfg, {})
+
+
+def scale_act_steps(model, factor: float) -> None:
+    scale_act_steps_of(model.denoiser, factor)
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def guarded_run(name: str, cfg, tmp_path: Path, monkeypatch):
+    """``run_method`` of ``name`` on a tiny model whose PTQ base is :func:`minmax_ptq`."""
+    monkeypatch.setattr(aq, "load_or_run_ptq", minmax_ptq)
+    monkeypatch.setattr(quest_mod, "load_or_run_ptq", minmax_ptq)
+    model = TinyDiffusion(steps=4)
+    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    return model, run_method(METHODS.get(name)(), model, W4A8, cfg, ctx)
+
+
+def heldout_error(model, batch_size: int) -> float:
+    traj = heldout_trajectories(model, GUARD["guard_samples"], GUARD["guard_seed"], batch_size)
+    return final_state_error(model, traj, batch_size)
+
+
+# ---------------------------------------------------------------------------- the decision
+def test_guard_puts_the_base_back_when_the_final_model_is_worse():
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=4)
+    minmax_ptq(model, W4A8)
+    base = snapshot_state(model.denoiser)
+    guard = RefinementGuard(model, samples=8, seed=30_000, batch_size=4)
+    scale_act_steps(model, 40.0)  # a "refinement" that wrecks the activation ranges
+    verdict = guard.judge("m")
+    assert verdict.kept == "base" and verdict.loss_final > verdict.loss_base
+    assert same_state(snapshot_state(model.denoiser), base)
+    assert heldout_error(model, 4) == verdict.loss_base
+
+
+def test_guard_keeps_the_final_model_when_it_is_better():
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=4)
+    minmax_ptq(model, W4A8)
+    scale_act_steps(model, 40.0)  # a poor base ...
+    guard = RefinementGuard(model, samples=8, seed=30_000, batch_size=4)
+    scale_act_steps(model, 1 / 40.0)  # ... that the "refinement" repairs
+    final = snapshot_state(model.denoiser)
+    verdict = guard.judge("m")
+    assert verdict.kept == "final" and verdict.loss_final < verdict.loss_base
+    assert same_state(snapshot_state(model.denoiser), final)
+    assert set(verdict.metrics("m")) == {"m_guard_loss_base", "m_guard_loss_final", "m_guard_kept"}
+
+
+# ---------------------------------------------------------------------------- in the methods
+def accuquant_cfg(**kw) -> aq.AccuQuantConfig:
+    return aq.AccuQuantConfig(
+        **{"group_size": 2, "iters_per_group": 4, "n_samples": 8, "batch_size": 4, **GUARD, **kw}
+    )
+
+
+def test_accuquant_with_a_destructive_learning_rate_ends_at_its_base(tmp_path, monkeypatch):
+    model, result = guarded_run("accuquant", accuquant_cfg(act_lr=10.0), tmp_path, monkeypatch)
+    m = result.metrics
+    assert m["accuquant_guard_kept"] == "base"
+    assert math.isfinite(m["accuquant_guard_loss_base"]) and math.isfinite(m["accuquant_guard_loss_final"])
+    assert m["accuquant_guard_loss_final"] > m["accuquant_guard_loss_base"]
+    base = TinyDiffusion(steps=4)
+    minmax_ptq(base, W4A8)
+    assert same_state(snapshot_state(model.denoiser), snapshot_state(base.denoiser))
+
+
+def test_accuquant_without_the_guard_keeps_what_it_calibrated(tmp_path, monkeypatch):
+    model, result = guarded_run("accuquant", accuquant_cfg(act_lr=10.0, guard=False), tmp_path, monkeypatch)
+    assert not any("guard" in k for k in result.metrics)
+    base = TinyDiffusion(steps=4)
+    minmax_ptq(base, W4A8)
+    assert not same_state(snapshot_state(model.denoiser), snapshot_state(base.denoiser))
+
+
+def quest_cfg(**kw) -> QuestConfig:
+    ptq = PTQConfig(
+        calib=CalibSettings(n_samples=4, step_stride=2, batch_size=4),
+        act_init_rows=16,
+        act_init_batch_size=8,
+        recon=ReconSettings(weight_iters=2, act_iters=1, batch_size=4, capture_batch_size=8),
+    )
+    return QuestConfig(
+        **{
+            "ptq": ptq,
+            "critical_layers": ["attentions.*to_q"],
+            "tla_epochs": 1,
+            "cma_epochs": 1,
+            "samples_per_step": 4,
+            "batch_size": 4,
+            "eval_rows": 4,
+            **GUARD,
+            "guard_batch_size": 8,
+            **kw,
+        }
+    )
+
+
+def test_quest_with_a_destructive_learning_rate_ends_at_its_base(tmp_path, monkeypatch):
+    cfg = quest_cfg(timestep_init="ptq", weight_lr=10.0, act_lr=10.0)
+    model, result = guarded_run("quest", cfg, tmp_path, monkeypatch)
+    m = result.metrics
+    assert m["quest_guard_kept"] == "base"
+    assert math.isfinite(m["quest_guard_loss_base"]) and math.isfinite(m["quest_guard_loss_final"])
+    assert m["quest_guard_loss_final"] > m["quest_guard_loss_base"]
+    assert heldout_error(model, 8) == m["quest_guard_loss_base"]
+
+
+def test_quest_starts_from_ptq_ranges_where_the_per_step_init_is_worse(tmp_path, monkeypatch):
+    """``init_guard``: a per-step init that wrecks the ranges is undone before the finetuning,
+    which then starts from PTQ's ranges (the same denoiser outputs as the PTQ base)."""
+    monkeypatch.setattr(
+        quest_mod, "init_timestep_ranges", lambda denoiser, *a, **k: scale_act_steps_of(denoiser)
+    )
+    cfg = quest_cfg(timestep_init="minmax", tla=False, cma=False)
+    _, result = guarded_run("quest", cfg, tmp_path, monkeypatch)
+    m = result.metrics
+    assert m["quest_init_guard_kept"] == "base"
+    assert m["quest_init_guard_loss_final"] > m["quest_init_guard_loss_base"]
+    assert m["quest_eps_mse_init"] == pytest.approx(m["quest_eps_mse_ptq"], rel=1e-6)
+    assert m["quest_guard_kept"] == "final"  # nothing trained: the final model is the base
+
+
+def scale_act_steps_of(denoiser, factor: float = 40.0) -> None:
+    with torch.no_grad():
+        for p in quant_parameters(denoiser, "act_scale").values():
+            p.mul_(factor)
+
+
+# ---------------------------------------------------------------------------- configs
+PAPER = sorted(p.stem for m in ("quest", "accuquant") for p in CONF.glob(f"method/{m}_paper*.yaml"))
+
+
+@pytest.mark.parametrize("method", PAPER)
+def test_paper_configs_run_without_the_guard(method, make_cfg):
+    """The reference code keeps whatever its calibration ends with: the paper rows do too."""
+    assert len(PAPER) >= 6
+    cfg = make_cfg([f"method={method}"]).method
+    assert cfg.guard is False and cfg.get("init_guard", False) is False
+
+
+@pytest.mark.parametrize("schema", [QuestConfig, aq.AccuQuantConfig])
+def test_the_guard_is_on_by_default(schema):
+    assert schema().guard is True
