@@ -38,8 +38,8 @@ PTQ_SEEDS = {"calib.seed", "act_init_seed", "recon.seed"}
 EVERY_SEED = {
     "ptq_minmax": (PTQMinMaxConfig(), {"calib.seed", "act_init_seed"}),
     "ptq": (PTQConfig(), PTQ_SEEDS),
-    "quest": (QuestConfig(), {f"ptq.{k}" for k in PTQ_SEEDS} | {"seed", "sensitivity.seed"}),
-    "accuquant": (AccuQuantConfig(), {f"ptq.{k}" for k in PTQ_SEEDS} | {"seed"}),
+    "quest": (QuestConfig(), {f"ptq.{k}" for k in PTQ_SEEDS} | {"seed", "sensitivity.seed", "guard_seed"}),
+    "accuquant": (AccuQuantConfig(), {f"ptq.{k}" for k in PTQ_SEEDS} | {"seed", "guard_seed"}),
 }
 
 

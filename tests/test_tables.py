@@ -210,6 +210,11 @@ def test_sweep_config_table_callback_writes_the_table(sweep, make_cfg):
     assert (sweep / "table.csv").is_file() and (sweep / "table.tex").is_file()
 
 
+ROW_PTQ = (
+    "| ldm_digits | ptq | W4A4 | 1 | 100 | 0.400 | 0.670 | — | 0.380 | 0.3443 | 23.11 | 0.8523 | — | 4.00 |"
+)
+
+
 def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsys):
     from hydra.utils import instantiate
 
@@ -225,7 +230,11 @@ def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsy
         weight_bits=4,
         act_bits=4,
         fid=0.4,
+        sfid=0.67,
         fid_to_fp=0.38,
+        lpips_digits=0.3443,
+        psnr=23.11,
+        ssim=0.8523,
         erracc_accumulated_error_final=4.0,
         ptq_calib_s=12.0,
         **common,
@@ -233,9 +242,9 @@ def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsy
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded", f"hydra.sweep.dir={s}"])
     for name in ("table", "cost_table"):
         instantiate(cfg.hydra.callbacks[name]).on_multirun_end(config=cfg)
-    assert (
-        "| ldm_digits | ptq | W4A4 | 1 | 100 | 0.400 | — | 0.380 | — | 4.00 |" in (s / "table.md").read_text()
-    )
+    quality = (s / "table.md").read_text()
+    assert "| FID | sFID | IS | FID→FP | LPIPS (digits) | PSNR | SSIM | CLIP | final traj. err |" in quality
+    assert ROW_PTQ in quality
     cost = (s / "cost" / "table.md").read_text()
     assert "| calib. s | PTQ s |" in cost and "| ldm_digits | ptq | W4A4 | 1 | 100 | 1.5 | 12.0 |" in cost
     assert f"[diffquant] table -> {s / 'cost' / 'table.csv'}" in capsys.readouterr().out
