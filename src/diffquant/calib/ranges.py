@@ -142,14 +142,14 @@ def calibrate_act_ranges(
                 else stream.ordered_batches(batch_size, init_rows, device=device, with_step=True)
             )
             for batch in batches:
-                _call_at_steps(denoiser, batch)
+                call_rows(denoiser, batch)
             if running is not None:
                 for _, q in quantizers:
                     q.start_running(running.momentum)
                 for batch in stream.ordered_batches(
                     running.batch_size, running.rows, device=device, drop_last=True, with_step=True
                 ):
-                    _call_at_steps(denoiser, batch)
+                    call_rows(denoiser, batch)
     unused = [n for n, q in quantizers if not bool(q.initialized)]
     if unused:
         log.warning(
@@ -160,9 +160,10 @@ def calibrate_act_ranges(
     return len(quantizers) - len(unused)
 
 
-def _call_at_steps(denoiser: nn.Module, batch: dict[str, Tensor]) -> None:
-    """Call ``denoiser`` on a calibration batch whose rows carry their sampler step (``_step``):
-    time-step groups are routed by step index, not by time-step value (a schedule may repeat one)."""
-    step = batch.pop(STEP_KEY)
-    with sampler_step(denoiser, step):
-        denoiser(**batch)
+def call_rows(denoiser: nn.Module, batch: dict[str, Tensor], device: Any = None) -> Any:
+    """Call ``denoiser`` on calibration rows whose batch carries their sampler step (``_step``):
+    time-step groups are routed by step index, not by time-step value (a schedule may repeat
+    one). ``device``: where the inputs go (None: where they are)."""
+    kwargs = {k: v if device is None else v.to(device) for k, v in batch.items() if k != STEP_KEY}
+    with sampler_step(denoiser, batch.get(STEP_KEY)):
+        return denoiser(**kwargs)

@@ -59,14 +59,14 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffquant.calib.collect import STEP_KEY, CalibStream
-from diffquant.calib.ranges import observing_act_ranges
+from diffquant.calib.ranges import call_rows, observing_act_ranges
 from diffquant.quant.quantizers import (
     ActQuantizer,
     channels_first,
@@ -76,7 +76,6 @@ from diffquant.quant.quantizers import (
     range_to_qparams,
 )
 from diffquant.quant.state import iter_quantizers, quant_state
-from diffquant.quant.timestep import sampler_step
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +292,6 @@ def _chunks(data: dict[str, Tensor], size: int, drop_last: bool) -> Iterator[dic
         yield {k: v[start : start + size] for k, v in data.items()}
 
 
-def _call_rows(denoiser: nn.Module, batch: dict[str, Tensor], device: Any) -> Any:
-    """Call ``denoiser`` on calibration rows, routing time-step groups by their ``_step``."""
-    kwargs = {k: v.to(device) for k, v in batch.items() if k != STEP_KEY}
-    with sampler_step(denoiser, batch.get(STEP_KEY)):
-        return denoiser(**kwargs)
-
-
 def _init_batches(
     stream: CalibStream, s: StepInit, steps: Callable[[], Tensor]
 ) -> Iterator[dict[str, Tensor]]:
@@ -349,7 +341,7 @@ def init_timestep_ranges(
         ) as quantizers:
             with quant_state(denoiser, weights=False):
                 for batch in stream.batches(s.batch_size, stream.subset(s.rows, s.seed), with_step=True):
-                    _call_rows(denoiser, batch, device)
+                    call_rows(denoiser, batch, device)
         return len(quantizers)
 
     quantizers = list(iter_quantizers(denoiser, "act"))
@@ -374,7 +366,7 @@ def init_timestep_ranges(
     try:
         with quant_state(denoiser, weights=s.network == "quantized", acts=True):
             for batch in _init_batches(stream, s, steps):
-                _call_rows(denoiser, batch, device)
+                call_rows(denoiser, batch, device)
             # groups without rows copy the nearest one that had some; in the shared scope (only
             # group 0 saw rows) that is the reference's copy of the one set into every group
             seen = {n: hooks[n].fill_unseen(q) for n, q in quantizers}
@@ -382,7 +374,7 @@ def init_timestep_ranges(
                 for h in hooks.values():
                     h.momentum = s.momentum
                 for batch in _running_batches(stream, s, steps):
-                    _call_rows(denoiser, batch, device)
+                    call_rows(denoiser, batch, device)
     finally:
         for h in handles:
             h.remove()
