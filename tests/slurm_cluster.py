@@ -207,6 +207,21 @@ def job_state(job_id: str, extra: dict[str, str] | None = None) -> tuple[str, st
     return state, reason
 
 
+def _left_on_node(job_id: str, extra: dict[str, str] | None = None) -> bool:
+    """Whether a slurmstepd of ``job_id`` (or of its array task) still runs on this machine, or
+    the node is still COMPLETING (the test cluster's single node is this machine)."""
+    env = _env_with(extra or {})
+    try:
+        raw = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%A"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30).stdout
+        steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{raw[0] if raw else job_id}\."], capture_output=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return steps.returncode == 0 or "completing" in states
+
+
 def release_requeued(job_id: str, extra: dict[str, str] | None = None, timeout_s: float = 90.0) -> float:
     """Wait until ``job_id`` is back in the queue after a requeue (PENDING, reason BeginTime:
     Slurm holds a requeued batch job until about 2 minutes later) and let it start now. Returns
@@ -221,6 +236,14 @@ def release_requeued(job_id: str, extra: dict[str, str] | None = None, timeout_s
                 f"job {job_id} was not requeued within {timeout_s:.0f}s (state {state or 'unknown'} {reason})"
             )
         time.sleep(0.5)
+    # Slurm's delay protects the node from a relaunch while the last incarnation's job steps are
+    # still being torn down (slurmd then refuses it: "Job credential revoked", exit 1). Starting
+    # it now is only safe once nothing of the job is left on the node.
+    while _left_on_node(job_id, extra):
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"job {job_id}: its last incarnation was still on the node after {timeout_s:.0f}s")
+        time.sleep(0.5)
+    time.sleep(1.0)
     subprocess.run(
         ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
         env=_env_with(extra or {}),
