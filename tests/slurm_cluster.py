@@ -213,10 +213,18 @@ def _left_on_node(job_id: str, extra: dict[str, str] | None = None) -> bool:
     env = _env_with(extra or {})
     try:
         raw = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%A"], env=env, capture_output=True, text=True, timeout=30
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%A"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout.split()
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30).stdout
-        steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{raw[0] if raw else job_id}\."], capture_output=True)
+        states = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout
+        steps = subprocess.run(
+            ["pgrep", "-f", rf"slurmstepd: \[{raw[0] if raw else job_id}\."], capture_output=True
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return steps.returncode == 0 or "completing" in states
@@ -241,7 +249,9 @@ def release_requeued(job_id: str, extra: dict[str, str] | None = None, timeout_s
     # it now is only safe once nothing of the job is left on the node.
     while _left_on_node(job_id, extra):
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"job {job_id}: its last incarnation was still on the node after {timeout_s:.0f}s")
+            raise TimeoutError(
+                f"job {job_id}: its last incarnation was still on the node after {timeout_s:.0f}s"
+            )
         time.sleep(0.5)
     time.sleep(1.0)
     subprocess.run(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
+from PIL import Image
 
 from conftest import run_cli
 from diffquant.app import METRIC_KEYS, config_hash, run
+from diffquant.sample_sheets import load_samples
 from diffquant.seeds import derive_seed
 
 SMALL = ["evaluator.n_samples=40", "evaluator.batch_size=20", "logger=none"]
@@ -27,6 +30,12 @@ def test_fp_run_writes_metrics_grid_and_config(make_cfg):
     assert on_disk["n_samples"] == 40 and on_disk["fid"] > 0 and 1 <= on_disk["inception_score"] <= 10
     assert on_disk["peak_cuda_mb"] is None and on_disk["peak_rss_mb"] > 0
     assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
+    saved = load_samples(out)  # the same images as the PNG's tiles, for the sweep's sample sheets
+    png = np.asarray(Image.open(out / "samples.png"))
+    assert saved is not None and saved.shape[0] == 40 and saved.dtype == torch.uint8
+    h, w = saved.shape[-2:]
+    assert np.array_equal(png[2 : 2 + h, 2 : 2 + w], saved[0, 0].numpy())
+    assert np.array_equal(png[2 : 2 + h, 4 + w : 4 + 2 * w], saved[1, 0].numpy())
     assert on_disk["calib_seed"] == 0
     env = on_disk["environment"]
     assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()

@@ -53,6 +53,7 @@ from diffquant.models.loading import build_model, resolve_device
 from diffquant.numerics import environment
 from diffquant.quant.config import FP_BITS
 from diffquant.registry import METHODS
+from diffquant.sample_sheets import save_samples
 from diffquant.schema import RunConfig, calib_tag, typed_run_config
 from diffquant.shards import is_sharded, save_shard, shard_indices
 from diffquant.stopping import check_stop, graceful_stop
@@ -480,7 +481,9 @@ def record(job: Job, metrics: dict[str, Any], sampled: Sampled, result: MethodRe
     write_metrics(job.run_dir, metrics)
     tracker, ev = job.ctx.tracker, job.run.evaluator
     if sampled.grid:
-        grid_path = save_grid(torch.cat(sampled.grid)[: ev.grid_size], job.run_dir / "samples.png")
+        grid = torch.cat(sampled.grid)[: ev.grid_size]
+        save_samples(grid, job.run_dir)  # the row of this job in the sweep's sample sheets
+        grid_path = save_grid(grid, job.run_dir / "samples.png")
         if job.run.logger.log_images:
             tracker.log_image("samples", grid_path, caption=f"{metrics['method']} {metrics['quant']}")
     tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})

@@ -260,7 +260,12 @@ def _atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], fsync: b
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    _atomic_write(path, lambda f: f.write(data), fsync=True)
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:

@@ -618,17 +618,25 @@ def build_table(
     return Table(rows, cols, experiment, table, sweep_dir, len(results))
 
 
-def write_table(t: Table, out_dir: Path | str, formats: Iterable[str] = FORMATS) -> dict[str, Path]:
-    """Write the chosen formats into ``out_dir``; returns {format: path}."""
+def write_table(
+    t: Table, out_dir: Path | str, formats: Iterable[str] = FORMATS, sheets: bool = True
+) -> dict[str, Path]:
+    """Write the chosen formats into ``out_dir``, and (``sheets``) the sweep's sample sheets
+    (:mod:`diffquant.sample_sheets`) beside them; returns {format or sheet name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from diffquant.cache import atomic_write_text
+    from diffquant.sample_sheets import write_sample_sheets
 
     written = {}
     for fmt in formats:
         name, render = RENDERERS[fmt]
         atomic_write_text(out_dir / name, render(t))
         written[fmt] = out_dir / name
+    if sheets:
+        order = list(dict.fromkeys(r.method for r in t.rows))
+        for path in write_sample_sheets(read_results(t.sweep_dir), out_dir, order):
+            written[path.stem] = path
     return written
 
 
@@ -731,6 +739,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         "--published", type=Path, help="published numbers (default experiments/published.yaml)"
     )
     parser.add_argument("--no-merge", action="store_true", help="do not merge sharded evaluations first")
+    parser.add_argument(
+        "--no-sheets", action="store_true", help="do not write the sample sheets (samples_<model>_<bits>.png)"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
@@ -748,7 +759,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 1
-    written = write_table(table, args.out or args.sweep_dir, formats)
+    written = write_table(table, args.out or args.sweep_dir, formats, sheets=not args.no_sheets)
     print(render_markdown(table))
     for path in written.values():
         print(f"wrote {path}", file=sys.stderr)
