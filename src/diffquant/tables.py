@@ -665,6 +665,7 @@ class TableCallback(_HydraCallback):
         formats: any of md, tex, csv.
         all_published: also list published rows of methods we did not run.
         merge: merge sharded evaluations first (where a merge is due).
+        sheets: also write the sample sheets (:mod:`diffquant.sample_sheets`) beside the table.
     """
 
     def __init__(
@@ -675,8 +676,10 @@ class TableCallback(_HydraCallback):
         formats: Sequence[str] = FORMATS,
         all_published: bool = False,
         merge: bool = True,
+        sheets: bool = True,
     ) -> None:
         self.out = out
+        self.sheets = sheets
         self.metrics = list(metrics) if metrics else None
         self.experiment = experiment
         self.formats = list(formats)
@@ -697,7 +700,8 @@ class TableCallback(_HydraCallback):
         table = build_table(
             sweep_dir, self.experiment, metrics=self.metrics, all_published=self.all_published, merge=False
         )
-        written = write_table(table, sweep_dir / self.out if self.out else sweep_dir, self.formats)
+        out_dir = sweep_dir / self.out if self.out else sweep_dir
+        written = write_table(table, out_dir, self.formats, sheets=self.sheets)
         print(render_markdown(table), flush=True)
         return written
 
