@@ -106,6 +106,7 @@ def test_timestep_aware_method_routes_the_pipelines_positional_timestep(pipeline
         batch_size=4,
         timestep_init_rows=16,
         eval_rows=4,
+        guard_samples=4,
     )
     assert pipe.diffquant_result.quant.timestep_aware
     assert torch.isfinite(latents(pipe)).all()

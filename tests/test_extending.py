@@ -190,6 +190,7 @@ def test_roles_of_the_new_family_resolve(registered, make_cfg):
                 "method.batch_size=8",
                 "method.timestep_init_rows=32",
                 "method.eval_rows=8",
+                "method.guard_samples=4",
             ],
         ),
     ],

@@ -63,12 +63,14 @@ BY_METHOD = {
         "method.tla_samples_per_step=1",
         "method.timestep_init_running_batch_size=2",
         "method.eval_rows=2",
+        "method.guard_samples=2",
     ],
     "accuquant": [
         "method.n_samples=2",
         "method.batch_size=2",
         "method.eval_batch_size=2",
         "method.iters_per_group=2",
+        "method.guard_samples=2",
     ],
 }
 

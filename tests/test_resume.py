@@ -271,6 +271,7 @@ def quest_cfg(**kw) -> QuestConfig:
             "weight_lr": 1e-3,
             "act_lr": 1e-3,
             "progress_every": 2,
+            "guard_samples": 4,
             **kw,
         }
     )

@@ -168,6 +168,7 @@ def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make
             "method.batch_size=4",
             "method.timestep_init_rows=16",
             "method.eval_rows=8",
+            "method.guard_samples=4",
         ],
         "accuquant": [f"method.ptq.{r}" for r in recon]
         + [
@@ -175,6 +176,7 @@ def test_ptq_quest_and_accuquant_run_on_the_text_to_image_wrapper(tmp_path, make
             "method.n_samples=2",
             "method.batch_size=2",
             "method.eval_batch_size=4",
+            "method.guard_samples=4",
         ],
     }
     for method, extra in settings.items():
