@@ -18,7 +18,7 @@ from diffquant.methods import quest as quest_mod
 from diffquant.methods.base import MethodResult
 from diffquant.methods.guard import (
     RefinementGuard,
-    final_state_error,
+    final_image_error,
     heldout_trajectories,
     snapshot_state,
 )
@@ -63,7 +63,7 @@ def guarded_run(name: str, cfg, tmp_path: Path, monkeypatch):
 
 def heldout_error(model, batch_size: int) -> float:
     traj = heldout_trajectories(model, GUARD["guard_samples"], GUARD["guard_seed"], batch_size)
-    return final_state_error(model, traj, batch_size)
+    return final_image_error(model, traj, batch_size)
 
 
 # ---------------------------------------------------------------------------- the decision

@@ -9,7 +9,7 @@ the loss that matters and on data it did not train on:
 * **held-out trajectories** — ``samples`` FP sampler chains drawn with their own ``seed``
   (:func:`heldout_trajectories`): not the evaluation samples (the job's seed) and not
   AccuQuant's calibration trajectories (its ``seed``);
-* **the loss** — the final-image error (:func:`final_state_error`): the MSE between the decoded
+* **the loss** — the final-image error (:func:`final_image_error`): the MSE between the decoded
   final latents of the quantized sampler and of the FP sampler from the same x_T, conditioning
   and noise, i.e. between the images. Measured on ldm_digits (256 held-out trajectories): the
   latent MSE ranks the W8A8 / W4A8 runs like FID→FP but not W4A4 (PTQ 0.086 < QuEST 0.123,
@@ -65,7 +65,7 @@ def heldout_trajectories(model: Any, n_samples: int, seed: int, batch_size: int)
 
 
 @torch.no_grad()
-def final_state_error(model: Any, traj: Trajectories, batch_size: int) -> float:
+def final_image_error(model: Any, traj: Trajectories, batch_size: int) -> float:
     """MSE between the decoded final latents of ``model``'s sampler (as it is: quantized) and
     ``traj``'s (images in the model's output range), every chain started from ``traj``'s x_T
     with its conditioning and noise."""
@@ -103,11 +103,11 @@ class RefinementGuard:
         self.model, self.batch_size = model, batch_size
         self.traj = heldout_trajectories(model, samples, seed, batch_size)
         self.state = snapshot_state(model.denoiser)
-        self.loss_base = final_state_error(model, self.traj, batch_size)
+        self.loss_base = final_image_error(model, self.traj, batch_size)
 
     def judge(self, prefix: str) -> GuardVerdict:
         """Measure the final model; put the base back if it is worse."""
-        final = final_state_error(self.model, self.traj, self.batch_size)
+        final = final_image_error(self.model, self.traj, self.batch_size)
         kept = "base" if final > self.loss_base else "final"
         if kept == "base":
             restore_state(self.model.denoiser, self.state)
