@@ -34,7 +34,7 @@ PTQ = PTQConfig(
     act_init_batch_size=8,
     recon=ReconSettings(weight_iters=4, act_iters=2, batch_size=4, capture_batch_size=8, max_rows=20),
 )
-PTQ_SEEDS = {"calib.seed", "act_init_seed", "recon.seed"}
+PTQ_SEEDS = {"calib.seed", "act_init_seed", "recon.seed", "guard_seed"}
 EVERY_SEED = {
     "ptq_minmax": (PTQMinMaxConfig(), {"calib.seed", "act_init_seed"}),
     "ptq": (PTQConfig(), PTQ_SEEDS),

@@ -4,6 +4,7 @@ without it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from diffquant.methods.result_cache import run_method
 from diffquant.quant import QuantConfig, quantize_denoiser
 from diffquant.quant.state import quant_parameters
 from diffquant.registry import METHODS
+from diffquant.validation import InvalidSetting
 from tiny_models import TinyDiffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,3 +191,65 @@ def test_paper_configs_run_without_the_guard(method, make_cfg):
 @pytest.mark.parametrize("schema", [QuestConfig, aq.AccuQuantConfig])
 def test_the_guard_is_on_by_default(schema):
     assert schema().guard is True
+
+
+# ---------------------------------------------------------------------------- PTQ's LSQ stage
+def ptq_cfg(**kw) -> PTQConfig:
+    recon = ReconSettings(
+        weight_iters=2, act_iters=kw.pop("act_iters", 3), batch_size=4, capture_batch_size=8
+    )
+    return PTQConfig(
+        calib=CalibSettings(n_samples=4, step_stride=2, batch_size=4),
+        act_init_rows=16,
+        act_init_batch_size=8,
+        recon=dataclasses.replace(recon, act_lr=kw.pop("act_lr", recon.act_lr)),
+        **{**GUARD, "guard_batch_size": 8, **kw},
+    )
+
+
+def ptq_run(cfg: PTQConfig, tmp_path: Path):
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=4)
+    ctx = RunContext(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    return model, run_method(METHODS.get("ptq")(), model, W4A8, cfg, ctx)
+
+
+def test_ptq_lsq_guard_undoes_a_destructive_lsq_stage(tmp_path):
+    """An LSQ stage that wrecks the ranges (learning rate 50) is undone: the model ends as
+    AdaRound with the initial ranges (the run with no LSQ iterations), and both losses are
+    reported."""
+    model, result = ptq_run(ptq_cfg(lsq_guard=True, act_lr=50.0), tmp_path / "g")
+    m = result.metrics
+    assert m["ptq_lsq_guard_kept"] == "base"
+    assert m["ptq_lsq_guard_loss_final"] > m["ptq_lsq_guard_loss_base"]
+    no_lsq, _ = ptq_run(ptq_cfg(act_iters=0), tmp_path / "n")
+    assert same_state(snapshot_state(model.denoiser), snapshot_state(no_lsq.denoiser))
+    unguarded, plain = ptq_run(ptq_cfg(act_lr=50.0), tmp_path / "u")
+    assert not any("guard" in k for k in plain.metrics)
+    assert not same_state(snapshot_state(unguarded.denoiser), snapshot_state(no_lsq.denoiser))
+
+
+def test_ptq_lsq_guard_keeps_a_better_lsq_stage_as_the_unit_by_unit_order_makes_it(tmp_path, monkeypatch):
+    """Where LSQ helps (initial ranges made 3x too wide, which LSQ narrows), the guarded run
+    (two passes) keeps it and ends where the unguarded unit-by-unit run does, bit for bit."""
+    from diffquant.methods import ptq as ptq_mod
+
+    init = ptq_mod.init_act_ranges
+
+    def too_wide(model, *args, **kwargs):
+        init(model, *args, **kwargs)
+        scale_act_steps_of(model.denoiser, 3.0)
+
+    monkeypatch.setattr(ptq_mod, "init_act_ranges", too_wide)
+    cfg = dict(act_iters=10, act_lr=1e-2)
+    model, result = ptq_run(ptq_cfg(lsq_guard=True, **cfg), tmp_path / "g")
+    m = result.metrics
+    assert m["ptq_lsq_guard_kept"] == "final" and m["ptq_lsq_guard_loss_final"] < m["ptq_lsq_guard_loss_base"]
+    plain, _ = ptq_run(ptq_cfg(**cfg), tmp_path / "p")
+    assert same_state(snapshot_state(model.denoiser), snapshot_state(plain.denoiser))
+
+
+def test_ptq_lsq_guard_needs_its_own_trajectories():
+    with pytest.raises(InvalidSetting, match="guard_seed"):
+        PTQConfig(lsq_guard=True, guard_seed=PTQConfig().calib.seed)
+    assert PTQConfig().lsq_guard is False  # off by default (the embedded grid's rows were run without)
