@@ -253,3 +253,27 @@ def test_ptq_lsq_guard_needs_its_own_trajectories():
     with pytest.raises(InvalidSetting, match="guard_seed"):
         PTQConfig(lsq_guard=True, guard_seed=PTQConfig().calib.seed)
     assert PTQConfig().lsq_guard is False  # off by default (the embedded grid's rows were run without)
+
+
+def test_log_mse_criterion_is_the_mean_log10_of_the_per_image_mse():
+    """``log_mse`` averages log10 of each image's MSE (a diverging sample weighs less than in the
+    mean MSE); ``mse`` is the mean of the per-image MSEs."""
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=4)
+    minmax_ptq(model, W4A8)
+    traj = heldout_trajectories(model, 6, 30_000, 4)
+    from diffquant.methods.trajectory import rollout
+
+    with torch.no_grad():
+        x = rollout(model, traj.states[0], 0, traj.n_steps, traj.cond, traj.indices, traj.seed)
+        per_image = (model.decode(x) - model.decode(traj.states[-1])).pow(2).flatten(1).mean(1)
+    assert final_image_error(model, traj, 4, "mse") == pytest.approx(float(per_image.mean()), rel=1e-5)
+    assert final_image_error(model, traj, 4, "log_mse") == pytest.approx(
+        float(per_image.log10().mean()), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="log_mse"):
+        final_image_error(model, traj, 4, "psnr")
+    with pytest.raises(InvalidSetting, match="guard_criterion"):
+        PTQConfig(guard_criterion="psnr")
+    with pytest.raises(InvalidSetting, match="guard_criterion"):
+        QuestConfig(guard_criterion="mean")

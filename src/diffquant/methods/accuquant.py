@@ -91,6 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.guard import CRITERIA as GUARD_CRITERIA
 from diffquant.methods.guard import RefinementGuard, spread_indices
 from diffquant.methods.progress import Checkpointer, load_file, save_file, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
@@ -168,6 +169,8 @@ class AccuQuantConfig:
             (:mod:`diffquant.methods.guard`). The paper configs turn it off (the paper describes
             no such step).
         guard_samples / guard_seed: the held-out trajectories (a seed other than ``seed``).
+        guard_criterion: how the held-out per-image errors are reduced: ``mse`` (their mean) or
+            ``log_mse`` (the mean of their log10; :data:`diffquant.methods.guard.CRITERIA`).
         max_act_bits: activation quantizers above this many bits (16-bit softmax) are not learned.
         round_forward: ``hard`` (the network sees the hard choices α ≥ 0, the gradient passes
             straight through h(α)) or ``soft`` (AdaRound: the network sees h(α), hardened at the
@@ -205,6 +208,7 @@ class AccuQuantConfig:
     guard: bool = True
     guard_samples: int = 256  # 64 missed the few diverging samples behind FID→FP (see quest.py)
     guard_seed: int = 30_000
+    guard_criterion: str = "mse"
     max_act_bits: int = 15
     round_reg: float = 0.01
     round_warmup: float = 0.2
@@ -232,6 +236,7 @@ def validate_config(cfg: AccuQuantConfig) -> None:
         )
     positive(cfg, "iters_per_group", "progress_every", allow_zero=True)
     one_of(cfg, "grad_mode", GRAD_MODES)
+    one_of(cfg, "guard_criterion", GUARD_CRITERIA)
     if not cfg.learn or any(k not in LEARNABLE for k in cfg.learn):
         raise InvalidSetting("learn", f"is unknown: choose from {list(LEARNABLE)}")
     one_of(cfg, "group_start", GROUP_STARTS)
@@ -984,7 +989,9 @@ class AccuQuant(Method):
             "quant": asdict(quant),
         }
         guard = (
-            RefinementGuard(model, cfg.guard_samples, cfg.guard_seed, cfg.eval_batch_size)
+            RefinementGuard(
+                model, cfg.guard_samples, cfg.guard_seed, cfg.eval_batch_size, cfg.guard_criterion
+            )
             if cfg.guard
             else None
         )

@@ -64,17 +64,28 @@ def heldout_trajectories(model: Any, n_samples: int, seed: int, batch_size: int)
     return fp_trajectories(model, spread_indices(model, n_samples), seed, batch_size)
 
 
+#: how the per-image errors are reduced: ``mse`` their mean; ``log_mse`` the mean of their
+#: log10 (−PSNR/10 up to a constant: a few diverging samples weigh less)
+CRITERIA = ("mse", "log_mse")
+
+
 @torch.no_grad()
-def final_image_error(model: Any, traj: Trajectories, batch_size: int) -> float:
-    """MSE between the decoded final latents of ``model``'s sampler (as it is: quantized) and
-    ``traj``'s (images in the model's output range), every chain started from ``traj``'s x_T
-    with its conditioning and noise."""
+def final_image_error(model: Any, traj: Trajectories, batch_size: int, criterion: str = "mse") -> float:
+    """The error between the decoded final latents of ``model``'s sampler (as it is: quantized)
+    and ``traj``'s (images in the model's output range), every chain started from ``traj``'s x_T
+    with its conditioning and noise: the mean per-image MSE (``mse``) or the mean of the
+    per-image MSEs' log10 (``log_mse``, floored at 1e-12)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"guard criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
     total, n = 0.0, len(traj)
     for lo in range(0, n, batch_size):
         part = traj.rows(list(range(lo, min(n, lo + batch_size))))
         x = rollout(model, part.states[0], 0, traj.n_steps, part.cond, part.indices, part.seed)
         error = model.decode(x) - model.decode(part.states[-1])
-        total += float(error.pow(2).mean()) * len(part)
+        if criterion == "mse":
+            total += float(error.pow(2).mean()) * len(part)
+        else:
+            total += float(error.pow(2).flatten(1).mean(1).clamp_min(1e-12).log10().sum())
     return total / n
 
 
@@ -99,21 +110,22 @@ class RefinementGuard:
     """Measures and keeps the base when created; :meth:`judge` keeps the better of the base and
     the final model (ties keep the final model)."""
 
-    def __init__(self, model: Any, samples: int, seed: int, batch_size: int) -> None:
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model: Any, samples: int, seed: int, batch_size: int, criterion: str = "mse") -> None:
+        self.model, self.batch_size, self.criterion = model, batch_size, criterion
         self.traj = heldout_trajectories(model, samples, seed, batch_size)
         self.state = snapshot_state(model.denoiser)
-        self.loss_base = final_image_error(model, self.traj, batch_size)
+        self.loss_base = final_image_error(model, self.traj, batch_size, criterion)
 
     def judge(self, prefix: str) -> GuardVerdict:
         """Measure the final model; put the base back if it is worse."""
-        final = final_image_error(self.model, self.traj, self.batch_size)
+        final = final_image_error(self.model, self.traj, self.batch_size, self.criterion)
         kept = "base" if final > self.loss_base else "final"
         if kept == "base":
             restore_state(self.model.denoiser, self.state)
         log.info(
-            "%s guard: held-out final-image error base %.6g, final %.6g -> keeping the %s model",
+            "%s guard: held-out final-image %s base %.6g, final %.6g -> keeping the %s model",
             prefix,
+            self.criterion,
             self.loss_base,
             final,
             kept,

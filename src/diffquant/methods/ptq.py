@@ -60,6 +60,7 @@ from diffquant.calib.collect import CalibSettings, CalibStream, collect_calibrat
 from diffquant.calib.ranges import RunningStat, calibrate_act_ranges, minmax_patterns
 from diffquant.calib.reconstruct import ReconReport, ReconSettings, reconstruct
 from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.guard import CRITERIA as GUARD_CRITERIA
 from diffquant.methods.guard import RefinementGuard
 from diffquant.methods.result_cache import run_method
 from diffquant.quant.config import QuantConfig
@@ -169,6 +170,8 @@ class PTQConfig:
             pass and ``guard_samples`` FP chains.
         guard_samples / guard_seed / guard_batch_size: the held-out trajectories (seed other
             than ``calib.seed``) and the batch they are sampled in.
+        guard_criterion: how the held-out per-image errors are reduced: ``mse`` (their mean) or
+            ``log_mse`` (the mean of their log10; :data:`diffquant.methods.guard.CRITERIA`).
     """
 
     name: str = "ptq"
@@ -187,10 +190,12 @@ class PTQConfig:
     guard_samples: int = 256
     guard_seed: int = 30_000
     guard_batch_size: int = 64
+    guard_criterion: str = "mse"
 
     def __post_init__(self) -> None:
         _check_act_init(self)
         positive(self, "guard_samples", "guard_batch_size")
+        one_of(self, "guard_criterion", GUARD_CRITERIA)
         if self.lsq_guard and self.guard_seed == self.calib.seed:
             raise InvalidSetting(
                 "guard_seed",
@@ -331,7 +336,9 @@ def calibrate_ptq(
         if cfg.act_init_stage == "after_weights":  # Q-Diffusion's order
             init_act_ranges(model, stream, quant, cfg)
         guard = (
-            RefinementGuard(model, cfg.guard_samples, cfg.guard_seed, cfg.guard_batch_size)
+            RefinementGuard(
+                model, cfg.guard_samples, cfg.guard_seed, cfg.guard_batch_size, cfg.guard_criterion
+            )
             if cfg.lsq_guard and cfg.recon.act_iters > 0
             else None
         )

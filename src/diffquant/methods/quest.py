@@ -94,6 +94,7 @@ from diffquant.cache import CacheEntry
 from diffquant.calib.collect import CalibStream, collect_calibration, model_identity
 from diffquant.calib.ranges import minmax_patterns
 from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.guard import CRITERIA as GUARD_CRITERIA
 from diffquant.methods.guard import RefinementGuard
 from diffquant.methods.progress import Checkpointer, cpu_tensors, load_tensors, tensor_digest
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
@@ -205,6 +206,8 @@ class QuestConfig:
             ldm_digits W8A8 the init was 8x worse on held-out trajectories).
         guard_samples / guard_seed / guard_batch_size: the held-out trajectories and the batch
             they are sampled in.
+        guard_criterion: how the held-out per-image errors are reduced: ``mse`` (their mean) or
+            ``log_mse`` (the mean of their log10; :data:`diffquant.methods.guard.CRITERIA`).
         seed: base seed of row sampling and shuffling (re-seeded by the run's ``calib_seed``).
         progress_every: besides after every epoch, save the finetuning progress every that many
             optimiser steps (0: after epochs only), so that a stopped job resumes there
@@ -255,6 +258,7 @@ class QuestConfig:
     guard_samples: int = 256
     guard_seed: int = 30_000
     guard_batch_size: int = 64
+    guard_criterion: str = "mse"
     seed: int = 0
     progress_every: int = 20
     ablation: Optional[str] = None
@@ -290,6 +294,7 @@ def validate_quest(cfg: QuestConfig) -> None:
     positive(
         cfg, "global_loss_weight", "tla_epochs", "cma_epochs", "eval_rows", "progress_every", allow_zero=True
     )
+    one_of(cfg, "guard_criterion", GUARD_CRITERIA)
     if not 0.0 <= cfg.timestep_init_momentum < 1.0:
         raise InvalidSetting("timestep_init_momentum", "must lie in [0, 1) (the QuEST code: 0.95)")
     if cfg.timestep_init == "ptq" and cfg.timestep_init_running_stat:
@@ -533,7 +538,9 @@ class Quest(Method):
         if split:
             make_timestep_aware(denoiser, spec, model.timesteps, groups)
         guard = (
-            RefinementGuard(model, cfg.guard_samples, cfg.guard_seed, cfg.guard_batch_size)
+            RefinementGuard(
+                model, cfg.guard_samples, cfg.guard_seed, cfg.guard_batch_size, cfg.guard_criterion
+            )
             if cfg.guard or cfg.init_guard
             else None
         )
