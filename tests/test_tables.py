@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import CONF, ROOT
@@ -239,9 +240,15 @@ def test_embedded_sweep_writes_quality_and_cost_tables(tmp_path, make_cfg, capsy
         ptq_calib_s=12.0,
         **common,
     )
+    from diffquant.sample_sheets import save_samples
+
+    for job in ("0", "1"):  # the jobs' grid images: the sample sheet's rows
+        save_samples(torch.rand(4, 1, 8, 8), s / job)
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded", f"hydra.sweep.dir={s}"])
     for name in ("table", "cost_table"):
         instantiate(cfg.hydra.callbacks[name]).on_multirun_end(config=cfg)
+    assert [p.name for p in s.glob("samples_*.png")] == ["samples_ldm_digits_W4A4.png"]
+    assert not list((s / "cost").glob("samples_*.png"))  # the quality table's, written once
     quality = (s / "table.md").read_text()
     assert "| FID | sFID | IS | FID→FP | LPIPS (digits) | PSNR | SSIM | CLIP | final traj. err |" in quality
     assert ROW_PTQ in quality
