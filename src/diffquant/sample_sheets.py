@@ -21,15 +21,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from diffquant.eval.fp_images import to_uint8
+from diffquant.tables import bits_label, calib_seed_of, method_label_of
+
 SAMPLES_FILE = "samples.pt"
 SHEET_COLUMNS = 12
 _PAD = 2
 _LABEL_PX = 96  # left margin for the row labels
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images ``(N, C, H, W)`` in [0, 1] → uint8 ``(N, C, H, W)``, rounded as the PNGs are."""
-    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def save_samples(images: torch.Tensor, run_dir: Path | str) -> Path:
@@ -37,7 +35,7 @@ def save_samples(images: torch.Tensor, run_dir: Path | str) -> Path:
     from diffquant.cache import atomic_torch_save
 
     path = Path(run_dir) / SAMPLES_FILE
-    atomic_torch_save(to_uint8(images), path)
+    atomic_torch_save(to_uint8(images.detach()).cpu(), path)
     return path
 
 
@@ -63,14 +61,6 @@ class SheetRow:
     images: torch.Tensor
 
 
-def _label(m: dict[str, Any]) -> str:
-    return str(m.get("method_label") or m["method"])
-
-
-def _bits(m: dict[str, Any]) -> str:
-    return f"W{m.get('weight_bits')}A{m.get('act_bits')}"
-
-
 def collect_sheets(
     results: Sequence[dict[str, Any]], method_order: Sequence[str] = (), columns: int = SHEET_COLUMNS
 ) -> dict[tuple[str, str], list[SheetRow]]:
@@ -88,16 +78,17 @@ def collect_sheets(
         quantized = [m for m in at_seed if m["method"] != "fp"]
         if not quantized:
             continue
-        calib = min(int(m.get("calib_seed") or 0) for m in quantized)
+        calib = min(calib_seed_of(m) for m in quantized)
         fp = next((m for m in at_seed if m["method"] == "fp"), None)
         fp_images = load_samples(fp["_dir"]) if fp is not None else None
         rows_by_bits: dict[str, dict[str, torch.Tensor]] = {}
         for m in quantized:
-            if int(m.get("calib_seed") or 0) != calib:
+            if calib_seed_of(m) != calib:
                 continue
             images = load_samples(m["_dir"])
             if images is not None:
-                rows_by_bits.setdefault(_bits(m), {}).setdefault(_label(m), images)
+                bits = bits_label(m.get("weight_bits"), m.get("act_bits"))
+                rows_by_bits.setdefault(bits, {}).setdefault(method_label_of(m), images)
         for bits, rows in rows_by_bits.items():
             order = [x for x in method_order if x in rows] + sorted(x for x in rows if x not in method_order)
             sheet = [SheetRow("fp", fp_images[:columns])] if fp_images is not None else []

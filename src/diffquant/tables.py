@@ -203,6 +203,11 @@ def summarize_seeds(points: Sequence[tuple[int, int, Any]]) -> Stat:
     return Stat(mean, pooled_std(at_eval.values()), pooled_std(at_calib.values()), len(kept))
 
 
+def method_label_of(m: dict[str, Any]) -> str:
+    """A job's row name: its ``method_label`` (``quest[tla_only]``), else its method."""
+    return m.get("method_label") or m["method"]
+
+
 def calib_seed_of(m: dict[str, Any]) -> int:
     """A job's calibration seed (0 for jobs written before ``calib_seed`` was recorded)."""
     return int(m.get("calib_seed") or 0)
@@ -244,7 +249,7 @@ def build_rows(
     for m in results:
         key = (
             m["model"],
-            m.get("method_label") or m["method"],
+            method_label_of(m),
             bits_label(m.get("weight_bits"), m.get("act_bits")),
         )
         groups.setdefault(key, []).append(m)
@@ -381,7 +386,11 @@ class Table:
     experiment: Optional[str]
     published: Optional[dict[str, Any]]
     sweep_dir: Path
-    n_jobs: int
+    results: list[dict[str, Any]]  # the jobs' metrics (read_results), for the sample sheets
+
+    @property
+    def n_jobs(self) -> int:
+        return len(self.results)
 
     @property
     def has_paper(self) -> bool:
@@ -615,7 +624,7 @@ def build_table(
     table = published.get(experiment) if experiment else None
     cols = choose_metrics(results, table, metrics)
     rows = build_rows(results, cols, table, all_published=all_published)
-    return Table(rows, cols, experiment, table, sweep_dir, len(results))
+    return Table(rows, cols, experiment, table, sweep_dir, results)
 
 
 def write_table(
@@ -635,7 +644,7 @@ def write_table(
         written[fmt] = out_dir / name
     if sheets:
         order = list(dict.fromkeys(r.method for r in t.rows))
-        for path in write_sample_sheets(read_results(t.sweep_dir), out_dir, order):
+        for path in write_sample_sheets(t.results, out_dir, order):
             written[path.stem] = path
     return written
 

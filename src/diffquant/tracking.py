@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffquant.context import NullTracker
+from diffquant.eval.fp_images import to_uint8
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
@@ -26,7 +27,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     ncol = int(np.ceil(n / nrow))
     pad = 2
     grid = np.ones(((h + pad) * ncol + pad, (w + pad) * nrow + pad, c), dtype=np.uint8) * 255
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     for k in range(n):
         r, q = divmod(k, nrow)
         y, x = pad + r * (h + pad), pad + q * (w + pad)

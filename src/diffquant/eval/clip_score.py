@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffquant.eval.fp_images import to_uint8
 from diffquant.eval.metrics import EvalBatch, Metric
 from diffquant.models.loading import ZOO_DIR, MissingWeightsError, is_local
 from diffquant.registry import EVALUATORS
@@ -86,7 +87,7 @@ def to_clip_images(images: Tensor) -> Tensor:
     """Images ``(N, C, H, W)`` in [0, 1] → ``(N, 3, H, W)`` uint8, as CLIP processors expect."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    return to_uint8(images)
 
 
 class ClipScoreMetric(Metric):
