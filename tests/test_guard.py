@@ -18,9 +18,13 @@ from diffquant.methods import accuquant as aq
 from diffquant.methods import quest as quest_mod
 from diffquant.methods.base import MethodResult
 from diffquant.methods.guard import (
+    CRITERIA,
+    MEASURES,
     RefinementGuard,
     final_image_error,
+    final_image_errors,
     heldout_trajectories,
+    improves,
     snapshot_state,
 )
 from diffquant.methods.ptq import PTQConfig
@@ -77,9 +81,9 @@ def test_guard_puts_the_base_back_when_the_final_model_is_worse():
     guard = RefinementGuard(model, samples=8, seed=30_000, batch_size=4)
     scale_act_steps(model, 40.0)  # a "refinement" that wrecks the activation ranges
     verdict = guard.judge("m")
-    assert verdict.kept == "base" and verdict.loss_final > verdict.loss_base
+    assert verdict.kept == "base" and verdict.final["mse"] > verdict.base["mse"]
     assert same_state(snapshot_state(model.denoiser), base)
-    assert heldout_error(model, 4) == verdict.loss_base
+    assert heldout_error(model, 4) == verdict.base["mse"]
 
 
 def test_guard_keeps_the_final_model_when_it_is_better():
@@ -91,9 +95,53 @@ def test_guard_keeps_the_final_model_when_it_is_better():
     scale_act_steps(model, 1 / 40.0)  # ... that the "refinement" repairs
     final = snapshot_state(model.denoiser)
     verdict = guard.judge("m")
-    assert verdict.kept == "final" and verdict.loss_final < verdict.loss_base
+    assert verdict.kept == "final" and all(verdict.final[k] < verdict.base[k] for k in MEASURES)
     assert same_state(snapshot_state(model.denoiser), final)
-    assert set(verdict.metrics("m")) == {"m_guard_loss_base", "m_guard_loss_final", "m_guard_kept"}
+    assert verdict.metrics("m") == {
+        "m_guard_mse_base": verdict.base["mse"],
+        "m_guard_mse_final": verdict.final["mse"],
+        "m_guard_log_mse_base": verdict.base["log_mse"],
+        "m_guard_log_mse_final": verdict.final["log_mse"],
+        "m_guard_criterion": "both",
+        "m_guard_kept": "final",
+    }
+
+
+@pytest.mark.parametrize(
+    "final, kept_by",
+    [
+        ({"mse": 1.0, "log_mse": -3.0}, {"mse", "log_mse", "both"}),  # the base itself: a tie
+        ({"mse": 0.5, "log_mse": -3.5}, {"mse", "log_mse", "both"}),  # better by both
+        ({"mse": 0.5, "log_mse": -2.5}, {"mse"}),  # mean better, typical image worse
+        ({"mse": 1.5, "log_mse": -3.5}, {"log_mse"}),  # typical image better, mean worse
+        ({"mse": 1.5, "log_mse": -2.5}, set()),  # worse by both
+    ],
+)
+def test_each_criterion_keeps_the_final_model_only_where_its_measures_do_not_get_worse(final, kept_by):
+    base = {"mse": 1.0, "log_mse": -3.0}
+    assert {c for c in CRITERIA if improves(final, base, c)} == kept_by
+    with pytest.raises(ValueError, match="both"):
+        improves(final, base, "psnr")
+
+
+def test_the_guard_decides_as_improves_says_for_every_criterion():
+    """For each criterion, the guard keeps the final model (step sizes halved) or puts the base
+    back exactly as :func:`improves` says of the two models' held-out errors."""
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=4)
+    minmax_ptq(model, W4A8)
+    for criterion in CRITERIA:
+        base_state = snapshot_state(model.denoiser)
+        guard = RefinementGuard(model, samples=8, seed=30_000, batch_size=4, criterion=criterion)
+        scale_act_steps(model, 0.5)
+        final_state = snapshot_state(model.denoiser)
+        verdict = guard.judge("m")
+        expect = "final" if improves(verdict.final, verdict.base, criterion) else "base"
+        assert verdict.kept == expect and verdict.criterion == criterion
+        assert same_state(snapshot_state(model.denoiser), final_state if expect == "final" else base_state)
+        model.denoiser.load_state_dict(base_state)
+    with pytest.raises(ValueError, match="criterion"):
+        RefinementGuard(model, samples=8, seed=30_000, batch_size=4, criterion="mean")
 
 
 # ---------------------------------------------------------------------------- in the methods
@@ -107,8 +155,8 @@ def test_accuquant_with_a_destructive_learning_rate_ends_at_its_base(tmp_path, m
     model, result = guarded_run("accuquant", accuquant_cfg(act_lr=10.0), tmp_path, monkeypatch)
     m = result.metrics
     assert m["accuquant_guard_kept"] == "base"
-    assert math.isfinite(m["accuquant_guard_loss_base"]) and math.isfinite(m["accuquant_guard_loss_final"])
-    assert m["accuquant_guard_loss_final"] > m["accuquant_guard_loss_base"]
+    assert all(math.isfinite(m[f"accuquant_guard_{k}"]) for k in ("mse_base", "mse_final", "log_mse_base"))
+    assert m["accuquant_guard_mse_final"] > m["accuquant_guard_mse_base"]
     base = TinyDiffusion(steps=4)
     minmax_ptq(base, W4A8)
     assert same_state(snapshot_state(model.denoiser), snapshot_state(base.denoiser))
@@ -150,9 +198,9 @@ def test_quest_with_a_destructive_learning_rate_ends_at_its_base(tmp_path, monke
     model, result = guarded_run("quest", cfg, tmp_path, monkeypatch)
     m = result.metrics
     assert m["quest_guard_kept"] == "base"
-    assert math.isfinite(m["quest_guard_loss_base"]) and math.isfinite(m["quest_guard_loss_final"])
-    assert m["quest_guard_loss_final"] > m["quest_guard_loss_base"]
-    assert heldout_error(model, 8) == m["quest_guard_loss_base"]
+    assert math.isfinite(m["quest_guard_mse_base"]) and math.isfinite(m["quest_guard_mse_final"])
+    assert m["quest_guard_mse_final"] > m["quest_guard_mse_base"]
+    assert heldout_error(model, 8) == m["quest_guard_mse_base"]
 
 
 def test_quest_starts_from_ptq_ranges_where_the_per_step_init_is_worse(tmp_path, monkeypatch):
@@ -165,7 +213,7 @@ def test_quest_starts_from_ptq_ranges_where_the_per_step_init_is_worse(tmp_path,
     _, result = guarded_run("quest", cfg, tmp_path, monkeypatch)
     m = result.metrics
     assert m["quest_init_guard_kept"] == "base"
-    assert m["quest_init_guard_loss_final"] > m["quest_init_guard_loss_base"]
+    assert m["quest_init_guard_mse_final"] > m["quest_init_guard_mse_base"]
     assert m["quest_eps_mse_init"] == pytest.approx(m["quest_eps_mse_ptq"], rel=1e-6)
     assert m["quest_guard_kept"] == "final"  # nothing trained: the final model is the base
 
@@ -190,7 +238,15 @@ def test_paper_configs_run_without_the_guard(method, make_cfg):
 
 @pytest.mark.parametrize("schema", [QuestConfig, aq.AccuQuantConfig])
 def test_the_guard_is_on_by_default(schema):
-    assert schema().guard is True
+    assert schema().guard is True and schema().guard_criterion == "both"
+
+
+@pytest.mark.parametrize("method", ["ptq_paper", "ptq_paper_sd", *PAPER])
+def test_paper_configs_keep_the_lsq_stage_as_it_ends(method, make_cfg):
+    """Q-Diffusion's code keeps its LSQ stage; so do the paper PTQ rows and the paper methods'
+    PTQ bases."""
+    cfg = make_cfg([f"method={method}"]).method
+    assert (cfg.ptq if "ptq" in cfg else cfg).lsq_guard is False
 
 
 # ---------------------------------------------------------------------------- PTQ's LSQ stage
@@ -221,10 +277,10 @@ def test_ptq_lsq_guard_undoes_a_destructive_lsq_stage(tmp_path):
     model, result = ptq_run(ptq_cfg(lsq_guard=True, act_lr=50.0), tmp_path / "g")
     m = result.metrics
     assert m["ptq_lsq_guard_kept"] == "base"
-    assert m["ptq_lsq_guard_loss_final"] > m["ptq_lsq_guard_loss_base"]
-    no_lsq, _ = ptq_run(ptq_cfg(act_iters=0), tmp_path / "n")
+    assert m["ptq_lsq_guard_mse_final"] > m["ptq_lsq_guard_mse_base"]
+    no_lsq, _ = ptq_run(ptq_cfg(act_iters=0, lsq_guard=False), tmp_path / "n")
     assert same_state(snapshot_state(model.denoiser), snapshot_state(no_lsq.denoiser))
-    unguarded, plain = ptq_run(ptq_cfg(act_lr=50.0), tmp_path / "u")
+    unguarded, plain = ptq_run(ptq_cfg(act_lr=50.0, lsq_guard=False), tmp_path / "u")
     assert not any("guard" in k for k in plain.metrics)
     assert not same_state(snapshot_state(unguarded.denoiser), snapshot_state(no_lsq.denoiser))
 
@@ -244,15 +300,16 @@ def test_ptq_lsq_guard_keeps_a_better_lsq_stage_as_the_unit_by_unit_order_makes_
     cfg = dict(act_iters=10, act_lr=1e-2)
     model, result = ptq_run(ptq_cfg(lsq_guard=True, **cfg), tmp_path / "g")
     m = result.metrics
-    assert m["ptq_lsq_guard_kept"] == "final" and m["ptq_lsq_guard_loss_final"] < m["ptq_lsq_guard_loss_base"]
-    plain, _ = ptq_run(ptq_cfg(**cfg), tmp_path / "p")
+    assert m["ptq_lsq_guard_kept"] == "final" and m["ptq_lsq_guard_criterion"] == "both"
+    assert all(m[f"ptq_lsq_guard_{k}_final"] < m[f"ptq_lsq_guard_{k}_base"] for k in MEASURES)
+    plain, _ = ptq_run(ptq_cfg(lsq_guard=False, **cfg), tmp_path / "p")
     assert same_state(snapshot_state(model.denoiser), snapshot_state(plain.denoiser))
 
 
 def test_ptq_lsq_guard_needs_its_own_trajectories():
     with pytest.raises(InvalidSetting, match="guard_seed"):
         PTQConfig(lsq_guard=True, guard_seed=PTQConfig().calib.seed)
-    assert PTQConfig().lsq_guard is False  # off by default (the embedded grid's rows were run without)
+    assert PTQConfig().lsq_guard is True and PTQConfig().guard_criterion == "both"
 
 
 def test_log_mse_criterion_is_the_mean_log10_of_the_per_image_mse():
@@ -271,6 +328,7 @@ def test_log_mse_criterion_is_the_mean_log10_of_the_per_image_mse():
     assert final_image_error(model, traj, 4, "log_mse") == pytest.approx(
         float(per_image.log10().mean()), rel=1e-5
     )
+    assert final_image_errors(model, traj, 3) == pytest.approx(final_image_errors(model, traj, 4), rel=1e-6)
     with pytest.raises(ValueError, match="log_mse"):
         final_image_error(model, traj, 4, "psnr")
     with pytest.raises(InvalidSetting, match="guard_criterion"):

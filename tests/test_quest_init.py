@@ -390,6 +390,7 @@ def test_quest_on_a_pndm_schedule_sets_every_group_from_its_own_step(tmp_path):
         timestep_init="minmax",
         timestep_init_rows_per_step=6,
         init_guard=False,  # the init itself is checked here, kept whatever its held-out error
+        guard=False,
     )
     ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path / "cache", device=torch.device("cpu"))
     stream = collect_calibration(model, ptq.calib, ctx.cache_dir)  # the FP model's, as QuEST's

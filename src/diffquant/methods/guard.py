@@ -9,17 +9,18 @@ the loss that matters and on data it did not train on:
 * **held-out trajectories** — ``samples`` FP sampler chains drawn with their own ``seed``
   (:func:`heldout_trajectories`): not the evaluation samples (the job's seed) and not
   AccuQuant's calibration trajectories (its ``seed``);
-* **the loss** — the final-image error (:func:`final_image_error`): the MSE between the decoded
-  final latents of the quantized sampler and of the FP sampler from the same x_T, conditioning
-  and noise, i.e. between the images. Measured on ldm_digits (256 held-out trajectories): the
-  latent MSE ranks the W8A8 / W4A8 runs like FID→FP but not W4A4 (PTQ 0.086 < QuEST 0.123,
-  while FID→FP is 0.382 vs 0.0655); the image MSE ranks W4A4 like FID→FP too (QuEST 0.00474 <
-  PTQ 0.00577): the latent error is dominated by directions the decoder does not render;
-* **the decision** (:class:`RefinementGuard`) — the base's loss is measured and its state kept
+* **the loss** — the final-image error (:func:`final_image_errors`): per image, the MSE between
+  the decoded final latents of the quantized sampler and of the FP sampler from the same x_T,
+  conditioning and noise; reduced two ways, the mean (``mse``) and the mean log10 (``log_mse``).
+  The images, not the latents: the latent error is dominated by directions the decoder does not
+  render (README, "The guard");
+* **the decision** (:class:`RefinementGuard`) — the base's errors are measured and its state kept
   (:func:`snapshot_state`) before the refinement starts; after it, the final model (as it will
-  be kept: roundings hard) is measured the same way; if it is worse, the base's state is put
-  back. ``<prefix>_guard_loss_base``, ``<prefix>_guard_loss_final`` and ``<prefix>_guard_kept``
-  (``final`` or ``base``) go to ``metrics.json`` (:meth:`GuardVerdict.metrics`).
+  be kept: roundings hard) is measured the same way; if it is worse by the ``criterion``
+  (:data:`CRITERIA`; ``both``: worse by either measure), the base's state is put back. Both
+  measures of the base and the final model (``<prefix>_guard_mse_base`` ...), the criterion and
+  ``<prefix>_guard_kept`` (``final`` or ``base``) go to ``metrics.json``
+  (:meth:`GuardVerdict.metrics`).
 """
 
 from __future__ import annotations
@@ -64,70 +65,93 @@ def heldout_trajectories(model: Any, n_samples: int, seed: int, batch_size: int)
     return fp_trajectories(model, spread_indices(model, n_samples), seed, batch_size)
 
 
-#: how the per-image errors are reduced: ``mse`` their mean; ``log_mse`` the mean of their
+#: the held-out measures: ``mse`` the mean of the per-image MSEs; ``log_mse`` the mean of their
 #: log10 (−PSNR/10 up to a constant: a few diverging samples weigh less)
-CRITERIA = ("mse", "log_mse")
+MEASURES = ("mse", "log_mse")
+#: what the guard judges by: one measure, or ``both`` (the refinement is kept only if neither
+#: measure gets worse: it may not trade the typical image for the mean, or the mean for it)
+CRITERIA = (*MEASURES, "both")
 
 
 @torch.no_grad()
-def final_image_error(model: Any, traj: Trajectories, batch_size: int, criterion: str = "mse") -> float:
+def final_image_errors(model: Any, traj: Trajectories, batch_size: int) -> dict[str, float]:
     """The error between the decoded final latents of ``model``'s sampler (as it is: quantized)
     and ``traj``'s (images in the model's output range), every chain started from ``traj``'s x_T
-    with its conditioning and noise: the mean per-image MSE (``mse``) or the mean of the
-    per-image MSEs' log10 (``log_mse``, floored at 1e-12)."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"guard criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
-    total, n = 0.0, len(traj)
+    with its conditioning and noise, in every :data:`MEASURES` (one rollout): ``mse`` the mean
+    per-image MSE, ``log_mse`` the mean of the per-image MSEs' log10 (floored at 1e-12)."""
+    mse, log_mse, n = 0.0, 0.0, len(traj)
     for lo in range(0, n, batch_size):
         part = traj.rows(list(range(lo, min(n, lo + batch_size))))
         x = rollout(model, part.states[0], 0, traj.n_steps, part.cond, part.indices, part.seed)
-        error = model.decode(x) - model.decode(part.states[-1])
-        if criterion == "mse":
-            total += float(error.pow(2).mean()) * len(part)
-        else:
-            total += float(error.pow(2).flatten(1).mean(1).clamp_min(1e-12).log10().sum())
-    return total / n
+        per_image = (model.decode(x) - model.decode(part.states[-1])).pow(2).flatten(1).mean(1)
+        mse += float(per_image.sum())
+        log_mse += float(per_image.clamp_min(1e-12).log10().sum())
+    return {"mse": mse / n, "log_mse": log_mse / n}
+
+
+def final_image_error(model: Any, traj: Trajectories, batch_size: int, measure: str = "mse") -> float:
+    """One measure of :func:`final_image_errors`."""
+    if measure not in MEASURES:
+        raise ValueError(f"guard measure {measure!r}: choose from {', '.join(MEASURES)}")
+    return final_image_errors(model, traj, batch_size)[measure]
+
+
+def improves(final: dict[str, float], base: dict[str, float], criterion: str) -> bool:
+    """Whether ``final`` is not worse than ``base`` by ``criterion`` (ties count as not worse)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"guard criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
+    measures = MEASURES if criterion == "both" else (criterion,)
+    return all(final[m] <= base[m] for m in measures)
 
 
 @dataclass
 class GuardVerdict:
-    """The base's and the final model's loss on the held-out trajectories, and which was kept."""
+    """The base's and the final model's held-out errors (every measure), and which was kept."""
 
-    loss_base: float
-    loss_final: float
+    base: dict[str, float]
+    final: dict[str, float]
+    criterion: str
     kept: str
 
     def metrics(self, prefix: str) -> dict[str, Any]:
-        """``<prefix>_guard_loss_base``, ``<prefix>_guard_loss_final``, ``<prefix>_guard_kept``."""
-        return {
-            f"{prefix}_guard_loss_base": self.loss_base,
-            f"{prefix}_guard_loss_final": self.loss_final,
-            f"{prefix}_guard_kept": self.kept,
-        }
+        """``<prefix>_guard_<measure>_base`` / ``_final`` for every measure,
+        ``<prefix>_guard_criterion`` and ``<prefix>_guard_kept``."""
+        out: dict[str, Any] = {}
+        for m in MEASURES:
+            out[f"{prefix}_guard_{m}_base"] = self.base[m]
+            out[f"{prefix}_guard_{m}_final"] = self.final[m]
+        out[f"{prefix}_guard_criterion"] = self.criterion
+        out[f"{prefix}_guard_kept"] = self.kept
+        return out
 
 
 class RefinementGuard:
-    """Measures and keeps the base when created; :meth:`judge` keeps the better of the base and
-    the final model (ties keep the final model)."""
+    """Measures and keeps the base when created; :meth:`judge` keeps the final model unless it
+    is worse than the base by ``criterion`` (:func:`improves`)."""
 
-    def __init__(self, model: Any, samples: int, seed: int, batch_size: int, criterion: str = "mse") -> None:
+    def __init__(self, model: Any, samples: int, seed: int, batch_size: int, criterion: str = "both") -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"guard criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
         self.model, self.batch_size, self.criterion = model, batch_size, criterion
         self.traj = heldout_trajectories(model, samples, seed, batch_size)
         self.state = snapshot_state(model.denoiser)
-        self.loss_base = final_image_error(model, self.traj, batch_size, criterion)
+        self.base = final_image_errors(model, self.traj, batch_size)
 
     def judge(self, prefix: str) -> GuardVerdict:
         """Measure the final model; put the base back if it is worse."""
-        final = final_image_error(self.model, self.traj, self.batch_size, self.criterion)
-        kept = "base" if final > self.loss_base else "final"
+        final = final_image_errors(self.model, self.traj, self.batch_size)
+        kept = "final" if improves(final, self.base, self.criterion) else "base"
         if kept == "base":
             restore_state(self.model.denoiser, self.state)
         log.info(
-            "%s guard: held-out final-image %s base %.6g, final %.6g -> keeping the %s model",
+            "%s guard (%s): held-out final-image mse base %.6g final %.6g, log10 mse base %.4f "
+            "final %.4f -> keeping the %s model",
             prefix,
             self.criterion,
-            self.loss_base,
-            final,
+            self.base["mse"],
+            final["mse"],
+            self.base["log_mse"],
+            final["log_mse"],
             kept,
         )
-        return GuardVerdict(self.loss_base, final, kept)
+        return GuardVerdict(self.base, final, self.criterion, kept)
