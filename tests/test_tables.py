@@ -370,3 +370,43 @@ def test_the_new_metrics_are_columns_with_their_headers(tmp_path):
     row = next(r for r in build_table(a).rows if r.key == ("ldm_imagenet", "accuquant", "W4A8"))
     assert row.paper["sfid"] == 7.41 and row.paper["psnr"] == 24.4338
     assert row.diff("ssim") == pytest.approx(0.87 - 0.8713)
+
+
+def test_guard_decisions_are_counted_per_row_and_written_beside_the_table(tmp_path):
+    """Every ``<guard>_guard_kept`` of a row's jobs is counted (base k of n) in ``guards.md``;
+    a sweep without guards gets no such file."""
+    from diffquant.tables import guard_decisions, write_table
+
+    s = tmp_path / "guarded"
+    bits = dict(weight_bits=4, act_bits=4, fid_to_fp=0.1)
+    write_job(s, "0_fp", fid_to_fp=0.0)
+    for c, (init, final) in enumerate([("base", "final"), ("final", "final"), ("base", "base")]):
+        write_job(
+            s,
+            f"q{c}",
+            method="quest",
+            calib_seed=c,
+            quest_init_guard_kept=init,
+            quest_guard_kept=final,
+            **bits,
+        )
+        write_job(s, f"p{c}", method="ptq", calib_seed=c, ptq_lsq_guard_kept="base" if c else "final", **bits)
+    t = build_table(s, metrics=["fid_to_fp"])
+    got = [(r.method, g, base, n) for r, g, base, n in guard_decisions(t)]
+    assert got == [("ptq", "ptq_lsq", 2, 3), ("quest", "quest", 1, 3), ("quest", "quest_init", 2, 3)]
+    written = write_table(t, tmp_path / "out", ["md"], sheets=False)
+    text = written["guards"].read_text()
+    assert "| ldm_imagenet | quest | W4A4 | quest_init | 2 | 3 |" in text
+    plain = tmp_path / "plain"
+    write_job(plain, "0_fp", fid_to_fp=0.0)
+    assert "guards" not in write_table(build_table(plain, metrics=["fid_to_fp"]), plain, ["md"], sheets=False)
+
+
+def test_saved_results_folder_of_job_files_is_read_like_the_sweep(sweep, tmp_path):
+    """``experiments/results/<table>/jobs/``: one ``<job>.json`` per job, no ``metrics.json``."""
+    saved = tmp_path / "jobs"
+    saved.mkdir()
+    for path in sweep.rglob("metrics.json"):
+        (saved / f"{path.parent.name}.json").write_text(path.read_text())
+    a, b = build_table(sweep), build_table(saved)
+    assert render_markdown(a).replace(str(sweep), "") == render_markdown(b).replace(str(saved), "")

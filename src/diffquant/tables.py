@@ -25,6 +25,11 @@ other seed when there are several.
   A gap between two methods is then read against the calibration spread, the noise a different
   calibration draw alone would cause.
 
+**The guards' decisions.** Methods that refine a base keep it where their held-out guard says the
+refinement is worse (:mod:`diffquant.methods.guard`): every ``<prefix>_guard_kept`` of a row's
+jobs is counted (``base`` k of n) in ``guards.md`` beside the table (:func:`render_guards`),
+written whenever some job has one.
+
 Columns per metric: ours, the paper's, and Δ = ours − paper. Rows follow the paper's order; rows
 we ran that the paper lacks come after. Published rows of methods we did not run (other papers'
 baselines) are left out unless ``--all-published``.
@@ -142,9 +147,12 @@ def bits_label(weight_bits: Any, act_bits: Any) -> str:
 
 
 def read_results(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every finished job's metrics under ``sweep_dir`` (shard jobs excluded: their merge counts)."""
+    """Every finished job's metrics under ``sweep_dir`` (shard jobs excluded: their merge counts).
+    A folder with no ``metrics.json`` below it is read as saved results: its ``*.json`` files,
+    one job each (``experiments/results/<table>/jobs/``)."""
     results = []
-    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+    paths = sorted(Path(sweep_dir).rglob("metrics.json")) or sorted(Path(sweep_dir).glob("*.json"))
+    for path in paths:
         try:
             m = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -627,11 +635,51 @@ def build_table(
     return Table(rows, cols, experiment, table, sweep_dir, results)
 
 
+GUARD_SUFFIX = "_guard_kept"
+
+
+def guard_decisions(t: Table) -> list[tuple[Row, str, int, int]]:
+    """``(row, guard, jobs that kept the base, jobs with that guard)`` for every
+    ``<guard>_guard_kept`` key of every row's jobs, rows in table order, guards sorted."""
+    jobs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for m in t.results:
+        key = (m["model"], method_label_of(m), bits_label(m.get("weight_bits"), m.get("act_bits")))
+        jobs.setdefault(key, []).append(m)
+    out = []
+    for row in t.rows:
+        ms = jobs.get(row.key, [])
+        for k in sorted({k for m in ms for k in m if k.endswith(GUARD_SUFFIX)}):
+            kept = [m[k] for m in ms if k in m]
+            out.append((row, k[: -len(GUARD_SUFFIX)], sum(v == "base" for v in kept), len(kept)))
+    return out
+
+
+def render_guards(t: Table) -> str:
+    """The guards' decisions as markdown: one line per (row, guard) with the jobs that kept the
+    base."""
+    lines = [
+        f"**Guard decisions of {t.sweep_dir}**",
+        "",
+        "| Model | Method | W/A | guard | kept the base | jobs |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for row, guard, base, n in guard_decisions(t):
+        lines.append(f"| {row.model} | {row.method} | {row.bits} | {guard} | {base} | {n} |")
+    lines += [
+        "",
+        "`<guard>_guard_kept` of each job's metrics.json: `base` where the held-out guard judged the "
+        "refinement worse and put the base back (methods/guard.py).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(
     t: Table, out_dir: Path | str, formats: Iterable[str] = FORMATS, sheets: bool = True
 ) -> dict[str, Path]:
-    """Write the chosen formats into ``out_dir``, and (``sheets``) the sweep's sample sheets
-    (:mod:`diffquant.sample_sheets`) beside them; returns {format or sheet name: path}."""
+    """Write the chosen formats into ``out_dir``, ``guards.md`` where some job has a guard
+    (:func:`render_guards`), and (``sheets``) the sweep's sample sheets
+    (:mod:`diffquant.sample_sheets`) beside them; returns {format, ``guards`` or sheet name:
+    path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from diffquant.cache import atomic_write_text
@@ -642,6 +690,9 @@ def write_table(
         name, render = RENDERERS[fmt]
         atomic_write_text(out_dir / name, render(t))
         written[fmt] = out_dir / name
+    if guard_decisions(t):
+        atomic_write_text(out_dir / "guards.md", render_guards(t))
+        written["guards"] = out_dir / "guards.md"
     if sheets:
         order = list(dict.fromkeys(r.method for r in t.rows))
         for path in write_sample_sheets(t.results, out_dir, order):
