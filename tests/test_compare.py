@@ -22,3 +22,12 @@ def test_equal_sweeps_pass_and_changes_fail(tmp_path, capsys):
     assert "| 1_m_w4a4_ptq_s0 | 0.4 | 0.4 | 0.2 | 0.21 |" in out and "n_quant_layers" in out
     write(a, "2_m_w3a6_ptq_s0", fid=0.5)
     assert main([str(a), str(b), "--metrics", "fid"]) == 1 and "only in A" in capsys.readouterr().out
+
+
+def test_a_saved_results_folder_compares_by_file_name(tmp_path, capsys):
+    a, saved = tmp_path / "a", tmp_path / "jobs"
+    write(a, "0_m_w4a8_ptq_s0", fid=0.3, fid_to_fp=0.01)
+    saved.mkdir()
+    (saved / "0_m_w4a8_ptq_s0.json").write_text(json.dumps({"fid": 0.3, "fid_to_fp": 0.02}))
+    assert main([str(a), str(saved), "--metrics", "fid_to_fp"]) == 1
+    assert "| 0_m_w4a8_ptq_s0 | 0.01 | 0.02 |" in capsys.readouterr().out

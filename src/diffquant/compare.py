@@ -22,8 +22,10 @@ IGNORED_KEYS = ("config_hash",)
 
 
 def jobs(sweep: Path) -> dict[str, dict]:
-    """``{job folder name: metrics}`` of the finished jobs of ``sweep``."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))}
+    """``{job folder name: metrics}`` of the finished jobs of ``sweep``; a folder of saved results
+    (``experiments/results/<table>/jobs/<job>.json``, no ``*/metrics.json``) by file name."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))}
+    return found or {p.stem: json.loads(p.read_text()) for p in sorted(sweep.glob("*.json"))}
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
