@@ -429,3 +429,57 @@ def test_full_size_forward_through_the_quantized_wrapper(family):
     print(report)
     assert out.shape == (2, 4, size, size) and torch.isfinite(out).all(), report
     assert n_params > 5e8 and rel < 0.1, report
+
+
+# ---------------------------------------------------------------------------- the Python API
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_a_users_transformer_pipeline_is_quantized_in_place(family, tmp_path):
+    """``diffquant.quantize(DiTPipeline / PixArtAlphaPipeline)`` quantizes ``pipe.transformer``;
+    the user's own pipeline then samples with it (its keyword time step reaches the quantizers)."""
+    import diffquant
+    from diffquant.quant import is_quant_layer
+    from tiny_components import ddpm_linear, tiny_t5, tiny_vae, write_tokenizer
+
+    torch.manual_seed(0)
+    transformer, _ = tiny(family)
+    if family == "dit":
+        from diffusers import DiTPipeline
+
+        pipe = DiTPipeline(transformer=transformer, vae=tiny_vae("kl", 4, 0.5), scheduler=ddpm_linear())
+        extra: dict = {"num_classes": 10}
+    else:
+        from diffusers import PixArtAlphaPipeline
+
+        tokenizer = write_tokenizer(tmp_path / "tok")
+        pipe = PixArtAlphaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=tiny_t5(tokenizer),
+            vae=tiny_vae("kl", 4, 0.5),
+            transformer=transformer,
+            scheduler=ddpm_linear(),
+        )
+        extra = {"prompts": ["a handwritten seven", "the digit 1"]}
+    out = diffquant.quantize(
+        pipe,
+        quant={"name": "w8a8", "act_dynamic_per_token": True},
+        method="ptq_minmax",
+        num_inference_steps=2,
+        cache_dir=tmp_path / "c",
+        output_dir=tmp_path / "o",
+        calib={"n_samples": 2, "batch_size": 2},
+        **extra,
+    )
+    assert out is pipe and out.diffquant_result.metrics["n_quant_layers"] == (21 if family == "dit" else 27)
+    assert sum(is_quant_layer(m) for m in pipe.transformer.modules()) == (21 if family == "dit" else 27)
+    gen = torch.Generator().manual_seed(0)
+    if family == "dit":
+        images = pipe(class_labels=[1], num_inference_steps=2, generator=gen, output_type="np").images
+    else:
+        images = pipe(
+            "a handwritten seven",
+            num_inference_steps=2,
+            generator=gen,
+            output_type="np",
+            use_resolution_binning=False,  # the tiny model's size is none of PixArt's bins
+        ).images
+    assert images.shape[0] == 1 and float(abs(images).max()) <= 1.0
