@@ -4,8 +4,10 @@ role.
 Quantization, calibration, reconstruction and the methods never name a module of a denoiser.
 They ask the model wrapper's :class:`DenoiserSpec` (``model.spec``), in the spirit of the
 diffusers model classes that declare their special modules (``_keep_in_fp32_modules``,
-``_skip_layerwise_casting_patterns``). A new family (a DiT, say) declares its own spec in
-``models/`` and every method works on it, or fails naming the role the family lacks.
+``_skip_layerwise_casting_patterns``). A new family declares its own spec in ``models/`` and
+every method works on it, or fails naming the role the family lacks: :class:`UNetSpec` (the UNet
+families), :class:`DiTSpec` and :class:`PixArtSpec` (the ``dit`` and ``pixart`` transformers,
+see :class:`TransformerSpec`).
 
 Calling convention
 ------------------
