@@ -16,7 +16,14 @@ from diffquant.models.loading import MissingWeightsError, build_model
 from diffquant.quant import is_quant_layer
 from diffquant.registry import METHODS
 from diffquant.schema import typed_run_config
-from tiny_components import TINY_CHURCH_UNET, write_class_context_folder, write_ldm_folder, write_sd_folder
+from tiny_components import (
+    TINY_CHURCH_UNET,
+    write_class_context_folder,
+    write_dit_folder,
+    write_ldm_folder,
+    write_pixart_folder,
+    write_sd_folder,
+)
 
 #: The papers' sampler settings each config must carry: (steps, guidance, eta, scheduler class or None).
 PAPER_SAMPLERS = {
@@ -25,6 +32,8 @@ PAPER_SAMPLERS = {
     "ldm_bedroom": (200, 1.0, 1.0, None),
     "ldm_church": (500, 1.0, 0.0, None),
     "ldm_imagenet": (20, 3.0, 0.0, None),
+    "dit_xl_2_256": (250, 1.5, 1.0, "DDIMScheduler"),  # ancestral steps as DDIM eta 1
+    "pixart_alpha_512": (20, 4.5, 0.0, None),  # the checkpoint's DPM-Solver
 }
 REAL_MODELS = list(PAPER_SAMPLERS)
 QUANT = [
@@ -60,6 +69,12 @@ def tiny_folder(model: str, root: Path) -> tuple[Path, list[str]]:
         return folder, [f"model.prompts={prompts}", "model.image_size=16"]
     if model == "ldm_imagenet":
         return write_class_context_folder(folder), []
+    if model == "dit_xl_2_256":
+        return write_dit_folder(folder), []
+    if model == "pixart_alpha_512":
+        prompts = root / "captions.txt"
+        prompts.write_text("a handwritten seven\nthe digit 1\n")
+        return write_pixart_folder(folder), [f"model.prompts={prompts}"]
     if model == "ldm_church":
         return write_ldm_folder(folder, "kl", TINY_CHURCH_UNET, scaling_factor=0.5), []
     return write_ldm_folder(folder, "vq"), []

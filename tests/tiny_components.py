@@ -6,6 +6,9 @@
   optionally with the CompVis layout and head count of LSUN-Church;
 * :func:`write_class_context_folder` — the ImageNet layout (+ ``class_embedder/``);
 * :func:`write_clip_folder` — a ``CLIPModel`` + ``CLIPProcessor`` folder;
+* :func:`write_dit_folder` / :func:`write_pixart_folder` — ``DiTPipeline`` / ``PixArtAlphaPipeline``
+  layouts (a tiny ``DiTTransformer2DModel`` / ``PixArtTransformer2DModel`` with learned sigma, a
+  tiny VAE, for PixArt a tiny ``T5EncoderModel`` with the project's tokenizer);
 * :func:`to_compvis_checkpoint` — the inverse of :mod:`diffquant.models.convert`: diffusers
   components → a CompVis-style state dict, for round-trip tests.
 """
@@ -228,6 +231,91 @@ def write_class_context_folder(root: Path, num_classes: int = 1000, seed: int = 
     tiny_vae("vq", 3).save_pretrained(root / "vae")
     ddim().save_pretrained(root / "scheduler")
     ClassEmbedder(num_classes + 1, 16).save_pretrained(root / "class_embedder")
+    return root
+
+
+def tiny_dit(num_classes: int = 1000, layers: int = 2):
+    """A ``DiTTransformer2DModel`` on 4×8×8 latents, learned sigma (8 output channels), 16-d tokens."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_pixart(caption_channels: int = TEXT_DIM, layers: int = 2):
+    """A ``PixArtTransformer2DModel`` on 4×8×8 latents, learned sigma, 16-d tokens."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=caption_channels,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_t5(tokenizer):
+    """A 1-layer ``T5EncoderModel`` (``TEXT_DIM``-d states) over ``tokenizer``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def ddpm_linear():
+    """DiT's training schedule (linear betas 1e-4 .. 0.02) as a DDIM scheduler."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+
+
+def write_dit_folder(root: Path, seed: int = 0, num_classes: int = 1000) -> Path:
+    """A tiny ``DiTPipeline`` folder at ``root`` (``transformer/``, ``vae/``, ``scheduler/``)."""
+    torch.manual_seed(seed)
+    randomize(tiny_dit(num_classes), seed).save_pretrained(root / "transformer")
+    tiny_vae("kl", 4, 0.5).save_pretrained(root / "vae")
+    ddpm_linear().save_pretrained(root / "scheduler")
+    return root
+
+
+def write_pixart_folder(root: Path, seed: int = 0) -> Path:
+    """A tiny ``PixArtAlphaPipeline`` folder at ``root`` (+ ``text_encoder/`` and ``tokenizer/``:
+    the project's CLIP vocabulary stands in for T5's SentencePiece one)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    torch.manual_seed(seed)
+    randomize(tiny_pixart(), seed).save_pretrained(root / "transformer")
+    tiny_vae("kl", 4, 0.5).save_pretrained(root / "vae")
+    tokenizer = write_tokenizer(root / "tokenizer")
+    tiny_t5(tokenizer).save_pretrained(root / "text_encoder")
+    DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(
+        root / "scheduler"
+    )
     return root
 
 

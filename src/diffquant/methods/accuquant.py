@@ -111,7 +111,7 @@ from diffquant.methods.trajectory import (
 from diffquant.models.base import Conditioning
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import quantizer_state_dict
-from diffquant.quant.config import QuantConfig
+from diffquant.quant.config import QuantConfig, quant_key
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
 from diffquant.quant.state import quant_parameters
@@ -988,7 +988,7 @@ class AccuQuant(Method):
         base = load_or_run_ptq(model, quant, cfg.ptq, ctx)
         settings = {
             "method": {k: v for k, v in asdict(cfg).items() if k not in self.not_in_key},
-            "quant": asdict(quant),
+            "quant": quant_key(quant),
         }
         guard = (
             RefinementGuard(

@@ -124,7 +124,7 @@ from diffquant.methods.quest_sensitivity import (
     load_report,
 )
 from diffquant.quant.checkpoint import quantizer_state_dict
-from diffquant.quant.config import FP_BITS, QuantConfig
+from diffquant.quant.config import FP_BITS, QuantConfig, quant_key
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_parameters
 from diffquant.quant.timestep import attach_timestep_router
@@ -496,7 +496,7 @@ class Quest(Method):
         }
         return {
             "method": {k: v for k, v in as_dict(cfg).items() if k not in self.not_in_key},
-            "quant": as_dict(quant),
+            "quant": quant_key(quant),
             "stages": [[s.name, s.epochs, list(s.weights), list(s.act_scales)] for s in stages],
             "rows": tensor_digest(rows),
             "start": tensor_digest(start),

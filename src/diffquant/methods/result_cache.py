@@ -24,7 +24,7 @@ from diffquant.cache import CacheEntry
 from diffquant.calib.collect import model_identity
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.quant.checkpoint import load_quantized, save_quantized
-from diffquant.quant.config import QuantConfig
+from diffquant.quant.config import QuantConfig, quant_key
 from diffquant.quant.typed import as_dataclass, as_dict
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ RESULT_FILE = "quantized_denoiser.pt"
 
 def method_result_key(method: Method, model: Any, quant: Any, cfg: Any) -> dict[str, Any]:
     """What determines a method's result: FP model, quant config, method config and version."""
-    quant_d = as_dict(quant)
+    quant_d = quant_key(quant)
     quant_d.pop("name", None)
     method_d = {k: v for k, v in as_dict(cfg).items() if k not in method.not_in_key}
     return {"model": model_identity(model), "quant": quant_d, "method": method_d, "version": method.version}

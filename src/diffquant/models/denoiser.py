@@ -4,8 +4,10 @@ role.
 Quantization, calibration, reconstruction and the methods never name a module of a denoiser.
 They ask the model wrapper's :class:`DenoiserSpec` (``model.spec``), in the spirit of the
 diffusers model classes that declare their special modules (``_keep_in_fp32_modules``,
-``_skip_layerwise_casting_patterns``). A new family (a DiT, say) declares its own spec in
-``models/`` and every method works on it, or fails naming the role the family lacks.
+``_skip_layerwise_casting_patterns``). A new family declares its own spec in ``models/`` and
+every method works on it, or fails naming the role the family lacks: :class:`UNetSpec` (the UNet
+families), :class:`DiTSpec` and :class:`PixArtSpec` (the ``dit`` and ``pixart`` transformers,
+see :class:`TransformerSpec`).
 
 Calling convention
 ------------------
@@ -268,3 +270,85 @@ def _out_channels(block: nn.Module) -> Optional[int]:
 
 
 UNET = UNetSpec()
+
+
+class TransformerSpec(DiffusersSpec):
+    """diffusers latent diffusion transformers (``DiTTransformer2DModel``,
+    ``PixArtTransformer2DModel``): latents ``(B, C, h, w)`` under ``hidden_states``, read by the
+    patch embedding ``pos_embed.proj`` (a Conv2d: the ``first`` role); the
+    ``BasicTransformerBlock`` s are the reconstruction units.
+
+    ``time_projection``: the adaLN modulation linears that project the time-step embedding (DiT:
+    plus the class embedding) into the blocks — the ``linear`` of every ``AdaLayerNormZero`` (one
+    per DiT block) and ``AdaLayerNormSingle`` (PixArt's one, shared by all blocks) — and the
+    family's :attr:`time_projection_layers` (DiT's final modulation ``proj_out_1``).
+    ``time_embedding``: the ``TimestepEmbedding`` MLPs (found by :class:`DiffusersSpec`; DiT has
+    one per block).
+
+    Learned sigma: a denoiser with ``2C`` output channels for ``C`` latent channels (DiT-XL/2,
+    PixArt-α: ε and the variance interpolation) returns ε only from :meth:`forward`
+    ``(B, C, h, w)``, as diffusers' ``DiTPipeline`` and ``PixArtAlphaPipeline`` do; the sampler
+    then uses its scheduler's own variance.
+    """
+
+    family = "transformer"
+    sample_arg = "hidden_states"
+    first_layers = ("pos_embed.proj",)
+    time_projection_layers: tuple[str, ...] = ()
+
+    def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """ε ``(B, C, h, w)``: the first ``C`` output channels when the denoiser also predicts the
+        variance (``2C`` channels for a ``C``-channel input)."""
+        out = super().forward(denoiser, batch)
+        channels = batch[self.sample_arg].shape[1]
+        return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+    def resolve(self, denoiser: nn.Module) -> dict[str, list[str]]:
+        from diffusers.models.normalization import AdaLayerNormSingle, AdaLayerNormZero
+
+        table = super().resolve(denoiser)
+        modules = dict(denoiser.named_modules())
+        projections = [
+            f"{n}.linear"
+            for n, m in modules.items()
+            if isinstance(m, (AdaLayerNormZero, AdaLayerNormSingle)) and is_layer(modules.get(f"{n}.linear"))
+        ]
+        for n in self.time_projection_layers:
+            if not is_layer(modules.get(n, nn.Identity())):
+                raise RoleError(
+                    f"{self.family} denoiser: role 'time_projection' names layer {n!r}, "
+                    "which is not a Conv2d/Linear of this model"
+                )
+            projections.append(n)
+        table["time_projection"] = projections
+        return table
+
+    def layer_type(self, name: str) -> str:
+        """``transformer_blocks.3.attn1.to_q`` → ``attn1.to_q``."""
+        return super().layer_type(re.sub(r"^transformer_blocks\.\d+\.", "", name))
+
+
+class DiTSpec(TransformerSpec):
+    """``DiTTransformer2DModel`` (family ``dit``): ``forward(hidden_states, timestep,
+    class_labels)``; output written by ``proj_out_2``, whose modulation ``proj_out_1`` reads the
+    time-step + class embedding."""
+
+    family = "dit"
+    last_layers = ("proj_out_2",)
+    time_projection_layers = ("proj_out_1",)
+    timestep_position = 1
+
+
+class PixArtSpec(TransformerSpec):
+    """``PixArtTransformer2DModel`` (family ``pixart``): ``forward(hidden_states,
+    encoder_hidden_states, timestep, ...)`` with the T5 states ``(B, L, 4096)`` and their mask
+    ``encoder_attention_mask`` ``(B, L)``; output written by ``proj_out``. The caption projection
+    (``caption_projection.linear_1/2``) plays no role: it is quantized like any layer."""
+
+    family = "pixart"
+    last_layers = ("proj_out",)
+    timestep_position = 2
+
+
+DIT = DiTSpec()
+PIXART = PixArtSpec()

@@ -16,6 +16,10 @@ from diffquant.validation import InvalidSetting, one_of, positive
 
 FP_BITS = 32
 
+#: Fields added after results were cached, with the value that reproduces the earlier behaviour:
+#: left out of cache and resume keys at that value, so that adding them invalidates nothing.
+KEY_NEUTRAL_DEFAULTS = {"act_dynamic_per_token": False}
+
 
 @dataclass
 class QuantConfig:
@@ -29,6 +33,16 @@ class QuantConfig:
         symmetric_weights / symmetric_acts: symmetric (zero point 0) instead of affine ranges.
         act_per_channel: per-channel activation ranges (channel dim 1 for 4-D inputs, last dim for
             token inputs); None = automatic, on at ``act_bits <= 4`` as the QuEST code does.
+        act_dynamic_per_token: dynamic per-token activation quantization (ViDiT-Q): every layer
+            input and attention q, k, v gets one grid per token (a row of the channel axis: a
+            position of a 4-D input, a token of ``(B, L, C)``, a row of ``(B, C)``) from that
+            token's own min and max, computed at run time
+            (:class:`~diffquant.quant.quantizers.TokenActQuantizer`). Nothing is calibrated:
+            range initialisation (``act_init``), running statistics and time-step groups do not
+            apply to these quantizers, and LSQ (``ptq``'s activation stage), QuEST and AccuQuant
+            learn no step size for them (they still learn everything else, and the step size of
+            the post-softmax quantizer, which stays static: unsigned at ``softmax_bits``).
+            Excludes ``act_per_channel=true`` and ``act_running_stat=true``.
         first_last_act_bits: activation bits of the input of the denoiser's first and last layer
             (its ``first`` / ``last`` roles; a UNet's input and output convolutions); None keeps
             them at ``act_bits``.
@@ -62,6 +76,7 @@ class QuantConfig:
     symmetric_weights: bool = False
     symmetric_acts: bool = False
     act_per_channel: Optional[bool] = None
+    act_dynamic_per_token: bool = False
     first_last_act_bits: Optional[int] = 8
     shortcut_split: bool = True
     weight_init: str = "lp"
@@ -84,6 +99,9 @@ class QuantConfig:
 
     @property
     def acts_per_channel(self) -> bool:
+        """Static per-channel activation ranges (never with dynamic per-token quantization)."""
+        if self.act_dynamic_per_token:
+            return False
         return self.act_bits <= 4 if self.act_per_channel is None else bool(self.act_per_channel)
 
 
@@ -117,8 +135,31 @@ def validate_bits(cfg) -> None:
         raise InvalidSetting(
             "minmax_act_roles", f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}."
         )
+    if getattr(cfg, "act_dynamic_per_token", False):
+        for key in ("act_per_channel", "act_running_stat"):
+            if getattr(cfg, key):
+                raise InvalidSetting(
+                    key,
+                    "cannot be combined with act_dynamic_per_token=true (each token's range is "
+                    f"computed at run time): set quant.{key}="
+                    + ("null" if key == "act_per_channel" else "false")
+                    + " or quant.act_dynamic_per_token=false.",
+                )
     positive(cfg, "timestep_groups", "lp_candidates")
     if not 0.0 <= cfg.act_momentum < 1.0:
         raise InvalidSetting(
             "act_momentum", "must lie in [0, 1) (Q-Diffusion: 0.95), e.g. quant.act_momentum=0.95."
         )
+
+
+def quant_key(cfg) -> dict:
+    """The setting as a plain dict for cache and resume keys: every field, except those of
+    :data:`KEY_NEUTRAL_DEFAULTS` at their neutral value (keys made before they existed stay
+    valid)."""
+    from diffquant.quant.typed import as_dict
+
+    d = as_dict(cfg)
+    for key, neutral in KEY_NEUTRAL_DEFAULTS.items():
+        if key in d and d[key] == neutral:
+            d.pop(key)
+    return d

@@ -28,6 +28,8 @@ Modules:
 * :class:`ActQuantizer` — per tensor or per channel (dim 1 of 4-D inputs, last dim otherwise),
   learnable Δ (LSQ), optionally *time-step aware*: ``n_groups`` parameter sets, one per group of
   sampler steps, selected per batch row by :attr:`ActQuantizer.group_index`.
+* :class:`TokenActQuantizer` — *dynamic per-token* (ViDiT-Q): each token's range is its own min
+  and max, computed at run time; nothing is calibrated or learned.
 """
 
 from __future__ import annotations
@@ -350,6 +352,7 @@ class ActQuantizer(nn.Module):
     """
 
     kind = "act"
+    dynamic = False  # True: ranges computed at run time (TokenActQuantizer), never calibrated
 
     def __init__(
         self, bits: int, mode: str = "affine", channels: int = 1, n_groups: int = 1, per_channel: bool = False
@@ -558,6 +561,51 @@ class _RangeObserver:
             lo[g], hi[g] = lo[nearest], hi[nearest]
         dev = self.q.scale.device
         return lo.float().to(dev), hi.float().to(dev)
+
+
+class TokenActQuantizer(ActQuantizer):
+    """Dynamic per-token fake quantizer (ViDiT-Q's activation granularity).
+
+    Every *token* gets its own grid, from its own min and max computed at run time: a token is a
+    row of the channel axis — one position ``(b, :, h, w)`` of a 4-D input ``(B, C, H, W)``, one
+    ``(b, l, :)`` of a token input ``(B, L, C)``, one row of ``(B, C)``. The range is widened to
+    contain 0 (zero stays exact), as for every grid here (:func:`range_to_qparams`).
+
+    There is nothing to calibrate or learn: the quantizer is ready at construction
+    (``initialized`` is True), ignores range observation (:meth:`start_observing` is a no-op), has
+    one group whatever the time step, and its ``scale`` / ``zero_point`` (``(1, 1)``) are unused
+    placeholders kept so that code listing quantizer parameters (finite checks, state dicts) sees
+    the usual slots. :func:`~diffquant.quant.state.iter_quantizers` lists it under kind
+    ``dynamic``, not ``act``, so range calibration, time-step groups and LSQ / QuEST / AccuQuant
+    step-size learning skip it. The per-token scale is detached: gradients reach ``x`` straight
+    through the rounding (the STE), never through the range.
+    """
+
+    kind = "dynamic"
+    dynamic = True
+
+    def __init__(self, bits: int, mode: str = "affine") -> None:
+        super().__init__(bits, mode, channels=1, n_groups=1, per_channel=False)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        axis = self._ch_axis(x)
+        with torch.no_grad():
+            lo = x.amin(dim=axis, keepdim=True).float()
+            hi = x.amax(dim=axis, keepdim=True).float()
+            scale, zp = range_to_qparams(lo, hi, self.bits, self.mode)
+        return fake_quant(x, scale.to(x.dtype), zp.to(x.dtype), self.q_min, self.q_max)
+
+    def start_observing(self, *args, **kwargs) -> None:
+        """Nothing to observe: the range is each token's own, at run time."""
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        raise RuntimeError("a dynamic per-token quantizer has no fixed range to set")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}, dynamic_per_token"
 
 
 class SplitActQuantizer(nn.Module):

@@ -7,11 +7,16 @@
       with quant_state(denoiser, weights=False, acts=False):
           target = denoiser(**kwargs).sample            # the FP model
 
-* :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind.
+* :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind: ``weight``,
+  ``act`` (activation quantizers with a calibrated, learnable range) or ``dynamic`` (dynamic
+  per-token activation quantizers, :class:`~diffquant.quant.quantizers.TokenActQuantizer`: no
+  range to calibrate or learn, so every method that calibrates or trains ``act`` quantizers skips
+  them; :func:`quant_state` switches them with the other activation quantizers).
 * :func:`quant_parameters` — the trainable tensors by kind and module-name pattern:
 
   ==================  ================================================================
-  ``act_scale``       step sizes Δ of activation quantizers (LSQ; ``(G, C)`` each)
+  ``act_scale``       step sizes Δ of activation quantizers (LSQ; ``(G, C)`` each; dynamic
+                      per-token quantizers have none)
   ``weight_round``    AdaRound α of weights in ``soft`` rounding
   ``weight_latent``   FP latent weights of quantized Conv2d/Linear layers (QuEST)
   ``bias``            biases of quantized Conv2d/Linear layers
@@ -35,14 +40,19 @@ PARAM_KINDS = ("act_scale", "weight_round", "weight_latent", "bias")
 
 
 def iter_quantizers(module: nn.Module, kind: Optional[str] = None) -> Iterator[tuple[str, Quantizer]]:
-    """``(name, quantizer)`` for every weight (``kind="weight"``), activation (``"act"``) or any
-    (``None``) leaf quantizer under ``module``; split quantizers yield their two halves."""
+    """``(name, quantizer)`` for every weight (``kind="weight"``), calibrated activation
+    (``"act"``), dynamic per-token activation (``"dynamic"``) or any (``None``) leaf quantizer
+    under ``module``; split quantizers yield their two halves."""
     want = {None: (WeightQuantizer, ActQuantizer), "weight": (WeightQuantizer,), "act": (ActQuantizer,)}
+    want["dynamic"] = (ActQuantizer,)
     if kind not in want:
-        raise ValueError(f"unknown quantizer kind {kind!r}; use 'weight', 'act' or None")
+        raise ValueError(f"unknown quantizer kind {kind!r}; use 'weight', 'act', 'dynamic' or None")
     for name, m in module.named_modules():
-        if isinstance(m, want[kind]):
-            yield name, m
+        if not isinstance(m, want[kind]):
+            continue
+        if kind in ("act", "dynamic") and m.dynamic != (kind == "dynamic"):
+            continue
+        yield name, m
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -103,7 +113,7 @@ def quant_parameters(
     found: dict[str, nn.Parameter] = {}
     for name, m in module.named_modules():
         prefix = f"{name}." if name else ""
-        if kind == "act_scale" and isinstance(m, ActQuantizer):
+        if kind == "act_scale" and isinstance(m, ActQuantizer) and not m.dynamic:
             if max_bits is None or m.bits <= max_bits:
                 found[prefix + "scale"] = m.scale
         elif kind == "weight_round" and isinstance(m, WeightQuantizer) and m.adaround is not None:

@@ -3,7 +3,8 @@
 :func:`quantize_denoiser` replaces
 
 * every ``nn.Conv2d`` / ``nn.Linear`` by :class:`QuantConv2d` / :class:`QuantLinear` (weight per
-  output channel, input activation per tensor or per channel);
+  output channel, input activation per tensor, per channel, or dynamic per token with
+  ``quant.act_dynamic_per_token``);
 * the processor of every diffusers ``Attention`` by :class:`QuantAttnProcessor` (q, k, v at the
   activation bit-width, post-softmax probabilities unsigned at ``softmax_bits``);
 
@@ -34,7 +35,13 @@ from torch import nn
 from diffquant.quant.attention import QuantAttnProcessor, is_quant_attention
 from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
 from diffquant.quant.modules import QuantConv2d, QuantLinear, is_quant_layer
-from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
+from diffquant.quant.quantizers import (
+    ActQuantizer,
+    SplitActQuantizer,
+    SplitWeightQuantizer,
+    TokenActQuantizer,
+    WeightQuantizer,
+)
 from diffquant.quant.state import is_quantized, iter_quantizers
 from diffquant.quant.timestep import attach_timestep_router
 from diffquant.quant.typed import as_dataclass
@@ -79,6 +86,8 @@ class QuantSummary:
         q = self.quant
         w = "FP" if q["weight_bits"] >= FP_BITS else f"{q['weight_bits']}-bit per-channel"
         gran = "per-channel" if q.get("_acts_per_channel") else "per-tensor"
+        if q.get("act_dynamic_per_token"):
+            gran = "dynamic per-token"
         a = "FP" if q["act_bits"] >= FP_BITS else f"{q['act_bits']}-bit {gran}"
         groups = q["timestep_groups"] if q.get("timestep_aware") else 1
         fl = q.get("first_last_act_bits") or q["act_bits"]
@@ -134,6 +143,8 @@ class _Factory:
         bits = self.cfg.act_bits if bits is None else bits
         if bits >= FP_BITS or self.cfg.act_bits >= FP_BITS:
             return None
+        if self.cfg.act_dynamic_per_token:
+            return TokenActQuantizer(bits, mode or self.a_mode)
         pc = self.cfg.acts_per_channel if per_channel is None else per_channel
         return ActQuantizer(bits, mode or self.a_mode, channels, self.groups, pc)
 
