@@ -169,8 +169,8 @@ class AccuQuantConfig:
             (:mod:`diffquant.methods.guard`). The paper configs turn it off (the paper describes
             no such step).
         guard_samples / guard_seed: the held-out trajectories (a seed other than ``seed``).
-        guard_criterion: ``both`` (keep the refinement only if neither held-out measure gets
-            worse), ``mse`` or ``log_mse`` (:data:`diffquant.methods.guard.CRITERIA`).
+        guard_criterion: ``mse`` (the mean per-image error), ``log_mse`` (the mean of its
+            log10) or ``both`` (neither may get worse): :data:`diffquant.methods.guard.CRITERIA`.
         max_act_bits: activation quantizers above this many bits (16-bit softmax) are not learned.
         round_forward: ``hard`` (the network sees the hard choices α ≥ 0, the gradient passes
             straight through h(α)) or ``soft`` (AdaRound: the network sees h(α), hardened at the
@@ -208,7 +208,7 @@ class AccuQuantConfig:
     guard: bool = True
     guard_samples: int = 256  # 64 missed the few diverging samples behind FID→FP (see quest.py)
     guard_seed: int = 30_000
-    guard_criterion: str = "both"
+    guard_criterion: str = "mse"
     max_act_bits: int = 15
     round_reg: float = 0.01
     round_warmup: float = 0.2
@@ -972,9 +972,7 @@ def trajectory_calibration(
 class AccuQuant(Method):
     """``method=accuquant``: baseline PTQ (cached), then grouped trajectory calibration."""
 
-    version = (
-        6  # 4: the held-out guard replaces revert_if_worse; 5: judged on decoded images; 6: criterion both
-    )
+    version = 6  # 4: the held-out guard replaces revert_if_worse; 5: judged on decoded images; 6: both held-out measures in the metrics
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:

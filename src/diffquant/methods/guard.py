@@ -129,7 +129,7 @@ class RefinementGuard:
     """Measures and keeps the base when created; :meth:`judge` keeps the final model unless it
     is worse than the base by ``criterion`` (:func:`improves`)."""
 
-    def __init__(self, model: Any, samples: int, seed: int, batch_size: int, criterion: str = "both") -> None:
+    def __init__(self, model: Any, samples: int, seed: int, batch_size: int, criterion: str = "mse") -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"guard criterion {criterion!r}: choose from {', '.join(CRITERIA)}")
         self.model, self.batch_size, self.criterion = model, batch_size, criterion

@@ -206,8 +206,8 @@ class QuestConfig:
             ldm_digits W8A8 the init was 8x worse on held-out trajectories).
         guard_samples / guard_seed / guard_batch_size: the held-out trajectories and the batch
             they are sampled in.
-        guard_criterion: ``both`` (keep the refinement only if neither held-out measure gets
-            worse), ``mse`` or ``log_mse`` (:data:`diffquant.methods.guard.CRITERIA`).
+        guard_criterion: ``mse`` (the mean per-image error), ``log_mse`` (the mean of its
+            log10) or ``both`` (neither may get worse): :data:`diffquant.methods.guard.CRITERIA`.
         seed: base seed of row sampling and shuffling (re-seeded by the run's ``calib_seed``).
         progress_every: besides after every epoch, save the finetuning progress every that many
             optimiser steps (0: after epochs only), so that a stopped job resumes there
@@ -258,7 +258,7 @@ class QuestConfig:
     guard_samples: int = 256
     guard_seed: int = 30_000
     guard_batch_size: int = 64
-    guard_criterion: str = "both"
+    guard_criterion: str = "mse"
     seed: int = 0
     progress_every: int = 20
     ablation: Optional[str] = None
@@ -470,7 +470,9 @@ def _probe_batches(
 class Quest(Method):
     """``method=quest``: PTQ base → time-step-aware activations → TLA → CMA (module doc)."""
 
-    version = 6  # 4: the held-out guard; 5: judged on decoded images; 6: criterion both
+    version = (
+        6  # 4: the held-out guard; 5: judged on decoded images; 6: both held-out measures in the metrics
+    )
     not_in_key = (*Method.not_in_key, "progress_every")
 
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
