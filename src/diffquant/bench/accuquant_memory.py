@@ -134,7 +134,7 @@ def random_ldm_digits(model_cfg: Any, device: str):
         build_unet,
     )
 
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+    sampler = SamplerSettings.of(model_cfg)
     return LatentDiffusion(
         "ldm_digits_random",
         build_unet(),

@@ -91,6 +91,12 @@ class SamplerSettings:
     guidance_scale: float = 1.0
     eta: float = 0.0
 
+    @classmethod
+    def of(cls, model_cfg: Any) -> SamplerSettings:
+        """The sampler settings of a model config (``model.num_inference_steps``,
+        ``model.guidance_scale``, ``model.eta``)."""
+        return cls(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+
 
 class DiffusionModel:
     """A latent diffusion model: denoiser + autoencoder + scheduler (+ conditioning).

@@ -66,7 +66,7 @@ def build_dit(model_cfg: Any, device: torch.device) -> ClassConditionalDiT:
             f"model.num_classes={num_classes} exceeds the {null_class} classes of the DiT's label "
             "embedding (config num_embeds_ada_norm)."
         )
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+    sampler = SamplerSettings.of(model_cfg)
     return ClassConditionalDiT(
         model_cfg.name,
         transformer,

@@ -88,7 +88,7 @@ def build_ldm(model_cfg: Any, device: torch.device) -> LatentDiffusion:
     scheduler = load_scheduler(model_cfg)
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+    sampler = SamplerSettings.of(model_cfg)
     num_classes = model_cfg.num_classes if model_cfg.num_classes is not None else meta.get("num_classes")
     return LatentDiffusion(
         model_cfg.name,

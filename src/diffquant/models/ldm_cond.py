@@ -83,7 +83,7 @@ def build_ldm_class_context(model_cfg: Any, device: torch.device) -> ClassContex
             f"model.num_classes={num_classes} exceeds the {class_embedder.null_class} classes "
             "of the class embedder."
         )
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+    sampler = SamplerSettings.of(model_cfg)
     return ClassContextDiffusion(
         model_cfg.name,
         unet,

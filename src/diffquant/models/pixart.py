@@ -17,19 +17,18 @@ which the sampler keeps ε (:class:`~diffquant.models.denoiser.TransformerSpec`)
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.base import SamplerSettings
 from diffquant.models.denoiser import PIXART
 from diffquant.models.ldm import load_scheduler, randomly_initialised
 from diffquant.models.loading import check_weights, load_component, read_meta
-from diffquant.models.prompts import load_prompts
-from diffquant.models.sd import latent_shape
+from diffquant.models.prompts import load_prompts, prompts_digest
+from diffquant.models.sd import TextToImageDiffusion, latent_shape
 from diffquant.registry import MODELS
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -47,7 +46,8 @@ class T5PromptEncoder:
         self._empty: dict[str, Tensor] | None = None
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+    def condition_rows(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The denoiser's keyword arguments for ``prompts``: the states and their mask."""
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -60,47 +60,20 @@ class T5PromptEncoder:
         states = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
-    def empty(self, n: int) -> dict[str, Tensor]:
+    def empty_rows(self, n: int) -> dict[str, Tensor]:
         """The empty prompt's states and mask repeated for ``n`` samples (computed once)."""
         if self._empty is None:
-            self._empty = self([""])
+            self._empty = self.condition_rows([""])
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._empty.items()}
 
 
-class TextToImageTransformer(DiffusionModel):
-    """``PixArtTransformer2DModel`` conditioned on T5 text states through cross-attention."""
+class TextToImageTransformer(TextToImageDiffusion):
+    """``PixArtTransformer2DModel`` conditioned on T5 text states through cross-attention (the
+    prompts and their encoding as :class:`~diffquant.models.sd.TextToImageDiffusion`, with a
+    :class:`T5PromptEncoder`)."""
 
     family = "pixart"
     spec = PIXART
-
-    def __init__(
-        self, *args: Any, prompt_encoder: T5PromptEncoder, prompts: list[str], **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.prompt_encoder = prompt_encoder
-        self.prompts = prompts
-
-    @property
-    def text_encoder(self) -> nn.Module:
-        return self.prompt_encoder.text_encoder
-
-    def prompts_of(self, indices: Sequence[int]) -> list[str]:
-        """The prompt of each sample index."""
-        return [self.prompts[int(i) % len(self.prompts)] for i in indices]
-
-    def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
-        prompts = self.prompts_of(indices)
-        cond = self.prompt_encoder(prompts)
-        uncond = self.prompt_encoder.empty(len(prompts)) if self.guided else None
-        return Conditioning(cond=cond, uncond=uncond, labels=prompts)
-
-    def describe(self) -> dict[str, Any]:
-        n_text = sum(p.numel() for p in self.text_encoder.parameters())
-        return {
-            **super().describe(),
-            "prompts": len(self.prompts),
-            "text_encoder_params_m": round(n_text / 1e6, 3),
-        }
 
 
 @MODELS.register("pixart")
@@ -122,11 +95,8 @@ def build_pixart(model_cfg: Any, device: torch.device) -> TextToImageTransformer
     text_encoder = load_component(T5EncoderModel, model_cfg, "text_encoder")
     tokenizer = load_component(AutoTokenizer, model_cfg, "tokenizer")
     scheduler = load_scheduler(model_cfg)
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
-    meta = {
-        **read_meta(model_cfg),
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
-    }
+    sampler = SamplerSettings.of(model_cfg)
+    meta = {**read_meta(model_cfg), "prompts_sha256": prompts_digest(prompts)}
     return TextToImageTransformer(
         model_cfg.name,
         transformer,

@@ -12,6 +12,7 @@ For the papers' Stable Diffusion evaluation, make a captions file from the MS-CO
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -20,6 +21,12 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 COCO_COMMAND = "python -m diffquant.models.prompts coco --annotations captions_val2014.json --out <file>"
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """The first 16 hex digits of the SHA-256 of the prompts (one per line): the prompts decide the
+    conditions of every sample, so they are part of a model's identity in cache keys."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
 def resolve_prompts_path(spec: str) -> Path:

@@ -13,7 +13,6 @@ the unconditional rows first and the conditional rows second (``encoder_hidden_s
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
 from diffquant.models.denoiser import UNET
 from diffquant.models.ldm import load_scheduler
 from diffquant.models.loading import check_weights, load_component, read_meta
-from diffquant.models.prompts import load_prompts
+from diffquant.models.prompts import load_prompts, prompts_digest
 from diffquant.registry import MODELS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -61,14 +60,27 @@ class PromptEncoder:
             self._empty = self([""])
         return self._empty.expand(n, -1, -1)
 
+    def condition_rows(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The denoiser's keyword arguments for ``prompts``: ``encoder_hidden_states``."""
+        return {"encoder_hidden_states": self(prompts)}
+
+    def empty_rows(self, n: int) -> dict[str, Tensor]:
+        """The denoiser's keyword arguments of the empty prompt for ``n`` samples."""
+        return {"encoder_hidden_states": self.empty(n)}
+
 
 class TextToImageDiffusion(DiffusionModel):
-    """``UNet2DConditionModel`` conditioned on CLIP text states through cross-attention."""
+    """``UNet2DConditionModel`` conditioned on CLIP text states through cross-attention.
+
+    Sample ``i`` gets prompt ``i % len(prompts)``, its unconditional input the empty prompt; the
+    ``prompt_encoder`` turns prompts into the denoiser's condition rows (``condition_rows`` /
+    ``empty_rows``), so a text-conditioned family with another encoder subclasses this one
+    (:class:`~diffquant.models.pixart.TextToImageTransformer`)."""
 
     family = "sd"
     spec = UNET
 
-    def __init__(self, *args: Any, prompt_encoder: PromptEncoder, prompts: list[str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prompt_encoder: Any, prompts: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prompt_encoder = prompt_encoder
         self.prompts = prompts
@@ -83,8 +95,8 @@ class TextToImageDiffusion(DiffusionModel):
 
     def conditions(self, indices: Sequence[int], seed: int) -> Conditioning:
         prompts = self.prompts_of(indices)
-        cond = {"encoder_hidden_states": self.prompt_encoder(prompts)}
-        uncond = {"encoder_hidden_states": self.prompt_encoder.empty(len(prompts))} if self.guided else None
+        cond = self.prompt_encoder.condition_rows(prompts)
+        uncond = self.prompt_encoder.empty_rows(len(prompts)) if self.guided else None
         return Conditioning(cond=cond, uncond=uncond, labels=prompts)
 
     def describe(self) -> dict[str, Any]:
@@ -124,12 +136,8 @@ def build_sd(model_cfg: Any, device: torch.device) -> TextToImageDiffusion:
     text_encoder = load_component(CLIPTextModel, model_cfg, "text_encoder")
     tokenizer = load_component(CLIPTokenizer, model_cfg, "tokenizer")
     scheduler = load_scheduler(model_cfg)
-    sampler = SamplerSettings(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
-    # The prompts decide the conditions of every sample: part of the model's identity in cache keys.
-    meta = {
-        **read_meta(model_cfg),
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
-    }
+    sampler = SamplerSettings.of(model_cfg)
+    meta = {**read_meta(model_cfg), "prompts_sha256": prompts_digest(prompts)}
     return TextToImageDiffusion(
         model_cfg.name,
         unet,
