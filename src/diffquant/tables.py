@@ -216,6 +216,15 @@ def method_label_of(m: dict[str, Any]) -> str:
     return m.get("method_label") or m["method"]
 
 
+def group_jobs(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """The jobs of each table row, keyed ``(model, method label, W/A bits)`` (:attr:`Row.key`)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for m in results:
+        key = (m["model"], method_label_of(m), bits_label(m.get("weight_bits"), m.get("act_bits")))
+        groups.setdefault(key, []).append(m)
+    return groups
+
+
 def calib_seed_of(m: dict[str, Any]) -> int:
     """A job's calibration seed (0 for jobs written before ``calib_seed`` was recorded)."""
     return int(m.get("calib_seed") or 0)
@@ -253,14 +262,7 @@ def build_rows(
     all_published: bool = False,
 ) -> list[Row]:
     """Join our results (grouped, averaged over seeds) with the published rows."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for m in results:
-        key = (
-            m["model"],
-            method_label_of(m),
-            bits_label(m.get("weight_bits"), m.get("act_bits")),
-        )
-        groups.setdefault(key, []).append(m)
+    groups = group_jobs(results)
 
     ours: dict[tuple[str, str, str], Row] = {}
     for key, ms in groups.items():
@@ -641,10 +643,7 @@ GUARD_SUFFIX = "_guard_kept"
 def guard_decisions(t: Table) -> list[tuple[Row, str, int, int]]:
     """``(row, guard, jobs that kept the base, jobs with that guard)`` for every
     ``<guard>_guard_kept`` key of every row's jobs, rows in table order, guards sorted."""
-    jobs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for m in t.results:
-        key = (m["model"], method_label_of(m), bits_label(m.get("weight_bits"), m.get("act_bits")))
-        jobs.setdefault(key, []).append(m)
+    jobs = group_jobs(t.results)
     out = []
     for row in t.rows:
         ms = jobs.get(row.key, [])
