@@ -65,5 +65,6 @@ tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g
 bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -> outputs/bench/sampling_speed_*.json
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w8a8,w4a8,w4a4 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w4a4 method=quest +bench.samples=100 +bench.repeats=3 $(ARGS)
+	$(PY) -m diffquant.bench.sampling_speed -m model=dit_digits quant=w4a8 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

@@ -71,21 +71,39 @@ def test_every_experiment_composes_with_sweep_paper(experiment, make_cfg):
 
 
 def test_embedded_sweep_is_the_readme_grid(make_cfg):
-    """`sweep=embedded`: both digits models (sd_digits with the CLIP evaluator), FP rows once,
+    """`sweep=embedded`: the three digits models (sd_digits with the CLIP evaluator), FP rows once,
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    # 2 FP + ldm_digits 6 bit-widths x 4 methods x 3 calibration seeds + 3 ablations x 3 seeds
-    # + sd_digits 6 x 4 x 1 seed
-    assert len(jobs) == 2 + 72 + 9 + 24
+    # 3 FP + ldm_digits 6 bit-widths x 4 methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x 4 x 1 seed + dit_digits 6 x 4 x 3 seeds
+    assert len(jobs) == 3 + 72 + 9 + 24 + 72
     assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
-    for model, evaluator in [("ldm_digits", "digits"), ("sd_digits", "clip_digits")]:
+    for model, evaluator in [
+        ("ldm_digits", "digits"),
+        ("sd_digits", "clip_digits"),
+        ("dit_digits", "digits"),
+    ]:
         mine = [j for j in jobs if j["model"] == model]
         assert all(j["evaluator"] == evaluator for j in mine)
         assert [j["quant"] for j in mine if j["method"] == "fp"] == ["fp32"]
     assert {j["quant"] for j in jobs} == {"fp32", "w8a8", "w4a8", "w4a6", "w4a4", "w3a8", "w3a6"}
     assert {j.get("calib_seed") for j in jobs if j["model"] == "ldm_digits"} == {None, "0", "1", "2"}
     assert {j.get("calib_seed") for j in jobs if j["model"] == "sd_digits"} == {None, "0"}
+    assert {j.get("calib_seed") for j in jobs if j["model"] == "dit_digits"} == {None, "0", "1", "2"}
+    dit = [
+        (j["quant"], j["method"]) for j in jobs if j["model"] == "dit_digits" and j.get("calib_seed") == "2"
+    ]
+    assert sorted(dit) == sorted(
+        (q, m)
+        for q in ("w8a8", "w4a8", "w4a6", "w4a4", "w3a8", "w3a6")
+        for m in (
+            "ptq_minmax",
+            "ptq",
+            "quest",
+            "accuquant",
+        )
+    )
     ablations = [
         j["method"]
         for j in jobs

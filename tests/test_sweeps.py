@@ -200,29 +200,32 @@ def _jobs(cfg) -> list[dict[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("sweep, n_fp, n_quantized, n_sd", [("paper", 1, 12, 0), ("embedded", 2, 27, 12)])
-def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(sweep, n_fp, n_quantized, n_sd, make_cfg):
+@pytest.mark.parametrize("sweep, n_fp, n_quantized, n_fixed", [("paper", 1, 12, 0), ("embedded", 3, 39, 24)])
+def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(
+    sweep, n_fp, n_quantized, n_fixed, make_cfg
+):
     """`grid.calib_seeds=[0,1]`: every quantized `ldm_digits` job twice, once per calibration seed
-    (the FP rows once; `sweep=embedded`'s `sd_digits` jobs follow `grid.sd_calib_seeds`, here
-    `[0]`); the calib_seed=0 jobs first, with the numbers and folder names of a sweep without
-    calibration seeds (`10_ldm_digits_w4a4_ptq_s0`), then the calib_seed=1 jobs in the same
+    (the FP rows once; `sweep=embedded`'s `sd_digits` and `dit_digits` jobs follow
+    `grid.sd_calib_seeds` and `grid.dit_calib_seeds`, here `[0]`: the `n_fixed` jobs); the
+    calib_seed=0 jobs first, with the numbers and folder names of a sweep without calibration seeds (`10_ldm_digits_w4a4_ptq_s0`), then the calib_seed=1 jobs in the same
     order, their folders named `..._s0_c1`; each job composes with its calib_seed."""
     base = [
         "experiment=embedded_digits",
         f"sweep={sweep}",
         "grid.quant=[w8a8,w4a8,w4a4]",
         "grid.sd_calib_seeds=[0]",
+        "grid.dit_calib_seeds=[0]",
     ]
     one = _jobs(make_cfg([*base, "grid.calib_seeds=[0]"], name="one"))
     two = _jobs(make_cfg([*base, "grid.calib_seeds=[0,1]"], name="two"))
-    assert len(one) == n_fp + n_quantized and len(two) == n_fp + 2 * n_quantized - n_sd
+    assert len(one) == n_fp + n_quantized and len(two) == n_fp + 2 * n_quantized - n_fixed
     assert two[: len(one)] == one  # calib_seed=0: the jobs (and numbers) of one seed
     assert sum(j["method"] == "fp" for j in two) == n_fp and all(
         "calib_seed" not in j for j in two if j["method"] == "fp"
     )
     quantized = [j for j in one if j["method"] != "fp"]
     assert all(j["calib_seed"] == "0" for j in quantized)
-    doubled = [j for j in quantized if j.get("model") != "sd_digits"]
+    doubled = [j for j in quantized if j.get("model") not in ("sd_digits", "dit_digits")]
     assert two[len(one) :] == [{**j, "calib_seed": "1"} for j in doubled]
 
     def folder(num: int) -> str:

@@ -197,6 +197,8 @@ class GridConfig:
             without calibration seeds.
         sd_calib_seeds: the calibration seeds of ``sweep=embedded``'s second model
             (``sd_digits``), which the benchmark runs with fewer seeds than ``ldm_digits``.
+        dit_calib_seeds: the calibration seeds of ``sweep=embedded``'s transformer
+            (``dit_digits``).
     """
 
     quant: list[str] = field(default_factory=lambda: ["w8a8", "w4a8", "w4a4"])
@@ -205,9 +207,10 @@ class GridConfig:
     ablations: list[str] = field(default_factory=list)
     calib_seeds: list[int] = field(default_factory=lambda: [0])
     sd_calib_seeds: list[int] = field(default_factory=lambda: [0])
+    dit_calib_seeds: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
-        for key in ("calib_seeds", "sd_calib_seeds"):
+        for key in ("calib_seeds", "sd_calib_seeds", "dit_calib_seeds"):
             for calib_seed in getattr(self, key):
                 check_calib_seed(calib_seed, key)
 

@@ -37,7 +37,9 @@ Critical layers (``critical_layers``), read from the denoiser's roles
   ``post_layer_recon_imagenet.py`` 35-49/62); ``sd`` → the same three roles, the embedded
   default (sd_digits): the QuEST SD script trains ``ff.net`` only (``post_layer_recon_sd.py``
   35/53), which ``method=quest_paper_sd`` selects (``critical_roles_by_family.sd:
-  [feed_forward]``); any other family → ``default``.
+  [feed_forward]``); the transformers (no QuEST code for them): ``dit`` → ``feed_forward``,
+  ``self_attention_qkv`` (a DiT block is self-attention + MLP), ``pixart`` → the ``sd`` roles;
+  any other family → ``default``.
 * ``auto`` — the activation sensitivity sweep (:mod:`diffquant.methods.quest_sensitivity`) on
   the FP model picks the ``critical_top_k`` most sensitive units; its ranking is a file of the
   result (``sensitivity.md``) and is cached.
@@ -143,6 +145,9 @@ def _default_critical_by_family() -> dict[str, list[str]]:
         "ldm_compvis": ["self_attention_qkv"],  # LSUN-Church (LDM-8, converted from CompVis)
         "ldm_class_context": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "sd": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
+        # transformers: every block is attention + MLP; as the UNets with transformer blocks
+        "dit": ["feed_forward", "self_attention_qkv"],
+        "pixart": ["feed_forward", "self_attention_qkv", "cross_attention_q"],
         "default": ["self_attention_qkv", "cross_attention_q", "cross_attention_kv"],
     }
 
