@@ -29,6 +29,7 @@ def test_fp_run_writes_metrics_grid_and_config(make_cfg):
     assert on_disk["method"] == "fp" and on_disk["weight_bits"] == 32 and on_disk["fid_to_fp"] == 0.0
     assert on_disk["n_samples"] == 40 and on_disk["fid"] > 0 and 1 <= on_disk["inception_score"] <= 10
     assert on_disk["peak_cuda_mb"] is None and on_disk["peak_rss_mb"] > 0
+    assert on_disk["model_size_mb"] == pytest.approx(1_849_252 * 4 / 2**20, abs=1e-4)  # ldm_digits' UNet
     assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
     saved = load_samples(out)  # the same images as the PNG's tiles, for the sweep's sample sheets
     png = np.asarray(Image.open(out / "samples.png"))
@@ -127,6 +128,8 @@ def test_quantized_run_through_the_app(make_cfg):
     assert m["method"] == "ptq_minmax" and m["weight_bits"] == 8 and m["act_bits"] == 8
     assert m["n_quant_layers"] > 0 and m["fid_to_fp"] is not None and m["fid_to_fp"] >= 0
     assert m["fp_sample_s"] is not None and m["calibrate_s"] > 0
+    fp_mb = 1_849_252 * 4 / 2**20
+    assert fp_mb / 4 < m["model_size_mb"] < fp_mb / 3.5  # 8-bit weights, 32-bit norms and scales
 
 
 def test_calib_seed_is_recorded_and_names_the_job(make_cfg):

@@ -52,6 +52,7 @@ from diffquant.methods.result_cache import run_method
 from diffquant.models.loading import build_model, resolve_device
 from diffquant.numerics import environment
 from diffquant.quant.config import FP_BITS
+from diffquant.quant.size import model_size_mb
 from diffquant.registry import METHODS
 from diffquant.sample_sheets import save_samples
 from diffquant.schema import RunConfig, calib_tag, typed_run_config
@@ -457,6 +458,7 @@ def job_metrics(
         "seed": run.seed,
         "calib_seed": run.calib_seed,
         "n_samples": len(job.indices),
+        "model_size_mb": round(model_size_mb(result.model.denoiser), 4),
         "fid": None,
         "inception_score": None,
         "fid_to_fp": None,
