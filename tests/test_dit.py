@@ -380,9 +380,9 @@ def test_methods_run_through_the_roles(name, method, quant, make_cfg, tmp_path):
     if method == "ptq":  # the two blocks are units; the layers outside them are their own
         outside = 3 if dit else 7  # pos_embed.proj, proj_out_1/2 | + adaln_single (3), caption_projection (2)
         assert metrics["recon_units"] == 2 + outside
-    if method == "quest":  # TLA: the adaLN modulations; CMA: the attention q/k/v ("default" roles)
-        assert metrics["tla_n_layers"] == (3 if dit else 1)
-        assert metrics["cma_n_layers"] == (6 if dit else 12)
+    if method == "quest":  # TLA: the adaLN modulations; CMA per block: dit q/k/v + 2 MLP
+        assert metrics["tla_n_layers"] == (3 if dit else 1)  # linears; pixart q/k/v, cross q, 2 MLP
+        assert metrics["cma_n_layers"] == (10 if dit else 12)
     assert metrics["fid_to_fp"] >= 0.0
 
 

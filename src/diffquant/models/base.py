@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.models.denoiser import DenoiserSpec
+from diffquant.quant.state import frozen_weights
 from diffquant.quant.timestep import sampler_step
 
 _SEED_MULT = 1_000_003
@@ -216,10 +217,11 @@ class DiffusionModel:
         cond = self.conditions(indices, seed).to(self.device)
         x = self.initial_noise(indices, seed)
         self.scheduler.set_timesteps(self.sampler.num_inference_steps)
-        for i in range(len(self.timesteps)):
-            if on_step is not None:
-                on_step(i, x)
-            x = self.step(x, i, cond, indices, seed)
+        with frozen_weights(self.denoiser):  # quantize each weight once, not at every step
+            for i in range(len(self.timesteps)):
+                if on_step is not None:
+                    on_step(i, x)
+                x = self.step(x, i, cond, indices, seed)
         return x
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from diffquant.quant.quantizers import (
 )
 from diffquant.quant.state import (
     PARAM_KINDS,
+    frozen_weights,
     is_quantized,
     iter_quantizers,
     keep_fp_weights,
@@ -84,6 +85,7 @@ __all__ = [
     "keep_fp_weights",
     "quant_parameters",
     "quant_state",
+    "frozen_weights",
     "set_quant_state",
     "QuantSummary",
     "quantize_denoiser",

@@ -2,7 +2,8 @@
 
 They subclass the originals (``isinstance(m, nn.Conv2d)`` still holds, so diffusers code that
 checks types keeps working) and share the original ``weight`` and ``bias`` Parameters: the FP
-weight is kept as the *latent* weight, from which the quantized weight is computed at every call.
+weight is kept as the *latent* weight, from which the quantized weight is computed at every call
+(or once per sampling run, inside :func:`~diffquant.quant.state.frozen_weights`).
 That is what the FP teacher path uses (``quant_state(denoiser, weights=False)``) and what QuEST
 finetunes through the STE.
 
@@ -36,6 +37,9 @@ class QuantLayerMixin:
         self.input_quantizer = input_quantizer
         self.register_buffer("fp_weight", None, persistent=False)
         self.register_buffer("fp_bias", None, persistent=False)
+        # the fake-quantized weight computed once, while :func:`~diffquant.quant.state.frozen_weights`
+        # holds (inference: the quantizer state cannot change in between)
+        self.register_buffer("frozen_weight", None, persistent=False)
 
     def keep_fp_copy(self) -> None:
         """Freeze a copy of the current weight and bias as the FP path's parameters, so that
@@ -51,6 +55,8 @@ class QuantLayerMixin:
         """The weight the layer computes with: fake-quantized from the latent weight, or the FP
         weight (the frozen copy if :meth:`keep_fp_copy` made one) when weights are off or FP."""
         if self._weights_on():
+            if self.frozen_weight is not None:
+                return self.frozen_weight
             return self.weight_quantizer(self.weight)
         return self.weight if self.fp_weight is None else self.fp_weight
 

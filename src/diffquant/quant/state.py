@@ -7,6 +7,9 @@
       with quant_state(denoiser, weights=False, acts=False):
           target = denoiser(**kwargs).sample            # the FP model
 
+* :func:`frozen_weights` — a context in which every quantized layer computes with its
+  fake-quantized weight computed once on entry instead of at every call (inference: sampling is
+  ``no_grad`` and changes no quantizer), the same values bit for bit.
 * :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind: ``weight``,
   ``act`` (activation quantizers with a calibrated, learnable range) or ``dynamic`` (dynamic
   per-token activation quantizers, :class:`~diffquant.quant.quantizers.TokenActQuantizer`: no
@@ -30,6 +33,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from diffquant.quant.modules import is_quant_layer
@@ -140,3 +144,27 @@ def keep_fp_weights(module: nn.Module, include: Optional[Union[str, Iterable[str
             m.keep_fp_copy()
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
+    """Within the context, each quantized layer with weight quantization on uses the weight its
+    quantizer gives on entry (computed once, without a graph) instead of re-quantizing its latent
+    weight at every forward; on exit the layers quantize at every call again.
+
+    Only for code that changes no weight, scale or rounding in between and needs no gradient to
+    the weights (sampling under ``no_grad``): the frozen weight would go stale. Turning weight
+    quantization off inside (:func:`quant_state`) still gives the FP weight. Nested contexts keep
+    the outer one's weights.
+    """
+    frozen = []
+    with torch.no_grad():
+        for module in denoiser.modules():
+            if is_quant_layer(module) and module._weights_on() and module.frozen_weight is None:
+                module.frozen_weight = module.weight_quantizer(module.weight).detach()
+                frozen.append(module)
+    try:
+        yield
+    finally:
+        for module in frozen:
+            module.frozen_weight = None
