@@ -7,7 +7,7 @@
 #   there, or the one a previous call started), nothing is started.
 # * Otherwise (needs root): installs munge + slurmctld + slurmd + slurm-client with apt
 #   when they are missing, starts munged, writes DIR/slurm.conf (node = `hostname -s`,
-#   CPUs = `nproc`, one default partition `debug`), starts slurmctld then slurmd and waits
+#   CPUs = `nproc` without OMP_NUM_THREADS, one default partition `debug`), starts slurmctld then slurmd and waits
 #   until the node is idle.
 # * All Slurm state (config, state, spool, pid and log files) lives under DIR. munged is
 #   the system one (/run/munge, key /etc/munge/munge.key).
@@ -181,7 +181,9 @@ fi
 
 # 2c. Config. Everything under DIR.
 NODE="$(hostname -s)"
-CPUS="$(nproc)"
+# GNU nproc honours OMP_NUM_THREADS / OMP_THREAD_LIMIT: a cluster started from a one-thread test
+# run would get a 1-CPU node and run one job at a time. Count the CPUs this process may use.
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 MEM_MB=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 # A bit under the machine's memory (slurmd drains a node whose RealMemory is above what it finds).
 REAL_MB=$((MEM_MB - (MEM_MB / 20 > 512 ? MEM_MB / 20 : 512)))

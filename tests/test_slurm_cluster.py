@@ -75,6 +75,31 @@ def _sbatch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> st
 SMALL = ["--cpus-per-task=1", "--mem=500M", "--time=5", "--gres=none"]
 
 
+def test_started_node_has_every_cpu_even_from_a_one_thread_shell(cluster: dict[str, str]) -> None:
+    """GNU nproc honours OMP_NUM_THREADS: the start script must not read it (a cluster started
+    from an `OMP_NUM_THREADS=1` test run once had a 1-CPU node, running one job at a time)."""
+    script = (REPO_ROOT / "slurm" / "start_local_cluster.sh").read_text()
+    assert 'CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"' in script
+    out = subprocess.run(
+        ["bash", "-c", "env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(out.stdout) == len(os.sched_getaffinity(0))
+    node = subprocess.run(
+        ["scontrol", "show", "node"],
+        env={**os.environ, **cluster},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    cpus = int(node.split("CPUTot=", 1)[1].split()[0])
+    assert cpus >= min(2, len(os.sched_getaffinity(0))), node
+
+
 def test_sbatch_wrap_runs_python(cluster: dict[str, str], partition: str, tmp_path: Path) -> None:
     out = tmp_path / "wrap.out"
     cmd = (
