@@ -20,7 +20,14 @@ from diffquant.context import RunContext
 from diffquant.methods.ptq import PTQConfig, PTQMinMaxConfig, load_or_run_ptq
 from diffquant.methods.result_cache import run_method
 from diffquant.models.denoiser import UNET
-from diffquant.quant import QuantConfig, load_quantized, quant_state, quantize_denoiser, save_quantized
+from diffquant.quant import (
+    QuantConfig,
+    load_quantized,
+    quant_state,
+    quantize_denoiser,
+    quantizer_state_dict,
+    save_quantized,
+)
 from diffquant.quant.state import iter_quantizers
 from diffquant.registry import METHODS
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
@@ -135,6 +142,33 @@ def test_resume_after_interruption_matches_uninterrupted(stream, tmp_path):
     resumed, report = _calibrated(stream, progress_dir=tmp_path / "b")
     assert report.resumed_from == 5 and len(report.units) == 18
     assert _rows_close(full.denoiser, resumed.denoiser, stream)
+    full_state, resumed_state = quantizer_state_dict(full.denoiser), quantizer_state_dict(resumed.denoiser)
+    assert full_state.keys() == resumed_state.keys()
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)  # bit for bit
+
+
+def test_progress_writes_each_unit_once(stream, tmp_path):
+    """The base state once, then per unit only its own quantizers: the bytes written stay about
+    twice one state, not (units x state)."""
+    model, report = _calibrated(stream, progress_dir=tmp_path)
+    index = json.loads((tmp_path / "progress.json").read_text())
+    names = [u.name for u in report.units]
+    assert index["done"] == 18 and index["unit_states"] == [f"unit_{i:04d}.pt" for i in range(1, 19)]
+    full = quantizer_state_dict(model.denoiser)
+    base = torch.load(tmp_path / "state_base.pt", weights_only=True)
+    assert base.keys() == {k for k in full if not k.endswith("round_up")}  # before any AdaRound
+    covered = set()
+    for unit, file in zip(names, index["unit_states"]):
+        state = torch.load(tmp_path / file, weights_only=True)
+        assert state and all(k.startswith(f"{unit}.") for k in state), unit
+        assert all(torch.equal(state[k], full[k]) for k in state)  # units never overwrite each other
+        covered |= set(state)
+    # what no unit reconstructs kept its base value
+    assert all(torch.equal(base[k], full[k]) for k in full.keys() - covered)
+    assert covered >= {k for k in full if k.endswith("round_up")}
+    size = lambda d: sum(v.numel() * v.element_size() for v in d.values())  # noqa: E731
+    unit_bytes = sum(size(torch.load(tmp_path / f, weights_only=True)) for f in index["unit_states"])
+    assert unit_bytes <= size(full)
 
 
 def test_divergence_names_the_fix(stream, monkeypatch):

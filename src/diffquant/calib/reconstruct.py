@@ -24,10 +24,12 @@ Then
    (p = ``act_p``) with hard-rounded weights and quantized activations.
 
 Captured rows live in a :class:`RowStore`: in memory up to ``memory_mb``, in disk shards beyond,
-so no more than one unit's data (and at most ``memory_mb`` of it) is ever held. After each
-finished unit the quantizer state and a progress file are written atomically under
-``progress_dir``; a stopped calibration resumes after the last finished unit and gives the same
-result as an uninterrupted one (every unit's optimisation is seeded by its index).
+so no more than one unit's data (and at most ``memory_mb`` of it) is ever held. Progress goes to
+``progress_dir``, atomically: the whole quantizer state once before the first unit
+(``state_base.pt``), then after each finished unit that unit's quantizers only
+(``unit_<n>.pt``: a unit changes nothing outside itself), and the index ``progress.json``; a
+stopped calibration resumes after the last finished unit and gives the same result as an
+uninterrupted one (every unit's optimisation is seeded by its index).
 
 The two stages of a unit depend on no other unit's activation quantizers (the weight stage runs
 with activations off, the activation stage on FP inputs), so running every unit's weight stage
@@ -47,6 +49,7 @@ relative to the rounding term than with ``channels``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -371,14 +374,23 @@ class Reconstructor:
 
     # -- progress
     def _load_progress(self, unit_names: list[str], report: ReconReport) -> int:
+        """Put back the saved state (the base, then each finished unit's quantizers); returns the
+        number of finished units (0: nothing saved, or progress of other units)."""
         if self.progress_dir is None or not (self.progress_dir / PROGRESS_FILE).exists():
             return 0
         prog = json.loads((self.progress_dir / PROGRESS_FILE).read_text())
-        if prog.get("units") != unit_names:
+        if prog.get("units") != unit_names or "base" not in prog:
             log.warning("ignoring reconstruction progress in %s: other units", self.progress_dir)
             return 0
-        state = torch.load(self.progress_dir / prog["state"], map_location=self.device, weights_only=True)
-        load_quant_state(self.denoiser, state)
+        load = functools.partial(torch.load, map_location=self.device, weights_only=True)
+        load_quant_state(self.denoiser, load(self.progress_dir / prog["base"]))
+        modules = dict(self.denoiser.named_modules())
+        for unit_name, file in zip(unit_names, prog["unit_states"]):
+            # into the unit's module only: loading a partial state into the whole denoiser would
+            # reset the rounding of every quantizer it does not name
+            prefix = f"{unit_name}."
+            state = {k[len(prefix) :]: v for k, v in load(self.progress_dir / file).items()}
+            load_quant_state(modules[unit_name], state)
         report.units = [UnitReport(**u) for u in prog["reports"]]
         log.info(
             "resuming block reconstruction after unit %d/%d (%s)",
@@ -388,24 +400,35 @@ class Reconstructor:
         )
         return int(prog["done"])
 
-    def _save_progress(self, unit_names: list[str], done: int, report: ReconReport) -> None:
+    def _save_progress(
+        self, unit_names: list[str], done: int, report: ReconReport, unit: Optional[Unit] = None
+    ) -> None:
+        """Save ``done == 0``: the whole quantizer state (the base every unit starts from); after
+        unit ``done``: only that unit's quantizers (a unit changes nothing outside itself), so
+        each finished unit is written once and the disk written stays about twice one state,
+        whatever the number of units. The index is written after the state file it names."""
         if self.progress_dir is None:
             return
         self.progress_dir.mkdir(parents=True, exist_ok=True)
-        state_name = f"state_{done:04d}.pt"
-        atomic_torch_save(quantizer_state_dict(self.denoiser), self.progress_dir / state_name)
+        index = self.progress_dir / PROGRESS_FILE
+        if unit is None:
+            name, state, unit_states = "state_base.pt", quantizer_state_dict(self.denoiser), []
+        else:
+            prefix = f"{unit.name}."
+            name = f"unit_{done:04d}.pt"
+            state = {prefix + k: v for k, v in quantizer_state_dict(unit.module).items()}
+            unit_states = [*json.loads(index.read_text())["unit_states"][: done - 1], name]
+        atomic_torch_save(state, self.progress_dir / name)
         atomic_write_json(
-            self.progress_dir / PROGRESS_FILE,
+            index,
             {
                 "units": unit_names,
                 "done": done,
-                "state": state_name,
+                "base": "state_base.pt",
+                "unit_states": unit_states,
                 "reports": [asdict(u) for u in report.units],
             },
         )
-        for old in self.progress_dir.glob("state_*.pt"):
-            if old.name != state_name:
-                old.unlink(missing_ok=True)
 
     # -- main loop
     def run(self) -> ReconReport:
@@ -415,6 +438,8 @@ class Reconstructor:
         report = ReconReport()
         start = self._load_progress(names, report)
         report.resumed_from = start
+        if start == 0:
+            self._save_progress(names, 0, report)
         for i in range(start, len(units)):
             check_stop(where=f"block reconstruction: {i} of {len(units)} units done")
             unit = units[i]
@@ -433,7 +458,7 @@ class Reconstructor:
                 unit_report.seconds,
                 unit_report.capture_s,
             )
-            self._save_progress(names, i + 1, report)
+            self._save_progress(names, i + 1, report, unit)
             if self.on_unit_done is not None:
                 self.on_unit_done(i, unit_report)
         return report
