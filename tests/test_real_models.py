@@ -32,7 +32,7 @@ PAPER_SAMPLERS = {
     "ldm_bedroom": (200, 1.0, 1.0, None),
     "ldm_church": (500, 1.0, 0.0, None),
     "ldm_imagenet": (20, 3.0, 0.0, None),
-    "dit_xl_2_256": (250, 1.5, 1.0, "DDIMScheduler"),  # ancestral steps as DDIM eta 1
+    "dit_xl_2_256": (250, 1.5, 0.0, "DDPMScheduler"),  # DiT's respaced DDPM, learned variance
     "pixart_alpha_512": (20, 4.5, 0.0, None),  # the checkpoint's DPM-Solver
 }
 REAL_MODELS = list(PAPER_SAMPLERS)
@@ -95,6 +95,9 @@ def test_config_carries_the_papers_sampler(model_name, make_cfg):
     steps, guidance, eta, scheduler = PAPER_SAMPLERS[model_name]
     assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.eta) == (steps, guidance, eta)
     assert cfg.scheduler == scheduler
+    if model_name == "dit_xl_2_256":  # DiT's sample.py: learned variance, guidance on 3 channels
+        assert cfg.learned_variance and cfg.guidance_channels == 3
+        assert cfg.scheduler_overrides == {"variance_type": "learned_range", "timestep_spacing": "linspace"}
     assert cfg.get_weights, "every real model names the command that gets its weights"
 
 

@@ -42,6 +42,11 @@ class ModelConfig:
         prompts: text-to-image models: a file with one prompt per line (or a zoo: path).
         latent_scale: override of the autoencoder's latent scaling factor.
         get_weights: the command that downloads or converts the weights (shown when absent).
+        learned_variance: sample with the denoiser's learned variance (DiT's ``learn_sigma``: 2C
+            output channels) through ``DDPMScheduler`` with ``variance_type=learned_range``;
+            false: the variance half is dropped, as diffusers' DiT pipeline does.
+        guidance_channels: guide only the first k ε channels (DiT's ``forward_with_cfg``: 3);
+            None: all.
         random_weights: replace the UNet's trained weights by a seeded random initialisation of
             the same architecture (the "untrained model" baseline of FID tables).
     """
@@ -62,9 +67,11 @@ class ModelConfig:
     latent_scale: Optional[float] = None
     get_weights: str = ""
     random_weights: bool = False
+    learned_variance: bool = False
+    guidance_channels: Optional[int] = None
 
     def __post_init__(self) -> None:
-        positive(self, "num_inference_steps")
+        positive(self, "num_inference_steps", "guidance_channels")
         if not 0.0 <= self.eta <= 1.0:
             raise InvalidSetting("eta", "must lie in [0, 1]")
 

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -72,7 +71,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from diffquant.models.base import Conditioning, per_sample_randn
+from diffquant.models.base import Conditioning, step_noise_kwargs
 from diffquant.quant.state import quant_state
 
 GRAD_MODES = ("exact", "approx")
@@ -155,13 +154,7 @@ def _scheduler_kwargs(
 ) -> dict[str, Any]:
     """The extra arguments ``DiffusionModel.step`` passes to ``scheduler.step`` (eta and the
     samples' own per-step noise)."""
-    kwargs: dict[str, Any] = {}
-    if "eta" in inspect.signature(scheduler.step).parameters:
-        kwargs["eta"] = model.sampler.eta
-        if model.sampler.eta > 0:
-            idx = range(x.shape[0]) if indices is None else indices
-            kwargs["variance_noise"] = per_sample_randn(idx, seed, 2 + i, x.shape[1:], x.device)
-    return kwargs
+    return step_noise_kwargs(scheduler, model.sampler.eta, x, i, indices, seed)
 
 
 def scheduler_update(

@@ -84,19 +84,51 @@ class Conditioning:
         return Conditioning(move(self.cond), move(self.uncond), self.labels)
 
 
+def step_noise_kwargs(
+    scheduler: Any, eta: float, x_t: Tensor, i: int, indices: Optional[Sequence[int]], seed: int
+) -> dict[str, Any]:
+    """The extra arguments of ``scheduler.step`` at sampler step ``i``: DDIM's ``eta`` and, where
+    the step adds noise (DDIM with eta > 0, :class:`~diffquant.models.ddpm.SeededDDPMScheduler`),
+    each sample's own noise ``(N, C, h, w)`` from its index and the job's seed."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "variance_noise" in params and ("eta" not in params or eta > 0):
+        idx = range(x_t.shape[0]) if indices is None else indices
+        kwargs["variance_noise"] = per_sample_randn(idx, seed, 2 + i, x_t.shape[1:], x_t.device)
+    return kwargs
+
+
 @dataclass
 class SamplerSettings:
-    """How the sampler runs: steps, guidance scale (1 = no guidance) and DDIM eta."""
+    """How the sampler runs: steps, guidance scale (1 = no guidance) and DDIM eta.
+
+    ``learned_variance``: the denoiser's output is ε and a variance interpolation (``2C``
+    channels, DiT's ``learn_sigma``) and the scheduler's step uses both (DDPM with
+    ``variance_type=learned_range``); off: the sampler gets ε only. ``guidance_channels``: guide
+    only the first ``k`` ε channels, the others are the conditional rows' own (DiT's
+    ``forward_with_cfg`` guides 3 of 4); None: all.
+    """
 
     num_inference_steps: int = 20
     guidance_scale: float = 1.0
     eta: float = 0.0
+    learned_variance: bool = False
+    guidance_channels: Optional[int] = None
 
     @classmethod
     def of(cls, model_cfg: Any) -> SamplerSettings:
         """The sampler settings of a model config (``model.num_inference_steps``,
-        ``model.guidance_scale``, ``model.eta``)."""
-        return cls(model_cfg.num_inference_steps, model_cfg.guidance_scale, model_cfg.eta)
+        ``model.guidance_scale``, ``model.eta``, ``model.learned_variance``,
+        ``model.guidance_channels``)."""
+        return cls(
+            model_cfg.num_inference_steps,
+            model_cfg.guidance_scale,
+            model_cfg.eta,
+            bool(getattr(model_cfg, "learned_variance", False)),
+            getattr(model_cfg, "guidance_channels", None),
+        )
 
 
 class DiffusionModel:
@@ -138,7 +170,26 @@ class DiffusionModel:
         self.device = torch.device(device)
         self.meta = meta or {}
         self.scheduler.set_timesteps(sampler.num_inference_steps)
-        self._step_kwargs = set(inspect.signature(self.scheduler.step).parameters)
+        if sampler.learned_variance:
+            self._check_learned_variance()
+
+    def _check_learned_variance(self) -> None:
+        """``sampler.learned_variance`` needs a denoiser with 2C output channels and a scheduler
+        whose step reads the variance half (``variance_type`` learned / learned_range)."""
+        config = getattr(self.denoiser, "config", None)
+        c_in, c_out = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if c_in is not None and c_out != 2 * c_in:
+            raise ValueError(
+                f"{self.name}: model.learned_variance=true needs a denoiser that predicts a variance "
+                f"({2 * c_in} output channels for {c_in} latent channels); this one has {c_out}: "
+                "set model.learned_variance=false."
+            )
+        if getattr(self.scheduler.config, "variance_type", None) not in ("learned", "learned_range"):
+            raise ValueError(
+                f"{self.name}: model.learned_variance=true needs a scheduler that uses the variance: "
+                "model.scheduler=DDPMScheduler with model.scheduler_overrides.variance_type=learned_range "
+                f"(this one is {type(self.scheduler).__name__})."
+            )
 
     # ---------------------------------------------------------------- conditioning and noise
     @property
@@ -178,13 +229,25 @@ class DiffusionModel:
         return {self.spec.sample_arg: sample, self.spec.timestep_arg: ts, **extra}
 
     def eps(self, x_t: Tensor, t: Tensor | int, cond: Conditioning) -> Tensor:
-        """The guided model output (epsilon) for x_t at timestep t: ``(N, C, h, w)``."""
+        """The guided model output for x_t at timestep t, what the scheduler's step takes: ε
+        ``(N, C, h, w)``, or with ``sampler.learned_variance`` ε and the conditional rows'
+        variance interpolation ``(N, 2C, h, w)``. With ``sampler.guidance_channels = k`` only
+        ε's first ``k`` channels are guided, the others are the conditional rows'."""
         kwargs = self.denoiser_kwargs(self.scheduler.scale_model_input(x_t, t), t, cond)
-        out = self.spec.forward(self.denoiser, kwargs)
-        if not self.guided:
-            return out
-        e_u, e_c = out.chunk(2)
-        return e_u + self.sampler.guidance_scale * (e_c - e_u)
+        channels = x_t.shape[1]
+        if self.sampler.learned_variance:
+            out = self.spec.output(self.denoiser, kwargs)
+            eps, variance = out[:, :channels], out[:, channels:]
+        else:
+            eps, variance = self.spec.forward(self.denoiser, kwargs), None
+        if self.guided:
+            e_u, e_c = eps.chunk(2)
+            eps = e_u + self.sampler.guidance_scale * (e_c - e_u)
+            k = self.sampler.guidance_channels
+            if k is not None and k < channels:
+                eps = torch.cat([eps[:, :k], e_c[:, k:]], dim=1)
+            variance = None if variance is None else variance.chunk(2)[1]
+        return eps if variance is None else torch.cat([eps, variance], dim=1)
 
     def step(
         self, x_t: Tensor, i: int, cond: Conditioning, indices: Optional[Sequence[int]] = None, seed: int = 0
@@ -197,12 +260,7 @@ class DiffusionModel:
         t = self.timesteps[i]
         with sampler_step(self.denoiser, i):  # time-step-aware quantizers route by step index
             model_out = self.eps(x_t, t, cond)
-        kwargs: dict[str, Any] = {}
-        if "eta" in self._step_kwargs:
-            kwargs["eta"] = self.sampler.eta
-            if self.sampler.eta > 0:
-                idx = range(x_t.shape[0]) if indices is None else indices
-                kwargs["variance_noise"] = per_sample_randn(idx, seed, 2 + i, x_t.shape[1:], x_t.device)
+        kwargs = step_noise_kwargs(self.scheduler, self.sampler.eta, x_t, i, indices, seed)
         return self.scheduler.step(model_out, t, x_t, **kwargs).prev_sample
 
     # ---------------------------------------------------------------- sampling

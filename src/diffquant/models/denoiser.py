@@ -93,12 +93,17 @@ class DenoiserSpec:
     timestep_position: Optional[int] = None
 
     # ------------------------------------------------------------------ calling
-    def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The denoiser's output ``(B, C_out, h, w)`` on keyword arguments ``batch``."""
+    def output(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Everything the denoiser returns on keyword arguments ``batch``, ``(B, C_out, h, w)``
+        (for a learned-sigma transformer: ε, then the variance interpolation)."""
         out = denoiser(**batch)
         if isinstance(out, Tensor):
             return out
         return out.sample if hasattr(out, "sample") else out[0]
+
+    def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The denoiser's prediction ``(B, C_out, h, w)`` on keyword arguments ``batch``."""
+        return self.output(denoiser, batch)
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         """Rows of a denoiser call's keyword arguments."""
@@ -288,7 +293,8 @@ class TransformerSpec(DiffusersSpec):
     Learned sigma: a denoiser with ``2C`` output channels for ``C`` latent channels (DiT-XL/2,
     PixArt-α: ε and the variance interpolation) returns ε only from :meth:`forward`
     ``(B, C, h, w)``, as diffusers' ``DiTPipeline`` and ``PixArtAlphaPipeline`` do; the sampler
-    then uses its scheduler's own variance.
+    then uses its scheduler's own variance, unless ``model.learned_variance`` makes it read
+    :meth:`output` (both halves) and step with the learned variance, as DiT's own sampler does.
     """
 
     family = "transformer"
@@ -299,7 +305,7 @@ class TransformerSpec(DiffusersSpec):
     def forward(self, denoiser: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """ε ``(B, C, h, w)``: the first ``C`` output channels when the denoiser also predicts the
         variance (``2C`` channels for a ``C``-channel input)."""
-        out = super().forward(denoiser, batch)
+        out = self.output(denoiser, batch)
         channels = batch[self.sample_arg].shape[1]
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 

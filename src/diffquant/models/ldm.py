@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from diffquant.models.base import Conditioning, DiffusionModel, SamplerSettings
+from diffquant.models.ddpm import SeededDDPMScheduler
 from diffquant.models.denoiser import UNET
 from diffquant.models.loading import check_weights, load_component, read_meta, resolve_location
 from diffquant.registry import MODELS
@@ -48,7 +49,9 @@ class LatentDiffusion(DiffusionModel):
 
 
 def load_scheduler(model_cfg: Any):
-    """The checkpoint's scheduler, or ``model_cfg.scheduler`` built from its config, with overrides."""
+    """The checkpoint's scheduler, or ``model_cfg.scheduler`` built from its config, with overrides.
+    ``DDPMScheduler`` becomes :class:`~diffquant.models.ddpm.SeededDDPMScheduler` (the same steps,
+    each sample's own noise)."""
     location = resolve_location(model_cfg.pretrained)
     cls_name = model_cfg.scheduler
     if cls_name is None:
@@ -57,6 +60,8 @@ def load_scheduler(model_cfg: Any):
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise ValueError(f"model.scheduler={cls_name!r} is not a diffusers scheduler class.")
+    if cls is diffusers.DDPMScheduler:  # its step would draw the batch's noise itself
+        cls = SeededDDPMScheduler
     scheduler = load_component(cls, model_cfg, "scheduler")
     overrides = dict(model_cfg.scheduler_overrides or {})
     return cls.from_config(scheduler.config, **overrides) if overrides else scheduler
