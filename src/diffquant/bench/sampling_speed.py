@@ -4,7 +4,9 @@
 
 Builds the FP model and the quantized one (the method's result comes from the cache when it was
 calibrated before), then samples the same ``bench.samples`` images with each, alternating
-``bench.repeats`` times, and reports the median seconds of each and their ratio. Writes
+``bench.repeats`` times, and reports the median seconds of each and their ratio; the quantized
+model samples twice per round, with its weights quantized once per sampling run (the default,
+``freeze_weights``) and at every denoiser call (``per_call_weights_*``). Writes
 ``outputs/bench/sampling_speed_<model>_<quant>_<method>.json``. Fake quantization simulates
 low-bit arithmetic in FP32, so the ratio measures the simulation's overhead, not a deployment
 speed-up.
@@ -52,10 +54,13 @@ def main(cfg: DictConfig) -> dict:
     quant = quantize(build_model(run.model, device), run.quant, run.method, ctx).model
     time_sampling(quant, min(n, 8), cfg.seed)  # warm-up both paths
     time_sampling(fp, min(n, 8), cfg.seed)
-    fp_s, q_s = [], []
+    fp_s, q_s, per_call_s = [], [], []
     for _ in range(repeats):
         fp_s.append(time_sampling(fp, n, cfg.seed))
         q_s.append(time_sampling(quant, n, cfg.seed))
+        quant.freeze_weights = False  # weights re-quantized at every denoiser call
+        per_call_s.append(time_sampling(quant, n, cfg.seed))
+        quant.freeze_weights = True
     result = {
         "model": cfg.model.name,
         "quant": cfg.quant.name,
@@ -67,6 +72,8 @@ def main(cfg: DictConfig) -> dict:
         "fp_s": round(statistics.median(fp_s), 3),
         "quant_s": round(statistics.median(q_s), 3),
         "ratio": round(statistics.median(q_s) / statistics.median(fp_s), 3),
+        "per_call_weights_s": round(statistics.median(per_call_s), 3),
+        "per_call_weights_ratio": round(statistics.median(per_call_s) / statistics.median(fp_s), 3),
     }
     out = (
         Path(cfg.paths.root_dir)

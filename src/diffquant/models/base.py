@@ -29,6 +29,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,9 @@ class DiffusionModel:
 
     family: str = "base"
     spec: DenoiserSpec
+    #: sampling quantizes each weight once per run (:func:`~diffquant.quant.state.frozen_weights`,
+    #: the same samples bit for bit); False: at every denoiser call (``make bench-speed`` times both)
+    freeze_weights: bool = True
 
     def __init__(
         self,
@@ -275,7 +279,8 @@ class DiffusionModel:
         cond = self.conditions(indices, seed).to(self.device)
         x = self.initial_noise(indices, seed)
         self.scheduler.set_timesteps(self.sampler.num_inference_steps)
-        with frozen_weights(self.denoiser):  # quantize each weight once, not at every step
+        freeze = frozen_weights(self.denoiser) if self.freeze_weights else contextlib.nullcontext()
+        with freeze:  # quantize each weight once, not at every step
             for i in range(len(self.timesteps)):
                 if on_step is not None:
                     on_step(i, x)
