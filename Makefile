@@ -54,7 +54,7 @@ SWEEP_ARGS = hydra/launcher=$(LAUNCHER) $(if $(SWEEP),hydra.sweep.dir=$(SWEEP))
 sweep: venv  ## EXPERIMENT=<conf/experiment name> [SWEEP_CONFIG=paper|ablations] [LAUNCHER=basic|local|slurm] [SWEEP=dir] [ARGS=overrides]
 	$(PY) run.py experiment=$(EXPERIMENT) sweep=$(SWEEP_CONFIG) $(SWEEP_ARGS) $(ARGS)
 
-sweep-embedded: venv  ## the README's embedded tables (quality + cost): both digits models x bits x methods, QuEST ablations
+sweep-embedded: venv  ## the README's embedded tables (quality + cost): the three digits models x bits x methods, QuEST ablations
 	$(PY) run.py experiment=embedded_digits sweep=embedded $(SWEEP_ARGS) $(ARGS)
 
 tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g. one with failed jobs
