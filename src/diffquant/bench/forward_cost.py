@@ -1,0 +1,131 @@
+"""One denoiser forward at paper size: FP vs fake-quantized, weights re-quantized per call vs frozen.
+
+    python -m diffquant.bench.forward_cost [--model ldm_bedroom] [--bits 8 8] [--batch 2]
+                                           [--repeats 3] [--threads 1] [--out DIR]
+
+Builds the full-size UNet of ``--model`` (the CompVis configuration in
+:mod:`diffquant.models.compvis_configs`, converted to diffusers; random weights, seed 0: the cost
+does not depend on them), quantizes it at ``--bits W A`` (weights per channel, min-max ranges;
+activation ranges from one observed forward), then times, alternating ``--repeats`` times in one
+process: the FP forward, the fake-quantized forward with every weight re-quantized at the call,
+and the same inside :func:`~diffquant.quant.state.frozen_weights` (weights quantized once, the
+output checked equal), and, to attribute the cost, the frozen weights alone (activation
+quantizers off) and the activation quantizers alone (weights FP; with them on, attention runs as
+explicit matmuls instead of the fused SDPA kernel). Reports median seconds, the ratios to FP and the peak RSS, and writes
+``DIR/forward_cost_<model>_w<W>a<A>.json``. Fake quantization simulates low-bit arithmetic in
+FP32: the ratios are the simulation's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from diffquant.cache import atomic_write_json
+
+
+def full_size_unet(model: str) -> torch.nn.Module:
+    """The ``UNet2DModel`` of a self-attention CompVis LDM (``ldm_bedroom``, ``ldm_celebahq``,
+    ``ldm_church``) at its real size, randomly initialised (seed 0)."""
+    from diffusers import UNet2DModel
+
+    from diffquant.models.compvis_configs import IMAGE_SIZES, original_config
+    from diffquant.models.compvis_unet import unet2d_config
+
+    config = original_config(model)
+    params = config["model"]["params"]["unet_config"]["params"]
+    if params.get("use_spatial_transformer"):
+        raise ValueError(
+            f"--model {model}: a cross-attention UNet; use ldm_bedroom, ldm_celebahq or ldm_church"
+        )
+    factor = 2 ** (len(config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    torch.manual_seed(0)
+    return UNet2DModel(**unet2d_config(params, IMAGE_SIZES[model] // factor)).eval().requires_grad_(False)
+
+
+def median_seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.bench.forward_cost", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", default="ldm_bedroom")
+    parser.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("W", "A"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    from diffquant.calib.ranges import observing_act_ranges
+    from diffquant.models.denoiser import UNET
+    from diffquant.quant import QuantConfig, frozen_weights, quant_state, quantize_denoiser
+
+    torch.set_num_threads(args.threads)
+    fp = full_size_unet(args.model)
+    quant = full_size_unet(args.model)
+    n_params = sum(p.numel() for p in fp.parameters())
+    w_bits, a_bits = args.bits
+    cfg = QuantConfig(name=f"w{w_bits}a{a_bits}", weight_bits=w_bits, act_bits=a_bits, weight_init="minmax")
+    quantize_denoiser(quant, UNET, cfg)
+    g = torch.Generator().manual_seed(0)
+    size = fp.config.sample_size
+    x = torch.randn(args.batch, fp.config.in_channels, size, size, generator=g)
+    t = torch.linspace(999, 1, args.batch).long()
+    with torch.no_grad():
+        with observing_act_ranges(quant, method="minmax"):
+            quant(x, t)
+        run_fp = lambda: fp(x, t).sample  # noqa: E731
+        run_q = lambda: quant(x, t).sample  # noqa: E731
+        per_call = run_q()
+        with frozen_weights(quant):
+            frozen = run_q()
+        if not torch.equal(per_call, frozen):
+            raise AssertionError("frozen weights changed the output")
+        run_fp(), run_q()  # warm-up
+        fp_s, q_s, frozen_s, w_only_s, a_only_s = [], [], [], [], []
+        for _ in range(args.repeats):
+            fp_s.append(median_seconds(run_fp))
+            q_s.append(median_seconds(run_q))
+            with frozen_weights(quant):
+                frozen_s.append(median_seconds(run_q))
+                with quant_state(quant, acts=False):  # what the weights alone cost (frozen)
+                    w_only_s.append(median_seconds(run_q))
+            with quant_state(quant, weights=False):  # what the activations alone cost
+                a_only_s.append(median_seconds(run_q))
+    fp_m, q_m, f_m, w_m, a_m = (statistics.median(v) for v in (fp_s, q_s, frozen_s, w_only_s, a_only_s))
+    result = {
+        "model": args.model,
+        "parameters_m": round(n_params / 1e6, 1),
+        "quant": cfg.name,
+        "batch": args.batch,
+        "latent": [fp.config.in_channels, size, size],
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "fp_s": round(fp_m, 3),
+        "per_call_weights_s": round(q_m, 3),
+        "frozen_weights_s": round(f_m, 3),
+        "per_call_ratio": round(q_m / fp_m, 3),
+        "frozen_ratio": round(f_m / fp_m, 3),
+        "frozen_weights_only_ratio": round(w_m / fp_m, 3),
+        "activations_only_ratio": round(a_m / fp_m, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    atomic_write_json(args.out / f"forward_cost_{args.model}_{cfg.name}.json", result)
+    print(result, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
