@@ -1,7 +1,7 @@
 """One denoiser forward at paper size: FP vs fake-quantized, weights re-quantized per call vs frozen.
 
     python -m diffquant.bench.forward_cost [--model ldm_bedroom] [--bits 8 8] [--batch 2]
-                                           [--repeats 3] [--threads 1] [--out DIR]
+                                           [--repeats 3] [--threads 1] [--out DIR] [--flush-denormal]
 
 Builds the full-size UNet of ``--model`` (the CompVis configuration in
 :mod:`diffquant.models.compvis_configs`, converted to diffusers; random weights, seed 0: the cost
@@ -66,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument(
+        "--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for the whole run"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     from diffquant.calib.ranges import observing_act_ranges
@@ -73,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from diffquant.quant import QuantConfig, frozen_weights, quant_state, quantize_denoiser
 
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)
     fp = full_size_unet(args.model)
     quant = full_size_unet(args.model)
     n_params = sum(p.numel() for p in fp.parameters())
@@ -112,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "batch": args.batch,
         "latent": [fp.config.in_channels, size, size],
         "threads": torch.get_num_threads(),
+        "flush_denormal": args.flush_denormal,
         "repeats": args.repeats,
         "fp_s": round(fp_m, 3),
         "per_call_weights_s": round(q_m, 3),
@@ -122,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "activations_only_ratio": round(a_m / fp_m, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    atomic_write_json(args.out / f"forward_cost_{args.model}_{cfg.name}.json", result)
+    suffix = "_flush_denormal" if args.flush_denormal else ""
+    atomic_write_json(args.out / f"forward_cost_{args.model}_{cfg.name}{suffix}.json", result)
     print(result, flush=True)
     return result
 
