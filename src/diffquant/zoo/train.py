@@ -28,7 +28,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -366,19 +366,20 @@ def build_unet():
     )
 
 
-def build_train_scheduler():
-    """The DDPM noise schedule used for training (LDM-4 betas)."""
+def build_train_scheduler(schedule: dict[str, Any] = SCHEDULE):
+    """The DDPM noise schedule used for training (default: the LDM-4 betas), for ``add_noise``."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False)
+    return DDPMScheduler(**schedule, prediction_type="epsilon", clip_sample=False)
 
 
-def build_sampling_scheduler():
-    """The DDIM sampler shipped with the model, set up like CompVis DDIM (same betas as training)."""
+def build_sampling_scheduler(schedule: dict[str, Any] = SCHEDULE):
+    """The DDIM sampler shipped with a model, set up like CompVis DDIM (and Stable Diffusion's
+    pipelines: ``leading`` spacing, offset 1), with the training betas ``schedule``."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        **SCHEDULE,
+        **schedule,
         prediction_type="epsilon",
         clip_sample=False,
         set_alpha_to_one=False,
@@ -413,6 +414,59 @@ def drop_labels(labels: Tensor, p: float, generator: torch.Generator) -> Tensor:
     return torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
 
 
+def train_eps_denoiser(
+    denoiser: nn.Module,
+    predict: Callable[[nn.Module, Tensor, Tensor, Tensor, torch.Generator], Tensor],
+    lat_mean: Tensor,
+    lat_std: Tensor,
+    noise_scheduler: Any,
+    recipe: Any,
+    steps: int,
+    generator: torch.Generator,
+    name: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The ε-prediction training loop every zoo denoiser shares; returns the EMA model and
+    ``{steps, seconds, final_loss, final_loss_avg}``.
+
+    Each step draws, from ``generator`` and in this order, the batch's rows ``idx`` (``(B,)``), a
+    fresh posterior sample of their scaled latents ``lat_mean + lat_std · ε`` ``(B, C, h, w)``,
+    the noise and a uniform time step; ``predict(denoiser, z_t, t, idx, generator)`` draws the
+    conditioning it needs and returns ε̂ ``(B, C, h, w)``; the MSE to the noise is minimised
+    with AdamW (``recipe``: lr, warmup_steps, grad_clip, ema_decay, batch_size, optional
+    weight_decay) under :func:`cosine_lr`.
+    """
+    ema = Ema(denoiser, recipe.ema_decay)
+    optimizer = torch.optim.AdamW(
+        denoiser.parameters(), lr=recipe.lr, weight_decay=getattr(recipe, "weight_decay", 0.0)
+    )
+    progress = Progress(name, steps)
+    running = None
+    for step in range(steps):
+        set_lr(
+            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
+        )
+        idx = random_batch(len(lat_mean), recipe.batch_size, generator)
+        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
+        pred = predict(denoiser, noise_scheduler.add_noise(z0, noise, t), t, idx, generator)
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), recipe.grad_clip)
+        optimizer.step()
+        ema.update(denoiser)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        progress.update(step + 1, loss=loss.item(), loss_avg=running)
+    stats = {
+        "steps": steps,
+        "seconds": round(progress.elapsed(), 1),
+        "final_loss": round(loss.item(), 6),
+        "final_loss_avg": round(running, 6),
+    }
+    return ema.module, stats
+
+
 def train_unet(
     lat_mean: Tensor,
     lat_std: Tensor,
@@ -426,42 +480,23 @@ def train_unet(
     ``lat_mean``/``lat_std`` are the VAE posterior already multiplied by the scaling factor; each
     step draws a fresh posterior sample, a uniform timestep in [0, 1000) and Gaussian noise.
     """
-    steps = scaled_steps(recipe.steps, steps_scale)
     gen = torch.Generator().manual_seed(seed + 2)
     torch.manual_seed(seed + 2)
     unet = build_unet().train()
-    ema = Ema(unet, recipe.ema_decay)
-    noise_scheduler = build_train_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    progress = Progress("ldm_digits/unet", steps)
-    running = None
-    for step in range(steps):
-        set_lr(
-            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
-        )
-        idx = random_batch(len(lat_mean), recipe.batch_size, gen)
-        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        zt = noise_scheduler.add_noise(z0, noise, t)
-        y = drop_labels(labels[idx], recipe.label_dropout, gen)
-        loss = F.mse_loss(unet(zt, t, class_labels=y).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
-        optimizer.step()
-        ema.update(unet)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.update(step + 1, loss=loss.item(), loss_avg=running)
+
+    def predict(unet: nn.Module, zt: Tensor, t: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
+        return unet(zt, t, class_labels=drop_labels(labels[idx], recipe.label_dropout, gen)).sample
+
+    steps = scaled_steps(recipe.steps, steps_scale)
+    ema, stats = train_eps_denoiser(
+        unet, predict, lat_mean, lat_std, build_train_scheduler(), recipe, steps, gen, "ldm_digits/unet"
+    )
     meta = {
-        "steps": steps,
-        "seconds": round(progress.elapsed(), 1),
-        "final_loss": round(loss.item(), 6),
-        "final_loss_avg": round(running, 6),
+        **stats,
         "recipe": asdict(recipe),
         "num_parameters": sum(p.numel() for p in unet.parameters()),
     }
-    return ema.module, meta
+    return ema, meta
 
 
 def train_ldm(out_dir: Path, seed: int, steps_scale: float, argv: Sequence[str]) -> dict[str, Any]:

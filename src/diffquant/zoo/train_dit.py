@@ -32,27 +32,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.data.digits import load_digits
 from diffquant.zoo.train import (
     NULL_CLASS,
     NUM_CLASSES,
-    Ema,
-    Progress,
+    build_sampling_scheduler,
+    build_train_scheduler,
     command_line,
-    cosine_lr,
     drop_labels,
     encode_posteriors,
     parse_training_args,
-    random_batch,
     reproducible,
     scaled_steps,
-    set_lr,
+    train_eps_denoiser,
     training_parser,
 )
-from diffquant.zoo.train_sd import load_or_train_vae
+from diffquant.zoo.train_sd import add_vae_option, load_or_train_vae
 
 MODULE = "diffquant.zoo.train_dit"
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
@@ -108,27 +105,6 @@ def build_transformer(arch: DitArchitecture = DitArchitecture()):
     )
 
 
-def build_train_scheduler():
-    """DDPM with DiT's betas, for ``add_noise`` during training."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False)
-
-
-def build_sampling_scheduler():
-    """The DDIM sampler shipped with the model (same betas as training, CompVis-style spacing)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        **SCHEDULE,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-
-
 def shared_label_dropout(transformer: nn.Module) -> None:
     """Turn off the per-block label dropout of diffusers' ``LabelEmbedding`` (dropped once per sample instead)."""
     from diffusers.models.embeddings import LabelEmbedding
@@ -148,43 +124,36 @@ def train_transformer(
     recipe: DitRecipe = DitRecipe(),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the ε-prediction DiT on scaled latents ``(N, 4, 8, 8)``; return the EMA model and metadata."""
-    steps = scaled_steps(recipe.steps, steps_scale)
     gen = torch.Generator().manual_seed(seed + 30)
     torch.manual_seed(seed + 30)
     transformer = build_transformer().train()
     shared_label_dropout(transformer)
-    ema = Ema(transformer, recipe.ema_decay)
-    noise_scheduler = build_train_scheduler()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=0.0)
-    progress = Progress("dit_digits/transformer", steps)
-    running = None
-    for step in range(steps):
-        set_lr(
-            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
-        )
-        idx = random_batch(len(lat_mean), recipe.batch_size, gen)
-        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+
+    def predict(model: nn.Module, zt: Tensor, t: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
         y = drop_labels(labels[idx], recipe.label_dropout, gen)
-        pred = transformer(noise_scheduler.add_noise(z0, noise, t), timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), recipe.grad_clip)
-        optimizer.step()
-        ema.update(transformer)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.update(step + 1, loss=loss.item(), loss_avg=running)
+        return model(zt, timestep=t, class_labels=y).sample
+
+    steps = scaled_steps(recipe.steps, steps_scale)
+    ema, stats = train_eps_denoiser(
+        transformer,
+        predict,
+        lat_mean,
+        lat_std,
+        build_train_scheduler(SCHEDULE),
+        recipe,
+        steps,
+        gen,
+        "dit_digits/transformer",
+    )
     meta = {
-        "steps": steps,
-        "seconds": round(progress.elapsed(), 1),
-        "final_loss_avg": round(running, 6),
+        "steps": stats["steps"],
+        "seconds": stats["seconds"],
+        "final_loss_avg": stats["final_loss_avg"],
         "recipe": asdict(recipe),
         "architecture": asdict(DitArchitecture()),
         "num_parameters": sum(p.numel() for p in transformer.parameters()),
     }
-    return ema.module, meta
+    return ema, meta
 
 
 def write_pipeline(out_dir: Path, transformer: nn.Module, vae: nn.Module) -> None:
@@ -199,7 +168,7 @@ def write_pipeline(out_dir: Path, transformer: nn.Module, vae: nn.Module) -> Non
     pipe = DiTPipeline(
         transformer=transformer,
         vae=vae,
-        scheduler=build_sampling_scheduler(),
+        scheduler=build_sampling_scheduler(SCHEDULE),
     )
     pipe.register_to_config(id2label={str(i): str(i) for i in range(NUM_CLASSES)})  # as DiT-XL-2-256's
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -245,12 +214,7 @@ def train_dit(
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     parser = training_parser(MODULE, __doc__, MODELS, DEFAULT_OUT)
-    parser.add_argument(
-        "--vae",
-        type=Path,
-        default=None,
-        help="autoencoder folder to reuse (default: OUT/ldm_digits/vae, trained if absent)",
-    )
+    add_vae_option(parser)
     return parse_training_args(parser, argv)
 
 

@@ -43,8 +43,9 @@ from diffquant.data.digits import load_digits
 from diffquant.zoo.captions import TEMPLATES, all_captions
 from diffquant.zoo.tokenizer import save_tokenizer
 from diffquant.zoo.train import (
-    Ema,
     Progress,
+    build_sampling_scheduler,
+    build_train_scheduler,
     command_line,
     cosine_lr,
     encode_posteriors,
@@ -54,6 +55,7 @@ from diffquant.zoo.train import (
     reproducible,
     scaled_steps,
     set_lr,
+    train_eps_denoiser,
     train_vae,
     training_parser,
 )
@@ -255,26 +257,6 @@ def build_unet():
     )
 
 
-def build_train_scheduler():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False)
-
-
-def build_sampling_scheduler():
-    """DDIM as Stable Diffusion's pipelines configure it (same betas as training)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        **SCHEDULE,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-
-
 def load_text_encoder(clip_dir: Path):
     """``digits_clip``'s text tower as a ``CLIPTextModel`` (frozen) and its tokenizer."""
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -322,44 +304,37 @@ def train_sd_unet(
     recipe: SdUnetRecipe = SdUnetRecipe(),
 ) -> tuple[nn.Module, dict]:
     """Train the UNet on scaled latents ``(N, 4, 8, 8)`` with random caption phrasings; return the EMA model."""
-    steps = scaled_steps(recipe.steps, steps_scale)
     gen = torch.Generator().manual_seed(seed + 20)
     torch.manual_seed(seed + 20)
     unet = build_unet().train()
-    ema = Ema(unet, recipe.ema_decay)
-    noise_scheduler = build_train_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
-    progress = Progress("sd_digits/unet", steps)
-    running = None
-    for step in range(steps):
-        set_lr(
-            optimizer, cosine_lr(step, steps, recipe.lr, warmup=min(recipe.warmup_steps, max(1, steps // 10)))
-        )
-        idx = random_batch(len(lat_mean), recipe.batch_size, gen)
-        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+
+    def predict(unet: nn.Module, zt: Tensor, t: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
         template = torch.randint(0, len(TEMPLATES), (len(idx),), generator=gen)
         context = states[labels[idx], template]  # (B, L, D)
         dropped = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
         context = torch.where(dropped[:, None, None], empty_state.expand_as(context), context)
-        pred = unet(noise_scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
-        optimizer.step()
-        ema.update(unet)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.update(step + 1, loss=loss.item(), loss_avg=running)
+        return unet(zt, t, encoder_hidden_states=context).sample
+
+    steps = scaled_steps(recipe.steps, steps_scale)
+    ema, stats = train_eps_denoiser(
+        unet,
+        predict,
+        lat_mean,
+        lat_std,
+        build_train_scheduler(SCHEDULE),
+        recipe,
+        steps,
+        gen,
+        "sd_digits/unet",
+    )
     meta = {
-        "steps": steps,
-        "seconds": round(progress.elapsed(), 1),
-        "final_loss_avg": round(running, 6),
+        "steps": stats["steps"],
+        "seconds": stats["seconds"],
+        "final_loss_avg": stats["final_loss_avg"],
         "recipe": asdict(recipe),
         "num_parameters": sum(p.numel() for p in unet.parameters()),
     }
-    return ema.module, meta
+    return ema, meta
 
 
 def train_sd(
@@ -391,7 +366,7 @@ def train_sd(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=build_sampling_scheduler(),
+        scheduler=build_sampling_scheduler(SCHEDULE),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -428,15 +403,20 @@ def train_sd(
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line (see the module docstring)."""
-    parser = training_parser(MODULE, __doc__, MODELS, DEFAULT_OUT)
+def add_vae_option(parser: argparse.ArgumentParser) -> None:
+    """``--vae DIR``: the autoencoder to reuse (see :func:`load_or_train_vae`)."""
     parser.add_argument(
         "--vae",
         type=Path,
         default=None,
         help="autoencoder folder to reuse (default: OUT/ldm_digits/vae, trained if absent)",
     )
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = training_parser(MODULE, __doc__, MODELS, DEFAULT_OUT)
+    add_vae_option(parser)
     return parse_training_args(parser, argv)
 
 
