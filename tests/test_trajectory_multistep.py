@@ -349,3 +349,23 @@ def test_error_accumulation_keeps_each_chains_scheduler():
     assert max(fp.accumulated_error_mean) == 0 and max(fp.step_error_mean) == 0
     q = erracc.measure_error_accumulation(model, n_samples=4, seed=0)
     assert q.accumulated_error_mean[0] == pytest.approx(q.step_error_mean[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_chain_step_is_the_models_step_with_its_noise(eta):
+    """A chain's step (its scheduler recorded and swapped in) takes DDIM's eta and the samples'
+    own noise exactly as ``model.step`` does: the two give the same state bit for bit."""
+    torch.manual_seed(0)
+    model = TinyDiffusion(steps=STEPS)
+    model.sampler.eta = eta
+    cond = model.conditions([0, 1], SEED)
+    x = model.initial_noise([0, 1], SEED)
+    with torch.no_grad():
+        direct = model.step(x, 1, cond, [0, 1], SEED)
+        outputs: list[torch.Tensor] = []
+        chained = tj.chain_step(model, tj.fresh_scheduler(model), x, 1, cond, [0, 1], SEED, outputs)
+    assert len(outputs) == 1 and torch.equal(direct, chained)
+    if eta > 0:  # the noise is in: without it the step differs
+        model.sampler.eta = 0.0
+        with torch.no_grad():
+            assert not torch.allclose(direct, model.step(x, 1, cond, [0, 1], SEED))

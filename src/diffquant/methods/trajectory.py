@@ -71,7 +71,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from diffquant.models.base import Conditioning, step_noise_kwargs
+from diffquant.models.base import Conditioning, step_noise_kwargs, step_params
 from diffquant.quant.state import quant_state
 
 GRAD_MODES = ("exact", "approx")
@@ -154,7 +154,7 @@ def _scheduler_kwargs(
 ) -> dict[str, Any]:
     """The extra arguments ``DiffusionModel.step`` passes to ``scheduler.step`` (eta and the
     samples' own per-step noise)."""
-    return step_noise_kwargs(scheduler, model.sampler.eta, x, i, indices, seed)
+    return step_noise_kwargs(step_params(scheduler), model.sampler.eta, x, i, indices, seed)
 
 
 def scheduler_update(

@@ -85,13 +85,18 @@ class Conditioning:
         return Conditioning(move(self.cond), move(self.uncond), self.labels)
 
 
+def step_params(scheduler: Any) -> frozenset[str]:
+    """The parameter names of ``scheduler.step`` (what :func:`step_noise_kwargs` may pass)."""
+    return frozenset(inspect.signature(scheduler.step).parameters)
+
+
 def step_noise_kwargs(
-    scheduler: Any, eta: float, x_t: Tensor, i: int, indices: Optional[Sequence[int]], seed: int
+    params: frozenset[str], eta: float, x_t: Tensor, i: int, indices: Optional[Sequence[int]], seed: int
 ) -> dict[str, Any]:
-    """The extra arguments of ``scheduler.step`` at sampler step ``i``: DDIM's ``eta`` and, where
-    the step adds noise (DDIM with eta > 0, :class:`~diffquant.models.ddpm.SeededDDPMScheduler`),
-    each sample's own noise ``(N, C, h, w)`` from its index and the job's seed."""
-    params = inspect.signature(scheduler.step).parameters
+    """The extra arguments of a scheduler's ``step`` (parameter names ``params``, from
+    :func:`step_params`) at sampler step ``i``: DDIM's ``eta`` and, where the step adds noise
+    (DDIM with eta > 0, :class:`~diffquant.models.ddpm.SeededDDPMScheduler`), each sample's own
+    noise ``(N, C, h, w)`` from its index and the job's seed."""
     kwargs: dict[str, Any] = {}
     if "eta" in params:
         kwargs["eta"] = eta
@@ -174,6 +179,9 @@ class DiffusionModel:
         self.device = torch.device(device)
         self.meta = meta or {}
         self.scheduler.set_timesteps(sampler.num_inference_steps)
+        # read once, from the model's own scheduler: a chain may swap in a recording wrapper
+        # (methods.trajectory) whose step forwards ``*args, **kwargs``
+        self._step_params = step_params(self.scheduler)
         if sampler.learned_variance:
             self._check_learned_variance()
 
@@ -264,7 +272,7 @@ class DiffusionModel:
         t = self.timesteps[i]
         with sampler_step(self.denoiser, i):  # time-step-aware quantizers route by step index
             model_out = self.eps(x_t, t, cond)
-        kwargs = step_noise_kwargs(self.scheduler, self.sampler.eta, x_t, i, indices, seed)
+        kwargs = step_noise_kwargs(self._step_params, self.sampler.eta, x_t, i, indices, seed)
         return self.scheduler.step(model_out, t, x_t, **kwargs).prev_sample
 
     # ---------------------------------------------------------------- sampling
