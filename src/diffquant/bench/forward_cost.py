@@ -50,7 +50,8 @@ def full_size_unet(model: str) -> torch.nn.Module:
     return UNet2DModel(**unet2d_config(params, IMAGE_SIZES[model] // factor)).eval().requires_grad_(False)
 
 
-def median_seconds(fn: Callable[[], Any]) -> float:
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -100,14 +101,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         run_fp(), run_q()  # warm-up
         fp_s, q_s, frozen_s, w_only_s, a_only_s = [], [], [], [], []
         for _ in range(args.repeats):
-            fp_s.append(median_seconds(run_fp))
-            q_s.append(median_seconds(run_q))
+            fp_s.append(seconds(run_fp))
+            q_s.append(seconds(run_q))
             with frozen_weights(quant):
-                frozen_s.append(median_seconds(run_q))
+                frozen_s.append(seconds(run_q))
                 with quant_state(quant, acts=False):  # what the weights alone cost (frozen)
-                    w_only_s.append(median_seconds(run_q))
+                    w_only_s.append(seconds(run_q))
             with quant_state(quant, weights=False):  # what the activations alone cost
-                a_only_s.append(median_seconds(run_q))
+                a_only_s.append(seconds(run_q))
     fp_m, q_m, f_m, w_m, a_m = (statistics.median(v) for v in (fp_s, q_s, frozen_s, w_only_s, a_only_s))
     result = {
         "model": args.model,

@@ -79,8 +79,15 @@ from diffquant.validation import InvalidSetting, one_of, positive
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+
+
 SOFTMAX_FP_BITS = 16  # activation quantizers at >= 16 bits are not trained (Q-Diffusion)
 LOSS_AXES = ("channels", "dim1")
+
+
+def unit_state_file(n: int) -> str:
+    """The progress file of the ``n``-th finished unit's quantizers (1-based)."""
+    return f"unit_{n:04d}.pt"
 
 
 @dataclass
@@ -410,22 +417,20 @@ class Reconstructor:
         if self.progress_dir is None:
             return
         self.progress_dir.mkdir(parents=True, exist_ok=True)
-        index = self.progress_dir / PROGRESS_FILE
         if unit is None:
-            name, state, unit_states = "state_base.pt", quantizer_state_dict(self.denoiser), []
+            name, state = "state_base.pt", quantizer_state_dict(self.denoiser)
         else:
             prefix = f"{unit.name}."
-            name = f"unit_{done:04d}.pt"
+            name = unit_state_file(done)
             state = {prefix + k: v for k, v in quantizer_state_dict(unit.module).items()}
-            unit_states = [*json.loads(index.read_text())["unit_states"][: done - 1], name]
         atomic_torch_save(state, self.progress_dir / name)
         atomic_write_json(
-            index,
+            self.progress_dir / PROGRESS_FILE,
             {
                 "units": unit_names,
                 "done": done,
                 "base": "state_base.pt",
-                "unit_states": unit_states,
+                "unit_states": [unit_state_file(n) for n in range(1, done + 1)],
                 "reports": [asdict(u) for u in report.units],
             },
         )
