@@ -181,7 +181,7 @@ class DiffusionModel:
         self.scheduler.set_timesteps(sampler.num_inference_steps)
         # read once, from the model's own scheduler: a chain may swap in a recording wrapper
         # (methods.trajectory) whose step forwards ``*args, **kwargs``
-        self._step_params = step_params(self.scheduler)
+        self._step_kwargs = step_params(self.scheduler)
         if sampler.learned_variance:
             self._check_learned_variance()
 
@@ -272,7 +272,7 @@ class DiffusionModel:
         t = self.timesteps[i]
         with sampler_step(self.denoiser, i):  # time-step-aware quantizers route by step index
             model_out = self.eps(x_t, t, cond)
-        kwargs = step_noise_kwargs(self._step_params, self.sampler.eta, x_t, i, indices, seed)
+        kwargs = step_noise_kwargs(self._step_kwargs, self.sampler.eta, x_t, i, indices, seed)
         return self.scheduler.step(model_out, t, x_t, **kwargs).prev_sample
 
     # ---------------------------------------------------------------- sampling
