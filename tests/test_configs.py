@@ -75,9 +75,9 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    # 3 FP + ldm_digits 6 bit-widths x 4 methods x 3 calibration seeds + 3 ablations x 3 seeds
-    # + sd_digits 6 x 4 x 1 seed + dit_digits 6 x 4 x 3 seeds
-    assert len(jobs) == 3 + 72 + 9 + 24 + 72
+    # 3 FP + ldm_digits 6 bit-widths x 6 methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x 6 x 1 seed + dit_digits 6 x 6 x 3 seeds
+    assert len(jobs) == 3 + 108 + 9 + 36 + 108
     assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
     for model, evaluator in [
         ("ldm_digits", "digits"),
@@ -102,6 +102,8 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
             "ptq",
             "quest",
             "accuquant",
+            "ptq4dm",
+            "tfmq",
         )
     )
     ablations = [
@@ -114,6 +116,8 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
         "ptq",
         "quest",
         "accuquant",
+        "ptq4dm",
+        "tfmq",
         "quest_tla_only",
         "quest_cma_only",
         "quest_no_global",

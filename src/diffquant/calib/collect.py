@@ -37,12 +37,13 @@ from diffquant.cache import CacheEntry, atomic_torch_save, load_torch
 from diffquant.numerics import numerics_identity
 from diffquant.quant.state import quant_state
 from diffquant.quant.typed import as_dataclass
-from diffquant.validation import InvalidSetting, positive
+from diffquant.validation import InvalidSetting, one_of, positive
 
 log = logging.getLogger(__name__)
 
 STEP_KEY = "_step"
 INDEX_FILE = "index.json"
+STEP_SAMPLINGS = ("stride", "normal")
 
 
 @dataclass
@@ -61,6 +62,14 @@ class CalibSettings:
         seed: base seed of the calibration trajectories (keep it apart from evaluation seeds;
             re-seeded by the run's ``calib_seed``, :mod:`diffquant.seeds`).
         shard_rows: rows per shard file.
+        step_sampling: ``stride`` (the recorded steps above, every trajectory at each) or
+            ``normal``: PTQ4DM's normally distributed time-step calibration (NDTC): trajectory
+            ``i`` is recorded at one sampler step only, ``k_i = clamp(trunc((μ + σ·z_i) · S),
+            0, S - 1)`` with ``z_i ~ N(0, 1)`` drawn from a generator seeded by ``seed`` and
+            ``i`` (``S`` sampler steps, 0 = noisiest; PTQ4DM ``quant_image_sample.py`` lines
+            53-56, 70), so ``n_samples`` trajectories give ``n_samples`` rows (×2 with guidance).
+        normal_mean / normal_std: μ and σ of ``normal``, as fractions of the sampler's steps
+            (PTQ4DM's script: 0.4 and 0.4).
     """
 
     n_samples: int = 64
@@ -69,9 +78,23 @@ class CalibSettings:
     batch_size: int = 64
     seed: int = 10_000
     shard_rows: int = 4096
+    step_sampling: str = "stride"
+    normal_mean: float = 0.4
+    normal_std: float = 0.4
 
     def __post_init__(self) -> None:
-        positive(self, "n_samples", "step_stride", "n_steps", "batch_size", "shard_rows")
+        positive(self, "n_samples", "step_stride", "n_steps", "batch_size", "shard_rows", "normal_std")
+        one_of(self, "step_sampling", STEP_SAMPLINGS)
+
+    def normal_steps(self, indices: list[int], n_sampler_steps: int) -> Tensor:
+        """``step_sampling=normal``: the one recorded sampler step of each trajectory index."""
+        steps = []
+        for i in indices:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+            z = float(torch.randn((), generator=g, dtype=torch.float64))
+            k = int((self.normal_mean + self.normal_std * z) * n_sampler_steps)  # trunc toward 0
+            steps.append(min(max(k, 0), n_sampler_steps - 1))
+        return torch.tensor(steps, dtype=torch.long)
 
     def stride(self, n_sampler_steps: int) -> int:
         """The stride of recorded steps for a sampler of ``n_sampler_steps`` denoiser calls."""
@@ -128,7 +151,12 @@ def calib_cache_key(
     s.pop("batch_size")  # does not change the rows (per-sample seeding)
     s.pop("shard_rows")
     s.pop("n_steps")  # the stride it selects is what changes the rows
-    s["step_stride"] = settings.stride(len(model.timesteps))
+    if settings.step_sampling == "stride":  # left out at their defaults: older keys stay valid
+        for k in ("step_sampling", "normal_mean", "normal_std"):
+            s.pop(k)
+        s["step_stride"] = settings.stride(len(model.timesteps))
+    else:
+        s.pop("step_stride")
     return {"model": identity or model_identity(model), "calib": s}
 
 
@@ -141,12 +169,21 @@ class _Recorder:
         self.spec = spec
         self.step: Optional[int] = None
         self.rows: list[dict[str, Tensor]] = []
+        #: per trajectory of the batch, its one recorded step (``step_sampling=normal``)
+        self.chosen: Optional[Tensor] = None
 
     def on_step(self, i: int, x: Tensor) -> None:
         self.step = i
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.step is None or self.step % self.stride:
+        if self.step is None:
+            return
+        keep: Optional[Tensor] = None
+        if self.chosen is not None:
+            keep = self.chosen == self.step
+            if not keep.any():
+                return
+        elif self.step % self.stride:
             return
         if args:
             raise RuntimeError(
@@ -167,6 +204,9 @@ class _Recorder:
                 raise RuntimeError(f"denoiser argument {k!r} has no batch dimension of {n}")
             row[k] = v.detach().to("cpu").clone()
         row[STEP_KEY] = torch.full((n,), self.step, dtype=torch.long)
+        if keep is not None:  # rows are [uncond; cond] blocks of the batch's trajectories
+            mask = keep.repeat(n // len(keep))
+            row = {k: v[mask] for k, v in row.items()}
         self.rows.append(row)
 
 
@@ -186,10 +226,15 @@ def collect_calibration(
     entry = CacheEntry(cache_dir, "calib", calib_cache_key(model, s, identity))
     with entry.lock():
         if not entry.done():
+            which = (
+                f"every {s.stride(len(model.timesteps))}-th"
+                if s.step_sampling == "stride"
+                else f"one step each, N({s.normal_mean}, {s.normal_std}) x"
+            )
             log.info(
-                "collecting calibration data: %d trajectories, every %d-th of %d steps -> %s",
+                "collecting calibration data: %d trajectories, %s of %d steps -> %s",
                 s.n_samples,
-                s.stride(len(model.timesteps)),
+                which,
                 len(model.timesteps),
                 entry.path,
             )
@@ -220,6 +265,8 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
             for start in range(0, s.n_samples, s.batch_size):
                 indices = list(range(start, min(s.n_samples, start + s.batch_size)))
                 recorder.rows.clear()
+                if s.step_sampling == "normal":
+                    recorder.chosen = s.normal_steps(indices, len(model.timesteps))
                 model.sample_latents(indices, s.seed, on_step=recorder.on_step)
                 for row in recorder.rows:
                     keys = keys or list(row)
@@ -229,11 +276,17 @@ def _write_shards(model: Any, s: CalibSettings, folder: Path) -> None:
             flush()
     finally:
         handle.remove()
+    steps = (
+        list(range(0, len(model.timesteps), stride))
+        if s.step_sampling == "stride"
+        else sorted(set(s.normal_steps(list(range(s.n_samples)), len(model.timesteps)).tolist()))
+    )
     index = {
         "rows": sum(sh["rows"] for sh in shards),
         "shards": shards,
         "keys": keys,
-        "steps": list(range(0, len(model.timesteps), stride)),
+        "steps": steps,
+        "step_sampling": s.step_sampling,
         "guided": bool(model.guided),
         # how rows were written (trajectory batches x steps x [uncond; cond]): lets
         # CalibStream.reference_order sort them independently of the batch size
@@ -272,7 +325,15 @@ class CalibStream:
         (Q-Diffusion / QuEST ``get_train_samples``: time-step major — all rows of the first
         recorded step, then the next, ... — and with guidance all conditional rows first, then
         all unconditional ones; within a step by trajectory index). Independent of the sampling
-        batch size the set was written with."""
+        batch size the set was written with. Only for sets with every trajectory at every
+        recorded step (``step_sampling=stride``)."""
+        if self.index.get("step_sampling", "stride") != "stride":
+            raise InvalidSetting(
+                "calib.step_sampling",
+                f"={self.index['step_sampling']}: this set has one step per trajectory, so there "
+                "is no reference time-step-major order; use act_init_select=random and no "
+                "running statistics in steps order (act_running_order=shuffled)",
+            )
         steps = list(self.index["steps"])
         guided = bool(self.index.get("guided"))
         n, bs = self._layout(steps, guided)

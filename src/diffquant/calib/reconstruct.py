@@ -56,7 +56,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -70,7 +70,7 @@ from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer
-from diffquant.quant.state import iter_quantizers, quant_state
+from diffquant.quant.state import activation_drop, iter_quantizers, quant_state
 from diffquant.quant.timestep import get_router, sampler_step
 from diffquant.quant.typed import as_dataclass
 from diffquant.stopping import check_stop
@@ -113,6 +113,17 @@ class ReconSettings:
         memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
         seed: base seed (each unit's optimisation is seeded by it and the unit's index; the
             ``max_rows`` subset by it; re-seeded by the run's ``calib_seed``).
+        joint: QDrop's ``order=together`` (PTQ4DM): one stage per unit that learns the AdaRound
+            α (lr ``weight_lr``) and the activation step sizes (lr ``act_lr``, cosine to 0)
+            together for ``weight_iters`` iterations, with activations quantized, loss
+            ``‖unit(x) - y‖_p^p`` (p = ``weight_p``) + the rounding regulariser; ``act_iters``
+            is not used. Needs initialised activation ranges.
+        keep_prob: QDrop's activation dropping in the joint stage: each activation element of
+            the unit is quantized with this probability and FP otherwise
+            (:func:`~diffquant.quant.state.activation_drop`); None = always quantized.
+        input_keep_prob: the joint stage's unit input ``x``: each element is taken from the
+            quantized network's input (weights and activations quantized) with this probability
+            and from the FP network's otherwise (QDrop's ``input_prob``); None = the FP input.
     """
 
     weight_iters: int = 200
@@ -131,9 +142,18 @@ class ReconSettings:
     loss_axis: str = "channels"
     memory_mb: int = 2048
     seed: int = 0
+    joint: bool = False
+    keep_prob: Optional[float] = None
+    input_keep_prob: Optional[float] = None
 
     def __post_init__(self) -> None:
         positive(self, "weight_iters", "act_iters", allow_zero=True)
+        for key in ("keep_prob", "input_keep_prob"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise InvalidSetting(key, f"={value} is not a probability in (0, 1]: use e.g. 0.5, or null")
+            if value is not None and not self.joint:
+                raise InvalidSetting(key, "applies to the joint stage only: set joint=true, or null it")
         positive(
             self,
             "batch_size",
@@ -354,7 +374,9 @@ class Reconstructor:
     """Runs block reconstruction over a quantized denoiser; see the module doc.
 
     ``on_unit_done(index, report)`` is called after each unit is finished and saved (tests use it
-    to interrupt a run).
+    to interrupt a run). ``skip_weight_layers``: qualified names of layers whose weights are
+    already reconstructed (TFMQ-DM's temporal block, :mod:`diffquant.calib.temporal`): no unit
+    trains their rounding again; they run weight-quantized as they are.
     """
 
     def __init__(
@@ -366,8 +388,10 @@ class Reconstructor:
         *,
         progress_dir: Optional[Path] = None,
         on_unit_done: Optional[Callable[[int, UnitReport], None]] = None,
+        skip_weight_layers: Sequence[str] = (),
     ) -> None:
         self.denoiser = denoiser
+        self.skip_weight_layers = set(skip_weight_layers)
         self.spec = spec
         self.stream = stream
         self.s: ReconSettings = as_dataclass(settings, ReconSettings)
@@ -471,17 +495,34 @@ class Reconstructor:
     def _reconstruct_unit(self, index: int, unit: Unit) -> UnitReport:
         s = self.s
         rep = UnitReport(unit.name, unit.kind)
-        w_layers = [m for m in unit.module.modules() if is_quant_layer(m) and m.weight_quantizer is not None]
+        w_layers = [
+            m
+            for n, m in unit.module.named_modules()
+            if is_quant_layer(m)
+            and m.weight_quantizer is not None
+            and (f"{unit.name}.{n}" if n else unit.name) not in self.skip_weight_layers
+        ]
         act_qs = [q for _, q in iter_quantizers(unit.module, "act") if q.bits < SOFTMAX_FP_BITS]
         do_w, do_a = bool(w_layers) and s.weight_iters > 0, bool(act_qs) and s.act_iters > 0
+        if s.joint:
+            do_w, do_a = (bool(w_layers) or bool(act_qs)) and s.weight_iters > 0, False
         if not (do_w or do_a):
             return rep
         spill = Path(tempfile.mkdtemp(prefix="recon_", dir=self.progress_dir))
         try:
             t0 = time.perf_counter()
-            store, spec = self._capture(unit, with_weight_inputs=do_w, spill_dir=spill)
+            store, spec = self._capture(
+                unit,
+                with_weight_inputs=do_w and (not s.joint or s.input_keep_prob is not None),
+                spill_dir=spill,
+                quantized_acts=s.joint,
+            )
             rep.capture_s = round(time.perf_counter() - t0, 3)
-            if do_w:
+            if do_w and s.joint:
+                torch.manual_seed(s.seed * 7919 + index)
+                gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                rep.weight_loss = self._joint_stage(unit, w_layers, act_qs, store, spec, gen)
+            elif do_w:
                 torch.manual_seed(s.seed * 7919 + index)
                 gen = torch.Generator().manual_seed(s.seed * 7919 + index)
                 rep.weight_loss = self._weight_stage(unit, w_layers, store, spec, gen)
@@ -495,7 +536,12 @@ class Reconstructor:
 
     # -- capture
     @torch.no_grad()
-    def _capture(self, unit: Unit, with_weight_inputs: bool, spill_dir: Path) -> tuple[RowStore, CallSpec]:
+    def _capture(
+        self, unit: Unit, with_weight_inputs: bool, spill_dir: Path, quantized_acts: bool = False
+    ) -> tuple[RowStore, CallSpec]:
+        """Rows of the unit's FP inputs ``fp_*``, its FP output ``y``, time step ``t`` and sampler
+        step, and with ``with_weight_inputs`` its inputs in the quantized network ``w_*``
+        (weights quantized; activations too with ``quantized_acts``)."""
         store = RowStore(spill_dir, self.s.memory_mb * 2**20)
         spec: Optional[CallSpec] = None
         grabbed: dict[str, Any] = {}
@@ -529,7 +575,7 @@ class Reconstructor:
                 if with_weight_inputs:
                     grabbed["stop_before"] = True
                     with (
-                        quant_state(self.denoiser, weights=True, acts=False),
+                        quant_state(self.denoiser, weights=True, acts=quantized_acts),
                         sampler_step(self.denoiser, step),
                     ):
                         _run_until_stop(self.denoiser, batch)
@@ -604,6 +650,85 @@ class Reconstructor:
                 p.grad = None
         return tail.mean()
 
+    def _joint_stage(
+        self,
+        unit: Unit,
+        layers: list[nn.Module],
+        act_qs: list[ActQuantizer],
+        store: RowStore,
+        spec: CallSpec,
+        gen: torch.Generator,
+    ) -> float:
+        """QDrop's ``order=together`` (see :class:`ReconSettings`): AdaRound α and activation
+        step sizes in one optimisation, activations dropped with ``keep_prob``, the unit's input
+        mixed element-wise between the quantized and the FP network's with ``input_keep_prob``."""
+        s = self.s
+        uninitialised = [q for q in act_qs if not bool(q.initialized)]
+        if uninitialised:
+            raise RuntimeError(
+                f"joint reconstruction of {unit.name}: activation ranges are not initialised "
+                "(initialise them before reconstruction: act_init_stage=before_recon)"
+            )
+        roundings: list[AdaRound] = []
+        for layer in layers:
+            r = layer.weight_quantizer.start_adaround(layer.weight)
+            roundings.extend(r if isinstance(r, list) else [r])
+        scales = [q.scale for q in act_qs]
+        for p in scales:
+            p.requires_grad_(True)
+        opts = [torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)] if roundings else []
+        scheds = []
+        if scales:
+            opts.append(torch.optim.Adam(scales, lr=s.act_lr))
+            scheds.append(
+                torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], T_max=s.weight_iters, eta_min=0.0)
+            )
+        schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
+        tail = _Tail(s.weight_iters)
+        try:
+            with quant_state(unit.module, weights=True, acts=True), activation_drop(unit.module, s.keep_prob):
+                for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+                    check_stop(where=f"block reconstruction: {unit.name}, joint iteration {it}")
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    if s.input_keep_prob is not None:
+                        batch = mix_inputs(batch, s.input_keep_prob)
+                    if self.router is not None:
+                        self.router.route(unit.module, batch["t"], batch["step"])
+                    out = spec.call(unit.module, batch, "fp_")
+                    rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
+                    loss = rec + schedule.loss(it, roundings).to(rec.device) if roundings else rec
+                    _check_finite(loss, unit.name, "weight")
+                    for opt in opts:
+                        opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for opt in opts:
+                        opt.step()
+                    for sched in scheds:
+                        sched.step()
+                    with torch.no_grad():
+                        for p in scales:
+                            p.clamp_(min=1e-8)
+                    tail.add(it, rec.item())
+        finally:
+            for p in scales:
+                p.requires_grad_(False)
+                p.grad = None
+        for layer in layers:
+            layer.weight_quantizer.harden()
+        return tail.mean()
+
+
+def mix_inputs(batch: dict[str, Tensor], keep_prob: float) -> dict[str, Tensor]:
+    """QDrop's input mixing: each floating-point input ``fp_<k>`` element replaced by the
+    quantized network's ``w_<k>`` with probability ``keep_prob`` (a fresh mask from the global
+    generator); other entries unchanged."""
+    out = dict(batch)
+    for key, fp in batch.items():
+        q = batch.get("w_" + key[3:]) if key.startswith("fp_") else None
+        if q is not None and fp.is_floating_point():
+            out[key] = torch.where(torch.rand_like(fp) < keep_prob, q, fp)
+    return out
+
 
 class _Tail:
     """Mean of the loss over the last 10% of iterations (the reported final loss)."""
@@ -640,6 +765,7 @@ def reconstruct(
     *,
     progress_dir: Optional[Path] = None,
     on_unit_done: Optional[Callable[[int, UnitReport], None]] = None,
+    skip_weight_layers: Sequence[str] = (),
 ) -> ReconReport:
     """Block-reconstruct the quantized ``denoiser`` (weights by AdaRound, then activation step sizes
     by LSQ, unit by unit); resumable through ``progress_dir``. See the module doc. Only what a
@@ -649,7 +775,13 @@ def reconstruct(
     denoiser.requires_grad_(False)
     try:
         return Reconstructor(
-            denoiser, spec, stream, settings, progress_dir=progress_dir, on_unit_done=on_unit_done
+            denoiser,
+            spec,
+            stream,
+            settings,
+            progress_dir=progress_dir,
+            on_unit_done=on_unit_done,
+            skip_weight_layers=skip_weight_layers,
         ).run()
     finally:
         for p, flag in flags:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 ROLES = (
@@ -161,6 +162,25 @@ class DenoiserSpec:
         reports)."""
         return re.sub(r"\.\d+(?=\.|$)", "", name)
 
+    # ------------------------------------------------------------------ temporal block
+    def temporal_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The entries of a denoiser call's keyword arguments the time-step embedding depends on
+        (the time step ``(B,)``, and a class label ``(B,)`` where the family embeds it with the
+        time step)."""
+        keys = (self.timestep_arg, "class_labels")
+        return {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+
+    def temporal_outputs(self, denoiser: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TFMQ-DM's *temporal information block* run alone: the output ``(B, C_i)`` of every
+        ``time_projection`` layer (by qualified name), computed from :meth:`temporal_inputs`
+        only, through the ``time_embedding`` layers, exactly as the denoiser's forward computes
+        them (:func:`check_temporal_outputs` compares the two)."""
+        raise RoleError(
+            f"the {self.family} family does not declare how its time-step embedding runs alone "
+            "(DenoiserSpec.temporal_outputs), which TFMQ-DM's temporal reconstruction needs: set "
+            "method.tiar=false"
+        )
+
 
 # ---------------------------------------------------------------------------- diffusers
 class DiffusersSpec(DenoiserSpec):
@@ -231,6 +251,40 @@ class UNetSpec(DiffusersSpec):
     family = "unet"
     first_layers = ("conv_in",)
     last_layers = ("conv_out",)
+
+    def temporal_outputs(self, denoiser: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``time_proj`` → ``time_embedding`` (+ the class embedding, where the UNet has one)
+        → every ``ResnetBlock2D``'s ``nonlinearity`` → ``time_emb_proj`` (``UNet2DModel.forward``
+        step 1 and ``ResnetBlock2D.forward`` in diffusers)."""
+        from diffusers.models.resnet import ResnetBlock2D
+
+        t = inputs[self.timestep_arg]
+        labels = inputs.get("class_labels")
+        config = denoiser.config
+        if getattr(config, "addition_embed_type", None) is not None:
+            raise RoleError(
+                f"unet denoiser with addition_embed_type={config.addition_embed_type!r}: its time "
+                "embedding also reads the condition, which temporal_outputs does not run"
+            )
+        t_emb = denoiser.time_proj(t).to(dtype=denoiser.dtype)
+        cond_model = hasattr(denoiser, "get_class_embed")  # UNet2DConditionModel
+        emb = denoiser.time_embedding(t_emb, None) if cond_model else denoiser.time_embedding(t_emb)
+        if getattr(denoiser, "class_embedding", None) is not None:
+            if labels is None:
+                raise RoleError("class-conditional unet: temporal_outputs needs class_labels")
+            if config.class_embed_type == "timestep":
+                labels = denoiser.time_proj(labels)
+            class_emb = denoiser.class_embedding(labels).to(dtype=emb.dtype)
+            concat = getattr(config, "class_embeddings_concat", False)
+            emb = torch.cat([emb, class_emb], dim=-1) if concat else emb + class_emb
+        if getattr(denoiser, "time_embed_act", None) is not None:
+            emb = denoiser.time_embed_act(emb)
+        out: dict[str, Tensor] = {}
+        for name, m in denoiser.named_modules():
+            if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None:
+                x = emb if m.skip_time_act else m.nonlinearity(emb)
+                out[f"{name}.time_emb_proj"] = m.time_emb_proj(x)
+        return out
 
     def shortcut_splits(self, denoiser: nn.Module) -> dict[str, int]:
         """The ``conv_shortcut`` of each up-block ``ResnetBlock2D`` fed by ``cat([h, skip])``.
@@ -332,6 +386,28 @@ class TransformerSpec(DiffusersSpec):
     def layer_type(self, name: str) -> str:
         """``transformer_blocks.3.attn1.to_q`` → ``attn1.to_q``."""
         return super().layer_type(re.sub(r"^transformer_blocks\.\d+\.", "", name))
+
+    def temporal_outputs(self, denoiser: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every ``AdaLayerNormZero`` (DiT, one per block): ``linear(silu(emb(t, class_labels)))``;
+        PixArt's shared ``AdaLayerNormSingle``: ``linear(silu(emb(t)))`` (without the resolution
+        conditions PixArt-α 1024 adds); and the family's :attr:`time_projection_layers` (DiT's
+        ``proj_out_1(silu(transformer_blocks[0].norm1.emb(t, class_labels)))``), as
+        ``DiTTransformer2DModel`` / ``PixArtTransformer2DModel.forward`` compute them."""
+        from diffusers.models.normalization import AdaLayerNormSingle, AdaLayerNormZero
+
+        t, labels = inputs[self.timestep_arg], inputs.get("class_labels")
+        dtype = next(denoiser.parameters()).dtype
+        out: dict[str, Tensor] = {}
+        for name, m in denoiser.named_modules():
+            if isinstance(m, AdaLayerNormZero) and m.emb is not None:
+                out[f"{name}.linear"] = m.linear(m.silu(m.emb(t, labels, hidden_dtype=dtype)))
+            elif isinstance(m, AdaLayerNormSingle):
+                emb = m.emb(t, resolution=None, aspect_ratio=None, batch_size=t.shape[0], hidden_dtype=dtype)
+                out[f"{name}.linear"] = m.linear(m.silu(emb))
+        if "proj_out_1" in self.time_projection_layers:
+            cond = denoiser.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=dtype)
+            out["proj_out_1"] = denoiser.proj_out_1(torch.nn.functional.silu(cond))
+        return out
 
 
 class DiTSpec(TransformerSpec):

@@ -349,6 +349,11 @@ class ActQuantizer(nn.Module):
     layers see quantized inputs). After :meth:`start_running` every further batch moves the range
     to the exponential moving average of the per-batch min / max (Q-Diffusion's running
     statistics), started from the raw min / max of the batches seen before.
+
+    QDrop (:func:`~diffquant.quant.state.activation_drop`, PTQ4DM's reconstruction): while
+    :attr:`keep_prob` is set, each element of the output is the quantized value with that
+    probability and the input unchanged otherwise (a fresh Bernoulli mask per call, drawn from the
+    global torch generator), so gradients see a mix of quantized and FP activations.
     """
 
     kind = "act"
@@ -368,6 +373,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.enabled = True
         self.group_index: Optional[Tensor] = None
+        self.keep_prob: Optional[float] = None
         self._observer: Optional[_RangeObserver] = None
 
     # -- shapes
@@ -422,7 +428,10 @@ class ActQuantizer(nn.Module):
         groups = self._row_groups(x)
         scale = self._broadcast(self.scale, x, groups)
         zp = self._broadcast(self.zero_point, x, groups)
-        return fake_quant(x, scale, zp, self.q_min, self.q_max)
+        out = fake_quant(x, scale, zp, self.q_min, self.q_max)
+        if self.keep_prob is not None:
+            out = torch.where(torch.rand_like(x) < self.keep_prob, out, x)
+        return out
 
     # -- range calibration
     def start_observing(

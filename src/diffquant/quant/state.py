@@ -168,3 +168,23 @@ def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
     finally:
         for module in frozen:
             module.frozen_weight = None
+
+
+@contextlib.contextmanager
+def activation_drop(module: nn.Module, keep_prob: Optional[float]) -> Iterator[None]:
+    """QDrop (Wei et al., ICLR 2022; PTQ4DM's reconstruction): within the block, every
+    activation quantizer of ``module`` outputs its quantized value for each element with
+    probability ``keep_prob`` and the FP value otherwise (a fresh mask per call; see
+    :class:`~diffquant.quant.quantizers.ActQuantizer`). ``None`` or 1 changes nothing."""
+    if keep_prob is None or keep_prob >= 1.0:
+        yield
+        return
+    quantizers = [q for _, q in iter_quantizers(module, "act")]
+    previous = [q.keep_prob for q in quantizers]
+    for q in quantizers:
+        q.keep_prob = float(keep_prob)
+    try:
+        yield
+    finally:
+        for q, p in zip(quantizers, previous):
+            q.keep_prob = p
