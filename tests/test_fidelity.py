@@ -470,9 +470,10 @@ def resolve(run: Any, key: str) -> Any:
         calib = row_calib(run)
         steps = calib.recorded_steps(sampler_calls(run.model))
         guided = run.model.guidance_scale != 1.0
+        per_trajectory = len(steps) if calib.step_sampling == "stride" else 1  # NDTC: one step each
         values = {
             "calib_steps": len(steps),
-            "calib_rows": calib.n_samples * len(steps) * (2 if guided else 1),
+            "calib_rows": calib.n_samples * per_trajectory * (2 if guided else 1),
         }
         return values[rest]
     node: Any = row_quant(run) if head == "quant" else getattr(run, head)

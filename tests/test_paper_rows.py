@@ -56,6 +56,21 @@ PTQ = [  # a PTQ config's keys (prefixed with its place: `method.` or `method.pt
 ]
 BY_METHOD = {
     "ptq_minmax": ["method.calib.n_samples=2", "method.calib.batch_size=2"],
+    "ptq4dm": [f"method.{o}" for o in PTQ],
+    "ptqd": [*(f"method.ptq.{o}" for o in PTQ), "method.n_samples=2", "method.batch_size=2"],
+    "tfmq": [
+        "method.calib.n_samples=2",
+        "method.calib.batch_size=2",
+        "method.calib.n_steps=null",
+        "method.act_calib.n_samples=2",
+        "method.act_calib.batch_size=2",
+        "method.recon.weight_iters=2",
+        "method.recon.batch_size=4",
+        "method.recon.capture_batch_size=64",
+        "method.tiar_iters=2",
+        "method.fsc_init_rows=2",
+        "method.fsc_batch_size=2",
+    ],
     "quest": [
         "method.tla_epochs=1",
         "method.cma_epochs=1",
@@ -119,3 +134,9 @@ def test_every_method_row_runs_through_the_app(experiment, method, make_cfg, tmp
         assert metrics["tla_steps"] > 0 and metrics["cma_steps"] > 0
     if name == "accuquant":
         assert metrics["accuquant_groups"] == math.ceil(calls / typed.method.group_size)
+    if name == "tfmq":  # one activation set per sampler call; the temporal block reconstructed
+        assert metrics["tfmq_act_sets"] == calls and metrics["tfmq_tiar_layers"] > 0
+    if name == "ptqd":  # the correction was measured and installed
+        assert math.isfinite(metrics["ptqd_k_mean"]) and metrics["ptqd_samples"] == 2
+    if name == "ptq4dm":  # NDTC: one row per trajectory (two with guidance)
+        assert metrics["calib_rows"] == 2 * (2 if typed.model.guidance_scale != 1.0 else 1)

@@ -154,3 +154,20 @@ def test_drop_options_need_the_joint_stage():
         ReconSettings(keep_prob=0.5)
     with pytest.raises(InvalidSetting, match="input_keep_prob"):
         ReconSettings(joint=True, input_keep_prob=1.5)
+
+
+def test_new_options_at_their_defaults_leave_cached_results_valid():
+    """PTQ results cached before NDTC and QDrop existed keep their keys: the new calibration and
+    reconstruction fields are left out of the key at their defaults, and enter it when set."""
+    from diffquant.methods.ptq import PTQConfig
+    from diffquant.quant.typed import as_dict, key_dict
+
+    key = key_dict(PTQConfig())
+    old = as_dict(PTQConfig())
+    for k in ("joint", "keep_prob", "input_keep_prob"):
+        old["recon"].pop(k)
+    for k in ("step_sampling", "normal_mean", "normal_std"):
+        old["calib"].pop(k)
+    assert key == old
+    assert key_dict(PTQ4DMConfig())["recon"]["joint"] is True
+    assert key_dict(PTQ4DMConfig())["calib"]["step_sampling"] == "normal"

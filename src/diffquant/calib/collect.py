@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,13 @@ class CalibSettings:
     step_sampling: str = "stride"
     normal_mean: float = 0.4
     normal_std: float = 0.4
+
+    #: left out of cache keys at these values (:func:`~diffquant.quant.typed.key_dict`)
+    KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "step_sampling": "stride",
+        "normal_mean": 0.4,
+        "normal_std": 0.4,
+    }
 
     def __post_init__(self) -> None:
         positive(self, "n_samples", "step_stride", "n_steps", "batch_size", "shard_rows", "normal_std")

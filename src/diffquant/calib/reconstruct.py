@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -145,6 +145,13 @@ class ReconSettings:
     joint: bool = False
     keep_prob: Optional[float] = None
     input_keep_prob: Optional[float] = None
+
+    #: left out of cache keys at these values (:func:`~diffquant.quant.typed.key_dict`)
+    KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "joint": False,
+        "keep_prob": None,
+        "input_keep_prob": None,
+    }
 
     def __post_init__(self) -> None:
         positive(self, "weight_iters", "act_iters", allow_zero=True)

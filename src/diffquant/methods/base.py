@@ -95,6 +95,11 @@ class Method:
         """
         raise NotImplementedError
 
+    def restore(self, model: Any, result: MethodResult) -> None:
+        """Re-install on ``model`` what :meth:`calibrate` set outside the denoiser's parameters
+        and quantizers (e.g. PTQD's sampler correction), from a result loaded from the cache
+        (its metrics, tables and files). Default: nothing."""
+
     def changed_parameters(self, model: Any) -> dict[str, nn.Parameter]:
         """Parameters of ``model.denoiser`` (by qualified name) that :meth:`calibrate` changes
         beyond the quantizer state, saved with the result and restored on a cache hit."""

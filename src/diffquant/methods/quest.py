@@ -130,7 +130,7 @@ from diffquant.quant.config import FP_BITS, QuantConfig, quant_key
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import iter_quantizers, quant_parameters
 from diffquant.quant.timestep import attach_timestep_router
-from diffquant.quant.typed import as_dict
+from diffquant.quant.typed import as_dict, key_dict
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, one_of, positive
 
@@ -409,7 +409,7 @@ def sensitivity_report(
     key = {
         "model": model_identity(model),
         "quant": {k: v for k, v in as_dict(qcfg).items() if k != "name"},
-        "calib": as_dict(cfg.ptq.calib),
+        "calib": key_dict(cfg.ptq.calib),
         "sensitivity": as_dict(cfg.sensitivity),
     }
     entry = CacheEntry(ctx.cache_dir, "quest_sensitivity", key)
@@ -502,7 +502,7 @@ class Quest(Method):
             **{n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()},
         }
         return {
-            "method": {k: v for k, v in as_dict(cfg).items() if k not in self.not_in_key},
+            "method": {k: v for k, v in key_dict(cfg).items() if k not in self.not_in_key},
             "quant": quant_key(quant),
             "stages": [[s.name, s.epochs, list(s.weights), list(s.act_scales)] for s in stages],
             "rows": tensor_digest(rows),

@@ -25,7 +25,7 @@ from diffquant.calib.collect import model_identity
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.quant.checkpoint import load_quantized, save_quantized
 from diffquant.quant.config import QuantConfig, quant_key
-from diffquant.quant.typed import as_dataclass, as_dict
+from diffquant.quant.typed import as_dataclass, as_dict, key_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def method_result_key(method: Method, model: Any, quant: Any, cfg: Any) -> dict[
     """What determines a method's result: FP model, quant config, method config and version."""
     quant_d = quant_key(quant)
     quant_d.pop("name", None)
-    method_d = {k: v for k, v in as_dict(cfg).items() if k not in method.not_in_key}
+    method_d = {k: v for k, v in key_dict(cfg).items() if k not in method.not_in_key}
     return {"model": model_identity(model), "quant": quant_d, "method": method_d, "version": method.version}
 
 
@@ -61,6 +61,7 @@ def run_method(method: Method, model: Any, quant: Any, cfg: Any, ctx: Any) -> Me
                 {k: Table(**t) for k, t in meta["tables"].items()},
                 dict(meta["files"]),
             )
+            method.restore(model, result)
         else:
             t0 = time.perf_counter()
             result = method.calibrate(model, quant, cfg, ctx, entry.partial_dir())

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.models.denoiser import DenoiserSpec
+from diffquant.models.noise_correction import NoiseCorrection
 from diffquant.quant.state import frozen_weights
 from diffquant.quant.timestep import sampler_step
 
@@ -150,6 +151,9 @@ class DiffusionModel:
     #: sampling quantizes each weight once per run (:func:`~diffquant.quant.state.frozen_weights`,
     #: the same samples bit for bit); False: at every denoiser call (``make bench-speed`` times both)
     freeze_weights: bool = True
+    #: PTQD's per-step correction of the guided output and of the sampler's noise
+    #: (:class:`~diffquant.models.noise_correction.NoiseCorrection`), set by ``method=ptqd``
+    noise_correction: Optional[NoiseCorrection] = None
 
     def __init__(
         self,
@@ -272,7 +276,11 @@ class DiffusionModel:
         t = self.timesteps[i]
         with sampler_step(self.denoiser, i):  # time-step-aware quantizers route by step index
             model_out = self.eps(x_t, t, cond)
-        kwargs = step_noise_kwargs(self._step_kwargs, self.sampler.eta, x_t, i, indices, seed)
+        eta = self.sampler.eta
+        if self.noise_correction is not None:  # PTQD: rescaled, de-biased ε; reduced noise
+            model_out = self.noise_correction.correct(model_out, i)
+            eta = self.noise_correction.eta(self.scheduler, self._step_kwargs, i, t, eta)
+        kwargs = step_noise_kwargs(self._step_kwargs, eta, x_t, i, indices, seed)
         return self.scheduler.step(model_out, t, x_t, **kwargs).prev_sample
 
     # ---------------------------------------------------------------- sampling

@@ -22,6 +22,24 @@ def as_dataclass(cfg: Any, cls: type[T]) -> T:
     return OmegaConf.to_object(merged)
 
 
+def key_dict(cfg: Any) -> Any:
+    """:func:`as_dict` for cache keys: a dataclass field equal to its class's
+    ``KEY_NEUTRAL_DEFAULTS`` entry is left out (at any depth), so adding an option with a neutral
+    default invalidates no cached result."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        neutral = getattr(type(cfg), "KEY_NEUTRAL_DEFAULTS", {})
+        return {
+            f.name: key_dict(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if not (f.name in neutral and getattr(cfg, f.name) == neutral[f.name])
+        }
+    if isinstance(cfg, dict):
+        return {k: key_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [key_dict(v) for v in cfg]
+    return cfg
+
+
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A plain, JSON-able dict of a dataclass / DictConfig / dict config (for cache keys, logs)."""
     if dataclasses.is_dataclass(cfg):
