@@ -75,9 +75,9 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    # 3 FP + ldm_digits 6 bit-widths x 6 methods x 3 calibration seeds + 3 ablations x 3 seeds
-    # + sd_digits 6 x 6 x 1 seed + dit_digits 6 x 6 x 3 seeds
-    assert len(jobs) == 3 + 108 + 9 + 36 + 108
+    # 3 FP + ldm_digits 6 bit-widths x 7 methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x 7 x 1 seed + dit_digits 6 x 7 x 3 seeds
+    assert len(jobs) == 3 + 126 + 9 + 42 + 126
     assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
     for model, evaluator in [
         ("ldm_digits", "digits"),
@@ -103,6 +103,7 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
             "quest",
             "accuquant",
             "ptq4dm",
+            "ptqd",
             "tfmq",
         )
     )
@@ -117,6 +118,7 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
         "quest",
         "accuquant",
         "ptq4dm",
+        "ptqd",
         "tfmq",
         "quest_tla_only",
         "quest_cma_only",
