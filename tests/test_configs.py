@@ -75,9 +75,9 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    # 3 FP + ldm_digits 6 bit-widths x 7 methods x 3 calibration seeds + 3 ablations x 3 seeds
-    # + sd_digits 6 x 7 x 1 seed + dit_digits 6 x 7 x 3 seeds
-    assert len(jobs) == 3 + 126 + 9 + 42 + 126
+    # 3 FP + ldm_digits 6 bit-widths x 8 methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x 8 x 1 seed + dit_digits 6 x 8 x 3 seeds
+    assert len(jobs) == 3 + 144 + 9 + 48 + 144
     assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
     for model, evaluator in [
         ("ldm_digits", "digits"),
@@ -105,6 +105,7 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
             "ptq4dm",
             "ptqd",
             "tfmq",
+            "efficientdm",
         )
     )
     ablations = [
@@ -120,6 +121,7 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
         "ptq4dm",
         "ptqd",
         "tfmq",
+        "efficientdm",
         "quest_tla_only",
         "quest_cma_only",
         "quest_no_global",

@@ -58,6 +58,15 @@ BY_METHOD = {
     "ptq_minmax": ["method.calib.n_samples=2", "method.calib.batch_size=2"],
     "ptq4dm": [f"method.{o}" for o in PTQ],
     "ptqd": [*(f"method.ptq.{o}" for o in PTQ), "method.n_samples=2", "method.batch_size=2"],
+    "efficientdm": [
+        "method.base.calib.n_samples=2",
+        "method.base.calib.batch_size=2",
+        "method.base.act_init_rows=4",
+        "method.base.act_init_batch_size=4",
+        "method.epochs=1",
+        "method.batch_size=1",
+        "method.rank=2",
+    ],
     "tfmq": [
         "method.calib.n_samples=2",
         "method.calib.batch_size=2",
@@ -138,5 +147,7 @@ def test_every_method_row_runs_through_the_app(experiment, method, make_cfg, tmp
         assert metrics["tfmq_act_sets"] == calls and metrics["tfmq_tiar_layers"] > 0
     if name == "ptqd":  # the correction was measured and installed
         assert math.isfinite(metrics["ptqd_k_mean"]) and metrics["ptqd_samples"] == 2
+    if name == "efficientdm":  # LoRA merged; one step-size set per sampler call
+        assert metrics["efficientdm_lora_layers"] > 0 and metrics["efficientdm_talsq_sets"] == calls
     if name == "ptq4dm":  # NDTC: one row per trajectory (two with guidance)
         assert metrics["calib_rows"] == 2 * (2 if typed.model.guidance_scale != 1.0 else 1)
