@@ -1,5 +1,6 @@
 """Calibration: FP trajectories on disk (:mod:`collect`), initial activation ranges
-(:mod:`ranges`) and BRECQ block reconstruction (:mod:`reconstruct`)."""
+(:mod:`ranges`), BRECQ block reconstruction (:mod:`reconstruct`) and TFMQ-DM's temporal-block
+reconstruction (:mod:`temporal`)."""
 
 from diffquant.calib.collect import (
     CalibSettings,
@@ -19,6 +20,7 @@ from diffquant.calib.reconstruct import (
     lp_loss,
     reconstruct,
 )
+from diffquant.calib.temporal import check_temporal_outputs, reconstruct_temporal
 
 __all__ = [
     "CalibSettings",
@@ -37,4 +39,6 @@ __all__ = [
     "find_units",
     "lp_loss",
     "reconstruct",
+    "check_temporal_outputs",
+    "reconstruct_temporal",
 ]

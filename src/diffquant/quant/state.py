@@ -10,6 +10,8 @@
 * :func:`frozen_weights` — a context in which every quantized layer computes with its
   fake-quantized weight computed once on entry instead of at every call (inference: sampling is
   ``no_grad`` and changes no quantizer), the same values bit for bit.
+* :func:`activation_drop` — QDrop: within the context, each activation element is quantized with
+  a given probability and FP otherwise (PTQ4DM's reconstruction).
 * :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind: ``weight``,
   ``act`` (activation quantizers with a calibrated, learnable range) or ``dynamic`` (dynamic
   per-token activation quantizers, :class:`~diffquant.quant.quantizers.TokenActQuantizer`: no
