@@ -200,7 +200,8 @@ def _jobs(cfg) -> list[dict[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("sweep, n_fp, n_quantized, n_fixed", [("paper", 1, 12, 0), ("embedded", 3, 39, 24)])
+# 3 bit-widths x the 8 methods of grid.methods; embedded: + 3 ablations, sd_digits and dit_digits 24 each
+@pytest.mark.parametrize("sweep, n_fp, n_quantized, n_fixed", [("paper", 1, 24, 0), ("embedded", 3, 75, 48)])
 def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(
     sweep, n_fp, n_quantized, n_fixed, make_cfg
 ):
@@ -234,9 +235,12 @@ def test_a_sweep_over_calibration_seeds_doubles_the_quantized_jobs(
         assert cfg.calib_seed == int(two[num].get("calib_seed", 0))
         return cfg.hydra.sweep.subdir
 
-    assert folder(10) == "10_ldm_digits_w4a4_ptq_s0"
-    assert folder(len(one) + 9) == f"{len(one) + 9}_ldm_digits_w4a4_ptq_s0_c1"
-    assert two[len(one) + 9] == {**two[10], "calib_seed": "1"}
+    # the ldm_digits W4A4 ptq job: after the FP row and the W8A8 / W4A8 rows of every method
+    k = 1 + 2 * len(make_cfg(base, name="methods").grid.methods) + 1
+    assert two[k]["quant"] == "w4a4" and two[k]["method"] == "ptq"
+    assert folder(k) == f"{k}_ldm_digits_w4a4_ptq_s0"
+    assert folder(len(one) + k - 1) == f"{len(one) + k - 1}_ldm_digits_w4a4_ptq_s0_c1"
+    assert two[len(one) + k - 1] == {**two[k], "calib_seed": "1"}
 
 
 def test_makefile_sweep_targets_are_one_run_py_call_each():
