@@ -70,7 +70,7 @@ from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer
-from diffquant.quant.state import activation_drop, iter_quantizers, quant_state
+from diffquant.quant.state import activation_drop, iter_quantizers, quant_state, trainable
 from diffquant.quant.timestep import get_router, sampler_step
 from diffquant.quant.typed import as_dataclass
 from diffquant.stopping import check_stop
@@ -628,33 +628,26 @@ class Reconstructor:
     ) -> float:
         s = self.s
         params = [q.scale for q in act_qs]
-        for p in params:
-            p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=s.act_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.act_iters, eta_min=0.0)
         tail = _Tail(s.act_iters)
-        try:
-            with quant_state(unit.module, weights=True, acts=True):
-                for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen)):
-                    check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    if self.router is not None:
-                        self.router.route(unit.module, batch["t"], batch["step"])
-                    out = spec.call(unit.module, batch, "fp_")
-                    loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
-                    _check_finite(loss, unit.name, "act")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    with torch.no_grad():
-                        for p in params:
-                            p.clamp_(min=1e-8)
-                    tail.add(it, loss.item())
-        finally:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+        with trainable(params), quant_state(unit.module, weights=True, acts=True):
+            for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen)):
+                check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                if self.router is not None:
+                    self.router.route(unit.module, batch["t"], batch["step"])
+                out = spec.call(unit.module, batch, "fp_")
+                loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
+                _check_finite(loss, unit.name, "act")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(min=1e-8)
+                tail.add(it, loss.item())
         return tail.mean()
 
     def _joint_stage(
@@ -681,8 +674,6 @@ class Reconstructor:
             r = layer.weight_quantizer.start_adaround(layer.weight)
             roundings.extend(r if isinstance(r, list) else [r])
         scales = [q.scale for q in act_qs]
-        for p in scales:
-            p.requires_grad_(True)
         opts = [torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)] if roundings else []
         scheds = []
         if scales:
@@ -692,34 +683,33 @@ class Reconstructor:
             )
         schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
         tail = _Tail(s.weight_iters)
-        try:
-            with quant_state(unit.module, weights=True, acts=True), activation_drop(unit.module, s.keep_prob):
-                for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
-                    check_stop(where=f"block reconstruction: {unit.name}, joint iteration {it}")
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    if s.input_keep_prob is not None:
-                        batch = mix_inputs(batch, s.input_keep_prob)
-                    if self.router is not None:
-                        self.router.route(unit.module, batch["t"], batch["step"])
-                    out = spec.call(unit.module, batch, "fp_")
-                    rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
-                    loss = rec + schedule.loss(it, roundings).to(rec.device) if roundings else rec
-                    _check_finite(loss, unit.name, "weight")
-                    for opt in opts:
-                        opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for opt in opts:
-                        opt.step()
-                    for sched in scheds:
-                        sched.step()
-                    with torch.no_grad():
-                        for p in scales:
-                            p.clamp_(min=1e-8)
-                    tail.add(it, rec.item())
-        finally:
-            for p in scales:
-                p.requires_grad_(False)
-                p.grad = None
+        with (
+            trainable(scales),
+            quant_state(unit.module, weights=True, acts=True),
+            activation_drop(unit.module, s.keep_prob),
+        ):
+            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+                check_stop(where=f"block reconstruction: {unit.name}, joint iteration {it}")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                if s.input_keep_prob is not None:
+                    batch = mix_inputs(batch, s.input_keep_prob)
+                if self.router is not None:
+                    self.router.route(unit.module, batch["t"], batch["step"])
+                out = spec.call(unit.module, batch, "fp_")
+                rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
+                loss = rec + schedule.loss(it, roundings).to(rec.device) if roundings else rec
+                _check_finite(loss, unit.name, "weight")
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in opts:
+                    opt.step()
+                for sched in scheds:
+                    sched.step()
+                with torch.no_grad():
+                    for p in scales:
+                        p.clamp_(min=1e-8)
+                tail.add(it, rec.item())
         for layer in layers:
             layer.weight_quantizer.harden()
         return tail.mean()

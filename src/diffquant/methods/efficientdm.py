@@ -45,10 +45,11 @@ from diffquant.methods.base import Method, MethodResult
 from diffquant.methods.ptq import PTQMinMaxConfig, _check_finite_quantizers
 from diffquant.methods.quest import make_timestep_aware
 from diffquant.methods.result_cache import run_method
+from diffquant.methods.trajectory import Trajectories, fp_trajectories
 from diffquant.models.base import step_noise_kwargs
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.modules import is_quant_layer
-from diffquant.quant.state import iter_quantizers, quant_parameters, quant_state
+from diffquant.quant.state import iter_quantizers, quant_parameters, quant_state, trainable
 from diffquant.quant.timestep import sampler_step
 from diffquant.registry import METHODS
 from diffquant.stopping import check_stop
@@ -189,20 +190,18 @@ class EfficientDM(Method):
         ]
         if scales:
             groups.append({"params": scales, "lr": cfg.act_lr})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total = cfg.epochs * steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: max(0.0, 1.0 - it / total))
         # 4. distillation along FP trajectories, resumable per trajectory
         t0 = time.perf_counter()
-        probe_before = probe_loss(model, cfg, deltas)
-        losses = self._distill(model, cfg, deltas, scales, opt, sched, Path(progress) / PROGRESS_FILE)
-        probe_after = probe_loss(model, cfg, deltas)
-        for p in [*scales, *(p for d in deltas.values() for p in (d.A, d.B))]:
-            p.requires_grad_(False)
-            p.grad = None
+        # the probe: one FP trajectory of batch_size samples of seed + 1 (the teacher: LoRA is
+        # still zero, quantization off), sampled once for both measurements
+        probe = fp_trajectories(model, list(range(cfg.batch_size)), cfg.seed + 1, cfg.batch_size)
+        probe_before = probe_loss(model, probe)
+        with trainable([p for g in groups for p in g["params"]]):
+            losses = self._distill(model, cfg, deltas, scales, opt, sched, Path(progress) / PROGRESS_FILE)
+        probe_after = probe_loss(model, probe)
         # 5. merge: the quantized weights are Q(W + BA), as during finetuning
         merge_lora(layers)
         _check_finite_quantizers(denoiser, cfg.name)
@@ -296,24 +295,15 @@ class EfficientDM(Method):
 
 
 @torch.no_grad()
-def probe_loss(model: Any, cfg: EfficientDMConfig, deltas: dict[str, LoRADelta]) -> float:
-    """The distillation loss (summed squared error of the guided ε, mean over sampler steps) on
-    one FP trajectory of ``batch_size`` samples the finetuning never sees (seed ``seed + 1``)."""
-    indices = list(range(cfg.batch_size))
-    seed = cfg.seed + 1
-    cond = model.conditions(indices, seed).to(model.device)
-    x = model.initial_noise(indices, seed)
-    model.scheduler.set_timesteps(model.sampler.num_inference_steps)
+def probe_loss(model: Any, probe: Trajectories) -> float:
+    """The distillation loss (summed squared error of the guided ε, mean over sampler steps) of
+    the quantized model on ``probe``, FP trajectories the finetuning never sees."""
     total = 0.0
-    for i in range(len(model.timesteps)):
-        t = model.timesteps[i]
+    for i in range(probe.n_steps):
         with sampler_step(model.denoiser, i):
-            with _teacher(model.denoiser, deltas):
-                target = model.eps(x, t, cond)
-            total += float((model.eps(x, t, cond) - target).pow(2).sum())
-        kwargs = step_noise_kwargs(model._step_kwargs, model.sampler.eta, x, i, indices, seed)
-        x = model.scheduler.step(target, t, x, **kwargs).prev_sample
-    return total / len(model.timesteps)
+            out = model.eps(probe.states[i], model.timesteps[i], probe.cond)
+        total += float((out - probe.outputs[i]).pow(2).sum())
+    return total / probe.n_steps
 
 
 class _teacher:

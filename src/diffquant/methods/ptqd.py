@@ -37,10 +37,10 @@ from torch import Tensor
 
 from diffquant.methods.base import Method, MethodResult
 from diffquant.methods.ptq import PTQConfig, load_or_run_ptq
-from diffquant.models.base import step_noise_kwargs
+from diffquant.methods.trajectory import fp_trajectories
 from diffquant.models.noise_correction import NoiseCorrection
 from diffquant.quant.config import QuantConfig
-from diffquant.quant.state import frozen_weights, quant_state
+from diffquant.quant.state import frozen_weights
 from diffquant.quant.timestep import sampler_step
 from diffquant.registry import METHODS
 from diffquant.validation import positive
@@ -128,21 +128,16 @@ def measure_noise(
     steps = len(model.timesteps)
     channels = model.latent_shape[0]
     moments = [_Moments(channels) for _ in range(steps)]
-    with frozen_weights(model.denoiser):
-        for start in range(0, n_samples, batch_size):
-            indices = list(range(start, min(n_samples, start + batch_size)))
-            cond = model.conditions(indices, seed).to(model.device)
-            x = model.initial_noise(indices, seed)
-            model.scheduler.set_timesteps(model.sampler.num_inference_steps)
+    for start in range(0, n_samples, batch_size):
+        traj = fp_trajectories(
+            model, list(range(start, min(n_samples, start + batch_size))), seed, batch_size
+        )
+        with frozen_weights(model.denoiser):
             for i in range(steps):
-                t = model.timesteps[i]
+                out_fp = traj.outputs[i][:, :channels]
                 with sampler_step(model.denoiser, i):
-                    with quant_state(model.denoiser, weights=False, acts=False):
-                        out_fp = model.eps(x, t, cond)
-                    out_q = model.eps(x, t, cond)
-                moments[i].add(out_fp[:, :channels], out_q[:, :channels] - out_fp[:, :channels])
-                kwargs = step_noise_kwargs(model._step_kwargs, model.sampler.eta, x, i, indices, seed)
-                x = model.scheduler.step(out_fp, t, x, **kwargs).prev_sample
+                    out_q = model.eps(traj.states[i], model.timesteps[i], traj.cond)[:, :channels]
+                moments[i].add(out_fp, out_q - out_fp)
     per_sample = int(math.prod(model.latent_shape))
     stats = [m.finish(per_sample) for m in moments]
     return [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats]

@@ -10,6 +10,8 @@
 * :func:`frozen_weights` — a context in which every quantized layer computes with its
   fake-quantized weight computed once on entry instead of at every call (inference: sampling is
   ``no_grad`` and changes no quantizer), the same values bit for bit.
+* :func:`trainable` — a context in which given parameters require gradients (their flags restored
+  and gradients dropped on exit).
 * :func:`activation_drop` — QDrop: within the context, each activation element is quantized with
   a given probability and FP otherwise (PTQ4DM's reconstruction).
 * :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind: ``weight``,
@@ -190,3 +192,18 @@ def activation_drop(module: nn.Module, keep_prob: Optional[float]) -> Iterator[N
     finally:
         for q, p in zip(quantizers, previous):
             q.keep_prob = p
+
+
+@contextlib.contextmanager
+def trainable(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, ``params`` require gradients; on exit (also on error) each gets its
+    previous flag back and its gradient is dropped."""
+    was = [(p, p.requires_grad) for p in params]
+    for p, _ in was:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in was:
+            p.requires_grad_(flag)
+            p.grad = None
