@@ -97,7 +97,19 @@ DECIMALS = {
     "accuquant_s": 1,
 }
 FIXED_DECIMALS = ("_s", "_mb")  # seconds and megabytes: always the decimals above
-METHOD_ORDER = ("fp", "ptq_minmax", "ptq", "ptq4dm", "ptqd", "tfmq", "efficientdm", "quest", "accuquant")
+METHOD_ORDER = (
+    "fp",
+    "ptq_minmax",
+    "ptq",
+    "ptq4dm",
+    "ptqd",
+    "tfmq",
+    "efficientdm",
+    "quest",
+    "accuquant",
+    "vidit_q",
+    "svdquant",
+)
 FORMATS = ("md", "tex", "csv")
 
 log = logging.getLogger("diffquant")

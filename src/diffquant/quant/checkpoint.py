@@ -6,6 +6,8 @@ A checkpoint holds
 * every quantizer's state: weight Δ/z per output channel and the frozen AdaRound choices
   (``round_up`` masks: the rounded integer weight is ``floor(W / Δ) + round_up``), activation
   Δ/z per time-step group;
+* SVDQuant's per-layer transforms (smoothing factors and low-rank branch,
+  :mod:`diffquant.quant.lowrank`), where a method set them;
 * the time-step schedule of time-step-aware quantizers;
 * optionally parameters of the denoiser by name (the ones a method changed beyond the quantizer
   state, e.g. the latent weights QuEST finetunes; PTQ leaves the pretrained weights unchanged);
@@ -39,8 +41,13 @@ FORMAT = "diffquant-quant-v1"
 
 
 def quantizer_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """The entries of ``denoiser.state_dict()`` that belong to quantizers (detached, on CPU)."""
-    prefixes = tuple(f"{name}." for name, _ in iter_quantizers(denoiser))
+    """The entries of ``denoiser.state_dict()`` that belong to quantizers and layer transforms
+    (detached, on CPU)."""
+    prefixes = tuple(f"{name}." for name, _ in iter_quantizers(denoiser)) + tuple(
+        f"{name}.transform."
+        for name, m in denoiser.named_modules()
+        if getattr(m, "transform", None) is not None
+    )
     return {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items() if k.startswith(prefixes)}
 
 

@@ -18,7 +18,7 @@ FP_BITS = 32
 
 #: Fields added after results were cached, with the value that reproduces the earlier behaviour:
 #: left out of cache and resume keys at that value, so that adding them invalidates nothing.
-KEY_NEUTRAL_DEFAULTS = {"act_dynamic_per_token": False}
+KEY_NEUTRAL_DEFAULTS = {"act_dynamic_per_token": False, "weight_group_size": None, "act_group_size": None}
 
 
 @dataclass
@@ -43,6 +43,11 @@ class QuantConfig:
             learn no step size for them (they still learn everything else, and the step size of
             the post-softmax quantizer, which stays static: unsigned at ``softmax_bits``).
             Excludes ``act_per_channel=true`` and ``act_running_stat=true``.
+        act_group_size: with ``act_dynamic_per_token``, one grid per token and group of this many
+            channels (SVDQuant's INT4 activations: 64); None = one per token.
+        weight_group_size: one weight grid per output channel and group of this many input
+            channels (:class:`~diffquant.quant.quantizers.GroupWeightQuantizer`, SVDQuant's INT4
+            weights: 64); None = per output channel. Round-to-nearest only (no AdaRound).
         first_last_act_bits: activation bits of the input of the denoiser's first and last layer
             (its ``first`` / ``last`` roles; a UNet's input and output convolutions); None keeps
             them at ``act_bits``.
@@ -77,6 +82,8 @@ class QuantConfig:
     symmetric_acts: bool = False
     act_per_channel: Optional[bool] = None
     act_dynamic_per_token: bool = False
+    act_group_size: Optional[int] = None
+    weight_group_size: Optional[int] = None
     first_last_act_bits: Optional[int] = 8
     shortcut_split: bool = True
     weight_init: str = "lp"
@@ -145,7 +152,13 @@ def validate_bits(cfg) -> None:
                     + ("null" if key == "act_per_channel" else "false")
                     + " or quant.act_dynamic_per_token=false.",
                 )
-    positive(cfg, "timestep_groups", "lp_candidates")
+    positive(cfg, "timestep_groups", "lp_candidates", "act_group_size", "weight_group_size")
+    if getattr(cfg, "act_group_size", None) is not None and not cfg.act_dynamic_per_token:
+        raise InvalidSetting(
+            "act_group_size",
+            "applies to dynamic per-token activations only: set quant.act_dynamic_per_token=true "
+            "or quant.act_group_size=null.",
+        )
     if not 0.0 <= cfg.act_momentum < 1.0:
         raise InvalidSetting(
             "act_momentum", "must lie in [0, 1) (Q-Diffusion: 0.95), e.g. quant.act_momentum=0.95."

@@ -9,6 +9,12 @@ finetunes through the STE.
 
 Each layer quantizes its weight (``weight_quantizer``, per output channel) and its input
 activation (``input_quantizer``); either is None when its bit-width is 32 (full precision).
+
+A layer may carry SVDQuant's transform (``transform``, a
+:class:`~diffquant.quant.lowrank.SmoothLowRank`): its input is smoothed (``X̂ = X / λ``) before
+the input quantizer, its weight quantizer quantizes the residual ``W · λ - L1 L2``, and the
+16-bit branch ``X̂ L1 L2`` is added to the output. With weight quantization off the layer
+computes with ``W · λ`` and no branch (the same product in full precision).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Optional, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffquant.quant.lowrank import SmoothLowRank
 from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
@@ -35,6 +42,7 @@ class QuantLayerMixin:
     ) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        self.transform: Optional[SmoothLowRank] = None
         self.register_buffer("fp_weight", None, persistent=False)
         self.register_buffer("fp_bias", None, persistent=False)
         # the fake-quantized weight computed once, while :func:`~diffquant.quant.state.frozen_weights`
@@ -51,14 +59,47 @@ class QuantLayerMixin:
         wq = self.weight_quantizer
         return wq is not None and wq.enabled
 
+    def _fp_weight(self) -> Tensor:
+        return self.weight if self.fp_weight is None else self.fp_weight
+
     def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with: fake-quantized from the latent weight, or the FP
-        weight (the frozen copy if :meth:`keep_fp_copy` made one) when weights are off or FP."""
+        """The weight the layer computes with: fake-quantized from the latent weight (its
+        SVDQuant residual when a transform is set), or the FP weight (the frozen copy if
+        :meth:`keep_fp_copy` made one; smoothed when a transform is set) when weights are off
+        or FP."""
         if self._weights_on():
             if self.frozen_weight is not None:
                 return self.frozen_weight
-            return self.weight_quantizer(self.weight)
-        return self.weight if self.fp_weight is None else self.fp_weight
+            return self.compute_quantized_weight()
+        w = self._fp_weight()
+        return w if self.transform is None else self.transform.smooth_weight(w)
+
+    def compute_quantized_weight(self) -> Tensor:
+        """The weight quantizer applied to the latent weight (or to its SVDQuant residual)."""
+        w = self.weight if self.transform is None else self.transform.residual(self.weight)
+        return self.weight_quantizer(w)
+
+    def _forward(self, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
+        t = self.transform
+        if t is not None:
+            x = t.smooth_input(x)
+        w, b = self.quantized_weight(), self.effective_bias()
+        xq = self.quantized_input(x)
+        y = self._conv_forward(xq, w, b) if conv is not None else F.linear(xq, w, b)
+        if t is not None and self._weights_on():
+            y = y + t.branch(x, conv)
+        return y
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # an SVDQuant transform is part of the quantization state: recreate its slots
+        up = state_dict.get(prefix + "transform.up")
+        if up is not None and self.transform is None:
+            self.transform = SmoothLowRank.empty(tuple(self.weight.shape), up.shape[1]).to(self.weight.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def effective_bias(self) -> Optional[Tensor]:
         if self.fp_bias is not None and not self._weights_on():
@@ -97,7 +138,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.effective_bias())
+        return self._forward(x, self)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -117,7 +158,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.effective_bias())
+        return self._forward(x, None)
 
 
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

@@ -25,11 +25,14 @@ Modules:
   ``nearest`` (round-to-nearest through the STE), ``soft`` (AdaRound, learning α; see
   :mod:`diffquant.quant.adaround`) or ``hard`` (the AdaRound choices frozen as a ``round_up`` mask;
   the FP latent weight still gets gradients through ``floor`` by the STE, as QuEST needs).
+* :class:`GroupWeightQuantizer` — per output channel and group of ``group_size`` input channels
+  (SVDQuant's INT4 grid, groups of 64), round-to-nearest only.
 * :class:`ActQuantizer` — per tensor or per channel (dim 1 of 4-D inputs, last dim otherwise),
   learnable Δ (LSQ), optionally *time-step aware*: ``n_groups`` parameter sets, one per group of
   sampler steps, selected per batch row by :attr:`ActQuantizer.group_index`.
 * :class:`TokenActQuantizer` — *dynamic per-token* (ViDiT-Q): each token's range is its own min
-  and max, computed at run time; nothing is calibrated or learned.
+  and max, computed at run time, optionally per group of ``group_size`` channels of the token;
+  nothing is calibrated or learned.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.quant.adaround import AdaRound
@@ -291,6 +295,51 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, mode={self.mode}, per_channel, rounding={self.rounding}"
 
 
+class GroupWeightQuantizer(WeightQuantizer):
+    """Fake quantizer of a weight ``(C_out, C_in, *k)`` with one grid per output channel and group
+    of ``group_size`` consecutive input channels (with all their kernel taps; the last group may be
+    smaller): SVDQuant's group-wise INT4 (deepcompressor ``group_shape [1, 64]``).
+
+    Buffers ``scale``, ``zero_point`` ``(C_out, G)``, ``G = ceil(C_in / group_size)``. Rounding is
+    round-to-nearest only: AdaRound (:meth:`start_adaround`) is refused.
+    """
+
+    def __init__(
+        self, weight_shape: tuple[int, ...], bits: int, mode: str = "affine", group_size: int = 64
+    ) -> None:
+        super().__init__(weight_shape, bits, mode)
+        self.group_size = int(group_size)
+        c_out, c_in = self.weight_shape[0], self.weight_shape[1]
+        n_groups = -(-c_in // self.group_size)
+        self.scale = torch.ones(c_out, n_groups)
+        self.zero_point = torch.zeros(c_out, n_groups)
+
+    def _bshape(self, t: Tensor) -> Tensor:
+        full = t.repeat_interleave(self.group_size, dim=1)[:, : self.weight_shape[1]]
+        return full.view(*full.shape, *([1] * (len(self.weight_shape) - 2)))
+
+    @torch.no_grad()
+    def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4, n_candidates: int = 80) -> None:
+        """Set Δ, z per output channel and input-channel group by ``minmax`` or the ``lp`` search."""
+        w = weight.detach()
+        for g in range(self.scale.shape[1]):
+            part = w[:, g * self.group_size : (g + 1) * self.group_size].reshape(w.shape[0], -1)
+            lo, hi = find_range(part, self.bits, self.mode, method, p, n_candidates, max_elems=1 << 62)
+            scale, zp = range_to_qparams(lo, hi, self.bits, self.mode)
+            self.scale[:, g] = scale
+            self.zero_point[:, g] = zp
+
+    def start_adaround(self, weight: Tensor) -> AdaRound:
+        raise RuntimeError(
+            "group-wise weight quantization (quant.weight_group_size) rounds to nearest only: "
+            "use a method without AdaRound (e.g. method=svdquant or ptq_minmax), or "
+            "quant.weight_group_size=null"
+        )
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}, per_channel_group({self.group_size}), rounding={self.rounding}"
+
+
 class SplitWeightQuantizer(nn.Module):
     """Two weight quantizers for the input-channel halves ``W[:, :split]`` and ``W[:, split:]``
     of a conv fed by a concatenation (Q-Diffusion's shortcut split); each is per output channel
@@ -298,14 +347,26 @@ class SplitWeightQuantizer(nn.Module):
 
     kind = "weight_split"
 
-    def __init__(self, weight_shape: tuple[int, ...], split: int, bits: int, mode: str = "affine") -> None:
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        split: int,
+        bits: int,
+        mode: str = "affine",
+        group_size: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if not 0 < split < weight_shape[1]:
             raise ValueError(f"split {split} outside the {weight_shape[1]} input channels")
         self.split = int(split)
         head = (weight_shape[0], split, *weight_shape[2:])
         tail = (weight_shape[0], weight_shape[1] - split, *weight_shape[2:])
-        self.head, self.tail = WeightQuantizer(head, bits, mode), WeightQuantizer(tail, bits, mode)
+        make = lambda shape: (
+            WeightQuantizer(shape, bits, mode)
+            if group_size is None
+            else GroupWeightQuantizer(shape, bits, mode, group_size)
+        )
+        self.head, self.tail = make(head), make(tail)
 
     def init_range(self, weight: Tensor, method: str = "lp", p: float = 2.4, n_candidates: int = 80) -> None:
         self.head.init_range(weight[:, : self.split], method, p, n_candidates)
@@ -593,14 +654,27 @@ class TokenActQuantizer(ActQuantizer):
     kind = "dynamic"
     dynamic = True
 
-    def __init__(self, bits: int, mode: str = "affine") -> None:
+    def __init__(self, bits: int, mode: str = "affine", group_size: Optional[int] = None) -> None:
         super().__init__(bits, mode, channels=1, n_groups=1, per_channel=False)
+        self.group_size = None if group_size is None else int(group_size)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         axis = self._ch_axis(x)
+        gs = self.group_size
+        if gs is not None and x.shape[axis] > gs:  # one grid per token and group of channels
+            t = x.movedim(axis, -1)
+            c = t.shape[-1]
+            pad = -c % gs
+            t = F.pad(t, (0, pad)) if pad else t
+            q = self._quant_along(t.reshape(*t.shape[:-1], -1, gs), -1)
+            q = q.reshape(*t.shape)[..., :c]
+            return q.movedim(-1, axis)
+        return self._quant_along(x, axis)
+
+    def _quant_along(self, x: Tensor, axis: int) -> Tensor:
         with torch.no_grad():
             lo = x.amin(dim=axis, keepdim=True).float()
             hi = x.amax(dim=axis, keepdim=True).float()
@@ -614,7 +688,8 @@ class TokenActQuantizer(ActQuantizer):
         raise RuntimeError("a dynamic per-token quantizer has no fixed range to set")
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, dynamic_per_token"
+        group = "" if self.group_size is None else f"_group({self.group_size})"
+        return f"bits={self.bits}, mode={self.mode}, dynamic_per_token{group}"
 
 
 class SplitActQuantizer(nn.Module):

@@ -165,7 +165,7 @@ def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
     with torch.no_grad():
         for module in denoiser.modules():
             if is_quant_layer(module) and module._weights_on() and module.frozen_weight is None:
-                module.frozen_weight = module.weight_quantizer(module.weight).detach()
+                module.frozen_weight = module.compute_quantized_weight().detach()
                 frozen.append(module)
     try:
         yield

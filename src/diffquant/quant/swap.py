@@ -37,6 +37,7 @@ from diffquant.quant.config import FP_BITS, QuantConfig, validate_bits
 from diffquant.quant.modules import QuantConv2d, QuantLinear, is_quant_layer
 from diffquant.quant.quantizers import (
     ActQuantizer,
+    GroupWeightQuantizer,
     SplitActQuantizer,
     SplitWeightQuantizer,
     TokenActQuantizer,
@@ -144,7 +145,7 @@ class _Factory:
         if bits >= FP_BITS or self.cfg.act_bits >= FP_BITS:
             return None
         if self.cfg.act_dynamic_per_token:
-            return TokenActQuantizer(bits, mode or self.a_mode)
+            return TokenActQuantizer(bits, mode or self.a_mode, self.cfg.act_group_size)
         pc = self.cfg.acts_per_channel if per_channel is None else per_channel
         return ActQuantizer(bits, mode or self.a_mode, channels, self.groups, pc)
 
@@ -159,11 +160,13 @@ class _Factory:
         if cfg.weight_bits >= FP_BITS:
             return None
         shape = tuple(weight.shape)
-        q = (
-            WeightQuantizer(shape, cfg.weight_bits, self.w_mode)
-            if split is None
-            else SplitWeightQuantizer(shape, split, cfg.weight_bits, self.w_mode)
-        )
+        gs = cfg.weight_group_size
+        if split is not None:
+            q = SplitWeightQuantizer(shape, split, cfg.weight_bits, self.w_mode, gs)
+        elif gs is not None:
+            q = GroupWeightQuantizer(shape, cfg.weight_bits, self.w_mode, gs)
+        else:
+            q = WeightQuantizer(shape, cfg.weight_bits, self.w_mode)
         q.to(weight.device)
         if init:
             q.init_range(weight, cfg.weight_init, cfg.lp_norm, cfg.lp_candidates)

@@ -1,0 +1,396 @@
+"""SVDQuant (Li et al., ICLR 2025): smoothing plus a 16-bit low-rank branch, ``method=svdquant``.
+
+Per Conv2d / Linear layer (every family: the layers are found by type, not by name):
+
+1. **Activation statistics** — the per-input-channel absolute maximum ``max|X_j|`` of the layer's
+   input over ``search_rows`` calibration rows of the FP model (one pass, forward pre-hooks).
+2. **Migration strength search** (paper §4; deepcompressor's ``GridSearch`` with ``num_grids``
+   20) — over the candidates ``(α, β)`` = ``(0, 0)``, ``(i/n, 0)`` and ``(i/n, 1 - i/n)`` for
+   ``i = 1 … n-1`` (``n = num_grids``: 39 candidates at 20): ``λ_j = max|X_j|^α / max|W_j|^β``
+   (``max|W_j|`` over output channels and kernel taps), the transform of
+   :mod:`diffquant.quant.lowrank` (top ``r`` singular directions of ``W · λ`` in 16 bits,
+   residual ``R = W · λ - L1 L2``), and the output error of the quantized layer
+   ``Σ ‖Q(X̂) Q(R) + X̂ L1 L2 - X W‖²`` on the same rows, each layer fed the FP model's inputs
+   (second pass; layers grouped so that the candidates of one pass stay within
+   ``search_memory_mb``). ``Q(R)``: the job's weight quantizer (per output channel, range by
+   ``quant.weight_init``); ``Q(X̂)``: the job's activation quantizer kind, dynamic per token by
+   default (``quant_overrides``), else a min-max range of the batch. The candidate with the
+   smallest error is kept.
+3. **Install** — the denoiser is quantized (:func:`~diffquant.quant.swap.quantize_denoiser`), each
+   layer gets its transform and its weight quantizer's range is set on the residual.
+4. **Static ranges** — activation quantizers that keep a calibrated range (the post-softmax
+   probabilities; every layer input when ``act_dynamic_per_token`` is turned off) are set from
+   calibration rows on the smoothed inputs, as ``ptq_minmax`` sets them.
+
+Rank: ``r = min(rank, max(1, round(rank_cap · min(C_out, C_in·k²))))``. The paper's ``r = 32`` is
+1–3 % of the rank of its layers (widths 1152–3072; SD v1.4's narrowest are 320); ``rank_cap``
+(default 1/8) keeps the branch a comparable share of the embedded models' 32–256-wide layers,
+where ``r = 32`` would be up to the full rank (``method.rank_cap=1.0``: the uncapped rank). Layers
+with ``groups != 1`` or a non-zero padding mode, and those of ``skip_roles``, get no transform
+(quantized as ``ptq_minmax`` quantizes them).
+
+As the authors' code (deepcompressor, ``examples/diffusion/configs/svdquant/``): 4-bit weights in
+groups of 64 input channels with min-max ranges, dynamic activations per token and group of 64
+channels (``quant_overrides``), no transform on the embeddings and the first and last layers
+(``skip_roles``). Not as the code: both grids are affine here, symmetric there (``sint4``;
+``method=svdquant_paper`` is symmetric and uncapped: on ``ldm_digits`` W4A4 the symmetric grids
+cost far more than the branch gains); the branch is the one-shot SVD (the code refines it up to 100 times, ``L ← SVD_r(Ŵ - Q(Ŵ - L))``);
+the search feeds every layer the FP model's inputs and scores each layer's own output (the code
+scores q, k, v by the attention output). Layers the code leaves in 16 bits (embeddings, time
+projections, attention matmuls) are quantized here as in every other method, so that the rows
+of a table compare at equal coverage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffquant.calib.collect import collect_calibration
+from diffquant.calib.ranges import call_rows
+from diffquant.methods.base import Method, MethodResult, Table
+from diffquant.methods.ptq import (
+    PTQMinMaxConfig,
+    _check_finite_output,
+    _check_finite_quantizers,
+    init_act_ranges,
+    method_quant,
+)
+from diffquant.models.denoiser import ROLES, is_layer
+from diffquant.quant.config import FP_BITS, QuantConfig
+from diffquant.quant.lowrank import SmoothLowRank, channel_axis
+from diffquant.quant.quantizers import (
+    GroupWeightQuantizer,
+    TokenActQuantizer,
+    WeightQuantizer,
+    fake_quant,
+    range_to_qparams,
+)
+from diffquant.quant.swap import quantize_denoiser
+from diffquant.registry import METHODS
+from diffquant.validation import InvalidSetting, positive
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-5
+
+
+@dataclass
+class SVDQuantConfig(PTQMinMaxConfig):
+    """``method=svdquant`` (module doc). Fields of :class:`PTQMinMaxConfig` set the calibration
+    trajectories and the static activation ranges.
+
+    Attributes:
+        rank: the low-rank branch's rank ``r`` (paper: 32; 0 = smoothing only).
+        rank_cap: at most this fraction of a layer's rank ``min(C_out, C_in·k²)`` (module doc);
+            1.0 = no cap.
+        num_grids: ``n`` of the ``(α, β)`` candidate grid (module doc; the code's 20).
+        search_rows: calibration rows of the statistics and of the search (a fixed random subset
+            over all recorded steps, seed ``act_init_seed``).
+        search_batch_size: rows per forward in the two passes.
+        search_memory_mb: bound on the candidates (quantized residuals and branches) held at once
+            during the search; layers are searched in as many passes as that needs.
+        skip_roles: denoiser roles whose layers get no transform.
+    """
+
+    name: str = "svdquant"
+    rank: int = 32
+    rank_cap: float = 0.125
+    num_grids: int = 20
+    search_rows: int = 64
+    search_batch_size: int = 16
+    search_memory_mb: int = 2048
+    skip_roles: list[str] = field(
+        default_factory=lambda: ["first", "last", "time_embedding", "time_projection"]
+    )
+    quant_overrides: dict[str, Any] = field(
+        default_factory=lambda: {
+            "act_dynamic_per_token": True,
+            "act_group_size": 64,
+            "weight_group_size": 64,
+        }
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "num_grids", "search_rows", "search_batch_size", "search_memory_mb")
+        positive(self, "rank", allow_zero=True)
+        if not 0.0 < self.rank_cap <= 1.0:
+            raise InvalidSetting("rank_cap", "must lie in (0, 1], e.g. method.rank_cap=0.125 (1.0: no cap).")
+
+    def candidates(self) -> list[tuple[float, float]]:
+        """The ``(α, β)`` grid (module doc)."""
+        n = self.num_grids
+        steps = [i / n for i in range(1, n)]
+        return [(0.0, 0.0)] + [(a, 0.0) for a in steps] + [(a, 1.0 - a) for a in steps]
+        unknown = [r for r in self.skip_roles if r not in ROLES]
+        if unknown:
+            raise InvalidSetting(
+                "skip_roles", f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}."
+            )
+
+
+# ---------------------------------------------------------------------------- layers
+def transformable(layer: nn.Module) -> bool:
+    """Whether SVDQuant's transform applies: Linear, or Conv2d with one group and zero padding."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros"
+    return isinstance(layer, nn.Linear)
+
+
+def layer_rank(weight: Tensor, rank: int, cap: float) -> int:
+    """The branch rank of a weight ``(C_out, C_in, *k)`` (module doc)."""
+    if rank == 0:
+        return 0
+    full = min(weight.shape[0], math.prod(weight.shape[1:]))
+    return max(1, min(rank, full - 1, round(cap * full)))
+
+
+def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float, beta: float) -> Tensor:
+    """``λ_j = max|X_j|^α / max|W_j|^β`` ``(C_in,)`` (SmoothQuant's formula with β = 1 - α;
+    SVDQuant §4)."""
+    w_absmax = weight.detach().abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(dim=1)
+    lam = act_absmax.clamp(min=_EPS).pow(alpha) / w_absmax.clamp(min=_EPS).pow(beta)
+    return lam.clamp(min=_EPS)
+
+
+def _apply(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, weight, layer.bias)
+
+
+def _quantize_input(x: Tensor, bits: int, quant: QuantConfig) -> Tensor:
+    """``x`` through the kind of input quantizer the job gives this layer: dynamic per token, or
+    (static quantizers) a min-max range of this batch, per tensor or per channel."""
+    if bits >= FP_BITS:
+        return x
+    mode = "symmetric" if quant.symmetric_acts else "affine"
+    if quant.act_dynamic_per_token:
+        return TokenActQuantizer(bits, mode, quant.act_group_size)(x)
+    axis = channel_axis(x)
+    flat = x.movedim(axis, 0).reshape(x.shape[axis], -1) if quant.acts_per_channel else x.reshape(1, -1)
+    scale, zp = range_to_qparams(flat.amin(1), flat.amax(1), bits, mode)
+    shape = [1] * x.dim()
+    if quant.acts_per_channel:
+        shape[axis] = -1
+    tmp = TokenActQuantizer(bits, mode)
+    return fake_quant(x, scale.view(shape), zp.view(shape), tmp.q_min, tmp.q_max)
+
+
+@dataclass
+class _Candidate:
+    alpha: float
+    beta: float
+    transform: SmoothLowRank
+    q_residual: Tensor
+
+
+@dataclass
+class LayerChoice:
+    """The search's result for one layer: its rank, the chosen ``(α, β)`` and the relative output
+    error ``Σ‖ŷ - y‖² / Σ‖y‖²`` of the chosen candidate and of no smoothing (``(0, 0)``) on the
+    search rows."""
+
+    name: str
+    rank: int
+    alpha: float
+    beta: float
+    rel_error: float
+    rel_error_unsmoothed: Optional[float]
+
+
+class _Search:
+    """The two passes of steps 1-2 over the FP denoiser (module doc)."""
+
+    def __init__(
+        self, model: Any, stream: Any, quant: QuantConfig, cfg: SVDQuantConfig, bits: dict[str, int]
+    ) -> None:
+        self.model, self.stream, self.quant, self.cfg, self.bits = model, stream, quant, cfg, bits
+        self.rows = stream.subset(cfg.search_rows, cfg.act_init_seed)
+
+    def _passes(self, hooks: dict[str, Any]) -> None:
+        denoiser = self.model.denoiser
+        handles = [denoiser.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
+        try:
+            with torch.no_grad():
+                for batch in self.stream.batches(
+                    self.cfg.search_batch_size, self.rows, device=self.model.device, with_step=True
+                ):
+                    call_rows(denoiser, batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def act_absmax(self, names: list[str]) -> dict[str, Tensor]:
+        """Step 1: ``max|X_j|`` ``(C_in,)`` per layer."""
+        stats: dict[str, Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach()
+                m = x.abs().movedim(channel_axis(x), 0).reshape(x.shape[channel_axis(x)], -1).amax(1)
+                stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
+            return hook
+
+        self._passes({n: hook_for(n) for n in names})
+        return stats
+
+    def candidates(self, name: str, absmax: Tensor) -> list[_Candidate]:
+        layer = self.model.denoiser.get_submodule(name)
+        w = layer.weight.detach()
+        r = layer_rank(w, self.cfg.rank, self.cfg.rank_cap)
+        mode = "symmetric" if self.quant.symmetric_weights else "affine"
+        out = []
+        for alpha, beta in self.cfg.candidates():
+            t = SmoothLowRank.from_weight(w, smoothing_factors(absmax, w, alpha, beta), r, alpha)
+            residual = t.residual(w)
+            wq = (
+                WeightQuantizer(tuple(w.shape), self.quant.weight_bits, mode)
+                if self.quant.weight_group_size is None
+                else GroupWeightQuantizer(
+                    tuple(w.shape), self.quant.weight_bits, mode, self.quant.weight_group_size
+                )
+            ).to(w.device)
+            wq.init_range(residual, self.quant.weight_init, self.quant.lp_norm, self.quant.lp_candidates)
+            with torch.no_grad():
+                out.append(_Candidate(alpha, beta, t, wq(residual)))
+        return out
+
+    def choose(
+        self, names: list[str], absmax: dict[str, Tensor]
+    ) -> tuple[dict[str, SmoothLowRank], list[LayerChoice]]:
+        """Step 2, in groups of layers bounded by ``search_memory_mb``: each layer's best
+        transform and the search's record."""
+        budget = self.cfg.search_memory_mb * 2**20
+        groups: list[list[str]] = [[]]
+        used = 0
+        for n in names:
+            size = 2 * 4 * self.model.denoiser.get_submodule(n).weight.numel() * len(self.cfg.candidates())
+            if groups[-1] and used + size > budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(n)
+            used += size
+        chosen: dict[str, SmoothLowRank] = {}
+        choices = []
+        for group in groups:
+            cands = {n: self.candidates(n, absmax[n]) for n in group}
+            rel_errors = self._errors(cands)
+            for n in group:
+                rel = rel_errors[n]
+                best = min(range(len(rel)), key=rel.__getitem__)
+                c = cands[n][best]
+                base = next((r for r, k in zip(rel, cands[n]) if k.alpha == 0.0 and k.beta == 0.0), None)
+                choices.append(LayerChoice(n, c.transform.rank, c.alpha, c.beta, rel[best], base))
+                chosen[n] = c.transform
+        return chosen, choices
+
+    def _errors(self, cands: dict[str, list[_Candidate]]) -> dict[str, list[float]]:
+        """Relative output error ``Σ‖ŷ - y‖² / Σ‖y‖²`` of every candidate of every layer of
+        ``cands``, in one pass."""
+        err = {n: torch.zeros(len(c), dtype=torch.float64) for n, c in cands.items()}
+        ref = {n: torch.zeros((), dtype=torch.float64) for n in cands}
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach()
+                y = _apply(module, x, module.weight)
+                ref[name] += y.double().pow(2).sum()
+                conv = module if isinstance(module, nn.Conv2d) else None
+                for i, c in enumerate(cands[name]):
+                    x_hat = c.transform.smooth_input(x)
+                    xq = _quantize_input(x_hat, self.bits[name], self.quant)
+                    y_hat = _apply(module, xq, c.q_residual) + c.transform.branch(x_hat, conv)
+                    err[name][i] += (y_hat - y).double().pow(2).sum()
+
+            return hook
+
+        self._passes({n: hook_for(n) for n in cands})
+        return {n: (err[n] / ref[n].clamp(min=1e-30)).tolist() for n in cands}
+
+    def run(self, names: list[str]) -> tuple[dict[str, SmoothLowRank], list[LayerChoice]]:
+        absmax = self.act_absmax(names)
+        missing = [n for n in names if n not in absmax]
+        if missing:
+            raise RuntimeError(f"svdquant: layers never called on calibration rows: {missing[:5]}")
+        return self.choose(names, absmax)
+
+
+def svdquant_targets(model: Any, quant: QuantConfig, cfg: SVDQuantConfig) -> list[str]:
+    """The layers that get a transform, in module order."""
+    skip = set(model.spec.layers(model.denoiser, *cfg.skip_roles)) if cfg.skip_roles else set()
+    return [
+        n
+        for n, m in model.denoiser.named_modules()
+        if is_layer(m) and transformable(m) and n not in skip and quant.weight_bits < FP_BITS
+    ]
+
+
+@METHODS.register("svdquant", schema=SVDQuantConfig)
+class SVDQuant(Method):
+    """``method=svdquant``: SVDQuant's smoothing and 16-bit low-rank branch (module doc)."""
+
+    version = 1
+    label = "SVDQuant"
+
+    def calibrate(
+        self, model: Any, quant: QuantConfig, cfg: SVDQuantConfig, ctx: Any, progress: Path
+    ) -> MethodResult:
+        quant = method_quant(quant, cfg)
+        stream = collect_calibration(model, cfg.calib, ctx.cache_dir)
+        names = svdquant_targets(model, quant, cfg)
+        first_last = set(model.spec.layers(model.denoiser, "first", "last"))
+        fl_bits = quant.first_last_act_bits if quant.first_last_act_bits is not None else quant.act_bits
+        bits = {n: (fl_bits if n in first_last else quant.act_bits) for n in names}
+        # steps 1-2: statistics and the per-layer search on the FP model
+        transforms, choices = _Search(model, stream, quant, cfg, bits).run(names)
+        # step 3: quantize, install the transforms, weight ranges on the residuals
+        summary = quantize_denoiser(
+            model.denoiser, model.spec, quant, timesteps=model.timesteps, init_weights=False
+        )
+        for name, layer in model.denoiser.named_modules():
+            wq = getattr(layer, "weight_quantizer", None)
+            if wq is None:
+                continue
+            if name in transforms:
+                layer.transform = transforms[name].to(layer.weight.device)
+            with torch.no_grad():
+                w = layer.weight if layer.transform is None else layer.transform.residual(layer.weight)
+                wq.init_range(w, quant.weight_init, quant.lp_norm, quant.lp_candidates)
+        # step 4: static activation ranges on the smoothed inputs
+        init_act_ranges(model, stream, quant, cfg)
+        _check_finite_quantizers(model.denoiser, cfg.name)
+        _check_finite_output(model, stream, cfg.name)
+        text = summary.format() + f"\n  {self.label} transforms: {len(transforms)} layers"
+        log.info("\n%s", text)
+        ranks = [c.rank for c in choices]
+        best = [c.rel_error for c in choices]
+        n = max(1, len(choices))
+        p = cfg.name
+        unsmoothed = [c.rel_error_unsmoothed for c in choices]
+        metrics = {
+            **summary.metrics(),
+            "calib_rows": len(stream),
+            f"{p}_layers": len(choices),
+            f"{p}_rank_mean": sum(ranks) / n,
+            f"{p}_alpha_mean": sum(c.alpha for c in choices) / n,
+            f"{p}_rel_err_mean": sum(best) / n,
+            f"{p}_rel_err_unsmoothed_mean": (
+                None if any(u is None for u in unsmoothed) else sum(unsmoothed) / n
+            ),
+            f"{p}_branch_params": sum(t.up.numel() + t.down.numel() for t in transforms.values()),
+        }
+        table = Table(
+            ["layer", "rank", "alpha", "beta", "rel_err", "rel_err_unsmoothed"],
+            [[c.name, c.rank, c.alpha, c.beta, c.rel_error, c.rel_error_unsmoothed] for c in choices],
+        )
+        return MethodResult(model, quant, metrics, {f"{p}_layers": table}, {"quant_summary.txt": text})
