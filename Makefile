@@ -13,7 +13,7 @@ help:  ## list targets
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-	.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	.venv/bin/pip install -q --disable-pip-version-check -e '.[test,toolkits]'
 	touch $@
 
 venv: .venv/.installed  ## create .venv and install the project

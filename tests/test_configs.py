@@ -75,9 +75,10 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
     the QuEST ablations once each (quest at W4A4 is in two grids), quality and cost tables."""
     cfg = make_cfg(["experiment=embedded_digits", "sweep=embedded"])
     jobs = sweep_jobs(cfg)
-    # 3 FP + ldm_digits 6 bit-widths x 8 methods x 3 calibration seeds + 3 ablations x 3 seeds
-    # + sd_digits 6 x 8 x 1 seed + dit_digits 6 x 8 x 3 seeds
-    assert len(jobs) == 3 + 144 + 9 + 48 + 144
+    n = len(yaml.safe_load((CONF / "experiment" / "embedded_digits.yaml").read_text())["grid"]["methods"])
+    # 3 FP + ldm_digits 6 bit-widths x n methods x 3 calibration seeds + 3 ablations x 3 seeds
+    # + sd_digits 6 x n x 1 seed + dit_digits 6 x n x 3 seeds
+    assert len(jobs) == 3 + 6 * n * 3 + 9 + 6 * n + 6 * n * 3
     assert len({frozenset(j.items()) for j in jobs}) == len(jobs)
     for model, evaluator in [
         ("ldm_digits", "digits"),
@@ -106,6 +107,8 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
             "ptqd",
             "tfmq",
             "efficientdm",
+            "svdquant",
+            "vidit_q",
         )
     )
     ablations = [
@@ -122,6 +125,8 @@ def test_embedded_sweep_is_the_readme_grid(make_cfg):
         "ptqd",
         "tfmq",
         "efficientdm",
+        "svdquant",
+        "vidit_q",
         "quest_tla_only",
         "quest_cma_only",
         "quest_no_global",

@@ -522,7 +522,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     evaluation, model, job, torch.cat(sampled.features), sampled.seconds, sampled.fp_images
                 )
             check_stop(step="analyse")
-            if run_cfg.analysis.error_accumulation:  # 6
+            if run_cfg.analysis.error_accumulation and not METHODS.get(run_cfg.method.name).switches_to_fp:
+                log.info(
+                    "error accumulation not measured: method=%s's quantized denoiser has no FP switch",
+                    run_cfg.method.name,
+                )
+            elif run_cfg.analysis.error_accumulation:  # 6
                 from diffquant.analysis.error_accumulation import run_error_accumulation
 
                 result.metrics.update(

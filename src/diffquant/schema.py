@@ -354,6 +354,10 @@ def typed_run_config(cfg: Any) -> RunConfig:
             f"method={method_name} needs a bit-width: add quant=w8a8 (or w4a8, "
             "w4a6, w4a4, w3a8, w3a6); quant=fp32 is only for method=fp."
         )
+    try:
+        METHODS.get(method_name).check(run.quant, run.method)
+    except InvalidSetting as err:
+        raise ConfigError(f"method.{err.key} {err.message}") from None
     return run
 
 

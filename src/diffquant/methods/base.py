@@ -73,12 +73,16 @@ class Method:
 
     Class attributes:
         cached: whether :func:`~diffquant.methods.result_cache.run_method` caches the result.
+        switches_to_fp: whether the quantized denoiser runs as the FP model inside
+            :func:`~diffquant.quant.state.quant_state` (``weights=False, acts=False``), which the
+            error-accumulation analysis needs; False for a library's own quantized modules.
         version: bump when a code change alters the method's results, so that cached results of
             older code are not reused.
         not_in_key: config keys that do not change the result (left out of the cache key).
     """
 
     cached: ClassVar[bool] = True
+    switches_to_fp: ClassVar[bool] = True
     version: ClassVar[int] = 1
     not_in_key: ClassVar[tuple[str, ...]] = ("save_checkpoint", "ablation")
 
@@ -94,6 +98,12 @@ class Method:
                 removed once the result is stored.
         """
         raise NotImplementedError
+
+    @classmethod
+    def check(cls, quant: QuantConfig, cfg: Any) -> None:
+        """Refuse, before any work, a bit-width or environment the method cannot run (raise
+        :class:`~diffquant.validation.InvalidSetting` naming the key and the fix). Default:
+        nothing to check."""
 
     def restore(self, model: Any, result: MethodResult) -> None:
         """Re-install on ``model`` what :meth:`calibrate` set outside the denoiser's parameters

@@ -124,17 +124,17 @@ class SVDQuantConfig(PTQMinMaxConfig):
         positive(self, "rank", allow_zero=True)
         if not 0.0 < self.rank_cap <= 1.0:
             raise InvalidSetting("rank_cap", "must lie in (0, 1], e.g. method.rank_cap=0.125 (1.0: no cap).")
+        unknown = [r for r in self.skip_roles if r not in ROLES]
+        if unknown:
+            raise InvalidSetting(
+                "skip_roles", f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}."
+            )
 
     def candidates(self) -> list[tuple[float, float]]:
         """The ``(α, β)`` grid (module doc)."""
         n = self.num_grids
         steps = [i / n for i in range(1, n)]
         return [(0.0, 0.0)] + [(a, 0.0) for a in steps] + [(a, 1.0 - a) for a in steps]
-        unknown = [r for r in self.skip_roles if r not in ROLES]
-        if unknown:
-            raise InvalidSetting(
-                "skip_roles", f"has unknown role(s) {unknown}; roles are {', '.join(ROLES)}."
-            )
 
 
 # ---------------------------------------------------------------------------- layers
