@@ -279,3 +279,21 @@ def test_vidit_q_balances_every_layer_with_its_fixed_alpha_and_no_branch(tmp_pat
     tokens = [m for m in model.denoiser.modules() if isinstance(m, TokenActQuantizer)]
     assert tokens and all(m.group_size is None for m in tokens)
     assert math.isfinite(result.metrics["vidit_q_rel_err_mean"])
+
+
+def test_refined_branch_is_never_worse_than_the_one_shot_svd(tmp_path):
+    one = run_method(METHODS.get("svdquant")(), TinyDiffusion(), W4A4, _cfg(rank_cap=1.0), _ctx(tmp_path))
+    model = TinyDiffusion()
+    refined = run_method(
+        METHODS.get("svdquant")(), model, W4A4, _cfg(rank_cap=1.0, lowrank_iters=4), _ctx(tmp_path)
+    )
+    a = {r[0]: r[4] for r in one.tables["svdquant_layers"].rows}
+    b = {r[0]: (r[4], r[6]) for r in refined.tables["svdquant_layers"].rows}
+    assert all(b[n][0] <= a[n] + 1e-12 for n in a)
+    assert any(k > 0 for _, k in b.values())  # some layer kept a refined branch
+    # the refined branch is SVD_r of (W·λ minus a quantized residual), not the one-shot SVD
+    name = next(n for n, (_, k) in b.items() if k > 0)
+    t = model.denoiser.get_submodule(name).transform
+    w_hat = t.smooth_weight(model.denoiser.get_submodule(name).weight.detach())
+    up, down = top_singular(w_hat, t.rank)
+    assert not torch.allclose(t.lowrank_weight(), (up @ down.reshape(t.rank, -1)).view_as(w_hat), atol=1e-3)

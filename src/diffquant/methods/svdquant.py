@@ -16,6 +16,9 @@ Per Conv2d / Linear layer (every family: the layers are found by type, not by na
    ``quant.weight_init``); ``Q(X̂)``: the job's activation quantizer kind, dynamic per token by
    default (``quant_overrides``), else a min-max range of the batch. The candidate with the
    smallest error is kept.
+   Then (``lowrank_iters > 0``) the chosen candidate's branch is refined as the code does,
+   ``L_k = SVD_r(Ŵ - Q(Ŵ - L_{k-1}))``, every iterate scored on the same rows in one more pass, the
+   best kept.
 3. **Install** — the denoiser is quantized (:func:`~diffquant.quant.swap.quantize_denoiser`), each
    layer gets its transform and its weight quantizer's range is set on the residual.
 4. **Static ranges** — activation quantizers that keep a calibrated range (the post-softmax
@@ -34,7 +37,8 @@ groups of 64 input channels with min-max ranges, dynamic activations per token a
 channels (``quant_overrides``), no transform on the embeddings and the first and last layers
 (``skip_roles``). Not as the code: both grids are affine here, symmetric there (``sint4``;
 ``method=svdquant_paper`` is symmetric and uncapped: on ``ldm_digits`` W4A4 the symmetric grids
-cost far more than the branch gains); the branch is the one-shot SVD (the code refines it up to 100 times, ``L ← SVD_r(Ŵ - Q(Ŵ - L))``);
+cost far more than the branch gains); the embedded default keeps the one-shot SVD (``lowrank_iters=0``; the code refines it up to 100
+times with early stop, ``svdquant_paper``: 100 iterates, the best kept);
 the search feeds every layer the FP model's inputs and scores each layer's own output (the code
 scores q, k, v by the attention output). Layers the code leaves in 16 bits (embeddings, time
 projections, attention matmuls) are quantized here as in every other method, so that the rows
@@ -47,7 +51,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +69,7 @@ from diffquant.methods.ptq import (
 )
 from diffquant.models.denoiser import ROLES, is_layer
 from diffquant.quant.config import FP_BITS, QuantConfig
-from diffquant.quant.lowrank import SmoothLowRank, channel_axis
+from diffquant.quant.lowrank import SmoothLowRank, channel_axis, top_singular
 from diffquant.quant.quantizers import (
     GroupWeightQuantizer,
     TokenActQuantizer,
@@ -95,10 +99,15 @@ class SVDQuantConfig(PTQMinMaxConfig):
         search_rows: calibration rows of the statistics and of the search (a fixed random subset
             over all recorded steps, seed ``act_init_seed``).
         search_batch_size: rows per forward in the two passes.
+        lowrank_iters: refinements of the chosen candidate's branch, ``L_k = SVD_r(Ŵ - Q(Ŵ - L_{k-1}))``
+            (deepcompressor: up to 100 with early stop); every iterate's output error is measured
+            in one further pass and the smallest kept (0: the one-shot SVD).
         search_memory_mb: bound on the candidates (quantized residuals and branches) held at once
             during the search; layers are searched in as many passes as that needs.
         skip_roles: denoiser roles whose layers get no transform.
     """
+
+    KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {"lowrank_iters": 0}
 
     name: str = "svdquant"
     rank: int = 32
@@ -107,6 +116,7 @@ class SVDQuantConfig(PTQMinMaxConfig):
     search_rows: int = 64
     search_batch_size: int = 16
     search_memory_mb: int = 2048
+    lowrank_iters: int = 0
     skip_roles: list[str] = field(
         default_factory=lambda: ["first", "last", "time_embedding", "time_projection"]
     )
@@ -121,7 +131,7 @@ class SVDQuantConfig(PTQMinMaxConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "num_grids", "search_rows", "search_batch_size", "search_memory_mb")
-        positive(self, "rank", allow_zero=True)
+        positive(self, "rank", "lowrank_iters", allow_zero=True)
         if not 0.0 < self.rank_cap <= 1.0:
             raise InvalidSetting("rank_cap", "must lie in (0, 1], e.g. method.rank_cap=0.125 (1.0: no cap).")
         unknown = [r for r in self.skip_roles if r not in ROLES]
@@ -205,6 +215,7 @@ class LayerChoice:
     beta: float
     rel_error: float
     rel_error_unsmoothed: Optional[float]
+    refinement: int = 0
 
 
 class _Search:
@@ -244,25 +255,41 @@ class _Search:
         self._passes({n: hook_for(n) for n in names})
         return stats
 
-    def candidates(self, name: str, absmax: Tensor) -> list[_Candidate]:
-        layer = self.model.denoiser.get_submodule(name)
-        w = layer.weight.detach()
-        r = layer_rank(w, self.cfg.rank, self.cfg.rank_cap)
+    def quantize_weight(self, w: Tensor) -> Tensor:
+        """``w`` through a weight quantizer of the job's kind, its range set on ``w``."""
         mode = "symmetric" if self.quant.symmetric_weights else "affine"
+        q = self.quant
+        wq = (
+            WeightQuantizer(tuple(w.shape), q.weight_bits, mode)
+            if q.weight_group_size is None
+            else GroupWeightQuantizer(tuple(w.shape), q.weight_bits, mode, q.weight_group_size)
+        ).to(w.device)
+        wq.init_range(w, q.weight_init, q.lp_norm, q.lp_candidates)
+        with torch.no_grad():
+            return wq(w)
+
+    def candidates(self, name: str, absmax: Tensor) -> list[_Candidate]:
+        """The ``(α, β)`` grid's transforms of one layer, with their quantized residuals."""
+        w = self.model.denoiser.get_submodule(name).weight.detach()
+        r = layer_rank(w, self.cfg.rank, self.cfg.rank_cap)
         out = []
         for alpha, beta in self.cfg.candidates():
             t = SmoothLowRank.from_weight(w, smoothing_factors(absmax, w, alpha, beta), r, alpha)
-            residual = t.residual(w)
-            wq = (
-                WeightQuantizer(tuple(w.shape), self.quant.weight_bits, mode)
-                if self.quant.weight_group_size is None
-                else GroupWeightQuantizer(
-                    tuple(w.shape), self.quant.weight_bits, mode, self.quant.weight_group_size
-                )
-            ).to(w.device)
-            wq.init_range(residual, self.quant.weight_init, self.quant.lp_norm, self.quant.lp_candidates)
-            with torch.no_grad():
-                out.append(_Candidate(alpha, beta, t, wq(residual)))
+            out.append(_Candidate(alpha, beta, t, self.quantize_weight(t.residual(w))))
+        return out
+
+    def refinements(self, name: str, first: _Candidate) -> list[_Candidate]:
+        """Step 2b: ``first`` and its ``lowrank_iters`` refinements ``L_k = SVD_r(Ŵ - Q(Ŵ - L_{k-1}))``
+        (deepcompressor's iteration), each with its quantized residual."""
+        w = self.model.denoiser.get_submodule(name).weight.detach()
+        t0 = first.transform
+        w_hat = t0.smooth_weight(w)
+        out, q_res = [first], first.q_residual
+        for _ in range(self.cfg.lowrank_iters):
+            up, down = top_singular(w_hat - q_res, t0.rank)
+            t = SmoothLowRank(t0.smooth, up, down, t0.alpha)
+            q_res = self.quantize_weight(t.residual(w))
+            out.append(_Candidate(first.alpha, first.beta, t, q_res))
         return out
 
     def choose(
@@ -274,7 +301,8 @@ class _Search:
         groups: list[list[str]] = [[]]
         used = 0
         for n in names:
-            size = 2 * 4 * self.model.denoiser.get_submodule(n).weight.numel() * len(self.cfg.candidates())
+            held = len(self.cfg.candidates()) + self.cfg.lowrank_iters + 1
+            size = 2 * 4 * self.model.denoiser.get_submodule(n).weight.numel() * held
             if groups[-1] and used + size > budget:
                 groups.append([])
                 used = 0
@@ -285,12 +313,21 @@ class _Search:
         for group in groups:
             cands = {n: self.candidates(n, absmax[n]) for n in group}
             rel_errors = self._errors(cands)
+            best = {n: min(range(len(rel)), key=rel.__getitem__) for n, rel in rel_errors.items()}
+            refined = {
+                n: self.refinements(n, cands[n][best[n]])
+                for n in group
+                if self.cfg.lowrank_iters and cands[n][best[n]].transform.rank
+            }
+            refined_errors = self._errors(refined) if refined else {}
             for n in group:
                 rel = rel_errors[n]
-                best = min(range(len(rel)), key=rel.__getitem__)
-                c = cands[n][best]
-                base = next((r for r, k in zip(rel, cands[n]) if k.alpha == 0.0 and k.beta == 0.0), None)
-                choices.append(LayerChoice(n, c.transform.rank, c.alpha, c.beta, rel[best], base))
+                c, err, k = cands[n][best[n]], rel[best[n]], 0
+                if n in refined:  # the best iterate (iterate 0 is the one-shot branch)
+                    k = min(range(len(refined_errors[n])), key=refined_errors[n].__getitem__)
+                    c, err = refined[n][k], refined_errors[n][k]
+                base = next((r for r, x in zip(rel, cands[n]) if x.alpha == 0.0 and x.beta == 0.0), None)
+                choices.append(LayerChoice(n, c.transform.rank, c.alpha, c.beta, err, base, k))
                 chosen[n] = c.transform
         return chosen, choices
 
@@ -390,7 +427,10 @@ class SVDQuant(Method):
             f"{p}_branch_params": sum(t.up.numel() + t.down.numel() for t in transforms.values()),
         }
         table = Table(
-            ["layer", "rank", "alpha", "beta", "rel_err", "rel_err_unsmoothed"],
-            [[c.name, c.rank, c.alpha, c.beta, c.rel_error, c.rel_error_unsmoothed] for c in choices],
+            ["layer", "rank", "alpha", "beta", "rel_err", "rel_err_unsmoothed", "refinement"],
+            [
+                [c.name, c.rank, c.alpha, c.beta, c.rel_error, c.rel_error_unsmoothed, c.refinement]
+                for c in choices
+            ],
         )
         return MethodResult(model, quant, metrics, {f"{p}_layers": table}, {"quant_summary.txt": text})
