@@ -297,3 +297,57 @@ def test_refined_branch_is_never_worse_than_the_one_shot_svd(tmp_path):
     w_hat = t.smooth_weight(model.denoiser.get_submodule(name).weight.detach())
     up, down = top_singular(w_hat, t.rank)
     assert not torch.allclose(t.lowrank_weight(), (up @ down.reshape(t.rank, -1)).view_as(w_hat), atol=1e-3)
+
+
+def test_timestep_aware_balancing_routes_each_row_to_its_group():
+    from diffquant.quant.lowrank import GroupSmooth
+
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 5, 16, generator=g)
+    smooth = torch.rand(2, 16, generator=g) + 0.5
+    wqs = []
+    for k in range(2):
+        wq = WeightQuantizer(tuple(layer.weight.shape), 4)
+        wq.init_range(layer.weight * smooth[k], "minmax")
+        wqs.append(wq)
+    q = QuantLinear.from_float(layer, WeightQuantizer(tuple(layer.weight.shape), 4), TokenActQuantizer(4))
+    q.transform = GroupSmooth(smooth, wqs, 0.11)
+    q.transform.group_index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = q(x)
+        for row, k in enumerate([0, 1, 1, 0]):
+            xk = x[row : row + 1] / smooth[k]
+            expected = F.linear(TokenActQuantizer(4)(xk), wqs[k](layer.weight * smooth[k]), layer.bias)
+            assert torch.allclose(out[row : row + 1], expected, atol=1e-6)
+        # the two groups' weights differ: the same input gives different outputs
+        q.transform.group_index = torch.tensor([1])
+        assert not torch.allclose(q(x[:1]), out[:1])
+
+
+def test_vidit_q_timestep_has_a_vector_per_step_group_and_reloads_bit_identical(tmp_path):
+    x = unet2d_inputs(4)
+    cfg = ViDiTQConfig(
+        calib=CALIB,
+        act_init_rows=16,
+        search_rows=16,
+        search_batch_size=8,
+        quant_overrides={"act_dynamic_per_token": True, "timestep_aware": True, "timestep_groups": 2},
+    )
+    ctx = _ctx(tmp_path)
+    first = TinyDiffusion()
+    r1 = run_method(METHODS.get("vidit_q")(), first, W4A4, cfg, ctx)
+    assert r1.quant.timestep_aware and r1.quant.timestep_groups == 2
+    smooths = [
+        m.transform.smooth for m in first.denoiser.modules() if getattr(m, "transform", None) is not None
+    ]
+    assert smooths and all(s.shape[0] == 2 for s in smooths)
+    assert any(not torch.allclose(s[0], s[1]) for s in smooths)  # the groups' statistics differ
+    second = TinyDiffusion()
+    r2 = run_method(METHODS.get("vidit_q")(), second, W4A4, cfg, ctx)
+    assert r2.metrics["vidit_q_cached"]
+    with torch.no_grad():
+        assert torch.equal(first.denoiser(**x).sample, second.denoiser(**x).sample)
+    static = {**cfg.quant_overrides, "act_dynamic_per_token": False}
+    with pytest.raises(InvalidSetting, match="act_dynamic_per_token"):
+        METHODS.get("vidit_q").check(W4A4, ViDiTQConfig(quant_overrides=static))

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffquant.calib.collect import collect_calibration
+from diffquant.calib.collect import STEP_KEY, collect_calibration
 from diffquant.calib.ranges import call_rows
 from diffquant.methods.base import Method, MethodResult, Table
 from diffquant.methods.ptq import (
@@ -74,6 +74,7 @@ from diffquant.quant.quantizers import (
     GroupWeightQuantizer,
     TokenActQuantizer,
     WeightQuantizer,
+    expand_groups,
     fake_quant,
     range_to_qparams,
 )
@@ -105,6 +106,7 @@ class SVDQuantConfig(PTQMinMaxConfig):
         search_memory_mb: bound on the candidates (quantized residuals and branches) held at once
             during the search; layers are searched in as many passes as that needs.
         skip_roles: denoiser roles whose layers get no transform.
+        ablation: the variant's label in tables (``vidit_q[timestep]``), None for the default.
     """
 
     KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {"lowrank_iters": 0}
@@ -117,6 +119,7 @@ class SVDQuantConfig(PTQMinMaxConfig):
     search_batch_size: int = 16
     search_memory_mb: int = 2048
     lowrank_iters: int = 0
+    ablation: Optional[str] = None
     skip_roles: list[str] = field(
         default_factory=lambda: ["first", "last", "time_embedding", "time_projection"]
     )
@@ -213,7 +216,7 @@ class LayerChoice:
     rank: int
     alpha: float
     beta: float
-    rel_error: float
+    rel_error: Optional[float]
     rel_error_unsmoothed: Optional[float]
     refinement: int = 0
 
@@ -235,24 +238,36 @@ class _Search:
                 for batch in self.stream.batches(
                     self.cfg.search_batch_size, self.rows, device=self.model.device, with_step=True
                 ):
+                    self.row_steps = batch[STEP_KEY]
                     call_rows(denoiser, batch)
         finally:
             for h in handles:
                 h.remove()
 
-    def act_absmax(self, names: list[str]) -> dict[str, Tensor]:
-        """Step 1: ``max|X_j|`` ``(C_in,)`` per layer."""
+    def act_absmax(self, names: list[str], groups: int = 1) -> dict[str, Tensor]:
+        """Step 1: ``max|X_j|`` per layer, ``(C_in,)``; with ``groups > 1`` one row per group of
+        sampler steps (step ``i`` in group ``i · G // S``), ``(G, C_in)`` (a group without rows
+        takes the maximum over all rows)."""
         stats: dict[str, Tensor] = {}
+        n_steps = len(self.model.timesteps)
 
         def hook_for(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].detach()
-                m = x.abs().movedim(channel_axis(x), 0).reshape(x.shape[channel_axis(x)], -1).amax(1)
+                axis = channel_axis(x)
+                per_row = x.abs().movedim(axis, -1).reshape(x.shape[0], -1, x.shape[axis]).amax(1)
+                gi = expand_groups(self.row_steps.to(x.device) * groups // n_steps, x)
+                m = torch.full((groups, x.shape[axis]), -1.0, device=x.device, dtype=per_row.dtype)
+                m = m.index_reduce_(0, gi, per_row, "amax")
                 stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
             return hook
 
         self._passes({n: hook_for(n) for n in names})
+        for name, m in stats.items():
+            overall = m.amax(0)
+            m = torch.where(m < 0, overall.expand_as(m), m)
+            stats[name] = m[0] if groups == 1 else m
         return stats
 
     def quantize_weight(self, w: Tensor) -> Tensor:
@@ -379,6 +394,10 @@ class SVDQuant(Method):
     version = 1
     label = "SVDQuant"
 
+    def search(self, search: _Search, names: list[str]) -> tuple[dict[str, nn.Module], list[LayerChoice]]:
+        """Steps 1-2: each layer's transform and the search's record."""
+        return search.run(names)
+
     def calibrate(
         self, model: Any, quant: QuantConfig, cfg: SVDQuantConfig, ctx: Any, progress: Path
     ) -> MethodResult:
@@ -389,7 +408,7 @@ class SVDQuant(Method):
         fl_bits = quant.first_last_act_bits if quant.first_last_act_bits is not None else quant.act_bits
         bits = {n: (fl_bits if n in first_last else quant.act_bits) for n in names}
         # steps 1-2: statistics and the per-layer search on the FP model
-        transforms, choices = _Search(model, stream, quant, cfg, bits).run(names)
+        transforms, choices = self.search(_Search(model, stream, quant, cfg, bits), names)
         # step 3: quantize, install the transforms, weight ranges on the residuals
         summary = quantize_denoiser(
             model.denoiser, model.spec, quant, timesteps=model.timesteps, init_weights=False
@@ -401,7 +420,8 @@ class SVDQuant(Method):
             if name in transforms:
                 layer.transform = transforms[name].to(layer.weight.device)
             with torch.no_grad():
-                w = layer.weight if layer.transform is None else layer.transform.residual(layer.weight)
+                t = layer.transform
+                w = layer.weight if not isinstance(t, SmoothLowRank) else t.residual(layer.weight)
                 wq.init_range(w, quant.weight_init, quant.lp_norm, quant.lp_candidates)
         # step 4: static activation ranges on the smoothed inputs
         init_act_ranges(model, stream, quant, cfg)
@@ -414,17 +434,18 @@ class SVDQuant(Method):
         n = max(1, len(choices))
         p = cfg.name
         unsmoothed = [c.rel_error_unsmoothed for c in choices]
+        mean = lambda values: None if any(v is None for v in values) else sum(values) / n
         metrics = {
             **summary.metrics(),
             "calib_rows": len(stream),
             f"{p}_layers": len(choices),
             f"{p}_rank_mean": sum(ranks) / n,
             f"{p}_alpha_mean": sum(c.alpha for c in choices) / n,
-            f"{p}_rel_err_mean": sum(best) / n,
-            f"{p}_rel_err_unsmoothed_mean": (
-                None if any(u is None for u in unsmoothed) else sum(unsmoothed) / n
+            f"{p}_rel_err_mean": mean(best),
+            f"{p}_rel_err_unsmoothed_mean": mean(unsmoothed),
+            f"{p}_branch_params": sum(
+                t.up.numel() + t.down.numel() for t in transforms.values() if isinstance(t, SmoothLowRank)
             ),
-            f"{p}_branch_params": sum(t.up.numel() + t.down.numel() for t in transforms.values()),
         }
         table = Table(
             ["layer", "rank", "alpha", "beta", "rel_err", "rel_err_unsmoothed", "refinement"],

@@ -119,3 +119,61 @@ class SmoothLowRank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.smooth.numel()}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+class GroupSmooth(nn.Module):
+    """Time-step-aware channel balancing (ViDiT-Q's ``timerange``): one smoothing vector per group
+    of sampler steps, and one weight quantizer per group for the weight it gives.
+
+    Buffers: ``smooth`` ``(G, C_in)``. ``weight_quantizers``: ``G`` weight quantizers of the layer's
+    kind, each with its range set on ``W · λ_g``. The rows of a call pick their group from
+    :attr:`group_index`, which the denoiser's time-step router sets
+    (:func:`~diffquant.quant.timestep.set_group_index`); the layer's own input quantizer must be a
+    dynamic one (a per-token grid does not depend on the rows around it).
+    """
+
+    def __init__(
+        self, smooth: Tensor, weight_quantizers: list[nn.Module], alpha: float = float("nan")
+    ) -> None:
+        super().__init__()
+        if smooth.dim() != 2 or smooth.shape[0] != len(weight_quantizers):
+            raise ValueError(f"smooth {tuple(smooth.shape)} needs one row per weight quantizer")
+        self.register_buffer("smooth", smooth.detach().clone().contiguous())
+        self.weight_quantizers = nn.ModuleList(weight_quantizers)
+        self.alpha = float(alpha)
+        self.group_index: Optional[Tensor] = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.smooth.shape[0]
+
+    def _weight(self, layer: nn.Module, g: int) -> Tensor:
+        w = layer._fp_weight() if not layer._weights_on() else layer.weight
+        w_hat = w * _along(self.smooth[g], w.dim(), 1).to(w.dtype)
+        return self.weight_quantizers[g](w_hat) if layer._weights_on() else w_hat
+
+    def layer_forward(self, layer: nn.Module, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
+        """The layer's output: each row through its group's smoothing and quantized weight."""
+        from diffquant.quant.quantizers import expand_groups
+
+        if self.group_index is None:
+            raise RuntimeError(
+                "time-step-aware channel balancing has no time step: call the denoiser (its "
+                "time-step router sets it) or diffquant.quant.set_timestep first"
+            )
+        gi = expand_groups(self.group_index, x)
+        bias = layer.effective_bias()
+        out = None
+        for g in gi.unique().tolist():
+            rows = (gi == g).nonzero().flatten()
+            xg = x[rows] / _along(self.smooth[g], x.dim(), channel_axis(x)).to(x.dtype)
+            xq = layer.quantized_input(xg)
+            w = self._weight(layer, g)
+            y = layer._conv_forward(xq, w, bias) if conv is not None else F.linear(xq, w, bias)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.smooth.shape[1]}, groups={self.n_groups}, alpha={self.alpha:g}"

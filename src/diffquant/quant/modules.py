@@ -19,12 +19,14 @@ computes with ``W · λ`` and no branch (the same product in full precision).
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffquant.quant.lowrank import SmoothLowRank
+from diffquant.quant.lowrank import GroupSmooth, SmoothLowRank
 from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
@@ -76,11 +78,15 @@ class QuantLayerMixin:
 
     def compute_quantized_weight(self) -> Tensor:
         """The weight quantizer applied to the latent weight (or to its SVDQuant residual)."""
+        if isinstance(self.transform, GroupSmooth):
+            raise RuntimeError("a time-step-aware balanced layer has one quantized weight per group")
         w = self.weight if self.transform is None else self.transform.residual(self.weight)
         return self.weight_quantizer(w)
 
     def _forward(self, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
         t = self.transform
+        if isinstance(t, GroupSmooth):
+            return t.layer_forward(self, x, conv)
         if t is not None:
             x = t.smooth_input(x)
         w, b = self.quantized_weight(), self.effective_bias()
@@ -95,8 +101,12 @@ class QuantLayerMixin:
     ):
         # an SVDQuant transform is part of the quantization state: recreate its slots
         up = state_dict.get(prefix + "transform.up")
+        smooth = state_dict.get(prefix + "transform.smooth")
         if up is not None and self.transform is None:
             self.transform = SmoothLowRank.empty(tuple(self.weight.shape), up.shape[1]).to(self.weight.device)
+        elif smooth is not None and smooth.dim() == 2 and self.transform is None:
+            wqs = [copy.deepcopy(self.weight_quantizer) for _ in range(smooth.shape[0])]
+            self.transform = GroupSmooth(torch.ones_like(smooth), wqs).to(self.weight.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -190,6 +190,20 @@ def find_range(
     return lp_search_range(sample, bits, mode, p, n_candidates, lo, hi, col_weight=weight)
 
 
+def expand_groups(group_index: Tensor, x: Tensor) -> Tensor:
+    """The time-step group of each row of ``x`` ``(B,)`` from a router's ``group_index`` (one
+    entry for all rows, or one per row of the call, repeated when ``x`` holds several rows per
+    call row)."""
+    gi = group_index.reshape(-1).to(x.device)
+    if gi.numel() == 1:
+        return gi.expand(x.shape[0])
+    if gi.numel() != x.shape[0]:
+        if x.shape[0] % gi.numel():
+            raise RuntimeError(f"{gi.numel()} time steps for an input batch of {x.shape[0]}")
+        gi = gi.repeat_interleave(x.shape[0] // gi.numel())
+    return gi
+
+
 def channels_first(x: Tensor, per_channel: bool, ch_axis: int) -> Tensor:
     """``x`` as ``(C, N)`` with the channel axis first (``(1, numel)`` when per-tensor)."""
     if not per_channel:
@@ -451,14 +465,7 @@ class ActQuantizer(nn.Module):
                 "time-step-aware activation quantizer has no time step: call the UNet (its "
                 "time-step hook sets it) or diffquant.quant.set_timestep(module, timestep) first"
             )
-        gi = gi.reshape(-1).to(x.device)
-        if gi.numel() == 1:
-            return gi.expand(x.shape[0])
-        if gi.numel() != x.shape[0]:
-            if x.shape[0] % gi.numel():
-                raise RuntimeError(f"{gi.numel()} time steps for an input batch of {x.shape[0]}")
-            gi = gi.repeat_interleave(x.shape[0] // gi.numel())
-        return gi
+        return expand_groups(gi, x)
 
     def _broadcast(self, t: Tensor, x: Tensor, groups: Optional[Tensor]) -> Tensor:
         """``(G, C)`` parameters → a tensor broadcastable to ``x``."""

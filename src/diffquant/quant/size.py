@@ -8,7 +8,8 @@ Counted, in bits, then reported in MiB (2**20 bytes):
 * the parameters of every calibrated activation quantizer (scale and zero point per group and
   channel, QuEST's per-step sets included) at 32 bits; dynamic per-token quantizers store none;
 * SVDQuant's low-rank branch (:mod:`diffquant.quant.lowrank`) at 16 bits per value, its
-  smoothing factors at 32 bits per input channel;
+  smoothing factors at 32 bits per input channel; with ViDiT-Q's time-step-aware balancing one
+  quantized weight (and factor vector) per group of steps;
 * every other parameter of the denoiser (biases, norms, embeddings, layers left in FP) at its
   own dtype's width.
 
@@ -24,7 +25,7 @@ import math
 from torch import nn
 
 from diffquant.quant.adaround import AdaRound
-from diffquant.quant.lowrank import BRANCH_BITS
+from diffquant.quant.lowrank import BRANCH_BITS, GroupSmooth, SmoothLowRank
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffquant.quant.state import iter_quantizers
@@ -46,11 +47,16 @@ def denoiser_bits(denoiser: nn.Module) -> int:
             counted.update(id(p) for p in module.parameters())  # calibration state, counted below
         if is_quant_layer(module) and module.weight_quantizer is not None:
             counted.add(id(module.weight))
-            for _, wq in iter_quantizers(module.weight_quantizer, "weight"):
-                bits += math.prod(wq.weight_shape) * wq.bits + 32 * (wq.scale.numel() + wq.zero_point.numel())
-        t = getattr(module, "transform", None)
-        if t is not None:
-            bits += BRANCH_BITS * (t.up.numel() + t.down.numel()) + 32 * t.smooth.numel()
+            t = module.transform
+            # time-step-aware balancing stores one quantized weight per group instead of one
+            holders = list(t.weight_quantizers) if isinstance(t, GroupSmooth) else [module.weight_quantizer]
+            for holder in holders:
+                for _, wq in iter_quantizers(holder, "weight"):
+                    bits += math.prod(wq.weight_shape) * wq.bits + 32 * (wq.scale.numel() + wq.zero_point.numel())
+            if isinstance(t, SmoothLowRank):
+                bits += BRANCH_BITS * (t.up.numel() + t.down.numel())
+            if t is not None:
+                bits += 32 * t.smooth.numel()
     for _, aq in iter_quantizers(denoiser, "act"):
         bits += 32 * (aq.scale.numel() + aq.zero_point.numel())
     for p in denoiser.parameters():

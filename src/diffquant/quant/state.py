@@ -164,7 +164,13 @@ def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
     frozen = []
     with torch.no_grad():
         for module in denoiser.modules():
-            if is_quant_layer(module) and module._weights_on() and module.frozen_weight is None:
+            grouped = type(getattr(module, "transform", None)).__name__ == "GroupSmooth"
+            if (
+                is_quant_layer(module)
+                and module._weights_on()
+                and module.frozen_weight is None
+                and not grouped
+            ):
                 module.frozen_weight = module.compute_quantized_weight().detach()
                 frozen.append(module)
     try:

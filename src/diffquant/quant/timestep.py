@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor, nn
 
+from diffquant.quant.lowrank import GroupSmooth
 from diffquant.quant.quantizers import ActQuantizer
 
 if TYPE_CHECKING:
@@ -116,12 +117,15 @@ class TimestepRouter:
 
 def set_group_index(module: nn.Module, group_index: Optional[Tensor | int]) -> None:
     """Set ``group_index`` (a LongTensor ``(B,)``, an int for all rows, or None) on every
-    time-step-aware activation quantizer under ``module``."""
+    time-step-aware activation quantizer and time-step-aware channel balancing
+    (:class:`~diffquant.quant.lowrank.GroupSmooth`) under ``module``."""
     if isinstance(group_index, int):
         group_index = torch.tensor([group_index])
     for m in module.modules():
         if isinstance(m, ActQuantizer) and m.n_groups > 1:
             m.group_index = None if group_index is None else group_index.to(m.scale.device)
+        elif isinstance(m, GroupSmooth):
+            m.group_index = None if group_index is None else group_index.to(m.smooth.device)
 
 
 def attach_timestep_router(
