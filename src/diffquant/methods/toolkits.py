@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffquant.calib.collect import CalibSettings, collect_calibration
 from diffquant.calib.ranges import call_rows
@@ -137,8 +137,35 @@ def forward_loop(model: Any, stream: Any, cfg: ToolkitConfig):
     return loop, len(rows)
 
 
-def _param_bits(denoiser: nn.Module, skip: set[int]) -> int:
-    return sum(p.numel() * p.element_size() * 8 for p in denoiser.parameters() if id(p) not in skip)
+class Inventory:
+    """What a library quantized: module counts by kind, and the storage of the quantized weights
+    (bits at their width plus one 32-bit scale per weight group)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.weights: set[int] = set()
+        self.bits = 0
+
+    def add(self, kind: str, weight: Optional[Tensor] = None, w_bits: int = 0, n_scales: int = 0) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if weight is not None:
+            self.weights.add(id(weight))
+            self.bits += math.prod(weight.shape) * w_bits + 32 * n_scales
+
+    def ops(self, label: str) -> str:
+        """``quantized_ops``: e.g. ``ModelOpt INT8_DEFAULT_CFG: 25 Conv2d weights+inputs, ...``."""
+        return (
+            f"{label}: "
+            + ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
+            + "; attention matmuls FP"
+        )
+
+    def size_bits(self, denoiser: nn.Module) -> int:
+        """The quantized weights plus every other parameter at its dtype's width."""
+        rest = sum(
+            p.numel() * p.element_size() * 8 for p in denoiser.parameters() if id(p) not in self.weights
+        )
+        return self.bits + rest
 
 
 class ToolkitMethod(Method):
@@ -215,9 +242,7 @@ class ModelOpt(ToolkitMethod):
         mtq = importlib.import_module(self.module)
         name = self.preset(quant, cfg)
         mtq.quantize(denoiser, copy.deepcopy(getattr(mtq, name)), loop)
-        counts: dict[str, int] = {}
-        skip: set[int] = set()
-        bits = 0
+        inv = Inventory()
         for _, m in denoiser.named_modules():
             wq, iq = getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None)
             if wq is None or not hasattr(m, "weight"):
@@ -225,23 +250,15 @@ class ModelOpt(ToolkitMethod):
             w_on, a_on = bool(getattr(wq, "is_enabled", False)), bool(getattr(iq, "is_enabled", False))
             if not (w_on or a_on):
                 continue
-            kind = type(m).__name__.replace("Quant", "")
-            key = f"{kind} " + (
-                "weights+inputs" if w_on and a_on else "weights" if w_on else "inputs" if a_on else "none"
-            )
-            counts[key] = counts.get(key, 0) + 1
-            if w_on:
-                skip.add(id(m.weight))
-                w_bits = wq.num_bits if isinstance(wq.num_bits, int) else sum(wq.num_bits) + 1
-                amax = getattr(wq, "amax", None)
-                n_scales = 1 if amax is None else amax.numel()
-                bits += m.weight.numel() * w_bits + 32 * n_scales
-        ops = (
-            f"ModelOpt {name}: "
-            + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-            + "; attention matmuls FP"
-        )
-        return ops, bits + _param_bits(denoiser, skip)
+            what = "weights+inputs" if w_on and a_on else "weights" if w_on else "inputs"
+            kind = f"{type(m).__name__.replace('Quant', '')} {what}"
+            if not w_on:
+                inv.add(kind)
+                continue
+            w_bits = wq.num_bits if isinstance(wq.num_bits, int) else sum(wq.num_bits) + 1
+            amax = getattr(wq, "amax", None)
+            inv.add(kind, m.weight, w_bits, 1 if amax is None else amax.numel())
+        return inv.ops(f"ModelOpt {name}"), inv.size_bits(denoiser)
 
 
 @METHODS.register("quanto", schema=QuantoConfig)
@@ -266,22 +283,13 @@ class Quanto(ToolkitMethod):
         with oq.Calibration():
             loop(denoiser)
         oq.freeze(denoiser)
-        counts: dict[str, int] = {}
-        skip: set[int] = set()
-        bits = 0
+        inv = Inventory()
         for _, m in denoiser.named_modules():
             if not isinstance(m, oq.QModuleMixin) or m.weight_qtype is None:
                 continue
-            kind = type(m).__name__.removeprefix("Q")
-            counts[kind] = counts.get(kind, 0) + 1
-            w = m.weight
-            skip.add(id(w))
-            scale = getattr(w, "_scale", None)
+            scale = getattr(m.weight, "_scale", None)
             n_scales = 1 if scale is None else scale.numel()
-            bits += math.prod(w.shape) * quant.weight_bits + 32 * n_scales
-        ops = (
-            f"Quanto qint{quant.weight_bits}/qint8: "
-            + ", ".join(f"{v} {k} weights+inputs" for k, v in sorted(counts.items()))
-            + "; attention matmuls FP"
-        )
-        return ops, bits + _param_bits(denoiser, skip)
+            inv.add(
+                f"{type(m).__name__.removeprefix('Q')} weights+inputs", m.weight, quant.weight_bits, n_scales
+            )
+        return inv.ops(f"Quanto qint{quant.weight_bits}/qint8"), inv.size_bits(denoiser)

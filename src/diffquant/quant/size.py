@@ -52,7 +52,9 @@ def denoiser_bits(denoiser: nn.Module) -> int:
             holders = list(t.weight_quantizers) if isinstance(t, GroupSmooth) else [module.weight_quantizer]
             for holder in holders:
                 for _, wq in iter_quantizers(holder, "weight"):
-                    bits += math.prod(wq.weight_shape) * wq.bits + 32 * (wq.scale.numel() + wq.zero_point.numel())
+                    bits += math.prod(wq.weight_shape) * wq.bits + 32 * (
+                        wq.scale.numel() + wq.zero_point.numel()
+                    )
             if isinstance(t, SmoothLowRank):
                 bits += BRANCH_BITS * (t.up.numel() + t.down.numel())
             if t is not None:
