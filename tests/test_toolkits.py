@@ -57,6 +57,18 @@ def test_toolkit_quantizes_the_denoiser_and_states_what(name, module, cfg, tmp_p
     assert result.metrics["model_size_mb"] < 0.4 * model_size_mb(fp.denoiser)
 
 
+def test_modelopt_w4a8_preset_counts_its_int4_weights(tmp_path):
+    pytest.importorskip("modelopt")
+    fp = TinyDiffusion()
+    model = TinyDiffusion()
+    w4a8 = QuantConfig(name="w4a8", weight_bits=4, act_bits=8)
+    cfg = ModelOptConfig(calib=CALIB, calib_batch_size=8)
+    result = run_method(METHODS.get("modelopt")(), model, w4a8, cfg, _ctx(tmp_path))
+    assert result.metrics["quantized_ops"].startswith("ModelOpt W4A8_AWQ_BETA_CFG")
+    # INT4 codes, plus one 32-bit scale per block of the last weight axis (a conv's kernel row)
+    assert result.metrics["model_size_mb"] < 0.5 * model_size_mb(fp.denoiser)
+
+
 def test_bit_widths_without_a_configuration_are_refused_before_work(make_cfg):
     with pytest.raises(InvalidSetting, match="quant=w8a8 or quant=w4a8"):
         METHODS.get("modelopt").check_bits(W4A4, ModelOptConfig())

@@ -255,9 +255,12 @@ class ModelOpt(ToolkitMethod):
             if not w_on:
                 inv.add(kind)
                 continue
-            w_bits = wq.num_bits if isinstance(wq.num_bits, int) else sum(wq.num_bits) + 1
-            amax = getattr(wq, "amax", None)
-            inv.add(kind, m.weight, w_bits, 1 if amax is None else amax.numel())
+            # a SequentialQuantizer (W4A8_AWQ_BETA: INT4 blocks, then FP8) stores the first's codes
+            first = wq[0] if isinstance(wq, nn.Sequential) else wq
+            w_bits = first.num_bits if isinstance(first.num_bits, int) else sum(first.num_bits) + 1
+            parts = list(wq) if isinstance(wq, nn.Sequential) else [wq]
+            n_scales = sum(1 if getattr(q, "amax", None) is None else q.amax.numel() for q in parts)
+            inv.add(kind, m.weight, w_bits, n_scales)
         return inv.ops(f"ModelOpt {name}"), inv.size_bits(denoiser)
 
 
