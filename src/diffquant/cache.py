@@ -116,6 +116,9 @@ def module_digest(module: Any, length: int = 16) -> str:
 
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if tensor is None:  # a library's empty slot (e.g. Quanto's LayerNorm without affine weight)
+            h.update(f"{name}:None".encode())
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
