@@ -351,3 +351,33 @@ def test_vidit_q_timestep_has_a_vector_per_step_group_and_reloads_bit_identical(
     static = {**cfg.quant_overrides, "act_dynamic_per_token": False}
     with pytest.raises(InvalidSetting, match="act_dynamic_per_token"):
         METHODS.get("vidit_q").check(W4A4, ViDiTQConfig(quant_overrides=static))
+
+
+def test_vidit_q_mixed_precision_puts_the_first_group_and_the_roles_at_8_bits(tmp_path):
+    x = unet2d_inputs(4)
+    overrides = {"act_dynamic_per_token": True, "timestep_aware": True, "timestep_groups": 4}
+    base = dict(calib=CALIB, act_init_rows=16, search_rows=16, search_batch_size=8, quant_overrides=overrides)
+    ctx = _ctx(tmp_path)
+    plain = TinyDiffusion()
+    run_method(METHODS.get("vidit_q")(), plain, W4A4, ViDiTQConfig(**base), ctx)
+    cfg = ViDiTQConfig(**base, mp_first_groups=1, mp_roles=["attention_out"])
+    first = TinyDiffusion()
+    run_method(METHODS.get("vidit_q")(), first, W4A4, cfg, ctx)
+    ff = set(first.spec.layers(first.denoiser, "attention_out"))
+    assert ff
+    for name, m in first.denoiser.named_modules():
+        t = getattr(m, "transform", None)
+        if t is None:
+            continue
+        want = [8, 8, 8, 8] if name in ff else [8, 4, 4, 4]
+        assert t.bits.tolist() == want, name
+        leaf_bits = [{m.bits for m in q.modules() if hasattr(m, "q_min")} for q in t.weight_quantizers]
+        assert leaf_bits == [{b} for b in want]
+    assert denoiser_bits(first.denoiser) > denoiser_bits(plain.denoiser)
+    second = TinyDiffusion()  # reloaded from the cache with each group's bit-width
+    r2 = run_method(METHODS.get("vidit_q")(), second, W4A4, cfg, ctx)
+    assert r2.metrics["vidit_q_cached"]
+    with torch.no_grad():
+        assert torch.equal(first.denoiser(**x).sample, second.denoiser(**x).sample)
+    with pytest.raises(InvalidSetting, match="mp_first_groups"):
+        METHODS.get("vidit_q").check(W4A4, ViDiTQConfig(mp_first_groups=1))

@@ -23,6 +23,7 @@ state (saved and reloaded with the quantizers by :mod:`diffquant.quant.checkpoin
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -125,8 +126,9 @@ class GroupSmooth(nn.Module):
     """Time-step-aware channel balancing (ViDiT-Q's ``timerange``): one smoothing vector per group
     of sampler steps, and one weight quantizer per group for the weight it gives.
 
-    Buffers: ``smooth`` ``(G, C_in)``. ``weight_quantizers``: ``G`` weight quantizers of the layer's
-    kind, each with its range set on ``W · λ_g``. The rows of a call pick their group from
+    Buffers: ``smooth`` ``(G, C_in)``, ``bits`` ``(G,)`` (each group's weight bit-width: ViDiT-Q's
+    mixed precision gives some groups more). ``weight_quantizers``: ``G`` weight quantizers of the
+    layer's kind, each with its range set on ``W · λ_g``. The rows of a call pick their group from
     :attr:`group_index`, which the denoiser's time-step router sets
     (:func:`~diffquant.quant.timestep.set_group_index`); the layer's own input quantizer must be a
     dynamic one (a per-token grid does not depend on the rows around it).
@@ -140,6 +142,9 @@ class GroupSmooth(nn.Module):
             raise ValueError(f"smooth {tuple(smooth.shape)} needs one row per weight quantizer")
         self.register_buffer("smooth", smooth.detach().clone().contiguous())
         self.weight_quantizers = nn.ModuleList(weight_quantizers)
+        # each group's weight bit-width (mixed precision may differ per group): rebuilt on load
+        bits = [next(m.bits for m in q.modules() if hasattr(m, "q_min")) for q in weight_quantizers]
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.long))
         self.alpha = float(alpha)
         self.group_index: Optional[Tensor] = None
 
@@ -176,4 +181,19 @@ class GroupSmooth(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"channels={self.smooth.shape[1]}, groups={self.n_groups}, alpha={self.alpha:g}"
+        return (
+            f"channels={self.smooth.shape[1]}, groups={self.n_groups}, bits={self.bits.tolist()}, "
+            f"alpha={self.alpha:g}"
+        )
+
+
+def with_bits(quantizer: nn.Module, bits: int) -> nn.Module:
+    """A copy of a weight quantizer (plain, group-wise or split) at another bit-width."""
+    from diffquant.quant.quantizers import int_range
+
+    q = copy.deepcopy(quantizer)
+    for m in q.modules():
+        if hasattr(m, "q_min"):
+            m.bits = int(bits)
+            m.q_min, m.q_max = int_range(m.bits, m.mode)
+    return q

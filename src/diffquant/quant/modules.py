@@ -19,14 +19,13 @@ computes with ``W · λ`` and no branch (the same product in full precision).
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffquant.quant.lowrank import GroupSmooth, SmoothLowRank
+from diffquant.quant.lowrank import GroupSmooth, SmoothLowRank, with_bits
 from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
@@ -105,7 +104,10 @@ class QuantLayerMixin:
         if up is not None and self.transform is None:
             self.transform = SmoothLowRank.empty(tuple(self.weight.shape), up.shape[1]).to(self.weight.device)
         elif smooth is not None and smooth.dim() == 2 and self.transform is None:
-            wqs = [copy.deepcopy(self.weight_quantizer) for _ in range(smooth.shape[0])]
+            bits = state_dict.get(prefix + "transform.bits")
+            own = next(m.bits for m in self.weight_quantizer.modules() if hasattr(m, "q_min"))
+            bits = [own] * smooth.shape[0] if bits is None else bits.tolist()
+            wqs = [with_bits(self.weight_quantizer, b) for b in bits]
             self.transform = GroupSmooth(torch.ones_like(smooth), wqs).to(self.weight.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
