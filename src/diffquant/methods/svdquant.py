@@ -12,8 +12,8 @@ Per Conv2d / Linear layer (every family: the layers are found by type, not by na
    residual ``R = W · λ - L1 L2``), and the output error of the quantized layer
    ``Σ ‖Q(X̂) Q(R) + X̂ L1 L2 - X W‖²`` on the same rows, each layer fed the FP model's inputs
    (second pass; layers grouped so that the candidates of one pass stay within
-   ``search_memory_mb``). ``Q(R)``: the job's weight quantizer (per output channel, range by
-   ``quant.weight_init``); ``Q(X̂)``: the job's activation quantizer kind, dynamic per token by
+   ``search_memory_mb``). ``Q(R)``: the job's weight quantizer (per output channel, or per group
+   of ``quant.weight_group_size`` input channels; range by ``quant.weight_init``); ``Q(X̂)``: the job's activation quantizer kind, dynamic per token by
    default (``quant_overrides``), else a min-max range of the batch. The candidate with the
    smallest error is kept.
    Then (``lowrank_iters > 0``) the chosen candidate's branch is refined as the code does,
@@ -37,8 +37,9 @@ groups of 64 input channels with min-max ranges, dynamic activations per token a
 channels (``quant_overrides``), no transform on the embeddings and the first and last layers
 (``skip_roles``). Not as the code: both grids are affine here, symmetric there (``sint4``;
 ``method=svdquant_paper`` is symmetric and uncapped: on ``ldm_digits`` W4A4 the symmetric grids
-cost far more than the branch gains); the embedded default keeps the one-shot SVD (``lowrank_iters=0``; the code refines it up to 100
-times with early stop, ``svdquant_paper``: 100 iterates, the best kept);
+cost far more than the branch gains); the embedded default keeps the one-shot SVD
+(``lowrank_iters=0``; the code refines it up to 100 times with early stop, ``svdquant_paper``:
+100 iterates, the best kept);
 the search feeds every layer the FP model's inputs and scores each layer's own output (the code
 scores q, k, v by the attention output). Layers the code leaves in 16 bits (embeddings, time
 projections, attention matmuls) are quantized here as in every other method, so that the rows

@@ -40,6 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from diffquant.quant.lowrank import GroupSmooth
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer, WeightQuantizer
 
@@ -164,7 +165,7 @@ def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
     frozen = []
     with torch.no_grad():
         for module in denoiser.modules():
-            grouped = type(getattr(module, "transform", None)).__name__ == "GroupSmooth"
+            grouped = isinstance(getattr(module, "transform", None), GroupSmooth)
             if (
                 is_quant_layer(module)
                 and module._weights_on()
