@@ -70,7 +70,13 @@ from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer
-from diffquant.quant.state import activation_drop, iter_quantizers, quant_state, trainable
+from diffquant.quant.state import (
+    activation_drop,
+    iter_quantizers,
+    keep_step_sizes_positive,
+    quant_state,
+    trainable,
+)
 from diffquant.quant.timestep import get_router, sampler_step
 from diffquant.quant.typed import as_dataclass
 from diffquant.stopping import check_stop
@@ -644,9 +650,7 @@ class Reconstructor:
                 loss.backward()
                 opt.step()
                 sched.step()
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(min=1e-8)
+                keep_step_sizes_positive(params)
                 tail.add(it, loss.item())
         return tail.mean()
 
@@ -706,9 +710,7 @@ class Reconstructor:
                     opt.step()
                 for sched in scheds:
                     sched.step()
-                with torch.no_grad():
-                    for p in scales:
-                        p.clamp_(min=1e-8)
+                keep_step_sizes_positive(scales)
                 tail.add(it, rec.item())
         for layer in layers:
             layer.weight_quantizer.harden()

@@ -114,7 +114,7 @@ from diffquant.quant.checkpoint import quantizer_state_dict
 from diffquant.quant.config import QuantConfig, quant_key
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import WeightQuantizer
-from diffquant.quant.state import quant_parameters
+from diffquant.quant.state import keep_step_sizes_positive, quant_parameters
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, one_of, positive
 
@@ -367,10 +367,8 @@ class LearnedParameters:
         groups = [{"params": ps, "lr": self.lrs[k]} for k, ps in self.by_kind.items() if ps]
         return torch.optim.Adam(groups)
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        for p in self.by_kind.get("act_scale", []):
-            p.clamp_(min=1e-8)
+        keep_step_sizes_positive(self.by_kind.get("act_scale", []))
 
     def snapshot(self) -> list[Tensor]:
         return [p.detach().clone() for p in self.params]

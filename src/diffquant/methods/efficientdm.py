@@ -49,7 +49,13 @@ from diffquant.methods.trajectory import Trajectories, fp_trajectories
 from diffquant.models.base import step_noise_kwargs
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.modules import is_quant_layer
-from diffquant.quant.state import iter_quantizers, quant_parameters, quant_state, trainable
+from diffquant.quant.state import (
+    iter_quantizers,
+    keep_step_sizes_positive,
+    quant_parameters,
+    quant_state,
+    trainable,
+)
 from diffquant.quant.timestep import sampler_step
 from diffquant.registry import METHODS
 from diffquant.stopping import check_stop
@@ -273,9 +279,7 @@ class EfficientDM(Method):
                 loss.backward()
                 opt.step()
                 sched.step()
-                with torch.no_grad():
-                    for s in scales:
-                        s.clamp_(min=1e-8)
+                keep_step_sizes_positive(scales)
                 total += float(loss.detach())
                 kwargs = step_noise_kwargs(model._step_kwargs, model.sampler.eta, x, i, indices, cfg.seed)
                 with torch.no_grad():

@@ -55,13 +55,12 @@ from torch import Tensor, nn
 
 from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.quant.modules import is_quant_layer
-from diffquant.quant.state import quant_parameters, quant_state
+from diffquant.quant.state import keep_step_sizes_positive, quant_parameters, quant_state
 from diffquant.quant.timestep import sampler_step
 
 log = logging.getLogger(__name__)
 
 MAX_TRAINED_ACT_BITS = 15  # 16-bit (softmax) quantizers are left alone, as in Q-Diffusion's LSQ
-_MIN_SCALE = 1e-8
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -375,9 +374,7 @@ def train_stage(
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
-                with torch.no_grad():
-                    for s in stage.act_scales.values():
-                        s.clamp_(min=_MIN_SCALE)
+                keep_step_sizes_positive(stage.act_scales.values())
                 sums += torch.tensor([total.item(), local.item(), glob.item()], dtype=torch.float64) * len(
                     idx
                 )

@@ -72,14 +72,11 @@ from diffquant.models.denoiser import ROLES, is_layer
 from diffquant.quant.config import FP_BITS, QuantConfig
 from diffquant.quant.lowrank import SmoothLowRank, channel_axis, top_singular
 from diffquant.quant.quantizers import (
-    GroupWeightQuantizer,
-    TokenActQuantizer,
-    WeightQuantizer,
     expand_groups,
     fake_quant,
     range_to_qparams,
 )
-from diffquant.quant.swap import quantize_denoiser
+from diffquant.quant.swap import QuantizerFactory, quantize_denoiser
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, positive
 
@@ -184,19 +181,18 @@ def _apply(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
 def _quantize_input(x: Tensor, bits: int, quant: QuantConfig) -> Tensor:
     """``x`` through the kind of input quantizer the job gives this layer: dynamic per token, or
     (static quantizers) a min-max range of this batch, per tensor or per channel."""
-    if bits >= FP_BITS:
+    q = QuantizerFactory(quant).act(x.shape[channel_axis(x)], bits)
+    if q is None:
         return x
-    mode = "symmetric" if quant.symmetric_acts else "affine"
-    if quant.act_dynamic_per_token:
-        return TokenActQuantizer(bits, mode, quant.act_group_size)(x)
+    if q.dynamic:
+        return q(x)
     axis = channel_axis(x)
     flat = x.movedim(axis, 0).reshape(x.shape[axis], -1) if quant.acts_per_channel else x.reshape(1, -1)
-    scale, zp = range_to_qparams(flat.amin(1), flat.amax(1), bits, mode)
+    scale, zp = range_to_qparams(flat.amin(1), flat.amax(1), bits, q.mode)
     shape = [1] * x.dim()
     if quant.acts_per_channel:
         shape[axis] = -1
-    tmp = TokenActQuantizer(bits, mode)
-    return fake_quant(x, scale.view(shape), zp.view(shape), tmp.q_min, tmp.q_max)
+    return fake_quant(x, scale.view(shape), zp.view(shape), q.q_min, q.q_max)
 
 
 @dataclass
@@ -273,16 +269,8 @@ class _Search:
 
     def quantize_weight(self, w: Tensor) -> Tensor:
         """``w`` through a weight quantizer of the job's kind, its range set on ``w``."""
-        mode = "symmetric" if self.quant.symmetric_weights else "affine"
-        q = self.quant
-        wq = (
-            WeightQuantizer(tuple(w.shape), q.weight_bits, mode)
-            if q.weight_group_size is None
-            else GroupWeightQuantizer(tuple(w.shape), q.weight_bits, mode, q.weight_group_size)
-        ).to(w.device)
-        wq.init_range(w, q.weight_init, q.lp_norm, q.lp_candidates)
         with torch.no_grad():
-            return wq(w)
+            return QuantizerFactory(self.quant).weight(w, None, init=True)(w)
 
     def candidates(self, name: str, absmax: Tensor) -> list[_Candidate]:
         """The ``(α, β)`` grid's transforms of one layer, with their quantized residuals."""

@@ -47,7 +47,7 @@ from diffquant.methods.svdquant import LayerChoice, SVDQuant, SVDQuantConfig, sm
 from diffquant.models.denoiser import ROLES
 from diffquant.quant.config import QuantConfig
 from diffquant.quant.lowrank import GroupSmooth
-from diffquant.quant.swap import _Factory
+from diffquant.quant.swap import QuantizerFactory
 from diffquant.registry import METHODS
 from diffquant.validation import InvalidSetting, positive
 
@@ -136,8 +136,8 @@ class ViDiTQ(SVDQuant):
         absmax = search.act_absmax(names, groups)
         denoiser = search.model.denoiser
         splits = search.model.spec.shortcut_splits(denoiser) if quant.shortcut_split else {}
-        factory = _Factory(quant)
-        high = _Factory(dataclasses.replace(quant, weight_bits=cfg.mp_bits))
+        factory = QuantizerFactory(quant)
+        high = QuantizerFactory(dataclasses.replace(quant, weight_bits=cfg.mp_bits))
         mp_layers = set(search.model.spec.layers(denoiser, *cfg.mp_roles)) if cfg.mp_roles else set()
         transforms, choices = {}, []
         for name in names:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffquant.quant.quantizers import WeightQuantizer, expand_groups, int_range, weight_bits
+
 BRANCH_BITS = 16
 
 
@@ -143,7 +145,7 @@ class GroupSmooth(nn.Module):
         self.register_buffer("smooth", smooth.detach().clone().contiguous())
         self.weight_quantizers = nn.ModuleList(weight_quantizers)
         # each group's weight bit-width (mixed precision may differ per group): rebuilt on load
-        bits = [next(m.bits for m in q.modules() if hasattr(m, "q_min")) for q in weight_quantizers]
+        bits = [weight_bits(q) for q in weight_quantizers]
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.long))
         self.alpha = float(alpha)
         self.group_index: Optional[Tensor] = None
@@ -152,28 +154,31 @@ class GroupSmooth(nn.Module):
     def n_groups(self) -> int:
         return self.smooth.shape[0]
 
-    def _weight(self, layer: nn.Module, g: int) -> Tensor:
-        w = layer._fp_weight() if not layer._weights_on() else layer.weight
-        w_hat = w * _along(self.smooth[g], w.dim(), 1).to(w.dtype)
-        return self.weight_quantizers[g](w_hat) if layer._weights_on() else w_hat
+    def smooth_weight(self, weight: Tensor) -> Tensor:
+        """Every group's ``W · λ_g``, ``(G, C_out, C_in, *k)``."""
+        return torch.stack([weight * _along(s, weight.dim(), 1).to(weight.dtype) for s in self.smooth])
+
+    def quantized_weights(self, weight: Tensor) -> Tensor:
+        """Every group's ``W · λ_g`` through its own weight quantizer, ``(G, C_out, C_in, *k)``
+        (what the layer computes with, or freezes in :func:`~diffquant.quant.state.frozen_weights`)."""
+        return torch.stack([q(w) for q, w in zip(self.weight_quantizers, self.smooth_weight(weight))])
 
     def layer_forward(self, layer: nn.Module, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
-        """The layer's output: each row through its group's smoothing and quantized weight."""
-        from diffquant.quant.quantizers import expand_groups
-
+        """The layer's output: each row through its group's smoothing and its group's weight of
+        ``layer.quantized_weight()`` (quantized, frozen or FP as the layer's state says)."""
         if self.group_index is None:
             raise RuntimeError(
                 "time-step-aware channel balancing has no time step: call the denoiser (its "
                 "time-step router sets it) or diffquant.quant.set_timestep first"
             )
         gi = expand_groups(self.group_index, x)
-        bias = layer.effective_bias()
+        weights, bias = layer.quantized_weight(), layer.effective_bias()
         out = None
         for g in gi.unique().tolist():
             rows = (gi == g).nonzero().flatten()
             xg = x[rows] / _along(self.smooth[g], x.dim(), channel_axis(x)).to(x.dtype)
             xq = layer.quantized_input(xg)
-            w = self._weight(layer, g)
+            w = weights[g]
             y = layer._conv_forward(xq, w, bias) if conv is not None else F.linear(xq, w, bias)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
@@ -189,11 +194,9 @@ class GroupSmooth(nn.Module):
 
 def with_bits(quantizer: nn.Module, bits: int) -> nn.Module:
     """A copy of a weight quantizer (plain, group-wise or split) at another bit-width."""
-    from diffquant.quant.quantizers import int_range
-
     q = copy.deepcopy(quantizer)
     for m in q.modules():
-        if hasattr(m, "q_min"):
+        if isinstance(m, WeightQuantizer):
             m.bits = int(bits)
             m.q_min, m.q_max = int_range(m.bits, m.mode)
     return q

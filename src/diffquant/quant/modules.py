@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.quant.lowrank import GroupSmooth, SmoothLowRank, with_bits
-from diffquant.quant.quantizers import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
+from diffquant.quant.quantizers import (
+    ActQuantizer,
+    SplitActQuantizer,
+    SplitWeightQuantizer,
+    WeightQuantizer,
+    weight_bits,
+)
 
 AnyWeightQuantizer = Union[WeightQuantizer, SplitWeightQuantizer]
 AnyActQuantizer = Union[ActQuantizer, SplitActQuantizer]
@@ -76,10 +82,12 @@ class QuantLayerMixin:
         return w if self.transform is None else self.transform.smooth_weight(w)
 
     def compute_quantized_weight(self) -> Tensor:
-        """The weight quantizer applied to the latent weight (or to its SVDQuant residual)."""
-        if isinstance(self.transform, GroupSmooth):
-            raise RuntimeError("a time-step-aware balanced layer has one quantized weight per group")
-        w = self.weight if self.transform is None else self.transform.residual(self.weight)
+        """The weight quantizer applied to the latent weight (or to its SVDQuant residual); with
+        time-step-aware balancing every group's weight, stacked ``(G, ...)``."""
+        t = self.transform
+        if isinstance(t, GroupSmooth):
+            return t.quantized_weights(self.weight)
+        w = self.weight if t is None else t.residual(self.weight)
         return self.weight_quantizer(w)
 
     def _forward(self, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
@@ -105,7 +113,7 @@ class QuantLayerMixin:
             self.transform = SmoothLowRank.empty(tuple(self.weight.shape), up.shape[1]).to(self.weight.device)
         elif smooth is not None and smooth.dim() == 2 and self.transform is None:
             bits = state_dict.get(prefix + "transform.bits")
-            own = next(m.bits for m in self.weight_quantizer.modules() if hasattr(m, "q_min"))
+            own = weight_bits(self.weight_quantizer)
             bits = [own] * smooth.shape[0] if bits is None else bits.tolist()
             wqs = [with_bits(self.weight_quantizer, b) for b in bits]
             self.transform = GroupSmooth(torch.ones_like(smooth), wqs).to(self.weight.device)

@@ -354,6 +354,11 @@ class GroupWeightQuantizer(WeightQuantizer):
         return f"bits={self.bits}, mode={self.mode}, per_channel_group({self.group_size}), rounding={self.rounding}"
 
 
+def weight_bits(quantizer: nn.Module) -> int:
+    """The bit-width of a weight quantizer (plain, group-wise, or the halves of a split one)."""
+    return next(m.bits for m in quantizer.modules() if isinstance(m, WeightQuantizer))
+
+
 class SplitWeightQuantizer(nn.Module):
     """Two weight quantizers for the input-channel halves ``W[:, :split]`` and ``W[:, split:]``
     of a conv fed by a concatenation (Q-Diffusion's shortcut split); each is per output channel

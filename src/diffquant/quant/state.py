@@ -12,6 +12,7 @@
   ``no_grad`` and changes no quantizer), the same values bit for bit.
 * :func:`trainable` — a context in which given parameters require gradients (their flags restored
   and gradients dropped on exit).
+* :func:`keep_step_sizes_positive` — after an optimizer step, learned step sizes stay positive.
 * :func:`activation_drop` — QDrop: within the context, each activation element is quantized with
   a given probability and FP otherwise (PTQ4DM's reconstruction).
 * :func:`iter_quantizers` — every leaf quantizer with its qualified name, by kind: ``weight``,
@@ -40,7 +41,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from diffquant.quant.lowrank import GroupSmooth
 from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer, WeightQuantizer
 
@@ -165,13 +165,7 @@ def frozen_weights(denoiser: nn.Module) -> Iterator[None]:
     frozen = []
     with torch.no_grad():
         for module in denoiser.modules():
-            grouped = isinstance(getattr(module, "transform", None), GroupSmooth)
-            if (
-                is_quant_layer(module)
-                and module._weights_on()
-                and module.frozen_weight is None
-                and not grouped
-            ):
+            if is_quant_layer(module) and module._weights_on() and module.frozen_weight is None:
                 module.frozen_weight = module.compute_quantized_weight().detach()
                 frozen.append(module)
     try:
@@ -214,3 +208,14 @@ def trainable(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
         for p, flag in was:
             p.requires_grad_(flag)
             p.grad = None
+
+
+MIN_STEP_SIZE = 1e-8
+
+
+@torch.no_grad()
+def keep_step_sizes_positive(scales: Iterable[torch.Tensor]) -> None:
+    """After an optimizer step on activation step sizes Δ (LSQ and every method that learns
+    them), clamp each to at least :data:`MIN_STEP_SIZE` in place, so no grid collapses."""
+    for s in scales:
+        s.clamp_(min=MIN_STEP_SIZE)

@@ -125,8 +125,9 @@ def _attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------------- swapping
-class _Factory:
-    """Builds the quantizers of one :class:`QuantConfig`."""
+class QuantizerFactory:
+    """Builds the quantizers of one :class:`QuantConfig` (what :func:`quantize_denoiser` installs,
+    and what a method needs beside them, e.g. SVDQuant's candidates)."""
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
@@ -205,7 +206,7 @@ def quantize_denoiser(
     validate_bits(cfg)
     if is_quantized(denoiser) or any(is_quant_layer(m) for m in denoiser.modules()):
         raise ValueError("the denoiser is already quantized; quantize a fresh FP denoiser")
-    factory = _Factory(cfg)
+    factory = QuantizerFactory(cfg)
     splits = spec.shortcut_splits(denoiser) if cfg.shortcut_split else {}
     first_last = set(spec.layers(denoiser, "first", "last"))
     fl_bits = cfg.first_last_act_bits if cfg.first_last_act_bits is not None else cfg.act_bits
