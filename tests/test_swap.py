@@ -204,3 +204,34 @@ def test_weight_only_and_requantize_errors():
         QuantConfig(name="bad", weight_bits=1, act_bits=8)
     with pytest.raises(ValueError, match="weight_bits"):
         quantize_denoiser(tiny_unet2d(), UNET, {"name": "bad", "weight_bits": 1, "act_bits": 8})
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attention_in_query_blocks(name, monkeypatch):
+    """The quantized probabilities are formed one block of queries at a time, with and without
+    gradients alike; at this size one query per block gives all queries' values bit for bit, and
+    range observation (one range per call) sees all queries at once."""
+    import diffquant.quant.attention as attention
+
+    cfg = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
+    denoiser, inputs, *_ = _quantized(name, cfg)
+    with torch.no_grad():
+        whole = UNET.forward(denoiser, inputs)
+    monkeypatch.setattr(attention, "ATTENTION_BLOCK_ELEMENTS", 1)  # one query per block
+    seen: list[int] = []
+    procs = [m for m in denoiser.modules() if isinstance(m, QuantAttnProcessor)]
+    handle = procs[0].prob_quantizer.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[2]))
+    with torch.no_grad():
+        blocks = UNET.forward(denoiser, inputs)
+    assert set(seen) == {1} and len(seen) > 1  # really one query at a time
+    assert torch.equal(blocks, whole)
+    procs[0].prob_quantizer.scale.requires_grad_(True)  # LSQ on the probabilities: the same blocks
+    trained = UNET.forward(denoiser, inputs)
+    assert torch.equal(trained.detach(), blocks)
+    trained.sum().backward()
+    assert procs[0].prob_quantizer.scale.grad.abs().sum() > 0
+    seen.clear()
+    with observing_act_ranges(denoiser, "minmax"), torch.no_grad():
+        denoiser(**inputs)
+    handle.remove()
+    assert len(seen) == 1 and seen[0] > 1

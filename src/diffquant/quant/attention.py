@@ -14,6 +14,9 @@ inputs and weights); the processor only adds the matmul quantizers. It is an ``n
 ``attn.set_processor(proc)`` registers its quantizers under ``<attn>.processor.*`` (state dict,
 parameter listing). When all four quantizers are off (``quant_state(..., acts=False)``) or absent it
 falls back to the fused SDPA kernel, so the FP teacher path costs what the FP model costs.
+The probabilities are formed one block of queries at a time (:data:`ATTENTION_BLOCK_ELEMENTS`
+scores per batch row and block): a fraction of the memory and, at paper size, several times
+faster than all queries at once (their scores leave the cache).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.quant.quantizers import ActQuantizer
+
+#: attention scores per batch row in one block of queries (4 MB of FP32 per row): the block stays
+#: in cache, and memory no longer grows with L_q · L_k (SD at 512 px, all queries at once: 0.5 GB
+#: per row and tensor)
+ATTENTION_BLOCK_ELEMENTS = 1 << 20
 
 
 class QuantAttnProcessor(nn.Module):
@@ -142,17 +150,54 @@ class QuantAttnProcessor(nn.Module):
     def _quantized_attention(
         self, attn: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor]
     ) -> Tensor:
-        """Explicit attention on ``(B, heads, L, d)`` operands: returns ``(B, heads, L_q, d)``."""
+        """Explicit attention on ``(B, heads, L, d)`` operands: returns ``(B, heads, L_q, d)``.
+
+        The probabilities are formed one block of queries at a time (:meth:`_query_block_rows`):
+        each output row depends on its own query row only, so this is the same attention, with
+        the scores of one block in memory instead of all ``L_q · L_k`` (with and without gradients
+        alike: training and sampling compute the same values).
+        """
         query = self._quant_heads(query, self.q_quantizer)
         key = self._quant_heads(key, self.k_quantizer)
         value = self._quant_heads(value, self.v_quantizer)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        # one copy of each operand in the (B, heads, L, d) layout (CompVis' (B·heads, L, d)), not
+        # one inside every matmul of a block
+        query, value = query.contiguous(), value.contiguous()
+        key_t = key.contiguous().transpose(-1, -2)
+        rows = self._query_block_rows(query, key)
+        if rows >= query.shape[2]:
+            return self._attend(attn, query, key_t, value, attention_mask)
+        b, h, l_q, _ = query.shape
+        out = query.new_empty(b, h, l_q, value.shape[-1])
+        per_query_mask = attention_mask is not None and attention_mask.shape[-2] == l_q
+        for i in range(0, l_q, rows):
+            mask = attention_mask[..., i : i + rows, :] if per_query_mask else attention_mask
+            out[:, :, i : i + rows] = self._attend(attn, query[:, :, i : i + rows], key_t, value, mask)
+        return out
+
+    def _attend(
+        self, attn: nn.Module, query: Tensor, key_t: Tensor, value: Tensor, attention_mask: Optional[Tensor]
+    ) -> Tensor:
+        """``Q(softmax(q·kᵀ · scale + mask)) · v`` for quantized ``query`` ``(B, heads, l, d)``,
+        ``key_t`` ``(B, heads, d, L_k)``, ``value`` ``(B, heads, L_k, d_v)``: ``(B, heads, l, d_v)``."""
+        scores = torch.matmul(query, key_t) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = scores.float().softmax(dim=-1).to(query.dtype)
         if self.prob_quantizer is not None:
             probs = self.prob_quantizer(probs)
         return torch.matmul(probs, value)
+
+    def _query_block_rows(self, query: Tensor, key: Tensor) -> int:
+        """Queries per block: as many as keep one batch row's block of scores within
+        :data:`ATTENTION_BLOCK_ELEMENTS` (at least one; independent of the batch size, so a sample's
+        bits do not depend on the rows it is computed with); all of them while the probabilities'
+        quantizer observes ranges (it sets its range per call) or drops activations (QDrop: one
+        random mask per call)."""
+        pq = self.prob_quantizer
+        if pq is not None and (pq._observer is not None or pq.keep_prob is not None):
+            return query.shape[2]
+        return max(1, ATTENTION_BLOCK_ELEMENTS // max(1, query.shape[1] * key.shape[2]))
 
 
 def is_quant_attention(module: nn.Module) -> bool:
