@@ -103,6 +103,8 @@ def config_hash(cfg: DictConfig) -> str:
     enters only when it is not 0: ``calib_seed=0`` adds nothing to the hash."""
     c = job_config(cfg)
     c["evaluator"] = {k: v for k, v in c["evaluator"].items() if k not in ("num_shards", "shard_index")}
+    if c["evaluator"].get("kernels") == "fake":  # the default since the key exists: hashes unchanged
+        c["evaluator"].pop("kernels")
     digest = {k: c[k] for k in ("model", "quant", "method", "evaluator", "seed")}
     if c.get("calib_seed"):
         digest["calib_seed"] = c["calib_seed"]
@@ -359,6 +361,7 @@ def sample(job: Job, model: Any, evaluation: Evaluation) -> tuple[Sampled, dict[
     features for :mod:`diffquant.shards` to score with the others."""
     ev = job.run.evaluator
     seed_everything(job.run.seed)
+    model.kernels = ev.kernels
     # an FP job keeps all its 8-bit images when the quantized jobs compare theirs with them
     fp_images = job.is_fp and "fp_images" in evaluation.fp_needs
     sampled = Sampled(
@@ -459,6 +462,8 @@ def job_metrics(
         "calib_seed": run.calib_seed,
         "n_samples": len(job.indices),
         "model_size_mb": round(model_size_mb(result.model.denoiser), 4),
+        "kernels": run.evaluator.kernels,
+        "int8_layers": None if model.int8_summary is None else len(model.int8_summary.converted),
         "fid": None,
         "inception_score": None,
         "fid_to_fp": None,

@@ -101,6 +101,11 @@ class EvaluatorConfig:
             job samples only slice ``shard_index`` of ``num_shards`` contiguous slices of the
             ``n_samples`` indices and saves their features (``shard.pt``); ``python -m
             diffquant.shards <sweep dir>`` merges all slices into one FID / IS. 1 = unsharded.
+        kernels: how the quantized model's Conv2d / Linear layers execute while sampling:
+            ``fake`` (fake quantization in FP32, the papers' simulation) or ``int8`` (oneDNN int8
+            kernels on x86 CPUs for the layers with static per-tensor inputs and per-channel
+            weights of at most 8 bits, :mod:`diffquant.quant.int8`; the same values up to FP32
+            summation order, which can move a later activation across a rounding boundary).
     """
 
     name: str = MISSING
@@ -115,9 +120,11 @@ class EvaluatorConfig:
     grid_size: int = 64
     num_shards: int = 1
     shard_index: Optional[int] = None
+    kernels: str = "fake"
 
     def __post_init__(self) -> None:
         positive(self, "n_samples", "batch_size", "chunk_size", "num_shards")
+        one_of(self, "kernels", ("fake", "int8"))
         positive(self, "grid_size", allow_zero=True)
 
 

@@ -75,6 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from diffquant.calib.ranges import observing_act_ranges
     from diffquant.models.denoiser import UNET
     from diffquant.quant import QuantConfig, frozen_weights, quant_state, quantize_denoiser
+    from diffquant.quant.int8 import int8_kernels, int8_platform_error
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(args.flush_denormal)
@@ -98,8 +99,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             frozen = run_q()
         if not torch.equal(per_call, frozen):
             raise AssertionError("frozen weights changed the output")
+        int8 = int8_platform_error(x.device) is None
+        int8_err, converted = None, 0
+        if int8:
+            with frozen_weights(quant), int8_kernels(quant) as summary:
+                int8_out = run_q()
+            converted = len(summary.converted)
+            int8_err = ((int8_out - frozen).norm() / frozen.norm()).item()
         run_fp(), run_q()  # warm-up
-        fp_s, q_s, frozen_s, w_only_s, a_only_s = [], [], [], [], []
+        fp_s, q_s, frozen_s, w_only_s, a_only_s, int8_s = [], [], [], [], [], []
         for _ in range(args.repeats):
             fp_s.append(seconds(run_fp))
             q_s.append(seconds(run_q))
@@ -107,9 +115,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 frozen_s.append(seconds(run_q))
                 with quant_state(quant, acts=False):  # what the weights alone cost (frozen)
                     w_only_s.append(seconds(run_q))
+                if int8:
+                    with int8_kernels(quant):
+                        int8_s.append(seconds(run_q))
             with quant_state(quant, weights=False):  # what the activations alone cost
                 a_only_s.append(seconds(run_q))
     fp_m, q_m, f_m, w_m, a_m = (statistics.median(v) for v in (fp_s, q_s, frozen_s, w_only_s, a_only_s))
+    i_m = statistics.median(int8_s) if int8_s else None
     result = {
         "model": args.model,
         "parameters_m": round(n_params / 1e6, 1),
@@ -126,6 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "frozen_ratio": round(f_m / fp_m, 3),
         "frozen_weights_only_ratio": round(w_m / fp_m, 3),
         "activations_only_ratio": round(a_m / fp_m, 3),
+        "int8_s": None if i_m is None else round(i_m, 3),
+        "int8_ratio": None if i_m is None else round(i_m / fp_m, 3),
+        "int8_layers": converted,
+        "int8_vs_fake_quant_rel_error": int8_err,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     suffix = "_flush_denormal" if args.flush_denormal else ""

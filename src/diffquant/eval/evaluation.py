@@ -19,6 +19,7 @@ from diffquant.eval.fp_images import FPImages
 from diffquant.eval.metrics import EvalBatch, Metric
 from diffquant.eval.reference import load_reference_images
 from diffquant.registry import BACKBONES, EVALUATORS
+from diffquant.validation import ConfigError
 
 #: metric needs (a builder's ``needs``) that the backbone must serve: need -> its attribute
 BACKBONE_NEEDS = {"spatial": "spatial_layer", "perceptual_maps": "perceptual_maps"}
@@ -49,6 +50,12 @@ class Evaluation:
         self.cfg = eval_cfg
         self.ctx = ctx
         self.grid = SampleGrid.of(eval_cfg)  # fails early on a bad evaluator.chunk_size
+        if getattr(eval_cfg, "kernels", "fake") == "int8":  # fails early where int8 cannot run
+            from diffquant.quant.int8 import int8_platform_error
+
+            error = int8_platform_error(ctx.device)
+            if error is not None:
+                raise ConfigError(f"evaluator.kernels=int8: {error}")
         self.backbone = BACKBONES.get(eval_cfg.backbone)(eval_cfg).to(ctx.device).eval()
         self.fp_job = fp_job
         self.skipped = [m for m in eval_cfg.metrics if fp_job and fp_identity(m) is not None]

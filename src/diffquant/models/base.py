@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from diffquant.models.denoiser import DenoiserSpec
 from diffquant.models.noise_correction import NoiseCorrection
+from diffquant.quant.int8 import int8_kernels
 from diffquant.quant.state import frozen_weights
 from diffquant.quant.timestep import sampler_step
 
@@ -151,6 +152,11 @@ class DiffusionModel:
     #: sampling quantizes each weight once per run (:func:`~diffquant.quant.state.frozen_weights`,
     #: the same samples bit for bit); False: at every denoiser call (``make bench-speed`` times both)
     freeze_weights: bool = True
+    #: how quantized Conv2d / Linear layers execute while sampling: ``fake`` or ``int8``
+    #: (:func:`~diffquant.quant.int8.int8_kernels`; ``evaluator.kernels``)
+    kernels: str = "fake"
+    #: what the last sampling run executed on int8 kernels (None: fake quantization only)
+    int8_summary: Optional[Any] = None
     #: PTQD's per-step correction of the guided output and of the sampler's noise
     #: (:class:`~diffquant.models.noise_correction.NoiseCorrection`), set by ``method=ptqd``
     noise_correction: Optional[NoiseCorrection] = None
@@ -296,7 +302,9 @@ class DiffusionModel:
         x = self.initial_noise(indices, seed)
         self.scheduler.set_timesteps(self.sampler.num_inference_steps)
         freeze = frozen_weights(self.denoiser) if self.freeze_weights else contextlib.nullcontext()
-        with freeze:  # quantize each weight once, not at every step
+        kernels = int8_kernels(self.denoiser) if self.kernels == "int8" else contextlib.nullcontext()
+        with freeze, kernels as int8:  # quantize each weight once, not at every step
+            self.int8_summary = int8
             for i in range(len(self.timesteps)):
                 if on_step is not None:
                     on_step(i, x)

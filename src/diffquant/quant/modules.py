@@ -55,6 +55,8 @@ class QuantLayerMixin:
         # the fake-quantized weight computed once, while :func:`~diffquant.quant.state.frozen_weights`
         # holds (inference: the quantizer state cannot change in between)
         self.register_buffer("frozen_weight", None, persistent=False)
+        # the layer's int8 execution while :func:`~diffquant.quant.int8.int8_kernels` holds
+        self.int8_kernel = None
 
     def keep_fp_copy(self) -> None:
         """Freeze a copy of the current weight and bias as the FP path's parameters, so that
@@ -91,6 +93,9 @@ class QuantLayerMixin:
         return self.weight_quantizer(w)
 
     def _forward(self, x: Tensor, conv: Optional[nn.Conv2d]) -> Tensor:
+        kernel = self.int8_kernel
+        if kernel is not None and kernel.active():
+            return kernel(x)
         t = self.transform
         if isinstance(t, GroupSmooth):
             return t.layer_forward(self, x, conv)
