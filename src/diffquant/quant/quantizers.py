@@ -38,6 +38,7 @@ Modules:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -114,12 +115,92 @@ def lp_search_range(
     """Q-Diffusion's clipping search, per row of ``x2d`` ``(C, N)``: returns ``(lo, hi)``, each ``(C,)``.
 
     Candidate ``i`` (0 ≤ i < n_candidates ≤ 100) scales the full range by ``1 - 0.01 i``; the
-    candidate with the smallest ``mean(|x - q(x)|^p)`` along the row wins. ``lo``/``hi`` override
-    the full range (e.g. computed on more data than the ``x2d`` sample the loss is measured on);
-    ``col_weight`` ``(N,)`` replaces the mean by a weighted sum (for a weighted subsample).
+    candidate with the smallest ``mean(|x - q(x)|^p)`` along the row wins (the first one on a tie;
+    NaN losses never win). ``lo``/``hi`` override the full range (e.g. computed on more data than
+    the ``x2d`` sample the loss is measured on); ``col_weight`` ``(N,)`` replaces the mean by a
+    weighted sum (for a weighted subsample).
+
+    The unweighted search is computed block by block of rows, all candidates of a block while it
+    is in cache, with the exact ops of the candidate-by-candidate loop (:func:`_lp_losses`): the
+    losses, hence the chosen ranges, are bit-identical to :func:`_lp_search_range_loop`.
     """
     if not 1 <= n_candidates <= 100:
         raise ValueError(f"lp_candidates={n_candidates} must be in 1..100 (ratios 1.00 - 0.01 i)")
+    x2d = x2d.float()
+    if col_weight is not None or not x2d.is_contiguous():
+        # a permuted x2d would fake-quantize in its memory order: keep the original loop for it
+        return _lp_search_range_loop(x2d, bits, mode, p, n_candidates, lo, hi, col_weight)
+    lo0 = x2d.amin(dim=1) if lo is None else lo.float()
+    hi0 = x2d.amax(dim=1) if hi is None else hi.float()
+    with torch.no_grad():
+        # candidate ranges (C, K): the same float32 products as ``lo0 * ratio`` one ratio at a time
+        ratios = torch.tensor([1.0 - 0.01 * i for i in range(n_candidates)], dtype=torch.float32)
+        c_lo, c_hi = lo0[:, None] * ratios.to(lo0.device), hi0[:, None] * ratios.to(hi0.device)
+        losses = _lp_losses(x2d, c_lo, c_hi, bits, mode, p)  # (K, C)
+        # the loop keeps the first strictly smaller loss: argmin's first minimum, NaN never chosen
+        best = torch.nan_to_num(losses, nan=math.inf).argmin(dim=0, keepdim=True)  # (1, C)
+        return c_lo.gather(1, best.t())[:, 0], c_hi.gather(1, best.t())[:, 0]
+
+
+_LP_BLOCK_ELEMS = 1 << 17  # elements of x2d per row block of the L_p search (512 KiB, in L2)
+_POW_ALIGN = 64  # the row blocks start at flat offsets that are multiples of this (see _lp_losses)
+
+
+def _lp_losses(x2d: Tensor, c_lo: Tensor, c_hi: Tensor, bits: int, mode: str, p: float) -> Tensor:
+    """``mean(|x - q_k(x)|^p)`` per candidate range and row: ``(K, C)`` float32, for ``x2d``
+    ``(C, N)`` float32 and candidate ranges ``c_lo``/``c_hi`` ``(C, K)``.
+
+    Bit-identical to :func:`fake_quant` + ``abs`` + ``pow`` + ``mean(dim=1)`` on the whole
+    ``(C, N)`` tensor per candidate (the loop of :func:`_lp_search_range_loop`):
+
+    * every op but ``pow`` (div, round, add, clamp, sub, mul, abs) is exact IEEE arithmetic,
+      whatever the tensor layout, and they are done in the loop's order;
+    * ``pow`` is not: CPU kernels compute an element with the SIMD routine (Sleef) or, in the
+      last ``numel % (2 · vector width)`` elements of each contiguous run a thread processes,
+      with ``std::pow``, and the two differ in the last bit. At one thread the whole-tensor call
+      is one run, so row blocks that start at flat offsets divisible by :data:`_POW_ALIGN` (a
+      multiple of every CPU vector step) and end on such an offset, or at the tensor's end, give
+      every element the routine it gets in the whole-tensor call. With more threads, or off the
+      CPU, the whole tensor is one block (the original layout, the same kernel split).
+    * the row means reduce whole rows of the same length along the contiguous dim, as before.
+    """
+    c, n = x2d.shape
+    k = c_lo.shape[1]
+    q_min, q_max = int_range(bits, mode)
+    scale, zp = range_to_qparams(c_lo, c_hi, bits, mode)  # (C, K) each, elementwise as per candidate
+    scale_t, zp_t = scale.t().contiguous(), zp.t().contiguous()  # (K, C)
+    losses = torch.empty(k, c, dtype=torch.float32, device=x2d.device)
+    if x2d.device.type != "cpu" or torch.get_num_threads() > 1 or c * n <= _LP_BLOCK_ELEMS:
+        rows = c
+    else:  # whole rows, as many as fit the block, a multiple of `step` rows (aligned offsets)
+        step = _POW_ALIGN // math.gcd(n, _POW_ALIGN)
+        rows = max(step, (_LP_BLOCK_ELEMS // max(n, 1)) // step * step)
+    buf = torch.empty(min(rows, c), n, dtype=torch.float32, device=x2d.device)
+    for r0 in range(0, c, rows):
+        r1 = min(c, r0 + rows)
+        x, b = x2d[r0:r1], buf[: r1 - r0]
+        for i in range(k):
+            s, z = scale_t[i, r0:r1, None], zp_t[i, r0:r1, None]
+            torch.div(x, s, out=b)
+            b.round_().add_(z).clamp_(q_min, q_max).sub_(z).mul_(s).sub_(x).abs_()
+            b.pow_(p)
+            torch.mean(b, dim=1, out=losses[i, r0:r1])
+    return losses
+
+
+def _lp_search_range_loop(
+    x2d: Tensor,
+    bits: int,
+    mode: str,
+    p: float,
+    n_candidates: int,
+    lo: Optional[Tensor],
+    hi: Optional[Tensor],
+    col_weight: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """:func:`lp_search_range` one candidate at a time over the whole ``(C, N)`` tensor (the
+    weighted search, whose ``err @ col_weight`` product is summed by BLAS in a layout-dependent
+    order, keeps this form)."""
     x2d = x2d.float()
     lo0 = x2d.amin(dim=1) if lo is None else lo.float()
     hi0 = x2d.amax(dim=1) if hi is None else hi.float()
@@ -190,6 +271,15 @@ def find_range(
     return lp_search_range(sample, bits, mode, p, n_candidates, lo, hi, col_weight=weight)
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Two :meth:`WeightQuantizer._tensor_key` pairs name the same, unchanged tensors."""
+    for ka, kb in zip(a, b):
+        root = ka[0]()
+        if root is None or root is not kb[0]() or ka[1:] != kb[1:]:
+            return False
+    return True
+
+
 def expand_groups(group_index: Tensor, x: Tensor) -> Tensor:
     """The time-step group of each row of ``x`` ``(B,)`` from a router's ``group_index`` (one
     entry for all rows, or one per row of the call, repeated when ``x`` holds several rows per
@@ -221,6 +311,7 @@ class WeightQuantizer(nn.Module):
     """
 
     kind = "weight"
+    _floor_cache: Optional[tuple[tuple, Tensor]] = None  # class default: modules pickled before it
 
     def __init__(self, weight_shape: tuple[int, ...], bits: int, mode: str = "affine") -> None:
         super().__init__()
@@ -233,6 +324,13 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("round_up", None)
         self.adaround: Optional[AdaRound] = None
         self.enabled = True
+        # floor(W / Δ) of the soft rounding, kept with the identity of the W and Δ it came from
+        self._floor_cache: Optional[tuple[tuple, Tensor]] = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_floor_cache"] = None  # weak references neither pickle nor belong to a copy
+        return state
 
     @property
     def rounding(self) -> str:
@@ -258,28 +356,65 @@ class WeightQuantizer(nn.Module):
         scale, zp = range_to_qparams(lo, hi, self.bits, self.mode)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
+        self._floor_cache = None
 
     # -- AdaRound life cycle
     def start_adaround(self, weight: Tensor) -> AdaRound:
         """Switch to ``soft`` rounding with α initialised so that h(α) = frac(W / Δ)."""
         self.round_up = None
+        self._floor_cache = None
         self.adaround = AdaRound.from_weight(weight.detach(), self._bshape(self.scale))
         return self.adaround
 
     @torch.no_grad()
     def harden(self) -> None:
         """Freeze the AdaRound choices: ``soft`` → ``hard`` (α is dropped, ``round_up`` kept)."""
+        self._floor_cache = None
         if self.adaround is None:
             return
         self.round_up = self.adaround.hard_mask()
         self.adaround = None
+
+    @staticmethod
+    def _tensor_key(t: Tensor) -> tuple:
+        """What identifies the values of ``t`` while it lives: its root tensor (weakly: a freed
+        tensor never matches, so a new one at the same address cannot alias), the version counter
+        (bumped by every in-place write through autograd-visible tensors: optimizer steps,
+        ``copy_`` under ``no_grad``, ``param.data = …`` swaps change the address), and the view."""
+        root = t if t._base is None else t._base
+        return (weakref.ref(root), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+    def _floor_codes(self, weight: Tensor, scale: Tensor) -> Tensor:
+        """``floor(W / Δ)`` (weight-shaped, no gradient), computed once per (weight, Δ) state.
+
+        The soft rounding's integer part is constant while W and Δ are: it is cached, keyed on
+        both tensors' identity, version and layout (:meth:`_tensor_key`), so any change to
+        either (an in-place update, a new tensor, a different view) recomputes it. Writes that
+        bypass the version counter (``tensor.data.copy_(…)``) are not seen: do not modify W or Δ
+        that way while rounding is ``soft``.
+        """
+        key = (self._tensor_key(weight), self._tensor_key(self.scale))
+        cache = self._floor_cache
+        if cache is not None and _same_key(cache[0], key):
+            return cache[1]
+        w_floor = torch.floor(weight.detach() / scale)
+        self._floor_cache = (key, w_floor)
+        return w_floor
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
         scale, zp = self._bshape(self.scale), self._bshape(self.zero_point)
         if self.adaround is not None:
-            w_int = torch.floor(weight.detach() / scale) + self.adaround.rectified()
+            w_floor = self._floor_codes(weight, scale)
+            ada = self.adaround
+            if (
+                ada.fused()
+                and w_floor.dtype == ada.alpha.dtype == scale.dtype == zp.dtype
+                and not (scale.requires_grad or zp.requires_grad)
+            ):
+                return ada.soft_quant(w_floor, scale, zp, self.q_min, self.q_max)
+            w_int = w_floor + ada.rectified()
         elif self.round_up is not None:
             w_int = floor_ste(weight / scale) + self.round_up.to(weight.dtype)
         else:
@@ -301,6 +436,7 @@ class WeightQuantizer(nn.Module):
                 self.adaround = AdaRound(torch.zeros_like(state_dict[alpha_key]))
         else:
             self.adaround, self.round_up = None, None
+        self._floor_cache = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -438,6 +574,7 @@ class ActQuantizer(nn.Module):
 
     kind = "act"
     dynamic = False  # True: ranges computed at run time (TokenActQuantizer), never calibrated
+    _ready = False  # class default: modules pickled before the host-side flag existed
 
     def __init__(
         self, bits: int, mode: str = "affine", channels: int = 1, n_groups: int = 1, per_channel: bool = False
@@ -451,6 +588,8 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(self.n_groups, self.channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(self.n_groups, self.channels))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # a host-side copy of `initialized` (reading the buffer in forward would sync the GPU)
+        self._ready = False
         self.enabled = True
         self.group_index: Optional[Tensor] = None
         self.keep_prob: Optional[float] = None
@@ -492,7 +631,7 @@ class ActQuantizer(nn.Module):
             self._set_qparams(*self._observer.ranges())
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self._ready and not self._check_initialized():
             raise RuntimeError(
                 "activation quantizer used before its range was calibrated: run "
                 "diffquant.calib.calibrate_act_ranges (or load a quantized "
@@ -505,6 +644,21 @@ class ActQuantizer(nn.Module):
         if self.keep_prob is not None:
             out = torch.where(torch.rand_like(x) < self.keep_prob, out, x)
         return out
+
+    def _check_initialized(self) -> bool:
+        """Read the ``initialized`` buffer (a host sync on a GPU) and remember a True: only
+        reached while the host-side flag is False, i.e. before calibration or when other code
+        wrote the buffer directly (``initialized.fill_(True)``)."""
+        self._ready = bool(self.initialized)
+        return self._ready
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._ready = bool(self.initialized)  # once per load, not per forward
 
     # -- range calibration
     def start_observing(
@@ -537,6 +691,7 @@ class ActQuantizer(nn.Module):
         self.scale.data.copy_(scale)
         self.zero_point.copy_(zp)
         self.initialized.fill_(True)
+        self._ready = True
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Set Δ, z from a range ``(G, C)`` (or broadcastable) directly."""
@@ -547,6 +702,7 @@ class ActQuantizer(nn.Module):
             self.scale.data.copy_(scale)
             self.zero_point.copy_(zp)
             self.initialized.fill_(True)
+        self._ready = True
 
     def extra_repr(self) -> str:
         gran = f"per_channel({self.channels})" if self.per_channel else "per_tensor"
@@ -670,6 +826,7 @@ class TokenActQuantizer(ActQuantizer):
         super().__init__(bits, mode, channels=1, n_groups=1, per_channel=False)
         self.group_size = None if group_size is None else int(group_size)
         self.initialized.fill_(True)
+        self._ready = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
