@@ -1,7 +1,8 @@
 """One denoiser forward at paper size: FP vs fake-quantized, weights re-quantized per call vs frozen.
 
     python -m diffquant.bench.forward_cost [--model ldm_bedroom] [--bits 8 8] [--batch 2]
-                                           [--repeats 3] [--threads 1] [--out DIR] [--flush-denormal]
+                                           [--repeats 3] [--threads 1] [--device cpu] [--out DIR]
+                                           [--flush-denormal]
 
 Builds the full-size UNet of ``--model`` (the CompVis configuration in
 :mod:`diffquant.models.compvis_configs`, converted to diffusers; random weights, seed 0: the cost
@@ -11,7 +12,9 @@ process: the FP forward, the fake-quantized forward with every weight re-quantiz
 and the same inside :func:`~diffquant.quant.state.frozen_weights` (weights quantized once, the
 output checked equal), and, to attribute the cost, the frozen weights alone (activation
 quantizers off) and the activation quantizers alone (weights FP; with them on, attention runs as
-explicit matmuls instead of the fused SDPA kernel). Reports median seconds, the ratios to FP and the peak RSS, and writes
+explicit matmuls in blocks of queries instead of the fused SDPA kernel), and the int8 kernels
+(:mod:`diffquant.quant.int8`, x86 CPU) with their largest per-layer difference from fake
+quantization. Reports median seconds, the ratios to FP and the peak RSS, and writes
 ``DIR/forward_cost_<model>_w<W>a<A>.json``. Fake quantization simulates low-bit arithmetic in
 FP32: the ratios are the simulation's overhead.
 """
@@ -50,11 +53,39 @@ def full_size_unet(model: str) -> torch.nn.Module:
     return UNet2DModel(**unet2d_config(params, IMAGE_SIZES[model] // factor)).eval().requires_grad_(False)
 
 
-def seconds(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call of ``fn``."""
+def seconds(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Wall-clock seconds of one call of ``fn`` (on a GPU, until its kernels finish)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
+
+
+def int8_layer_error(denoiser: torch.nn.Module, run: Callable[[], Any]) -> float:
+    """The largest relative difference ``max|y_int8 − y_fake| / max|y_fake|`` over the int8 layers of
+    ``denoiser`` (inside :func:`~diffquant.quant.int8.int8_kernels`), each on the input it gets
+    in one call of ``run``: what the kernels change in one layer, before later layers compound it."""
+    from diffquant.quant.modules import QUANT_LAYER_TYPES
+
+    worst = [0.0]
+
+    def hook(layer, args, out):
+        kernel = layer.int8_kernel
+        layer.int8_kernel = None
+        fake = layer.forward(args[0])  # not layer(...): that would run this hook again
+        layer.int8_kernel = kernel
+        worst[0] = max(worst[0], ((out - fake).abs().max() / fake.abs().max().clamp_min(1e-12)).item())
+
+    layers = [m for m in denoiser.modules() if isinstance(m, QUANT_LAYER_TYPES) and m.int8_kernel is not None]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -66,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (int8 kernels: CPU only)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument(
         "--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for the whole run"
@@ -79,16 +111,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(args.flush_denormal)
-    fp = full_size_unet(args.model)
-    quant = full_size_unet(args.model)
+    device = torch.device(args.device)
+    fp = full_size_unet(args.model).to(device)
+    quant = full_size_unet(args.model).to(device)
     n_params = sum(p.numel() for p in fp.parameters())
     w_bits, a_bits = args.bits
     cfg = QuantConfig(name=f"w{w_bits}a{a_bits}", weight_bits=w_bits, act_bits=a_bits, weight_init="minmax")
     quantize_denoiser(quant, UNET, cfg)
     g = torch.Generator().manual_seed(0)
     size = fp.config.sample_size
-    x = torch.randn(args.batch, fp.config.in_channels, size, size, generator=g)
-    t = torch.linspace(999, 1, args.batch).long()
+    x = torch.randn(args.batch, fp.config.in_channels, size, size, generator=g).to(device)
+    t = torch.linspace(999, 1, args.batch).long().to(device)
     with torch.no_grad():
         with observing_act_ranges(quant, method="minmax"):
             quant(x, t)
@@ -100,26 +133,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if not torch.equal(per_call, frozen):
             raise AssertionError("frozen weights changed the output")
         int8 = int8_platform_error(x.device) is None
-        int8_err, converted = None, 0
+        int8_err, layer_err, converted = None, None, 0
         if int8:
             with frozen_weights(quant), int8_kernels(quant) as summary:
                 int8_out = run_q()
+                layer_err = int8_layer_error(quant, run_q)
             converted = len(summary.converted)
             int8_err = ((int8_out - frozen).norm() / frozen.norm()).item()
         run_fp(), run_q()  # warm-up
         fp_s, q_s, frozen_s, w_only_s, a_only_s, int8_s = [], [], [], [], [], []
         for _ in range(args.repeats):
-            fp_s.append(seconds(run_fp))
-            q_s.append(seconds(run_q))
+            fp_s.append(seconds(run_fp, device))
+            q_s.append(seconds(run_q, device))
             with frozen_weights(quant):
-                frozen_s.append(seconds(run_q))
+                frozen_s.append(seconds(run_q, device))
                 with quant_state(quant, acts=False):  # what the weights alone cost (frozen)
-                    w_only_s.append(seconds(run_q))
+                    w_only_s.append(seconds(run_q, device))
                 if int8:
                     with int8_kernels(quant):
-                        int8_s.append(seconds(run_q))
+                        int8_s.append(seconds(run_q, device))
             with quant_state(quant, weights=False):  # what the activations alone cost
-                a_only_s.append(seconds(run_q))
+                a_only_s.append(seconds(run_q, device))
     fp_m, q_m, f_m, w_m, a_m = (statistics.median(v) for v in (fp_s, q_s, frozen_s, w_only_s, a_only_s))
     i_m = statistics.median(int8_s) if int8_s else None
     result = {
@@ -141,7 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "int8_s": None if i_m is None else round(i_m, 3),
         "int8_ratio": None if i_m is None else round(i_m / fp_m, 3),
         "int8_layers": converted,
-        "int8_vs_fake_quant_rel_error": int8_err,
+        "int8_output_rel_error": int8_err,
+        "int8_layer_max_rel_error": layer_err,
+        "device": str(device),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     suffix = "_flush_denormal" if args.flush_denormal else ""
