@@ -1,13 +1,18 @@
 """Calibration data (collect, cache, stream), block reconstruction, checkpoints, resume and the
 ``ptq`` / ``ptq_minmax`` methods on a tiny class-conditional latent model with guidance."""
 
+import collections
 import dataclasses
 import importlib
+import io
 import json
+import logging
+import sys
 
 import pytest
 import torch
 
+from diffquant.cache import atomic_torch_save, file_digest
 from diffquant.calib import (
     CalibSettings,
     ReconSettings,
@@ -29,7 +34,10 @@ from diffquant.quant import (
     save_quantized,
 )
 from diffquant.quant.state import iter_quantizers
+from diffquant.quant.typed import key_dict
 from diffquant.registry import METHODS
+from diffquant.schema import typed_run_config, validate
+from diffquant.validation import ConfigError, InvalidSetting
 from tiny_models import N_CLASSES, TinyDiffusion, TinyTextDiffusion
 
 torch.set_num_threads(1)
@@ -171,10 +179,248 @@ def test_progress_writes_each_unit_once(stream, tmp_path):
     assert unit_bytes <= size(full)
 
 
+def test_progress_files_are_written_once_and_total_one_state(stream, tmp_path, monkeypatch):
+    """Every progress file is written once (base, then one per unit), and the bytes written over
+    the run are about one final state, not (units x state)."""
+    written = []
+
+    def counting_save(obj, path):
+        atomic_torch_save(obj, path)
+        written.append((path.name, path.stat().st_size))
+
+    monkeypatch.setattr(recon_module, "atomic_torch_save", counting_save)
+    model, report = _calibrated(
+        stream, progress_dir=tmp_path, recon=dataclasses.replace(RECON, weight_iters=2, act_iters=2)
+    )
+    names = [n for n, _ in written]
+    assert names == ["state_base.pt"] + [f"unit_{i:04d}.pt" for i in range(1, 19)]  # each once
+    one_state = io.BytesIO()
+    torch.save(quantizer_state_dict(model.denoiser), one_state)
+    full = len(one_state.getvalue())
+    unit_bytes = sum(b for n, b in written if n != "state_base.pt")
+    assert unit_bytes <= 1.1 * full  # the units' files together: one state (+ per-file overhead)
+    assert sum(b for _, b in written) < 2 * full  # and the base (no rounding choices yet)
+    index = json.loads((tmp_path / "progress.json").read_text())
+    assert set(index["digests"]) == set(names)  # each file's SHA-256, checked on resume
+    assert all(file_digest(tmp_path / n) == index["digests"][n] for n in names)
+
+
+def _interrupted(stream, folder, after, recon=RECON):
+    """A run stopped after ``after`` finished units (progress in ``folder``)."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(i, report):
+        if i == after - 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _calibrated(stream, progress_dir=folder, on_unit_done=stop, recon=recon)
+
+
+SHORT = dataclasses.replace(RECON, weight_iters=6, act_iters=3)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_corrupt_unit_file_is_redone_from_that_unit(stream, tmp_path, damage, caplog):
+    """Progress files are checked against the SHA-256 the index recorded: a partial, corrupt or
+    missing unit file resumes before that unit (it and the later ones are redone) with a warning
+    naming the file; the result is bit for bit the uninterrupted one."""
+    full, _ = _calibrated(stream, progress_dir=tmp_path / "a", recon=SHORT)
+    _interrupted(stream, tmp_path / "b", after=6, recon=SHORT)
+    bad = tmp_path / "b" / "unit_0004.pt"
+    data = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, loads or not: only the digest tells
+        bad.write_bytes(data[:-40] + bytes(b ^ 0xFF for b in data[-40:-39]) + data[-39:])
+    else:
+        bad.unlink()
+    with caplog.at_level(logging.WARNING, logger="diffquant.calib.reconstruct"):
+        resumed, report = _calibrated(stream, progress_dir=tmp_path / "b", recon=SHORT)
+    assert "unit_0004.pt is unusable" in caplog.text and "redone" in caplog.text
+    assert report.resumed_from == 3 and len(report.units) == 18
+    full_state, resumed_state = quantizer_state_dict(full.denoiser), quantizer_state_dict(resumed.denoiser)
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+def test_a_corrupt_base_starts_over(stream, tmp_path, caplog):
+    _interrupted(stream, tmp_path, after=2, recon=SHORT)
+    base = tmp_path / "state_base.pt"
+    base.write_bytes(base.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="diffquant.calib.reconstruct"):
+        _, report = _calibrated(stream, progress_dir=tmp_path, recon=SHORT)
+    assert "state_base.pt is unusable" in caplog.text
+    assert report.resumed_from == 0 and len(report.units) == 18
+
+
+def test_captures_are_deleted_after_each_unit(stream, tmp_path, monkeypatch):
+    """A unit's disk shards exist while it is reconstructed and are gone when it ends (so the
+    disk used does not grow with the units); shards a killed run left are removed at start."""
+    init = recon_module.RowStore.__init__
+    monkeypatch.setattr(recon_module.RowStore, "__init__", lambda self, d, b: init(self, d, 20_000))
+    shards = []
+    spill = recon_module.RowStore._spill
+
+    def counting_spill(self):
+        spill(self)
+        shards.append(self.shards[-1][0])
+
+    monkeypatch.setattr(recon_module.RowStore, "_spill", counting_spill)
+    stale = tmp_path / "recon_killed"
+    stale.mkdir(parents=True)
+    (stale / "rows_00000.pt").write_bytes(b"x" * 1000)
+    left = []
+
+    def check(i, report):
+        left.append(sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("recon_")))
+
+    _calibrated(stream, progress_dir=tmp_path, on_unit_done=check, recon=SHORT)
+    assert len(shards) > 18 and all(p.parent.name.startswith("recon_") for p in shards)
+    assert not any(p.exists() for p in shards)
+    assert left == [[]] * 18  # nothing of a finished unit left (the stale folder removed first)
+
+
+def test_each_stage_reads_only_its_inputs(stream, monkeypatch):
+    """The weight stage gets the quantized network's inputs ``w_*`` and the target, the activation
+    stage the FP network's ``fp_*`` and the target (no time steps: no router here)."""
+    sample = recon_module.RowStore.sample
+    seen = []
+
+    def spy(self, *a, **k):
+        for batch in sample(self, *a, **k):
+            seen.append(frozenset(batch))
+            yield batch
+
+    monkeypatch.setattr(recon_module.RowStore, "sample", spy)
+    _calibrated(stream, recon=dataclasses.replace(RECON, weight_iters=2, act_iters=2))
+    assert seen and {"y", "t", "step"} - set().union(*seen) == {"t", "step"}
+    for keys in seen:
+        ins = keys - {"y"}
+        assert "y" in keys and ins, keys
+        assert all(k.startswith("w_") for k in ins) or all(k.startswith("fp_") for k in ins), keys
+    assert any(k.startswith("w_") for k in set().union(*seen))
+
+
+def test_no_host_reads_inside_the_iteration_loops(stream, monkeypatch):
+    """Inside the stages, reconstruct.py reads no tensor to the host (``item``, ``bool``,
+    ``tolist``) but in :class:`_LossLog`, once per LOSS_READ_EVERY iterations and at the end."""
+    reads = collections.Counter()
+    for name in ("item", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == recon_module.__file__:
+                reads[caller.co_name] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = collections.Counter()
+    read = recon_module._LossLog._read
+    monkeypatch.setattr(
+        recon_module._LossLog, "_read", lambda self: calls.update([bool(self.pending)]) or read(self)
+    )
+    _calibrated(stream, recon=dataclasses.replace(RECON, weight_iters=110, act_iters=3, max_rows=16))
+    assert not {"_weight_stage", "_act_stage", "_joint_stage"} & set(reads), reads
+    # per unit: weight 110 iterations = reads after 50 and 100 and at the end; act: at the end
+    assert calls[True] == 18 * 3 + 18
+    assert reads["_read"] == calls[True]  # one tolist per read
+
+
+def test_disk_budget_caps_the_rows_of_a_large_unit(stream, tmp_path, caplog):
+    """``disk_budget_gb``: a unit whose rows would take more than it (and more than memory_mb)
+    is reconstructed on the first N rows of a seeded permutation; a warning names the setting and
+    N; the other units use every row."""
+    rows = {}
+    recon = dataclasses.replace(SHORT, memory_mb=1, disk_budget_gb=0.0)  # limit: 1 MB
+
+    orig = recon_module.Reconstructor._capture
+
+    def spy(self, unit, *a, **k):
+        store, spec = orig(self, unit, *a, **k)
+        rows[unit.name] = (store.n_rows, store.bytes, len(self.rows))
+        return store, spec
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, "diffquant.calib.reconstruct"):
+        mp.setattr(recon_module.Reconstructor, "_capture", spy)
+        capped, _ = _calibrated(stream, progress_dir=tmp_path / "a", recon=recon)
+    limit = 2**20
+    big = [n for n, (kept, _, total) in rows.items() if kept < total]
+    assert big and len(big) < len(rows)
+    assert all(b <= limit for _, b, _ in rows.values())
+    assert all(kept == total for n, (kept, _, total) in rows.items() if n not in big)
+    for name in big:
+        kept = rows[name][0]
+        assert f"unit {name}:" in caplog.text
+        assert f"method.recon.disk_budget_gb=0.0: reconstructing it on {kept} rows" in caplog.text
+    # deterministic: the same rows and result again; unbounded, the large units differ
+    again, _ = _calibrated(stream, recon=recon)
+    unbounded, _ = _calibrated(stream, recon=dataclasses.replace(recon, disk_budget_gb=None))
+    a, b, c = (quantizer_state_dict(m.denoiser) for m in (capped, again, unbounded))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith(f"{big[0]}."))
+
+
+def test_disk_budget_subset_is_nested_and_in_stream_order(stream):
+    model = TinyDiffusion()
+    quantize_denoiser(model.denoiser, model.spec, W4A8)
+    r = recon_module.Reconstructor(
+        model.denoiser, model.spec, stream, dataclasses.replace(RECON, disk_budget_gb=1.0)
+    )
+    small, large = r.budget_rows(5), r.budget_rows(20)
+    assert torch.equal(small, small.sort().values) and set(small.tolist()) <= set(large.tolist())
+    assert len(set(large.tolist())) == 20 and not torch.equal(large, r.rows[:20])  # not the first 20
+    # N from the measured row size: 4 MiB rows, limit max(1 GB, memory_mb 1 MB) -> 256 rows
+    r.s = dataclasses.replace(RECON, disk_budget_gb=1.0, memory_mb=1)
+    unit = recon_module.Unit("u", torch.nn.Identity(), "layer")
+    big_rows = {"fp_a0": torch.zeros(2, 2**20), "y": torch.zeros(2, 0)}
+    assert r._rows_that_fit(unit, big_rows, 256) is None and r._rows_that_fit(unit, big_rows, 257) == 256
+    r.s = dataclasses.replace(RECON, disk_budget_gb=0.001, memory_mb=1)
+    with pytest.raises(InvalidSetting, match="holds no row of unit u .*4.00 MB a row"):
+        r._rows_that_fit(unit, big_rows, 10)
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, float("nan")])
+def test_disk_budget_refuses_bad_values(value, make_cfg):
+    with pytest.raises(InvalidSetting, match="disk_budget_gb is not a disk size"):
+        ReconSettings(disk_budget_gb=value)
+    with pytest.raises(ConfigError, match=r"method\.recon\.disk_budget_gb=\S+ is not a disk size"):
+        validate(make_cfg(["quant=w4a8", "method=ptq_paper", f"method.recon.disk_budget_gb={value}"]))
+
+
+def test_disk_budget_in_the_paper_config(make_cfg):
+    paper = typed_run_config(make_cfg(["quant=w4a8", "method=ptq_paper"])).method.recon
+    assert paper.disk_budget_gb == 32.0
+    assert typed_run_config(make_cfg(["quant=w4a8", "method=ptq"])).method.recon.disk_budget_gb is None
+    assert "disk_budget_gb" not in key_dict(ReconSettings())  # null: cache keys unchanged
+
+
 def test_divergence_names_the_fix(stream, monkeypatch):
-    monkeypatch.setattr(recon_module, "lp_loss", lambda *a: torch.tensor(float("nan")))
-    with pytest.raises(FloatingPointError, match="method.recon.weight_lr"):
-        _calibrated(stream)
+    """A NaN loss is reported (unit, stage, the learning rate to lower) when the losses are read:
+    every LOSS_READ_EVERY iterations and at the end of a stage, not at every iteration."""
+    assert recon_module.LOSS_READ_EVERY == 50
+    calls = []
+
+    def nan_loss(pred, target, *a):  # NaN from the 3rd call on: a loss with a gradient
+        calls.append(1)
+        return (pred - target).pow(2).mean() * (float("nan") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(recon_module, "lp_loss", nan_loss)
+    recon = dataclasses.replace(RECON, weight_iters=120)
+    with pytest.raises(
+        FloatingPointError, match=r"diverged in the weight stage at iteration 2 .*method\.recon\.weight_lr"
+    ):
+        _calibrated(stream, recon=recon)
+    assert len(calls) == 50  # read (and raised) after the first 50 iterations, not at the 3rd
+    calls.clear()
+    with pytest.raises(FloatingPointError, match="time_embedding.linear_1 diverged in the weight stage"):
+        _calibrated(stream, recon=dataclasses.replace(RECON, weight_iters=10))
+    assert len(calls) == 10  # a stage shorter than LOSS_READ_EVERY is checked at its end
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r"in the act stage .*method\.recon\.act_lr"):
+        _calibrated(stream, recon=dataclasses.replace(RECON, weight_iters=0))
 
 
 def test_ptq_methods_cache_and_metrics(cache, tmp_path):

@@ -24,12 +24,24 @@ Then
    (p = ``act_p``) with hard-rounded weights and quantized activations.
 
 Captured rows live in a :class:`RowStore`: in memory up to ``memory_mb``, in disk shards beyond,
-so no more than one unit's data (and at most ``memory_mb`` of it) is ever held. Progress goes to
-``progress_dir``, atomically: the whole quantizer state once before the first unit
-(``state_base.pt``), then after each finished unit that unit's quantizers only
-(``unit_<n>.pt``: a unit changes nothing outside itself), and the index ``progress.json``; a
-stopped calibration resumes after the last finished unit and gives the same result as an
-uninterrupted one (every unit's optimisation is seeded by its index).
+so no more than one unit's data (and at most ``memory_mb`` of it in RAM) is ever held; a unit's
+shards are deleted when the unit ends (and those a killed run left, when the next one starts),
+so the disk used does not grow with the number of units. ``disk_budget_gb`` bounds one unit's
+shards: a unit whose rows would exceed it is reconstructed on a seeded subset of the rows that
+fits, with a warning (:class:`ReconSettings`). Each stage reads only the stored entries it uses
+(the weight stage the quantized network's inputs, the activation stage the FP network's).
+
+Progress goes to ``progress_dir``, atomically (temporary file, then rename): the whole quantizer
+state once before the first unit (``state_base.pt``), then after each finished unit that unit's
+quantizers only (``unit_<n>.pt``: a unit changes nothing outside itself), each written once, and
+the index ``progress.json`` with each file's SHA-256; a stopped calibration resumes after the
+last finished unit and gives the same result as an uninterrupted one (every unit's optimisation
+is seeded by its index). A file that does not match its digest or does not load is redone with
+a warning: an unusable unit file resumes before that unit, an unusable base starts over.
+
+The optimisation loops read nothing back to the host per iteration: the losses stay on the
+device and are read every :data:`LOSS_READ_EVERY` iterations and at the end of a stage, when a
+non-finite loss raises (naming the unit, the stage and the learning rate to lower).
 
 The two stages of a unit depend on no other unit's activation quantizers (the weight stage runs
 with activations off, the activation stage on FP inputs), so running every unit's weight stage
@@ -53,6 +65,7 @@ import functools
 import json
 import logging
 import math
+import pickle
 import shutil
 import tempfile
 import time
@@ -64,7 +77,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from diffquant.cache import atomic_torch_save, atomic_write_json
+from diffquant.cache import atomic_torch_save, atomic_write_json, file_digest
 from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
@@ -85,6 +98,8 @@ from diffquant.validation import InvalidSetting, one_of, positive
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+#: a unit's capture folder (its :class:`RowStore` shards) in ``progress_dir``, deleted with the unit
+SPILL_PREFIX = "recon_"
 
 
 SOFTMAX_FP_BITS = 16  # activation quantizers at >= 16 bits are not trained (Q-Diffusion)
@@ -117,6 +132,15 @@ class ReconSettings:
             4-D outputs, the last dim of token outputs) or ``dim1`` (dim 1 of every output, the
             reference code's; see the module doc).
         memory_mb: a unit's captured rows stay in RAM up to this size, beyond it in disk shards.
+        disk_budget_gb: the most disk (GB, 2**30 bytes) a unit's captured rows may take; None = no
+            bound. A unit's rows go to disk only when they exceed ``memory_mb`` (then all of
+            them do), so when all calibration rows of a unit would take more than both, only the
+            first ``N = floor(max(disk_budget_gb, memory_mb) / bytes_per_row)`` rows of a seeded
+            permutation (seed ``seed``; kept in stream order) are captured and trained on for
+            that unit, and a warning names this setting and ``N``. The subsets of different units
+            are prefixes of the same permutation (nested). ``bytes_per_row`` is measured on the
+            unit's first capture batch (FP inputs, quantized inputs, FP output, time step, step),
+            which is captured again when the unit is capped. 0 = nothing on disk.
         seed: base seed (each unit's optimisation is seeded by it and the unit's index; the
             ``max_rows`` subset by it; re-seeded by the run's ``calib_seed``).
         joint: QDrop's ``order=together`` (PTQ4DM): one stage per unit that learns the AdaRound
@@ -147,6 +171,7 @@ class ReconSettings:
     max_rows: Optional[int] = None
     loss_axis: str = "channels"
     memory_mb: int = 2048
+    disk_budget_gb: Optional[float] = None
     seed: int = 0
     joint: bool = False
     keep_prob: Optional[float] = None
@@ -157,10 +182,16 @@ class ReconSettings:
         "joint": False,
         "keep_prob": None,
         "input_keep_prob": None,
+        "disk_budget_gb": None,
     }
 
     def __post_init__(self) -> None:
         positive(self, "weight_iters", "act_iters", allow_zero=True)
+        if self.disk_budget_gb is not None and not self.disk_budget_gb >= 0:  # NaN too
+            raise InvalidSetting(
+                "disk_budget_gb",
+                "is not a disk size: use GB >= 0, or null for no bound",
+            )
         for key in ("keep_prob", "input_keep_prob"):
             value = getattr(self, key)
             if value is not None and not 0.0 < value <= 1.0:
@@ -265,6 +296,11 @@ class CallSpec:
                 out[prefix + key] = kwargs[k].detach().cpu()
         return out
 
+    def keys(self, prefix: str) -> list[str]:
+        """The stored row keys a call with ``prefix`` reads, in the order :meth:`rows` stores them."""
+        slots = [*self.arg_slots, *self.kw_slots.values()]
+        return [prefix + key for kind, key in slots if kind == "row"]
+
     def call(self, module: nn.Module, batch: dict[str, Tensor], prefix: str) -> Tensor:
         args = [batch[prefix + key] if kind == "row" else key for kind, key in self.arg_slots]
         kwargs = {
@@ -276,7 +312,9 @@ class CallSpec:
 
 # ---------------------------------------------------------------------------- row storage
 class RowStore:
-    """Rows of named tensors (CPU), in memory up to ``budget_bytes`` and in disk shards beyond."""
+    """Rows of named tensors (CPU; each ``(N, ...)``, one row per calibration row), in memory up to
+    ``budget_bytes`` and in disk shards (``spill_dir/rows_<k>.pt``) beyond: once the rows exceed
+    the budget, all of them go to disk."""
 
     def __init__(self, spill_dir: Path, budget_bytes: int) -> None:
         self.spill_dir = spill_dir
@@ -286,10 +324,13 @@ class RowStore:
         self.shards: list[tuple[Path, int]] = []
         self.memory: Optional[dict[str, Tensor]] = None
         self.n_rows = 0
+        self.bytes = 0  # of the tensors appended (shard files add a few kB each)
 
     def append(self, rows: dict[str, Tensor]) -> None:
         self.buffer.append(rows)
-        self.buffer_bytes += sum(v.numel() * v.element_size() for v in rows.values())
+        added = sum(v.numel() * v.element_size() for v in rows.values())
+        self.buffer_bytes += added
+        self.bytes += added
         self.n_rows += next(iter(rows.values())).shape[0]
         if self.buffer_bytes > self.budget:
             self._spill()
@@ -301,6 +342,13 @@ class RowStore:
         self.shards.append((path, next(iter(data.values())).shape[0]))
         self.buffer, self.buffer_bytes = [], 0
 
+    def discard(self) -> None:
+        """Drop every row: the shard files are deleted."""
+        for path, _ in self.shards:
+            path.unlink(missing_ok=True)
+        self.buffer, self.buffer_bytes, self.shards, self.memory = [], 0, [], None
+        self.n_rows = self.bytes = 0
+
     def finish(self) -> None:
         if not self.buffer:
             return
@@ -311,10 +359,18 @@ class RowStore:
             self.buffer = []
 
     def sample(
-        self, n_iters: int, batch_size: int, generator: torch.Generator
+        self,
+        n_iters: int,
+        batch_size: int,
+        generator: torch.Generator,
+        keys: Optional[Sequence[str]] = None,
     ) -> Iterator[dict[str, Tensor]]:
-        """``n_iters`` random batches (without replacement within a batch). On disk: shards are
-        visited in random order and each gives about ``rows / batch_size`` batches."""
+        """``n_iters`` random batches (without replacement within a batch) of the entries
+        ``keys`` (None: all; each ``(batch_size, ...)``, in the store's key order). On disk:
+        shards are visited in random order and each gives about ``rows / batch_size`` batches;
+        a shard is memory-mapped, so only the rows of the entries asked for are read. The
+        batches drawn depend on ``generator`` only, not on ``keys``."""
+        wanted = None if keys is None else set(keys)
         done = 0
         while done < n_iters:
             if self.memory is not None:
@@ -323,7 +379,12 @@ class RowStore:
                 perm = torch.randperm(len(self.shards), generator=generator).tolist()
                 sources = [self.shards[i] for i in perm]
             for path, n in sources:
-                data = self.memory if path is None else torch.load(path, weights_only=True)
+                data = self.memory if path is None else torch.load(path, weights_only=True, mmap=True)
+                if wanted is not None:
+                    missing = wanted - set(data)
+                    if missing:
+                        raise KeyError(f"rows without {sorted(missing)}: they were not captured")
+                    data = {key: v for key, v in data.items() if key in wanted}
                 k = n_iters - done if path is None else max(1, n // batch_size)
                 for _ in range(min(k, n_iters - done)):
                     idx = torch.randperm(n, generator=generator)[:batch_size]
@@ -347,13 +408,61 @@ def lp_loss(pred: Tensor, target: Tensor, p: float, axis: str = "channels") -> T
     return err.sum(dim=ch).mean()
 
 
-def _check_finite(loss: Tensor, unit: str, stage: str) -> None:
+def _check_finite(loss: Tensor, unit: str, stage: str, iteration: Optional[int] = None) -> None:
+    """Raise :class:`FloatingPointError` naming ``unit``, ``stage`` and the learning rate to lower
+    if the scalar ``loss`` is NaN/inf (reads it: a host sync on an accelerator)."""
     if not torch.isfinite(loss):
         knob = "method.recon.weight_lr" if stage == "weight" else "method.recon.act_lr"
+        at = "" if iteration is None else f" at iteration {iteration}"
         raise FloatingPointError(
-            f"block reconstruction of {unit} diverged in the {stage} stage (loss {loss.item()}): "
+            f"block reconstruction of {unit} diverged in the {stage} stage{at} (loss {loss.item()}): "
             f"lower {knob} (or check the calibration data for NaN/inf)"
         )
+
+
+#: iterations between two reads of a stage's losses (finiteness check, reported tail): the only
+#: host syncs of the optimisation loop, so a divergence is reported up to this many iterations late
+LOSS_READ_EVERY = 50
+
+
+class _LossLog:
+    """A stage's per-iteration losses kept on their device and read every
+    :data:`LOSS_READ_EVERY` iterations and at :meth:`finish`: then the first non-finite
+    optimised loss raises :func:`_check_finite`'s error, and the reconstruction terms of the
+    tail iterations go to a :class:`_Tail` (the same floats as reading each one at once)."""
+
+    def __init__(self, iters: int, unit: str, stage: str) -> None:
+        self.tail = _Tail(iters)
+        self.unit, self.stage = unit, stage
+        self.pending: list[tuple[int, Tensor, Tensor]] = []
+
+    def add(self, it: int, rec: Tensor, loss: Tensor) -> None:
+        """Iteration ``it``'s reconstruction term ``rec`` (reported) and optimised ``loss``
+        (checked), both 0-d."""
+        self.pending.append((it, rec.detach(), loss.detach()))
+        if len(self.pending) >= LOSS_READ_EVERY:
+            self._read()
+
+    def _read(self) -> None:
+        if not self.pending:
+            return
+        its = [it for it, _, _ in self.pending]
+        # float64 holds every float32/16 value exactly: one transfer, the same Python floats
+        recs = torch.stack([r for _, r, _ in self.pending]).to(torch.float64)
+        losses = torch.stack([x for _, _, x in self.pending]).to(torch.float64)
+        recs, losses = torch.stack([recs, losses]).cpu()
+        self.pending = []
+        bad = (~torch.isfinite(losses)).nonzero()
+        if bad.numel():
+            first = int(bad[0, 0])
+            _check_finite(losses[first], self.unit, self.stage, its[first])
+        for it, value in zip(its, recs.tolist()):
+            self.tail.add(it, value)
+
+    def finish(self) -> float:
+        """Read what is pending; the mean of the tail's reconstruction terms."""
+        self._read()
+        return self.tail.mean()
 
 
 # ---------------------------------------------------------------------------- engine
@@ -415,62 +524,118 @@ class Reconstructor:
         self.device = next(denoiser.parameters()).device
         self.router = get_router(denoiser)
         self.rows = stream.subset(self.s.max_rows, self.s.seed)
+        self._digests: dict[str, str] = {}  # SHA-256 of each progress file written or verified
 
     # -- progress
+    def _read_state(
+        self, file: str, digests: dict[str, str], prefix: str = ""
+    ) -> Optional[dict[str, Tensor]]:
+        """The state saved in ``progress_dir/file`` if it is intact: its SHA-256 equals the one
+        the index recorded (indexes written before digests were recorded: it loads), it loads
+        and every key starts with ``prefix``; else None, with a warning naming the file."""
+        assert self.progress_dir is not None
+        path = self.progress_dir / file
+        try:
+            if file in digests and file_digest(path) != digests[file]:
+                raise ValueError("its SHA-256 is not the one the index recorded (a partial or corrupt write)")
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if not isinstance(state, dict) or not all(k.startswith(prefix) for k in state):
+                raise ValueError(f"it does not hold the quantizer state of {prefix[:-1] or 'the denoiser'}")
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            log.warning("reconstruction progress %s is unusable (%s): it is redone", path, e)
+            return None
+        return state
+
     def _load_progress(self, unit_names: list[str], report: ReconReport) -> int:
         """Put back the saved state (the base, then each finished unit's quantizers); returns the
-        number of finished units (0: nothing saved, or progress of other units)."""
+        number of finished units put back (0: nothing saved, or progress of other units).
+
+        Every file is verified before it is used (:meth:`_read_state`): an unusable base means
+        starting over; an unusable unit file means resuming before that unit (its unit and
+        every later one are redone, which gives the same result: each unit's optimisation
+        depends only on the units before it and on its index)."""
+        self._digests = {}
         if self.progress_dir is None or not (self.progress_dir / PROGRESS_FILE).exists():
             return 0
-        prog = json.loads((self.progress_dir / PROGRESS_FILE).read_text())
+        try:
+            prog = json.loads((self.progress_dir / PROGRESS_FILE).read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring reconstruction progress in %s: unreadable index (%s)", self.progress_dir, e)
+            return 0
         if prog.get("units") != unit_names or "base" not in prog:
             log.warning("ignoring reconstruction progress in %s: other units", self.progress_dir)
             return 0
-        load = functools.partial(torch.load, map_location=self.device, weights_only=True)
-        load_quant_state(self.denoiser, load(self.progress_dir / prog["base"]))
+        digests: dict[str, str] = prog.get("digests", {})
+        base = self._read_state(prog["base"], digests)
+        if base is None:
+            return 0
+        load_quant_state(self.denoiser, base)
+        self._digests[prog["base"]] = digests.get(prog["base"], "")
         modules = dict(self.denoiser.named_modules())
-        for unit_name, file in zip(unit_names, prog["unit_states"]):
+        done = 0
+        for unit_name, file in zip(unit_names, prog["unit_states"][: int(prog["done"])]):
             # into the unit's module only: loading a partial state into the whole denoiser would
             # reset the rounding of every quantizer it does not name
             prefix = f"{unit_name}."
-            state = {k[len(prefix) :]: v for k, v in load(self.progress_dir / file).items()}
-            load_quant_state(modules[unit_name], state)
-        report.units = [UnitReport(**u) for u in prog["reports"]]
+            state = self._read_state(file, digests, prefix)
+            if state is None:
+                break
+            load_quant_state(modules[unit_name], {k[len(prefix) :]: v for k, v in state.items()})
+            self._digests[file] = digests.get(file, "")
+            done += 1
+        report.units = [UnitReport(**u) for u in prog["reports"][:done]]
         log.info(
             "resuming block reconstruction after unit %d/%d (%s)",
-            prog["done"],
+            done,
             len(unit_names),
-            unit_names[prog["done"] - 1] if prog["done"] else "-",
+            unit_names[done - 1] if done else "-",
         )
-        return int(prog["done"])
+        return done
 
     def _save_progress(
         self, unit_names: list[str], done: int, report: ReconReport, unit: Optional[Unit] = None
     ) -> None:
         """Save ``done == 0``: the whole quantizer state (the base every unit starts from); after
         unit ``done``: only that unit's quantizers (a unit changes nothing outside itself), so
-        each finished unit is written once and the disk written stays about twice one state,
-        whatever the number of units. The index is written after the state file it names."""
+        each finished unit is written once and the bytes written over a run are the base (no
+        rounding choices yet) plus the units' states, about one final state whatever the number
+        of units. Each file is written to a temporary name and renamed; the index
+        ``progress.json`` (with each file's SHA-256, checked on resume) is written the same way
+        after the state file it names."""
         if self.progress_dir is None:
             return
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         if unit is None:
             name, state = "state_base.pt", quantizer_state_dict(self.denoiser)
+            self._digests = {}
         else:
             prefix = f"{unit.name}."
             name = unit_state_file(done)
             state = {prefix + k: v for k, v in quantizer_state_dict(unit.module).items()}
         atomic_torch_save(state, self.progress_dir / name)
+        self._digests[name] = file_digest(self.progress_dir / name)
+        files = ["state_base.pt", *(unit_state_file(n) for n in range(1, done + 1))]
         atomic_write_json(
             self.progress_dir / PROGRESS_FILE,
             {
                 "units": unit_names,
                 "done": done,
                 "base": "state_base.pt",
-                "unit_states": [unit_state_file(n) for n in range(1, done + 1)],
+                "unit_states": files[1:],
+                "digests": {f: self._digests[f] for f in files if self._digests.get(f)},
                 "reports": [asdict(u) for u in report.units],
             },
         )
+
+    def _remove_stale_captures(self) -> None:
+        """Delete capture folders (``recon_*``) a killed run left in ``progress_dir``: a unit's
+        captured rows are deleted when the unit ends, but not when the process is killed."""
+        if self.progress_dir is None:
+            return
+        for folder in self.progress_dir.glob(f"{SPILL_PREFIX}*"):
+            if folder.is_dir():
+                log.info("removing the captures a stopped run left: %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
     # -- main loop
     def run(self) -> ReconReport:
@@ -478,6 +643,7 @@ class Reconstructor:
         units = find_units(self.denoiser, self.spec, example)
         names = [u.name for u in units]
         report = ReconReport()
+        self._remove_stale_captures()
         start = self._load_progress(names, report)
         report.resumed_from = start
         if start == 0:
@@ -521,7 +687,7 @@ class Reconstructor:
             do_w, do_a = (bool(w_layers) or bool(act_qs)) and s.weight_iters > 0, False
         if not (do_w or do_a):
             return rep
-        spill = Path(tempfile.mkdtemp(prefix="recon_", dir=self.progress_dir))
+        spill = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.progress_dir))
         try:
             t0 = time.perf_counter()
             store, spec = self._capture(
@@ -554,7 +720,71 @@ class Reconstructor:
     ) -> tuple[RowStore, CallSpec]:
         """Rows of the unit's FP inputs ``fp_*``, its FP output ``y``, time step ``t`` and sampler
         step, and with ``with_weight_inputs`` its inputs in the quantized network ``w_*``
-        (weights quantized; activations too with ``quantized_acts``)."""
+        (weights quantized; activations too with ``quantized_acts``): of every calibration row,
+        or with ``disk_budget_gb`` of as many as fit (:class:`ReconSettings`)."""
+        capture = functools.partial(
+            self._capture_rows,
+            unit,
+            with_weight_inputs=with_weight_inputs,
+            spill_dir=spill_dir,
+            quantized_acts=quantized_acts,
+        )
+        store, spec, n_fit = capture(self.rows, check_budget=self.s.disk_budget_gb is not None)
+        if n_fit is None:
+            return store, spec
+        store, spec, _ = capture(self.budget_rows(n_fit), check_budget=False)
+        return store, spec
+
+    def budget_rows(self, n: int) -> Tensor:
+        """The calibration rows a unit capped by ``disk_budget_gb`` uses: the first ``n`` of a
+        permutation of :attr:`rows` seeded by ``seed``, in stream order (global row indices)."""
+        g = torch.Generator().manual_seed(self.s.seed)
+        pick = torch.randperm(len(self.rows), generator=g)[:n].sort().values
+        return self.rows[pick]
+
+    def _rows_that_fit(self, unit: Unit, rows: dict[str, Tensor], n_total: int) -> Optional[int]:
+        """``N`` (:class:`ReconSettings` ``disk_budget_gb``) from one captured batch ``rows``, or
+        None when all ``n_total`` rows fit."""
+        n = next(iter(rows.values())).shape[0]
+        row_bytes = sum(v.numel() * v.element_size() for v in rows.values()) / n
+        budget_gb = float(self.s.disk_budget_gb)  # type: ignore[arg-type]
+        limit = max(budget_gb * 2**30, self.s.memory_mb * 2**20)
+        if n_total * row_bytes <= limit:
+            return None
+        n_fit = int(limit // row_bytes)
+        if n_fit < 1:
+            raise InvalidSetting(
+                "disk_budget_gb",
+                f"({budget_gb} GB, memory_mb={self.s.memory_mb}) holds no row of unit {unit.name} "
+                f"({row_bytes / 2**20:.2f} MB a row): raise method.recon.disk_budget_gb",
+            )
+        log.warning(
+            "unit %s: its %d calibration rows would take %.2f GB (%.2f MB a row), over "
+            "method.recon.disk_budget_gb=%s: reconstructing it on %d rows (a subset seeded by "
+            "method.recon.seed)",
+            unit.name,
+            n_total,
+            n_total * row_bytes / 2**30,
+            row_bytes / 2**20,
+            budget_gb,
+            n_fit,
+        )
+        return n_fit
+
+    def _capture_rows(
+        self,
+        unit: Unit,
+        calib_rows: Tensor,
+        *,
+        with_weight_inputs: bool,
+        spill_dir: Path,
+        quantized_acts: bool,
+        check_budget: bool,
+    ) -> tuple[RowStore, CallSpec, Optional[int]]:
+        """:meth:`_capture` of the calibration rows ``calib_rows`` (global indices). With
+        ``check_budget``, after the first batch: when all would not fit in ``disk_budget_gb``,
+        stops, deletes what it captured and returns the number of rows that fit as the third
+        item (else None)."""
         store = RowStore(spill_dir, self.s.memory_mb * 2**20)
         spec: Optional[CallSpec] = None
         grabbed: dict[str, Any] = {}
@@ -572,7 +802,7 @@ class Reconstructor:
         h_post = unit.module.register_forward_hook(post_hook, with_kwargs=True)
         try:
             for batch in self.stream.batches(
-                self.s.capture_batch_size, self.rows, device=self.device, with_step=True
+                self.s.capture_batch_size, calib_rows, device=self.device, with_step=True
             ):
                 step = batch.pop(STEP_KEY).cpu()
                 n = self.spec.batch_size(batch)
@@ -594,12 +824,19 @@ class Reconstructor:
                         _run_until_stop(self.denoiser, batch)
                     rows.update(spec.rows(grabbed["args"], grabbed["kwargs"], "w_"))
                 store.append(rows)
+                if check_budget:
+                    check_budget = False
+                    n_fit = self._rows_that_fit(unit, rows, len(calib_rows))
+                    if n_fit is not None:
+                        store.discard()
+                        assert spec is not None
+                        return store, spec, n_fit
         finally:
             h_pre.remove()
             h_post.remove()
         store.finish()
         assert spec is not None, f"unit {unit.name} was never called"
-        return store, spec
+        return store, spec, None
 
     # -- stages
     def _weight_stage(
@@ -612,22 +849,23 @@ class Reconstructor:
             roundings.extend(r if isinstance(r, list) else [r])
         opt = torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)
         schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
-        tail = _Tail(s.weight_iters)
+        losses = _LossLog(s.weight_iters, unit.name, "weight")
+        keys = [*spec.keys("w_"), "y"]  # the quantized network's inputs and the FP output only
         with quant_state(unit.module, weights=True, acts=False):
-            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, weight iteration {it}")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = spec.call(unit.module, batch, "w_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
                 loss = rec + schedule.loss(it, roundings).to(rec.device)
-                _check_finite(loss, unit.name, "weight")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tail.add(it, rec.item())
+                losses.add(it, rec, loss)
+        tail = losses.finish()
         for layer in layers:
             layer.weight_quantizer.harden()
-        return tail.mean()
+        return tail
 
     def _act_stage(
         self, unit: Unit, act_qs: list[ActQuantizer], store: RowStore, spec: CallSpec, gen: torch.Generator
@@ -636,23 +874,39 @@ class Reconstructor:
         params = [q.scale for q in act_qs]
         opt = torch.optim.Adam(params, lr=s.act_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.act_iters, eta_min=0.0)
-        tail = _Tail(s.act_iters)
+        losses = _LossLog(s.act_iters, unit.name, "act")
+        keys = self._stage_keys(spec, "fp_", with_weight_inputs=False)
         with trainable(params), quant_state(unit.module, weights=True, acts=True):
-            for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen)):
+            for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = self._to_device(batch)
                 if self.router is not None:
                     self.router.route(unit.module, batch["t"], batch["step"])
                 out = spec.call(unit.module, batch, "fp_")
                 loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
-                _check_finite(loss, unit.name, "act")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 keep_step_sizes_positive(params)
-                tail.add(it, loss.item())
-        return tail.mean()
+                losses.add(it, loss, loss)
+        return losses.finish()
+
+    def _stage_keys(self, spec: CallSpec, prefix: str, with_weight_inputs: bool) -> list[str]:
+        """The stored entries a stage calling the unit with ``prefix`` inputs reads: those inputs,
+        the target ``y``, ``t`` and ``step`` when a time-step router routes the rows, and with
+        ``with_weight_inputs`` the quantized network's inputs ``w_*`` (the joint stage's mixing)."""
+        keys = [*spec.keys(prefix), "y"]
+        if self.router is not None:
+            keys += ["t", "step"]
+        if with_weight_inputs:
+            keys += spec.keys("w_")
+        return keys
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's tensors on the model's device, but ``t`` and ``step``: they only route
+        time-step groups, which the router computes on the CPU (no device-to-host copy)."""
+        return {k: v if k in ("t", "step") else v.to(self.device) for k, v in batch.items()}
 
     def _joint_stage(
         self,
@@ -686,15 +940,16 @@ class Reconstructor:
                 torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], T_max=s.weight_iters, eta_min=0.0)
             )
         schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
-        tail = _Tail(s.weight_iters)
+        losses = _LossLog(s.weight_iters, unit.name, "weight")
+        keys = self._stage_keys(spec, "fp_", with_weight_inputs=s.input_keep_prob is not None)
         with (
             trainable(scales),
             quant_state(unit.module, weights=True, acts=True),
             activation_drop(unit.module, s.keep_prob),
         ):
-            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen)):
+            for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, joint iteration {it}")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = self._to_device(batch)
                 if s.input_keep_prob is not None:
                     batch = mix_inputs(batch, s.input_keep_prob)
                 if self.router is not None:
@@ -702,7 +957,6 @@ class Reconstructor:
                 out = spec.call(unit.module, batch, "fp_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
                 loss = rec + schedule.loss(it, roundings).to(rec.device) if roundings else rec
-                _check_finite(loss, unit.name, "weight")
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -711,10 +965,11 @@ class Reconstructor:
                 for sched in scheds:
                     sched.step()
                 keep_step_sizes_positive(scales)
-                tail.add(it, rec.item())
+                losses.add(it, rec, loss)
+        tail = losses.finish()
         for layer in layers:
             layer.weight_quantizer.harden()
-        return tail.mean()
+        return tail
 
 
 def mix_inputs(batch: dict[str, Tensor], keep_prob: float) -> dict[str, Tensor]:
