@@ -61,12 +61,16 @@ tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g
 	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
 	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
 
-.PHONY: bench-accuquant bench-speed bench-forward
+.PHONY: bench-accuquant bench-speed bench-forward bench-scale
 bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -> outputs/bench/sampling_speed_*.json
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w8a8,w4a8,w4a4 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w4a4 method=quest +bench.samples=100 +bench.repeats=3 $(ARGS)
 	$(PY) -m diffquant.bench.sampling_speed -m model=dit_digits quant=w4a8 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 bench-forward: venv  ## one full-size Bedroom UNet forward (274 M, random weights): FP vs fake-quant W8A8, weights per call vs frozen -> outputs/bench/
 	$(PY) -m diffquant.bench.forward_cost --model ldm_bedroom --bits 8 8 --batch 2 --repeats 5 --threads 2 $(ARGS)
+BASELINE ?= 28ec9d6
+bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8, reconstruction cost per iteration (and vs BASELINE), projected paper calibration -> outputs/bench/ (ARGS='--device cuda' on a GPU)
+	$(PY) -m diffquant.bench.scale --threads 2 $(ARGS)
+	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

@@ -40,46 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from diffquant.bench.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+
 MODES = ("exact", "approx")
 ROOT = Path(__file__).resolve().parents[3]
-
-
-# ---------------------------------------------------------------------------- memory probes
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False if impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    if kb is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return kb / 1024
-
-
-def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return kb / 1024
 
 
 # ---------------------------------------------------------------------------- model set-up

@@ -1,0 +1,376 @@
+"""Cost at paper size: the forward (FP / fake-quant / frozen / int8) and the block reconstruction.
+
+    python -m diffquant.bench.scale [--model ldm_bedroom] [--device cpu] [--threads 2]
+                                    [--unit-batch 32] [--rows 32] [--iters 6] [--out DIR]
+                                    [--baseline REV]
+
+On the full-size UNet of ``--model`` with random weights (``bench.forward_cost.full_size_unet``):
+
+1. **forward**: :mod:`diffquant.bench.forward_cost` at W8A8 (FP vs fake quantization with the
+   weights quantized per call / frozen, int8 kernels on x86 CPUs), batch 2.
+2. **units**: at W4A8 (weights min-max, activation ranges from one observed forward),
+   :class:`~diffquant.calib.reconstruct.Reconstructor` reconstructs two units of the paper's
+   ``ptq`` recipe on ``--rows`` random calibration rows (a calibration set written in the
+   project's on-disk format): a ResBlock (``up_blocks.0.resnets.0``, 1792→896 channels at 8×8)
+   and an attention block (``up_blocks.0.attentions.0``), ``--iters`` AdaRound then ``--iters``
+   LSQ iterations at ``--unit-batch`` rows each. Per iteration: the median wall time between
+   optimizer steps (the first of each stage left out), next to the same unit's FP forward +
+   backward at that batch (``floor``: what any training step of the unit costs); the capture
+   time; the peak RSS above the start (CPU) or peak CUDA memory.
+3. **projection**: the paper's calibration (48 units, 20k AdaRound + 5k LSQ iterations,
+   5,120 rows): each unit's iteration cost is the measured one of its kind (attention from the
+   attention unit, the rest from the ResBlock) scaled by the unit's share of the FP forward; its
+   capture is the measured per-row capture scaled by the forward prefix it needs.
+
+Writes ``DIR/scale_<model>_<device>.json`` and prints it. Wall times: compare them as ratios
+within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from diffquant.bench import forward_cost
+from diffquant.bench.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+from diffquant.cache import atomic_torch_save, atomic_write_json
+
+UNITS = {"resnet": "up_blocks.0.resnets.0", "attention": "up_blocks.0.attentions.0"}
+PAPER = {"rows": 5120, "weight_iters": 20000, "act_iters": 5000}
+
+
+def random_calibration_set(folder: Path, unet: torch.nn.Module, rows: int, seed: int = 0) -> Path:
+    """``rows`` random rows (N(0, 1) latents, time steps spread over 1..999) as a calibration set
+    :class:`~diffquant.calib.collect.CalibStream` reads: one shard and its index."""
+    from diffquant.calib.collect import INDEX_FILE, STEP_KEY
+
+    g = torch.Generator().manual_seed(seed)
+    size, ch = unet.config.sample_size, unet.config.in_channels
+    data = {
+        "sample": torch.randn(rows, ch, size, size, generator=g),
+        "timestep": torch.linspace(999, 1, rows).long(),
+        STEP_KEY: torch.arange(rows),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(data, folder / "shard_00000.pt")
+    index = {
+        "rows": rows,
+        "shards": [{"file": "shard_00000.pt", "rows": rows}],
+        "keys": list(data),
+        "steps": list(range(rows)),
+        "step_sampling": "stride",
+        "guided": False,
+        "layout": {"n_samples": rows, "batch_size": rows},
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    return folder
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unit_forward_shares(unet: torch.nn.Module, units: list[Any], x: torch.Tensor, t: torch.Tensor) -> dict:
+    """Per unit: its FP forward seconds and the seconds of the forward up to its end (hooks on
+    one FP forward of ``(x, t)``), as fractions of the whole forward."""
+    device = x.device
+    marks: dict[str, list[float]] = {}
+
+    def pre(name):
+        def hook(*_):
+            sync(device)
+            marks[name] = [time.perf_counter()]
+
+        return hook
+
+    def post(name):
+        def hook(*_):
+            sync(device)
+            marks[name].append(time.perf_counter())
+
+        return hook
+
+    handles = [u.module.register_forward_pre_hook(pre(u.name)) for u in units]
+    handles += [u.module.register_forward_hook(post(u.name)) for u in units]
+    try:
+        with torch.no_grad():
+            sync(device)
+            t0 = time.perf_counter()
+            unet(x, t)
+            sync(device)
+            total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        u.name: {
+            "share": (marks[u.name][1] - marks[u.name][0]) / total,
+            "prefix": (marks[u.name][1] - t0) / total,
+        }
+        for u in units
+    }
+
+
+def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.device) -> dict[str, Any]:
+    """Reconstruct ``unit`` with ``rec`` (``iters`` AdaRound + ``iters`` LSQ iterations): seconds
+    per iteration of each stage (median between optimizer steps, the first step left out),
+    capture seconds, peak memory above the start."""
+    steps: list[tuple[str, float]] = []
+    optimizers: list[int] = []  # the weight stage's optimizer comes first, then the LSQ stage's
+
+    def on_step(opt, *_):
+        sync(device)
+        if id(opt) not in optimizers:
+            optimizers.append(id(opt))
+        kind = ("adaround", "lsq")[min(optimizers.index(id(opt)), 1)]
+        steps.append((kind, time.perf_counter()))
+
+    handle = register_optimizer_step_post_hook(on_step)
+    base = current_rss_mb()
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        rec._reconstruct_unit(index, unit)
+    finally:
+        handle.remove()
+    out: dict[str, Any] = {"unit": unit.name, "kind": unit.kind}
+    for kind in ("adaround", "lsq"):
+        times = [t for k, t in steps if k == kind]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        out[f"{kind}_s_per_iter"] = round(statistics.median(gaps), 4) if gaps else None
+    first = steps[0][1] if steps else time.perf_counter()
+    adaround_steps = [t for k, t in steps if k == "adaround"]
+    gap = (adaround_steps[1] - adaround_steps[0]) if len(adaround_steps) > 1 else 0.0
+    out["capture_s"] = round(max(0.0, first - t0 - gap), 3)  # up to the first step, less one iteration
+    out["peak_mb_above_start"] = round(
+        torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb() - base, 1
+    )
+    return out
+
+
+def fp_train_step_s(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Any, device, repeats: int = 3
+) -> float:
+    """Median seconds of the unit's FP forward + backward (MSE to zero, gradients to its
+    weights) on one captured batch: the floor any training iteration of the unit pays."""
+    from diffquant.quant import quant_state
+
+    params = [p for p in module.parameters()]
+    before = [p.requires_grad for p in params]
+    times = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with quant_state(module, weights=False, acts=False):
+            for _ in range(repeats + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                out = spec.call(module, batch, "fp_")
+                torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+    finally:
+        for p, b in zip(params, before):
+            p.requires_grad_(b)
+    return statistics.median(times[1:])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffquant.bench.scale", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", default="ldm_bedroom")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unit-batch", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--skip-forward", action="store_true", help="only the units and the projection")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also reconstruct the two units with the code of git revision REV (its src, with this "
+        "bench's files) in a child process, alternating with the current code, and report the ratios",
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.baseline:
+        return compare_with_baseline(args)
+
+    from diffquant.calib.ranges import observing_act_ranges
+    from diffquant.calib.reconstruct import ReconSettings, Reconstructor, find_units
+    from diffquant.models.denoiser import UNET
+    from diffquant.quant import QuantConfig, quant_state, quantize_denoiser
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result: dict[str, Any] = {"model": args.model, "device": str(device), "threads": args.threads}
+    if not args.skip_forward:
+        result["forward"] = forward_cost.main(
+            [
+                "--model", args.model, "--bits", "8", "8", "--batch", "2", "--repeats", str(args.repeats),
+                "--threads", str(args.threads), "--device", args.device, "--out", str(args.out),
+            ]
+        )  # fmt: skip
+
+    # 2. units: the ptq recipe's two stages on a ResBlock and an attention block (W4A8)
+    unet = forward_cost.full_size_unet(args.model).to(device)
+    g = torch.Generator().manual_seed(1)
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=g).to(device)
+    t = torch.tensor([999, 1]).to(device)
+    example = {"sample": x, "timestep": t}
+    quantize_denoiser(unet, UNET, QuantConfig(name="w4a8", weight_bits=4, act_bits=8, weight_init="minmax"))
+    fp_units = find_units(unet, UNET, example)
+    with quant_state(unet, weights=False, acts=False):
+        shares = unit_forward_shares(unet, fp_units, x, t)
+    with torch.no_grad(), observing_act_ranges(unet, method="minmax"):
+        unet(x, t)
+    settings = ReconSettings(
+        weight_iters=args.iters,
+        act_iters=args.iters,
+        batch_size=args.unit_batch,
+        capture_batch_size=min(8, args.rows),
+    )
+    with tempfile.TemporaryDirectory(prefix="diffquant_scale_") as tmp:
+        from diffquant.calib.collect import CalibStream
+
+        stream = CalibStream(random_calibration_set(Path(tmp) / "calib", unet, args.rows))
+        rec = Reconstructor(unet, UNET, stream, settings)
+        by_name = {u.name: (i, u) for i, u in enumerate(fp_units)}
+        measured = {}
+        for kind, name in UNITS.items():
+            index, unit = by_name[name]
+            measured[kind] = measure_unit(rec, index, unit, args.iters, device)
+            store_batch = next(stream.batches(args.unit_batch, device=device))
+            measured[kind]["fp_train_step_s"] = round(_unit_floor(unet, unit, store_batch, device), 4)
+            for stage in ("adaround", "lsq"):
+                per_iter = measured[kind][f"{stage}_s_per_iter"]
+                if per_iter is not None:
+                    measured[kind][f"{stage}_vs_fp_train_step"] = round(
+                        per_iter / measured[kind]["fp_train_step_s"], 3
+                    )
+    result["units"] = measured
+    result["unit_settings"] = {
+        "rows": args.rows,
+        "batch": args.unit_batch,
+        "iters_per_stage": args.iters,
+        "quant": "w4a8",
+    }
+
+    # 3. projection to the paper's calibration
+    base = {k: shares[UNITS[k]] for k in UNITS}
+    hours = {"adaround": 0.0, "lsq": 0.0, "capture": 0.0}
+    capture_per_row = measured["resnet"]["capture_s"] / args.rows
+    for unit in fp_units:
+        kind = "attention" if unit.kind == "attention" else "resnet"
+        scale = shares[unit.name]["share"] / base[kind]["share"]
+        hours["adaround"] += measured[kind]["adaround_s_per_iter"] * scale * PAPER["weight_iters"] / 3600
+        lsq = measured[kind]["lsq_s_per_iter"] or measured["resnet"]["lsq_s_per_iter"]
+        hours["lsq"] += lsq * scale * PAPER["act_iters"] / 3600
+        prefix = shares[unit.name]["prefix"] / base["resnet"]["prefix"]
+        hours["capture"] += capture_per_row * prefix * PAPER["rows"] / 3600
+    result["projection_hours"] = {k: round(v, 1) for k, v in hours.items()}
+    result["projection_hours"]["total"] = round(sum(hours.values()), 1)
+    result["projection_setting"] = {**PAPER, "units": len(fp_units), "batch": args.unit_batch}
+    atomic_write_json(args.out / f"scale_{args.model}_{device.type}.json", result)
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def _child(src: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The units and projection (no forward) in a child process importing ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [
+        sys.executable, "-m", "diffquant.bench.scale", "--skip-forward", "--model", args.model,
+        "--device", args.device, "--threads", str(args.threads), "--unit-batch", str(args.unit_batch),
+        "--rows", str(args.rows), "--iters", str(args.iters), "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / f"scale_{args.model}_{torch.device(args.device).type}.json").read_text())
+
+
+def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-iteration reconstruction cost of the current code against revision ``args.baseline``:
+    child processes alternate (baseline, current, baseline, current); medians and ratios."""
+    root = Path(__file__).resolve().parents[3]
+    here = Path(__file__).resolve().parent
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
+    with tempfile.TemporaryDirectory(prefix="diffquant_baseline_") as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", args.baseline, "src"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        for name in ("scale.py", "memory.py", "forward_cost.py"):  # this bench, on the old code
+            shutil.copy(here / name, tree / "src" / "diffquant" / "bench" / name)
+        for _ in range(args.repeats):
+            runs["baseline"].append(_child(tree / "src", args, Path(tmp) / "baseline"))
+            runs["current"].append(_child(root / "src", args, Path(tmp) / "current"))
+    result: dict[str, Any] = {"baseline": args.baseline, "repeats": args.repeats, "units": {}}
+    for kind in UNITS:
+        row: dict[str, Any] = {}
+        for stage in ("adaround", "lsq"):
+            key = f"{stage}_s_per_iter"
+            old = statistics.median(r["units"][kind][key] for r in runs["baseline"])
+            new = statistics.median(r["units"][kind][key] for r in runs["current"])
+            row.update(
+                {f"{stage}_baseline_s": old, f"{stage}_current_s": new, f"{stage}_ratio": round(new / old, 3)}
+            )
+        result["units"][kind] = row
+    result["settings"] = runs["current"][0]["unit_settings"]
+    suffix = f"{args.model}_{torch.device(args.device).type}"
+    atomic_write_json(args.out / f"scale_vs_baseline_{suffix}.json", result)
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def _unit_floor(unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device) -> float:
+    """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser."""
+    from diffquant.calib.reconstruct import CallSpec, StopForward
+    from diffquant.quant import quant_state
+
+    grabbed: dict[str, Any] = {}
+
+    def pre_hook(mod, args, kwargs):
+        grabbed["args"], grabbed["kwargs"] = args, kwargs
+        raise StopForward
+
+    handle = unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), quant_state(unet, weights=False, acts=False):
+            unet(batch["sample"], batch["timestep"])
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    n = batch["sample"].shape[0]
+    spec = CallSpec(grabbed["args"], grabbed["kwargs"], n)
+    rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
+    # contiguous: the captured input can be channels-last, and GroupNorm's backward on a
+    # channels-last input crashes the process on PyTorch 2.13's CPU kernels
+    batch = {k: v.to(device).contiguous() for k, v in rows.items()}
+    return fp_train_step_s(unit.module, batch, spec, device)
+
+
+if __name__ == "__main__":
+    main()
