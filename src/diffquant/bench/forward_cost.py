@@ -7,8 +7,10 @@
 Builds the full-size UNet of ``--model`` (the CompVis configuration in
 :mod:`diffquant.models.compvis_configs`, converted to diffusers; random weights, seed 0: the cost
 does not depend on them), quantizes it at ``--bits W A`` (weights per channel, min-max ranges;
-activation ranges from one observed forward), then times, alternating ``--repeats`` times in one
-process: the FP forward, the fake-quantized forward with every weight re-quantized at the call,
+activation ranges from one observed forward), then times, ``--repeats`` rounds in one process
+(two loops, each against its own FP forward: the unfrozen variants, then the frozen ones inside
+one ``frozen_weights`` context, as a sampling run holds it; each round runs every variant of its
+loop once, in an order rotated by one per round, after one untimed warm-up round): the FP forward, the fake-quantized forward with every weight re-quantized at the call,
 and the same inside :func:`~diffquant.quant.state.frozen_weights` (weights quantized once, the
 output checked equal), and, to attribute the cost, the frozen weights alone (activation
 quantizers off) and the activation quantizers alone (weights FP; with them on, attention runs as
@@ -22,6 +24,7 @@ FP32: the ratios are the simulation's overhead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -140,21 +143,48 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 layer_err = int8_layer_error(quant, run_q)
             converted = len(summary.converted)
             int8_err = ((int8_out - frozen).norm() / frozen.norm()).item()
-        run_fp(), run_q()  # warm-up
-        fp_s, q_s, frozen_s, w_only_s, a_only_s, int8_s = [], [], [], [], [], []
-        for _ in range(args.repeats):
-            fp_s.append(seconds(run_fp, device))
-            q_s.append(seconds(run_q, device))
-            with frozen_weights(quant):
-                frozen_s.append(seconds(run_q, device))
-                with quant_state(quant, acts=False):  # what the weights alone cost (frozen)
-                    w_only_s.append(seconds(run_q, device))
-                if int8:
-                    with int8_kernels(quant):
-                        int8_s.append(seconds(run_q, device))
-            with quant_state(quant, weights=False):  # what the activations alone cost
-                a_only_s.append(seconds(run_q, device))
-    fp_m, q_m, f_m, w_m, a_m = (statistics.median(v) for v in (fp_s, q_s, frozen_s, w_only_s, a_only_s))
+        # two loops of rounds, each against its own FP forward: the variants that quantize weights
+        # per call or not at all, then (inside one frozen_weights context, as a sampling run
+        # holds it) the frozen ones; each round runs every variant of its loop once, in an order
+        # rotated by one per round, after one untimed warm-up round
+        loops: list[tuple[Callable[[], Any], dict[str, tuple[Callable[[], list], Callable[[], Any]]]]] = [
+            (
+                contextlib.nullcontext,
+                {
+                    "fp": (list, run_fp),
+                    "per_call": (list, run_q),
+                    "acts_only": (lambda: [quant_state(quant, weights=False)], run_q),
+                },
+            ),
+            (
+                lambda: frozen_weights(quant),
+                {
+                    "fp_frozen_loop": (list, run_fp),
+                    "frozen": (list, run_q),
+                    "weights_only": (lambda: [quant_state(quant, acts=False)], run_q),
+                    **({"int8": (lambda: [int8_kernels(quant)], run_q)} if int8 else {}),
+                },
+            ),
+        ]
+        times: dict[str, list[float]] = {}
+        for outer, variants in loops:
+            names = list(variants)
+            times.update({name: [] for name in names})
+            with outer():
+                for r in range(args.repeats + 1):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        contexts, call = variants[name]
+                        with contextlib.ExitStack() as stack:
+                            for c in contexts():
+                                stack.enter_context(c)
+                            took = seconds(call, device)
+                        if r > 0:
+                            times[name].append(took)
+    fp_s, q_s, a_only_s = times["fp"], times["per_call"], times["acts_only"]
+    fp2_s, frozen_s, w_only_s = times["fp_frozen_loop"], times["frozen"], times["weights_only"]
+    int8_s = times.get("int8", [])
+    fp_m, q_m, a_m = (statistics.median(v) for v in (fp_s, q_s, a_only_s))
+    fp2_m, f_m, w_m = (statistics.median(v) for v in (fp2_s, frozen_s, w_only_s))
     i_m = statistics.median(int8_s) if int8_s else None
     result = {
         "model": args.model,
@@ -169,15 +199,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "per_call_weights_s": round(q_m, 3),
         "frozen_weights_s": round(f_m, 3),
         "per_call_ratio": round(q_m / fp_m, 3),
-        "frozen_ratio": round(f_m / fp_m, 3),
-        "frozen_weights_only_ratio": round(w_m / fp_m, 3),
+        "fp_in_frozen_loop_s": round(fp2_m, 3),
+        "frozen_ratio": round(f_m / fp2_m, 3),
+        "frozen_vs_first_loop_fp_ratio": round(f_m / fp_m, 3),
+        "frozen_weights_only_ratio": round(w_m / fp2_m, 3),
         "activations_only_ratio": round(a_m / fp_m, 3),
         "int8_s": None if i_m is None else round(i_m, 3),
-        "int8_ratio": None if i_m is None else round(i_m / fp_m, 3),
+        "int8_ratio": None if i_m is None else round(i_m / fp2_m, 3),
+        "int8_vs_first_loop_fp_ratio": None if i_m is None else round(i_m / fp_m, 3),
         "int8_layers": converted,
         "int8_output_rel_error": int8_err,
         "int8_layer_max_rel_error": layer_err,
         "device": str(device),
+        "seconds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     suffix = "_flush_denormal" if args.flush_denormal else ""

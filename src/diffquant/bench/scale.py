@@ -331,13 +331,23 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for stage in ("adaround", "lsq"):
             key = f"{stage}_s_per_iter"
-            old = statistics.median(r["units"][kind][key] for r in runs["baseline"])
-            new = statistics.median(r["units"][kind][key] for r in runs["current"])
-            row.update(
-                {f"{stage}_baseline_s": old, f"{stage}_current_s": new, f"{stage}_ratio": round(new / old, 3)}
-            )
+            old_s = [r["units"][kind][key] for r in runs["baseline"] if r["units"][kind][key] is not None]
+            new_s = [r["units"][kind][key] for r in runs["current"] if r["units"][kind][key] is not None]
+            if old_s and new_s:
+                ratio = statistics.median(new_s) / statistics.median(old_s)
+                row.update(
+                    {
+                        f"{stage}_baseline_s": old_s,
+                        f"{stage}_current_s": new_s,
+                        f"{stage}_ratio": round(ratio, 3),
+                    }
+                )
+        row["fp_train_step_s"] = {
+            side: [r["units"][kind]["fp_train_step_s"] for r in runs[side]] for side in runs
+        }
         result["units"][kind] = row
     result["settings"] = runs["current"][0]["unit_settings"]
+    result["runs"] = runs
     suffix = f"{args.model}_{torch.device(args.device).type}"
     atomic_write_json(args.out / f"scale_vs_baseline_{suffix}.json", result)
     print(json.dumps(result, indent=2), flush=True)
