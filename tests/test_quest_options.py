@@ -196,3 +196,23 @@ def test_tla_trains_on_its_own_rows_batch_and_step_size_rate(tmp_path, monkeypat
         {"act_lr": 1e-5, "batch_size": 2, "local": True, "global_weight": m["tla_n_layers"]},
         {"act_lr": 1e-4, "batch_size": 4, "local": False, "global_weight": m["cma_n_layers"]},
     ]
+
+
+def test_rows_beyond_the_ram_budget_are_file_backed_with_the_same_values(tmp_path):
+    """QuEST's finetuning rows above ``ram_bytes`` live in files under ``spill_dir`` (paged by the
+    OS), with the values of the in-RAM set, in the same order."""
+    from diffquant.bench.scale import random_calibration_set
+    from diffquant.calib.collect import CalibStream
+    from diffquant.methods.quest_finetune import load_rows
+    from tiny_models import tiny_unet2d
+
+    stream = CalibStream(random_calibration_set(tmp_path / "calib", tiny_unet2d(), rows=300))
+    rows = torch.cat([torch.tensor([3, 7]), torch.arange(20, 299)])  # more than one batch of 256
+    in_ram = load_rows(stream, rows)
+    spilled = load_rows(stream, rows, tmp_path / "spill", ram_bytes=0)
+    assert set(spilled) == set(in_ram)
+    for k, v in in_ram.items():
+        assert torch.equal(spilled[k], v)
+        assert spilled[k].untyped_storage().filename == str(tmp_path / "spill" / f"{k}.bin")
+    assert load_rows(stream, rows, tmp_path / "unused").keys() == in_ram.keys()
+    assert not (tmp_path / "unused").exists()  # within the budget: RAM, no files

@@ -130,13 +130,15 @@ def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.devi
     per iteration of each stage (median between optimizer steps, the first step left out),
     capture seconds, peak memory above the start."""
     steps: list[tuple[str, float]] = []
-    optimizers: list[int] = []  # the weight stage's optimizer comes first, then the LSQ stage's
+    # the weight stage's optimizer comes first, then the LSQ stage's (held, so that a freed one's
+    # id cannot come back as the next one's)
+    optimizers: list[Any] = []
 
     def on_step(opt, *_):
         sync(device)
-        if id(opt) not in optimizers:
-            optimizers.append(id(opt))
-        kind = ("adaround", "lsq")[min(optimizers.index(id(opt)), 1)]
+        if not any(o is opt for o in optimizers):
+            optimizers.append(opt)
+        kind = ("adaround", "lsq")[min(next(i for i, o in enumerate(optimizers) if o is opt), 1)]
         steps.append((kind, time.perf_counter()))
 
     handle = register_optimizer_step_post_hook(on_step)

@@ -84,6 +84,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,8 +575,12 @@ class Quest(Method):
         )
         teacher = FPTeacher(denoiser, [p for s in stages for p in s.weights.values()])
         metrics["quest_eps_mse_init"] = output_mse(denoiser, spec, probe, teacher)
-        rows = load_rows(stream, train_rows)
-        stage_rows = {"tla": rows if tla_rows is train_rows else load_rows(stream, tla_rows), "cma": rows}
+        spill = progress / "rows"  # where a set too large for RAM is paged from (removed at the end)
+        rows = load_rows(stream, train_rows, spill / "train")
+        stage_rows = {
+            "tla": rows if tla_rows is train_rows else load_rows(stream, tla_rows, spill / "tla"),
+            "cma": rows,
+        }
         finetuned = {n: p for s in stages for n, p in {**s.weights, **s.act_scales}.items()}
         all_rows = {
             **rows,
@@ -643,6 +648,10 @@ class Quest(Method):
             )
         if ckpt.written:
             log.info("QuEST: %s", ckpt.summary())
+        train_rows_n = int(len(next(iter(rows.values()))))
+        tla_rows_n = int(len(next(iter(stage_rows["tla"].values()))))
+        del rows, stage_rows, all_rows
+        shutil.rmtree(spill, ignore_errors=True)
         metrics["quest_eps_mse_final"] = output_mse(denoiser, spec, probe, teacher)
         if cfg.guard:
             metrics.update(guard.judge("quest").metrics("quest"))
@@ -658,8 +667,8 @@ class Quest(Method):
                 "trainable_param_frac": round(n_trainable / max(n_denoiser, 1), 5),
                 "timestep_groups": groups,
                 "critical_layers": critical,
-                "train_rows": int(len(next(iter(rows.values())))),
-                "tla_train_rows": int(len(next(iter(stage_rows["tla"].values())))),
+                "train_rows": train_rows_n,
+                "tla_train_rows": tla_rows_n,
             }
         )
         for r in reports:
