@@ -85,6 +85,7 @@ from diffquant.quant.modules import is_quant_layer
 from diffquant.quant.quantizers import ActQuantizer
 from diffquant.quant.state import (
     activation_drop,
+    frozen_weights,
     iter_quantizers,
     keep_step_sizes_positive,
     quant_state,
@@ -876,7 +877,12 @@ class Reconstructor:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.act_iters, eta_min=0.0)
         losses = _LossLog(s.act_iters, unit.name, "act")
         keys = self._stage_keys(spec, "fp_", with_weight_inputs=False)
-        with trainable(params), quant_state(unit.module, weights=True, acts=True):
+        # the weights' rounding is final here: each is quantized once for the stage, not per iteration
+        with (
+            trainable(params),
+            quant_state(unit.module, weights=True, acts=True),
+            frozen_weights(unit.module),
+        ):
             for it, batch in enumerate(store.sample(s.act_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, act iteration {it}")
                 batch = self._to_device(batch)
