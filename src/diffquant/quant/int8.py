@@ -80,6 +80,15 @@ def _input_codes(x: Tensor, q: ActQuantizer) -> tuple[Tensor, float, int]:
     return codes.sub_(q.q_min).to(torch.uint8), scale, zp - q.q_min
 
 
+#: the oneDNN ops' output arguments: FP32 out (output scale 1, zero point 0), no fused post-op
+_FP32_OUTPUT = (1.0, 0, torch.float32, "none", [], "")
+
+
+def _dequantized_sum(codes: Tensor, dim: int, x_scale: float, x_zp: int) -> Tensor:
+    """``Σ x̂`` over ``dim`` (kept) of the dequantized input ``x̂ = (codes − zx) · Δx``, FP32."""
+    return (codes.sum(dim, keepdim=True, dtype=torch.float32) - x_zp * codes.shape[dim]) * x_scale
+
+
 class _Int8Part:
     """One int8 kernel: the weight codes of one (part of a) layer against one input quantizer.
 
@@ -124,50 +133,20 @@ class _Int8Part:
     def __call__(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         codes, x_scale, x_zp = _input_codes(x, self.aq)
         conv = self.conv
+        flat = codes if conv is not None else codes.reshape(-1, codes.shape[-1])
+        # the ops' shared head: input codes, their scale and zero point, packed weights, their scales
+        inputs = (flat, x_scale, x_zp, self.packed, self.w_scale, self.w_zero, bias)
         if conv is not None:
-            y = torch.ops.onednn.qconv_pointwise(
-                codes,
-                x_scale,
-                x_zp,
-                self.packed,
-                self.w_scale,
-                self.w_zero,
-                bias,
-                list(conv.stride),
-                list(conv.padding),
-                list(conv.dilation),
-                conv.groups,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
+            geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+            y = torch.ops.onednn.qconv_pointwise(*inputs, *geometry, *_FP32_OUTPUT)
             if self.correction is not None:
-                x_hat = (codes.sum(1, keepdim=True, dtype=torch.float32) - x_zp * codes.shape[1]) * x_scale
+                x_hat = _dequantized_sum(codes, 1, x_scale, x_zp)
                 box = F.conv2d(x_hat, self.box, None, conv.stride, conv.padding, conv.dilation)
                 y = y + box * self.correction.view(1, -1, 1, 1)
             return y
-        flat = codes.reshape(-1, codes.shape[-1])
-        y = torch.ops.onednn.qlinear_pointwise(
-            flat,
-            x_scale,
-            x_zp,
-            self.packed,
-            self.w_scale,
-            self.w_zero,
-            bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
+        y = torch.ops.onednn.qlinear_pointwise(*inputs, *_FP32_OUTPUT)
         if self.correction is not None:
-            row = (flat.sum(1, keepdim=True, dtype=torch.float32) - x_zp * flat.shape[1]) * x_scale
-            y = y + row * self.correction
+            y = y + _dequantized_sum(flat, 1, x_scale, x_zp) * self.correction
         return y.reshape(*codes.shape[:-1], y.shape[-1])
 
 
