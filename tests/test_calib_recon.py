@@ -510,3 +510,31 @@ def test_cache_keys_name_the_numerics():
     finally:
         torch.set_num_threads(threads)
     assert calib_cache_key(model, CALIB) == key
+
+
+def test_bf16_autocast_runs_the_unit_forward_in_bf16(stream, monkeypatch):
+    """``autocast=bf16``: the stages' unit forwards run under bfloat16 autocast (the convolutions
+    see bf16 inputs), the result differs from FP32 and still beats the initial ranges."""
+    import dataclasses
+
+    with pytest.raises(InvalidSetting, match="autocast"):
+        ReconSettings(autocast="fp16")
+    dtypes: list[torch.dtype] = []
+    real_conv = torch.nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        dtypes.append(x.dtype)
+        return real_conv(x, *args, **kwargs)
+
+    fp32, _ = _calibrated(stream)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    bf16, report = _calibrated(stream, recon=dataclasses.replace(RECON, autocast="bf16"))
+    monkeypatch.undo()
+    assert torch.bfloat16 in dtypes and all(u.weight_loss is not None for u in report.units)
+    batch = next(stream.batches(len(stream)))
+    with torch.no_grad():
+        with quant_state(fp32.denoiser, weights=False, acts=False):
+            fp = fp32.spec.forward(fp32.denoiser, batch)
+        err_fp32 = (fp32.spec.forward(fp32.denoiser, batch) - fp).pow(2).mean()
+        err_bf16 = (bf16.spec.forward(bf16.denoiser, batch) - fp).pow(2).mean()
+    assert err_bf16 != err_fp32 and err_bf16 < 2 * err_fp32

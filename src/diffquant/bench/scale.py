@@ -207,6 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument("--skip-forward", action="store_true", help="only the units and the projection")
+    parser.add_argument("--autocast", choices=["bf16"], help="the stages' recon.autocast (default FP32)")
     parser.add_argument(
         "--baseline",
         metavar="REV",
@@ -251,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         act_iters=args.iters,
         batch_size=args.unit_batch,
         capture_batch_size=min(8, args.rows),
+        autocast=args.autocast,
     )
     with tempfile.TemporaryDirectory(prefix="diffquant_scale_") as tmp:
         from diffquant.calib.collect import CalibStream
@@ -276,6 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "batch": args.unit_batch,
         "iters_per_stage": args.iters,
         "quant": "w4a8",
+        "autocast": args.autocast,
     }
 
     # 3. projection to the paper's calibration
@@ -293,7 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["projection_hours"] = {k: round(v, 1) for k, v in hours.items()}
     result["projection_hours"]["total"] = round(sum(hours.values()), 1)
     result["projection_setting"] = {**PAPER, "units": len(fp_units), "batch": args.unit_batch}
-    atomic_write_json(args.out / f"scale_{args.model}_{device.type}.json", result)
+    suffix = f"_{args.autocast}" if args.autocast else ""
+    atomic_write_json(args.out / f"scale_{args.model}_{device.type}{suffix}.json", result)
     print(json.dumps(result, indent=2), flush=True)
     return result
 

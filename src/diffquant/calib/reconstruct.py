@@ -61,6 +61,7 @@ relative to the rounding term than with ``channels``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -155,6 +156,10 @@ class ReconSettings:
         input_keep_prob: the joint stage's unit input ``x``: each element is taken from the
             quantized network's input (weights and activations quantized) with this probability
             and from the FP network's otherwise (QDrop's ``input_prob``); None = the FP input.
+        autocast: ``bf16`` runs the unit's forward (and so its backward) in every stage under
+            ``torch.autocast`` with bfloat16 (the convolutions and matmuls in bf16, the loss in
+            FP32); None = FP32 throughout (the papers' setting). A speed switch: the values
+            change (``make bench-scale ARGS='--autocast bf16'`` measures it).
     """
 
     weight_iters: int = 200
@@ -177,6 +182,7 @@ class ReconSettings:
     joint: bool = False
     keep_prob: Optional[float] = None
     input_keep_prob: Optional[float] = None
+    autocast: Optional[str] = None
 
     #: left out of cache keys at these values (:func:`~diffquant.quant.typed.key_dict`)
     KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -184,6 +190,7 @@ class ReconSettings:
         "keep_prob": None,
         "input_keep_prob": None,
         "disk_budget_gb": None,
+        "autocast": None,
     }
 
     def __post_init__(self) -> None:
@@ -213,6 +220,7 @@ class ReconSettings:
         if not 0.0 <= self.warmup < 1.0:
             raise InvalidSetting("warmup", "is not a fraction of the weight iterations: use [0, 1)")
         one_of(self, "loss_axis", LOSS_AXES)
+        one_of(self, "autocast", (None, "bf16"))
 
 
 # ---------------------------------------------------------------------------- units
@@ -856,7 +864,8 @@ class Reconstructor:
             for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, weight iteration {it}")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                out = spec.call(unit.module, batch, "w_")
+                with self._autocast():
+                    out = spec.call(unit.module, batch, "w_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
                 loss = rec + schedule.loss(it, roundings).to(rec.device)
                 opt.zero_grad(set_to_none=True)
@@ -888,7 +897,8 @@ class Reconstructor:
                 batch = self._to_device(batch)
                 if self.router is not None:
                     self.router.route(unit.module, batch["t"], batch["step"])
-                out = spec.call(unit.module, batch, "fp_")
+                with self._autocast():
+                    out = spec.call(unit.module, batch, "fp_")
                 loss = lp_loss(out, batch["y"], s.act_p, s.loss_axis)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -897,6 +907,12 @@ class Reconstructor:
                 keep_step_sizes_positive(params)
                 losses.add(it, loss, loss)
         return losses.finish()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The unit forward's precision in the stages (``autocast``; the loss stays FP32)."""
+        if self.s.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _stage_keys(self, spec: CallSpec, prefix: str, with_weight_inputs: bool) -> list[str]:
         """The stored entries a stage calling the unit with ``prefix`` inputs reads: those inputs,
@@ -960,7 +976,8 @@ class Reconstructor:
                     batch = mix_inputs(batch, s.input_keep_prob)
                 if self.router is not None:
                     self.router.route(unit.module, batch["t"], batch["step"])
-                out = spec.call(unit.module, batch, "fp_")
+                with self._autocast():
+                    out = spec.call(unit.module, batch, "fp_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
                 loss = rec + schedule.loss(it, roundings).to(rec.device) if roundings else rec
                 for opt in opts:
