@@ -112,6 +112,17 @@ def _calibrated(stream, progress_dir=None, on_unit_done=None, recon=RECON):
     return model, report
 
 
+def _error_to_fp(model, stream, fp_model=None) -> torch.Tensor:
+    """Mean squared difference between ``model``'s outputs on every calibration row and the FP
+    outputs of ``fp_model`` (default ``model`` itself, quantizers off)."""
+    fp_model = model if fp_model is None else fp_model
+    batch = next(stream.batches(len(stream)))
+    with torch.no_grad():
+        with quant_state(fp_model.denoiser, weights=False, acts=False):
+            fp = fp_model.spec.forward(fp_model.denoiser, batch)
+        return (model.spec.forward(model.denoiser, batch) - fp).pow(2).mean()
+
+
 def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
     minmax = TinyDiffusion()
     quantize_denoiser(minmax.denoiser, minmax.spec, W4A8)
@@ -119,13 +130,7 @@ def test_reconstruction_beats_initial_ranges_and_roundtrips(stream, tmp_path):
     model, report = _calibrated(stream)
     assert len(report.units) == 18 and all(u.weight_loss is not None for u in report.units)
 
-    batch = next(stream.batches(len(stream)))
-    with torch.no_grad():
-        with quant_state(model.denoiser, weights=False, acts=False):
-            fp = model.spec.forward(model.denoiser, batch)
-        err_recon = (model.spec.forward(model.denoiser, batch) - fp).pow(2).mean()
-        err_init = (minmax.spec.forward(minmax.denoiser, batch) - fp).pow(2).mean()
-    assert err_recon < err_init
+    assert _error_to_fp(model, stream) < _error_to_fp(minmax, stream, fp_model=model)
 
     path = save_quantized(model.denoiser, tmp_path / "q.pt", W4A8, meta={"x": 1})
     fresh = TinyDiffusion()
@@ -531,10 +536,5 @@ def test_bf16_autocast_runs_the_unit_forward_in_bf16(stream, monkeypatch):
     bf16, report = _calibrated(stream, recon=dataclasses.replace(RECON, autocast="bf16"))
     monkeypatch.undo()
     assert torch.bfloat16 in dtypes and all(u.weight_loss is not None for u in report.units)
-    batch = next(stream.batches(len(stream)))
-    with torch.no_grad():
-        with quant_state(fp32.denoiser, weights=False, acts=False):
-            fp = fp32.spec.forward(fp32.denoiser, batch)
-        err_fp32 = (fp32.spec.forward(fp32.denoiser, batch) - fp).pow(2).mean()
-        err_bf16 = (bf16.spec.forward(bf16.denoiser, batch) - fp).pow(2).mean()
+    err_fp32, err_bf16 = _error_to_fp(fp32, stream), _error_to_fp(bf16, stream, fp_model=fp32)
     assert err_bf16 != err_fp32 and err_bf16 < 2 * err_fp32

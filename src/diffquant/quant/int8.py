@@ -43,6 +43,7 @@ from diffquant.quant.quantizers import (
     SplitActQuantizer,
     SplitWeightQuantizer,
     WeightQuantizer,
+    int_codes,
 )
 
 
@@ -74,10 +75,12 @@ class Int8Summary:
 
 # ---------------------------------------------------------------------------- one kernel
 def _input_codes(x: Tensor, q: ActQuantizer) -> tuple[Tensor, float, int]:
-    """``x`` as uint8 codes shifted to start at 0, with the input scale and zero point."""
-    scale, zp = float(q.scale.reshape(())), int(q.zero_point.reshape(()))
-    codes = (x / q.scale.reshape(())).round_().add_(zp).clamp_(q.q_min, q.q_max)
-    return codes.sub_(q.q_min).to(torch.uint8), scale, zp - q.q_min
+    """``x`` as uint8 codes shifted to start at 0 (the codes
+    :func:`~diffquant.quant.quantizers.fake_quant` computes), with
+    the input scale and the shifted zero point."""
+    scale, zp = q.scale.reshape(()), q.zero_point.reshape(())
+    codes = int_codes(x, scale, zp, q.q_min, q.q_max)
+    return codes.sub_(q.q_min).to(torch.uint8), float(scale), int(zp) - q.q_min
 
 
 #: the oneDNN ops' output arguments: FP32 out (output scale 1, zero point 0), no fused post-op

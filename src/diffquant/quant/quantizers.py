@@ -89,6 +89,12 @@ def range_to_qparams(lo: Tensor, hi: Tensor, bits: int, mode: str) -> tuple[Tens
     return scale, zero_point
 
 
+def int_codes(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
+    """The integer codes ``clamp(round(x / Δ) + z, q_min, q_max)`` of ``x`` (a new float tensor of
+    ``x``'s shape, no gradient), for broadcastable ``scale`` / ``zero_point``."""
+    return (x / scale).round_().add_(zero_point).clamp_(q_min, q_max)
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int) -> Tensor:
     """Quantize-dequantize ``x`` with broadcastable ``scale``/``zero_point`` (STE on round).
 
@@ -96,8 +102,7 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: 
     the same values about 5x faster on CPU.
     """
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        y = x / scale
-        return y.round_().add_(zero_point).clamp_(q_min, q_max).sub_(zero_point).mul_(scale)
+        return int_codes(x, scale, zero_point, q_min, q_max).sub_(zero_point).mul_(scale)
     x_int = torch.clamp(round_ste(x / scale) + zero_point, q_min, q_max)
     return (x_int - zero_point) * scale
 
