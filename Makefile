@@ -61,7 +61,7 @@ tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g
 	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
 	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
 
-.PHONY: bench-accuquant bench-speed bench-forward bench-scale
+.PHONY: bench-accuquant bench-speed bench-forward bench-scale bench-paper-size
 bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -> outputs/bench/sampling_speed_*.json
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w8a8,w4a8,w4a4 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w4a4 method=quest +bench.samples=100 +bench.repeats=3 $(ARGS)
@@ -72,5 +72,8 @@ BASELINE ?= 28ec9d6
 bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8, reconstruction cost per iteration (and vs BASELINE), projected paper calibration -> outputs/bench/ (ARGS='--device cuda' on a GPU)
 	$(PY) -m diffquant.bench.scale --threads 2 $(ARGS)
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 $(ARGS)
+	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 --compile $(ARGS)
+bench-paper-size: venv  ## method=ptq_paper through run.py on a full-size random-weight Bedroom folder, 2 iterations per stage: peak RSS and disk per unit -> outputs/bench/ (ARGS: run.py overrides replacing the default)
+	$(PY) -m diffquant.bench.paper_size $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

@@ -517,6 +517,37 @@ def test_cache_keys_name_the_numerics():
     assert calib_cache_key(model, CALIB) == key
 
 
+def test_compiled_adaround_reconstructs_as_the_eager_kernels(stream, monkeypatch):
+    """``compile``: the weight stages run AdaRound's compiled kernels, and the reconstruction
+    agrees with the eager one to float rounding: the same final roundings but for a few weights
+    whose α ends near 0, and the same error to FP within 2%."""
+    from diffquant.quant import adaround
+
+    calls = collections.Counter()
+    real = adaround.compiled
+
+    def spy(fn):
+        calls[fn.__name__] += 1
+        return real(fn)
+
+    eager, _ = _calibrated(stream)
+    monkeypatch.setattr(adaround, "compiled", spy)
+    fast, report = _calibrated(stream, recon=dataclasses.replace(RECON, compile=True))
+    monkeypatch.undo()
+    n_steps = len(report.units) and sum(u.weight_loss is not None for u in report.units) * RECON.weight_iters
+    assert calls["soft_quant_expr"] >= n_steps and calls["regularizer_expr"] > 0
+    masks = {
+        name: (q.round_up, dict(fast.denoiser.named_modules())[name].round_up)
+        for name, q in eager.denoiser.named_modules()
+        if getattr(q, "round_up", None) is not None
+    }
+    assert masks
+    differ = sum(int((a != b).sum()) for a, b in masks.values())
+    assert differ <= 0.001 * sum(a.numel() for a, _ in masks.values())
+    err_eager, err_fast = _error_to_fp(eager, stream), _error_to_fp(fast, stream, fp_model=eager)
+    assert abs(float(err_fast / err_eager) - 1) < 0.02
+
+
 def test_bf16_autocast_runs_the_unit_forward_in_bf16(stream, monkeypatch):
     """``autocast=bf16``: the stages' unit forwards run under bfloat16 autocast (the convolutions
     see bf16 inputs), the result differs from FP32 and still beats the initial ranges."""

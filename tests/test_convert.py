@@ -9,6 +9,7 @@ average-pool / nearest resampling) are checked against direct re-statements of t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -267,3 +268,33 @@ def test_hub_celebahq_pipeline_is_relaid_as_an_ldm_folder(tmp_path, make_cfg):
     assert model.scheduler.config.steps_offset == 1 and model.scheduler.config.timestep_spacing == "leading"
     images, _ = model.sample([0], seed=0)
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_random_folder_has_the_converted_architecture(converted, make_cfg, tmp_path):
+    """``--random SEED``: the folder a checkpoint converts to, with seeded random weights (the
+    same seed writes the same weights); it loads through the model config and samples. Models
+    that need more than a UNet and an autoencoder are refused by name."""
+    out_ckpt, _ = converted["ldm_bedroom"]
+    config = out_ckpt.parent / "config.yaml"
+    args = ["--original-config", str(config), "--image-size", "16"]
+    a = convert_main(["ldm_bedroom", "--random", "3", "--out", str(tmp_path / "a"), *args])
+    b = convert_main(["ldm_bedroom", "--random", "3", "--out", str(tmp_path / "b"), *args])
+    ref, model = load(make_cfg, "ldm_bedroom", out_ckpt, tmp_path), load(make_cfg, "ldm_bedroom", a, tmp_path)
+    assert json.loads((a / "diffquant.json").read_text())["random"] is True
+    for part in ("denoiser", "vae"):
+        mine, theirs = getattr(model, part), getattr(ref, part)
+        assert type(mine) is type(theirs)
+        assert {k: v.shape for k, v in mine.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }
+        assert not torch.equal(
+            next(iter(mine.state_dict().values())), next(iter(theirs.state_dict().values()))
+        )
+    assert (a / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        b / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    assert model.scheduler.config.beta_start == ref.scheduler.config.beta_start
+    images, _ = model.sample([0], seed=0)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="ldm_imagenet is not a self-attention LDM"):
+        convert_main(["ldm_imagenet", "--random", "0", "--out", str(tmp_path / "c")])

@@ -164,7 +164,7 @@ def test_new_options_at_their_defaults_leave_cached_results_valid():
 
     key = key_dict(PTQConfig())
     old = as_dict(PTQConfig())
-    for k in ("joint", "keep_prob", "input_keep_prob", "disk_budget_gb", "autocast"):
+    for k in ("joint", "keep_prob", "input_keep_prob", "disk_budget_gb", "autocast", "compile"):
         old["recon"].pop(k)
     for k in ("step_sampling", "normal_mean", "normal_std"):
         old["calib"].pop(k)

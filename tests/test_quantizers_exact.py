@@ -304,3 +304,62 @@ def test_act_quantizer_reads_initialized_only_until_set(monkeypatch):
     assert q3._ready and torch.equal(q3(x), q3(x))
     assert TokenActQuantizer(8)._ready
     assert copy.deepcopy(q3)._ready and pickle.loads(pickle.dumps(q3))._ready
+
+
+# ---------------------------------------------------------------------------- compiled kernels
+def _rounding(shape, bits, mode, seed):
+    """An AdaRound over a random weight of ``shape`` with per-channel min-max parameters, the
+    weight's floor codes, scale and zero point (broadcast shapes), and q_min / q_max."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    dims = tuple(range(1, w.dim()))
+    scale, zp = range_to_qparams(w.amin(dim=dims), w.amax(dim=dims), bits, mode)
+    scale, zp = (t.reshape(-1, *[1] * (w.dim() - 1)) for t in (scale, zp))
+    q_min, q_max = int_range(bits, mode)
+    return AdaRound.from_weight(w, scale), torch.floor(w / scale), scale, zp, q_min, q_max
+
+
+def _values_and_grads(rounding, w_floor, scale, zp, q_min, q_max):
+    """[(value, α gradient)] of the soft-rounded weight (against a fixed ramp of output
+    gradients) and of the regulariser at β = 20, 7.3, 2."""
+    out = []
+    for beta in (None, 20.0, 7.3, 2.0):
+        rounding.alpha.grad = None
+        if beta is None:
+            value = rounding.soft_quant(w_floor, scale, zp, q_min, q_max)
+            value.backward(torch.linspace(-1, 1, value.numel()).reshape(value.shape))
+        else:
+            value = rounding.regularizer(beta)
+            value.backward()
+        out.append((value.detach(), rounding.alpha.grad.clone()))
+    return out
+
+
+def test_compiled_adaround_kernels_match_the_eager_ones():
+    """``compiled``: the soft-rounded weight and the regulariser (values and α gradients) agree
+    with the eager kernels to float rounding, for conv and linear weights, affine and symmetric,
+    and new shapes of a rank and β changing every iteration reuse the compiled kernels (β is
+    passed as a tensor; the integer range is part of the kernel)."""
+    import torch._dynamo
+
+    graphs = torch._dynamo.utils.counters["stats"]
+    for i, (shape, mode) in enumerate(
+        [((6, 5, 3, 3), "affine"), ((7, 9), "symmetric"), ((11, 4, 3, 3), "affine"), ((3, 13), "symmetric")]
+    ):
+        rounding, w_floor, scale, zp, q_min, q_max = _rounding(shape, 4, mode, seed=i)
+        with torch.no_grad():
+            rounding.alpha.add_(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
+        results = {}
+        for flag in (False, True):
+            rounding.compiled = flag
+            results[flag] = _values_and_grads(rounding, w_floor, scale, zp, q_min, q_max)
+        for (v_eager, g_eager), (v_comp, g_comp) in zip(results[False], results[True]):
+            assert torch.allclose(v_comp, v_eager, rtol=1e-6, atol=1e-7 * float(scale.max()))
+            assert torch.allclose(g_comp, g_eager, rtol=1e-5, atol=1e-6 * float(g_eager.abs().max()))
+        assert not torch.equal(results[True][1][1], results[True][2][1])  # β reached the kernel
+        if i == 1:  # both ranks compiled: new shapes and β values reuse the kernels
+            seen = graphs["unique_graphs"]
+    assert graphs["unique_graphs"] == seen
+    rounding.compiled = True
+    with torch.no_grad():  # without gradients the eager fused kernel serves
+        assert torch.equal(rounding.soft_quant(w_floor, scale, zp, q_min, q_max), results[False][0][0])

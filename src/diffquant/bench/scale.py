@@ -127,8 +127,9 @@ def unit_forward_shares(unet: torch.nn.Module, units: list[Any], x: torch.Tensor
 
 def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.device) -> dict[str, Any]:
     """Reconstruct ``unit`` with ``rec`` (``iters`` AdaRound + ``iters`` LSQ iterations): seconds
-    per iteration of each stage (median between optimizer steps, the first step left out),
-    capture seconds, peak memory above the start."""
+    per iteration of each stage (median between optimizer steps, the first step left out: it
+    holds any compilation), the capture seconds the reconstruction reports, peak memory above
+    the start."""
     steps: list[tuple[str, float]] = []
     # the weight stage's optimizer comes first, then the LSQ stage's (held, so that a freed one's
     # id cannot come back as the next one's)
@@ -147,9 +148,8 @@ def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.devi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    t0 = time.perf_counter()
     try:
-        rec._reconstruct_unit(index, unit)
+        report = rec._reconstruct_unit(index, unit)
     finally:
         handle.remove()
     out: dict[str, Any] = {"unit": unit.name, "kind": unit.kind}
@@ -157,10 +157,7 @@ def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.devi
         times = [t for k, t in steps if k == kind]
         gaps = [b - a for a, b in zip(times, times[1:])]
         out[f"{kind}_s_per_iter"] = round(statistics.median(gaps), 4) if gaps else None
-    first = steps[0][1] if steps else time.perf_counter()
-    adaround_steps = [t for k, t in steps if k == "adaround"]
-    gap = (adaround_steps[1] - adaround_steps[0]) if len(adaround_steps) > 1 else 0.0
-    out["capture_s"] = round(max(0.0, first - t0 - gap), 3)  # up to the first step, less one iteration
+    out["capture_s"] = round(report.capture_s, 3)
     out["peak_mb_above_start"] = round(
         torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb() - base, 1
     )
@@ -209,6 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--skip-forward", action="store_true", help="only the units and the projection")
     parser.add_argument("--autocast", choices=["bf16"], help="the stages' recon.autocast (default FP32)")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="recon.compile: AdaRound's per-weight work compiled (default eager)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also reconstruct the two units with the code of git revision REV (its src, with this "
@@ -247,12 +249,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         shares = unit_forward_shares(unet, fp_units, x, t)
     with torch.no_grad(), observing_act_ranges(unet, method="minmax"):
         unet(x, t)
+    switches = _switches(args)  # only those set: a --baseline revision may predate them
     settings = ReconSettings(
         weight_iters=args.iters,
         act_iters=args.iters,
         batch_size=args.unit_batch,
         capture_batch_size=min(8, args.rows),
-        autocast=args.autocast,
+        **switches,
     )
     with tempfile.TemporaryDirectory(prefix="diffquant_scale_") as tmp:
         from diffquant.calib.collect import CalibStream
@@ -279,6 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "iters_per_stage": args.iters,
         "quant": "w4a8",
         "autocast": args.autocast,
+        "compile": args.compile,
     }
 
     # 3. projection to the paper's calibration
@@ -296,27 +300,49 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["projection_hours"] = {k: round(v, 1) for k, v in hours.items()}
     result["projection_hours"]["total"] = round(sum(hours.values()), 1)
     result["projection_setting"] = {**PAPER, "units": len(fp_units), "batch": args.unit_batch}
-    suffix = f"_{args.autocast}" if args.autocast else ""
-    atomic_write_json(args.out / f"scale_{args.model}_{device.type}{suffix}.json", result)
+    atomic_write_json(args.out / _result_name(args, "scale"), result)
     print(json.dumps(result, indent=2), flush=True)
     return result
 
 
-def _child(src: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The units and projection (no forward) in a child process importing ``src``."""
+def _switches(args: argparse.Namespace) -> dict[str, Any]:
+    """The ReconSettings speed switches the command line sets (none at their defaults)."""
+    return {
+        **({"autocast": args.autocast} if args.autocast else {}),
+        **({"compile": True} if args.compile else {}),
+    }
+
+
+def _result_name(args: argparse.Namespace, prefix: str) -> str:
+    """``<prefix>_<model>_<device>[_<switch>...].json``."""
+    tags = "".join(f"_{v}" if isinstance(v, str) else f"_{k}" for k, v in _switches(args).items())
+    return f"{prefix}_{args.model}_{torch.device(args.device).type}{tags}.json"
+
+
+def _child(src: Path, args: argparse.Namespace, out: Path, switches: bool) -> dict[str, Any]:
+    """The units and projection (no forward) in a child process importing ``src``, with the
+    speed switches of ``args`` when ``switches``."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [
         sys.executable, "-m", "diffquant.bench.scale", "--skip-forward", "--model", args.model,
         "--device", args.device, "--threads", str(args.threads), "--unit-batch", str(args.unit_batch),
         "--rows", str(args.rows), "--iters", str(args.iters), "--out", str(out),
     ]  # fmt: skip
+    child_args = argparse.Namespace(**{**vars(args), "autocast": None, "compile": False})
+    if switches:
+        cmd += [
+            *(["--autocast", args.autocast] if args.autocast else []),
+            *(["--compile"] if args.compile else []),
+        ]
+        child_args = args
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / f"scale_{args.model}_{torch.device(args.device).type}.json").read_text())
+    return json.loads((out / _result_name(child_args, "scale")).read_text())
 
 
 def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
-    """Per-iteration reconstruction cost of the current code against revision ``args.baseline``:
-    child processes alternate (baseline, current, baseline, current); medians and ratios."""
+    """Per-iteration reconstruction cost of the current code (with the speed switches of
+    ``args``) against revision ``args.baseline`` (as it was: no switch): child processes
+    alternate (baseline, current, baseline, current); medians and ratios."""
     root = Path(__file__).resolve().parents[3]
     here = Path(__file__).resolve().parent
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
@@ -330,8 +356,8 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("scale.py", "memory.py", "forward_cost.py"):  # this bench, on the old code
             shutil.copy(here / name, tree / "src" / "diffquant" / "bench" / name)
         for _ in range(args.repeats):
-            runs["baseline"].append(_child(tree / "src", args, Path(tmp) / "baseline"))
-            runs["current"].append(_child(root / "src", args, Path(tmp) / "current"))
+            runs["baseline"].append(_child(tree / "src", args, Path(tmp) / "baseline", switches=False))
+            runs["current"].append(_child(root / "src", args, Path(tmp) / "current", switches=True))
     result: dict[str, Any] = {"baseline": args.baseline, "repeats": args.repeats, "units": {}}
     for kind in UNITS:
         row: dict[str, Any] = {}
@@ -354,8 +380,7 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
         result["units"][kind] = row
     result["settings"] = runs["current"][0]["unit_settings"]
     result["runs"] = runs
-    suffix = f"{args.model}_{torch.device(args.device).type}"
-    atomic_write_json(args.out / f"scale_vs_baseline_{suffix}.json", result)
+    atomic_write_json(args.out / _result_name(args, "scale_vs_baseline"), result)
     print(json.dumps(result, indent=2), flush=True)
     return result
 

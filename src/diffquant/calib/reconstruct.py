@@ -80,6 +80,7 @@ from torch import Tensor, nn
 
 from diffquant.cache import atomic_torch_save, atomic_write_json, file_digest
 from diffquant.calib.collect import STEP_KEY, CalibStream
+from diffquant.memory import release_freed_memory
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
@@ -160,6 +161,12 @@ class ReconSettings:
             ``torch.autocast`` with bfloat16 (the convolutions and matmuls in bf16, the loss in
             FP32); None = FP32 throughout (the papers' setting). A speed switch: the values
             change (``make bench-scale ARGS='--autocast bf16'`` measures it).
+        compile: the AdaRound stages' per-weight work, the soft rounding and the rounding
+            regulariser (forward and backward), as ``torch.compile``'d kernels
+            (:mod:`~diffquant.quant.adaround`: the same expressions, one loop each way).
+            Compiled once per process and tensor rank (10–20 s each on 2 CPU cores; needs a C++
+            compiler on CPU, Triton on CUDA). A speed switch for long runs: the values agree
+            with the eager kernels to float rounding (``make bench-scale`` measures it).
     """
 
     weight_iters: int = 200
@@ -183,6 +190,7 @@ class ReconSettings:
     keep_prob: Optional[float] = None
     input_keep_prob: Optional[float] = None
     autocast: Optional[str] = None
+    compile: bool = False
 
     #: left out of cache keys at these values (:func:`~diffquant.quant.typed.key_dict`)
     KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -191,6 +199,7 @@ class ReconSettings:
         "input_keep_prob": None,
         "disk_budget_gb": None,
         "autocast": None,
+        "compile": False,
     }
 
     def __post_init__(self) -> None:
@@ -676,6 +685,7 @@ class Reconstructor:
                 unit_report.capture_s,
             )
             self._save_progress(names, i + 1, report, unit)
+            release_freed_memory()  # the unit's captures and graphs: not kept resident for the next
             if self.on_unit_done is not None:
                 self.on_unit_done(i, unit_report)
         return report
@@ -852,10 +862,7 @@ class Reconstructor:
         self, unit: Unit, layers: list[nn.Module], store: RowStore, spec: CallSpec, gen: torch.Generator
     ) -> float:
         s = self.s
-        roundings: list[AdaRound] = []
-        for layer in layers:
-            r = layer.weight_quantizer.start_adaround(layer.weight)
-            roundings.extend(r if isinstance(r, list) else [r])
+        roundings = self._start_roundings(layers)
         opt = torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)
         schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
         losses = _LossLog(s.weight_iters, unit.name, "weight")
@@ -908,6 +915,17 @@ class Reconstructor:
                 losses.add(it, loss, loss)
         return losses.finish()
 
+    def _start_roundings(self, layers: list[nn.Module]) -> list[AdaRound]:
+        """Start AdaRound on every weight quantizer of ``layers`` (two per split layer): the α
+        the stage trains, compiled kernels with ``compile``."""
+        roundings: list[AdaRound] = []
+        for layer in layers:
+            r = layer.weight_quantizer.start_adaround(layer.weight)
+            roundings.extend(r if isinstance(r, list) else [r])
+        for r in roundings:
+            r.compiled = self.s.compile
+        return roundings
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The unit forward's precision in the stages (``autocast``; the loss stays FP32)."""
         if self.s.autocast is None:
@@ -949,10 +967,7 @@ class Reconstructor:
                 f"joint reconstruction of {unit.name}: activation ranges are not initialised "
                 "(initialise them before reconstruction: act_init_stage=before_recon)"
             )
-        roundings: list[AdaRound] = []
-        for layer in layers:
-            r = layer.weight_quantizer.start_adaround(layer.weight)
-            roundings.extend(r if isinstance(r, list) else [r])
+        roundings = self._start_roundings(layers)
         scales = [q.scale for q in act_qs]
         opts = [torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)] if roundings else []
         scheds = []

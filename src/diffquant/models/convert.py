@@ -5,6 +5,12 @@ Usage::
     python -m diffquant.models.convert MODEL --ckpt model.ckpt --out DIR [--original-config cfg.yaml]
                                        [--ema] [--clip openai/clip-vit-large-patch14]
     python -m diffquant.models.convert ldm_celebahq --hub CompVis/ldm-celebahq-256 --out DIR
+    python -m diffquant.models.convert ldm_bedroom --random 0 --out DIR
+
+``--random SEED`` writes the same folder with seeded random weights and no checkpoint (the
+self-attention LDMs ``ldm_bedroom``, ``ldm_church``, ``ldm_celebahq``): the paper-size cost of
+every step of a run can be measured without the weights (``make bench-paper-size``); its
+``diffquant.json`` says ``"random": true``.
 
 then run with ``model=MODEL model.pretrained=DIR``. ``MODEL`` is one of
 
@@ -122,8 +128,21 @@ def latent_scale(state: dict[str, Tensor], params: dict) -> float:
 # ------------------------------------------------------------------------------------ parts
 def convert_vae(state: dict[str, Tensor], first_stage: dict, scaling_factor: float):
     """The first-stage model as ``VQModel`` (CompVis ``VQModelInterface``) or ``AutoencoderKL``."""
-    from diffusers import AutoencoderKL, VQModel
+    from diffusers import VQModel
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cls, config = vae_config(first_stage, scaling_factor)
+    weights = convert_ldm_vae_checkpoint(state, config)
+    if cls is VQModel:
+        weights["quantize.embedding.weight"] = state[VAE_PREFIX + "quantize.embedding.weight"]
+    vae = cls(**config)
+    vae.load_state_dict(weights, strict=True)
+    return vae
+
+
+def vae_config(first_stage: dict, scaling_factor: float) -> tuple[type, dict[str, Any]]:
+    """The diffusers class (``VQModel`` or ``AutoencoderKL``) and config of a CompVis first stage."""
+    from diffusers import AutoencoderKL, VQModel
 
     params = first_stage["params"]
     dd = params["ddconfig"]
@@ -141,16 +160,13 @@ def convert_vae(state: dict[str, Tensor], first_stage: dict, scaling_factor: flo
         "sample_size": dd["resolution"],
         "scaling_factor": scaling_factor,
     }
-    weights = convert_ldm_vae_checkpoint(state, config)
     if "VQ" in first_stage["target"]:
-        cls = VQModel
-        config.update(num_vq_embeddings=params["n_embed"], vq_embed_dim=params["embed_dim"])
-        weights["quantize.embedding.weight"] = state[VAE_PREFIX + "quantize.embedding.weight"]
-    else:
-        cls = AutoencoderKL
-    vae = cls(**config)
-    vae.load_state_dict(weights, strict=True)
-    return vae
+        return VQModel, {
+            **config,
+            "num_vq_embeddings": params["n_embed"],
+            "vq_embed_dim": params["embed_dim"],
+        }
+    return AutoencoderKL, config
 
 
 def convert_unet(state: dict[str, Tensor], config: dict, image_size: int, ema: bool):
@@ -295,6 +311,55 @@ def convert_checkpoint(
     return out
 
 
+def random_ldm(
+    model: str,
+    seed: int,
+    out: Path,
+    config_path: Path | None = None,
+    image_size: int | None = None,
+    command: str = "",
+) -> Path:
+    """The folder :func:`convert_checkpoint` writes for the self-attention LDM ``model``, with
+    seeded random weights (UNet and autoencoder, the codebook included) and the original
+    config's noise schedule (default image size: the paper's)."""
+    from diffusers import UNet2DModel
+
+    config = read_original_config(model, config_path)
+    image_size = image_size or IMAGE_SIZES[model]
+    params = config["model"]["params"]
+    unet_params = params["unet_config"]["params"]
+    if params.get("cond_stage_config") != "__is_unconditional__":
+        raise ValueError(
+            f"--random: {model} is not a self-attention LDM; use ldm_bedroom, ldm_church or ldm_celebahq"
+        )
+    first_stage = params["first_stage_config"]
+    factor = 2 ** (len(first_stage["params"]["ddconfig"]["ch_mult"]) - 1)
+    schedule = noise_schedule({}, params)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**unet2d_config(unet_params, image_size // factor))
+        cls, vae_cfg = vae_config(first_stage, params.get("scale_factor", 1.0))
+        vae = cls(**vae_cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    ddim_scheduler(schedule).save_pretrained(out / "scheduler")
+    meta: dict[str, Any] = {
+        "model": model,
+        "random": True,
+        "seed": seed,
+        "image_size": image_size,
+        "noise_schedule": schedule,
+        "converted_by": command,
+    }
+    heads = fixed_head_count(unet_params)
+    if heads is not None:
+        meta["unet_attention_heads"] = heads
+    (out / "diffquant.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
 def fetch_hub_ldm(hub_id: str, out: Path, command: str = "") -> Path:
     """Re-lay a diffusers ``LDMPipeline`` of the hub (``unet``, ``vqvae``, ``scheduler``) as an ``ldm``
     folder: ``vae/`` with the VQ models' latent scale 1.0, and the CompVis-equivalent DDIM."""
@@ -324,6 +389,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="the CompVis .ckpt (or .safetensors)")
     source.add_argument("--hub", help="a diffusers LDMPipeline hub id or folder (ldm_celebahq)")
+    source.add_argument(
+        "--random",
+        type=int,
+        metavar="SEED",
+        help="no checkpoint: seeded random weights (self-attention LDMs)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (model.pretrained=OUT)")
     parser.add_argument(
         "--original-config",
@@ -350,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     command = "python -m diffquant.models.convert " + " ".join(shlex.quote(a) for a in argv)
     if args.hub:
         out = fetch_hub_ldm(args.hub, args.out, command)
+    elif args.random is not None:
+        out = random_ldm(args.model, args.random, args.out, args.original_config, args.image_size, command)
     else:
         out = convert_checkpoint(
             args.model,

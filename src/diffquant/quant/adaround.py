@@ -9,10 +9,19 @@ The integer weight is ``floor(W / Δ) + h(α)`` with the rectified sigmoid
 regulariser ``λ · Σ (1 - |2 h(α) - 1|^β)`` pushes every ``h`` to 0 or 1 while β is annealed from 20
 to 2 after a warm-up (no regulariser for the first 20% of iterations). When done, the choice is
 frozen as ``α ≥ 0`` (round up).
+
+The per-weight work of one iteration (the soft rounding, the regulariser, their backward) is tens
+of elementwise passes over every weight of the unit, each reading and writing memory. With
+``compiled`` set on an :class:`AdaRound` (``method.recon.compile``), both run as
+``torch.compile``'d kernels of the same expressions (:func:`soft_quant_expr`,
+:func:`regularizer_expr`): one fused loop each way, compiled once per process and tensor rank
+(dynamic shapes).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +30,45 @@ from torch import Tensor, nn
 ZETA, GAMMA = 1.1, -0.1
 
 
+def rectified_expr(alpha: Tensor) -> Tensor:
+    """h(α) = clamp(σ(α) · (ζ - γ) + γ, 0, 1), elementwise."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def soft_quant_expr(
+    alpha: Tensor, w_floor: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int
+) -> Tensor:
+    """``(clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) - z) · Δ`` (weight-shaped): the soft-rounded
+    fake-quantized weight as one autograd composition."""
+    return (torch.clamp(w_floor + rectified_expr(alpha) + zero_point, q_min, q_max) - zero_point) * scale
+
+
+def rounding_penalty(h: Tensor, beta: float | Tensor) -> Tensor:
+    """``Σ (1 - |2 h - 1|^β)`` (a scalar; 0 when every h is 0 or 1)."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def regularizer_expr(alpha: Tensor, beta: float | Tensor) -> Tensor:
+    """AdaRound's regulariser of α: :func:`rounding_penalty` of h(α)."""
+    return rounding_penalty(rectified_expr(alpha), beta)
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` with dynamic shapes (one compilation serves every weight of a rank),
+    made on first use and kept for the process."""
+    return torch.compile(fn, dynamic=True)
+
+
 class AdaRound(nn.Module):
     """The learnable rounding offsets of one weight tensor.
 
     ``alpha``: nn.Parameter of the weight's shape (requires_grad on: it is what the weight stage
-    trains).
+    trains). ``compiled``: run the soft rounding (while α takes gradients) and the regulariser as
+    compiled kernels (see the module docstring); set by the stage that trains α.
     """
+
+    compiled: bool = False
 
     def __init__(self, alpha: Tensor) -> None:
         super().__init__()
@@ -42,7 +84,7 @@ class AdaRound(nn.Module):
 
     def rectified(self) -> Tensor:
         """h(α) ∈ [0, 1], the soft rounding offset (weight-shaped)."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return rectified_expr(self.alpha)
 
     def fused(self) -> bool:
         """Whether :meth:`soft_quant` may stand for the autograd composition of
@@ -60,7 +102,14 @@ class AdaRound(nn.Module):
         · Δ`` (see :class:`_SoftQuant`), with two weight-sized temporaries instead of about ten.
         """
         need_grad = torch.is_grad_enabled() and self.alpha.requires_grad
+        if self.compiled and need_grad:
+            return compiled(soft_quant_expr)(self._alpha_input(), w_floor, scale, zero_point, q_min, q_max)
         return _SoftQuant.apply(self.alpha, w_floor, scale, zero_point, q_min, q_max, need_grad)
+
+    def _alpha_input(self) -> Tensor:
+        """α as a plain tensor view (gradients flow to the parameter): the compiler gives
+        parameters static shapes, which would compile again for every weight shape."""
+        return self.alpha.view(self.alpha.shape)
 
     def hard_mask(self) -> Tensor:
         """The frozen choice ``α ≥ 0`` (bool, weight-shaped): round up where True."""
@@ -68,7 +117,11 @@ class AdaRound(nn.Module):
 
     def regularizer(self, beta: float) -> Tensor:
         """``Σ (1 - |2 h(α) - 1|^β)`` (a scalar; 0 when every h is 0 or 1)."""
-        return (1 - (2 * self.rectified() - 1).abs().pow(beta)).sum()
+        if self.compiled and self.fused():
+            # β as a tensor: a new float each iteration would be a new compilation
+            beta_t = torch.tensor(float(beta), device=self.alpha.device)
+            return compiled(regularizer_expr)(self._alpha_input(), beta_t)
+        return rounding_penalty(self.rectified(), beta)
 
 
 class _SoftQuant(torch.autograd.Function):
