@@ -69,7 +69,11 @@ def test_every_layer_computes_its_fake_quantized_output(model, config):
     assert summary.kept == {} and sorted(summary.converted) == sorted(layers)
     with torch.no_grad():
         fake = UNET.forward(denoiser, inputs)
-    assert (int8 - fake).abs().max() < 1e-3 * fake.abs().max()
+    # each layer agrees to 1e-5 (above); through the network those FP32 summation-order
+    # differences move later activations across 8-bit rounding boundaries (a step is 1/255 of a
+    # quantizer's range): 0.8% of the output's magnitude on an Intel Xeon, 3.1% on the
+    # full-size UNet (README); a wrong kernel is off by the output's own size
+    assert (int8 - fake).abs().max() < 3e-2 * fake.abs().max()
     with torch.no_grad():  # the context is gone: fake quantization again, bit for bit
         assert torch.equal(UNET.forward(denoiser, inputs), fake)
 
