@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 
-def _status_kb(field: str) -> Optional[int]:
+def status_kb(field: str, pid: int | str = "self") -> Optional[int]:
+    """``field`` of ``/proc/<pid>/status`` in kB (None where unreadable: no /proc, gone)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -27,7 +28,7 @@ def reset_peak_rss() -> bool:
 
 
 def current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     if kb is None:
         import resource
 
@@ -36,7 +37,7 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     if kb is None:
         import resource
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from diffquant.bench.memory import status_kb
 from diffquant.cache import atomic_write_json
 
 #: the issue's cut of the paper run: the paper's method and calibration, 2 iterations per stage,
@@ -61,12 +63,11 @@ def tree_rss_bytes(pid: int) -> int:
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
+        total += (status_kb("VmRSS", p) or 0) * 1024
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, AttributeError):
+        except OSError:  # exited meanwhile
             continue
     return total
 
@@ -86,11 +87,9 @@ def folder_bytes(*folders: Path) -> int:
 
 def slope(ys: list[float]) -> Optional[float]:
     """Least-squares slope of ``ys`` against 0, 1, 2, … (None below two points)."""
-    n = len(ys)
-    if n < 2:
+    if len(ys) < 2:
         return None
-    mx, my = (n - 1) / 2, sum(ys) / n
-    return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
+    return statistics.linear_regression(range(len(ys)), ys).slope
 
 
 def ensure_folder(model: str, folder: Path) -> Path:
