@@ -21,8 +21,11 @@ venv: .venv/.installed  ## create .venv and install the project
 run: venv  ## the main job: sample, evaluate and record the embedded ldm_digits (FP)
 	$(PY) run.py
 
-test: venv  ## the test suite (< 15 min on 2 cores; `slow` tests excluded)
-	$(PY) -m pytest -m "not slow" -q
+# pytest-xdist workers of `make test`, each running whole test files (tests of one file share
+# module fixtures, and the SLURM files one cluster); 2 halves the suite's time on a 2-core machine
+TEST_WORKERS ?= 2
+test: venv  ## the test suite (< 15 min on 2 cores; `slow` tests excluded; TEST_WORKERS=0: no workers)
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: venv  ## the slow end-to-end checks only
 	$(PY) -m pytest -m slow -q

@@ -159,3 +159,49 @@ def test_subsampled_lp_search_keeps_the_outliers():
     lo, hi = find_range(x, 4, "affine", "lp", max_elems=16 * 256, generator=g)
     assert torch.allclose(hi / full_hi, torch.ones(16), atol=0.15)
     assert torch.allclose(lo / full_lo, torch.ones(16), atol=0.15)
+
+
+def test_lp_sample_gathered_block_by_block():
+    """The L_p range of one call given in column blocks (attention's query blocks): the full
+    min / max, each row's largest |x| in the sample exactly, the rest a uniform sample without
+    the top ones, weighted as :func:`find_range` weights its one-piece sample; the range is as
+    close to the full search as that of the one-piece sample, and the same seed gives it again."""
+    from diffquant.quant.quantizers import _BlockSample
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 4096, generator=g)
+    x[:, 1000:1003] *= 30  # rare outliers inside one block
+    full_lo, full_hi = lp_search_range(x, 4, "affine")
+
+    def blockwise(seed: int) -> tuple[_BlockSample, tuple]:
+        sample = _BlockSample(16, 16 * 256, torch.Generator().manual_seed(seed))
+        for block in x.split(700, dim=1):  # uneven blocks
+            sample.add(block)
+        return sample, sample.lp_range(4, "affine", 2.4, 80)
+
+    sample, (lo, hi) = blockwise(0)
+    assert (
+        torch.equal(sample.lo, x.amin(dim=1)) and torch.equal(sample.hi, x.amax(dim=1)) and sample.n == 4096
+    )
+    top_abs, top_cols, top_x = sample.top
+    assert torch.equal(top_abs, x.abs().topk(64, dim=1).values)
+    assert torch.equal(top_x, x.gather(1, top_cols))
+    _, pool_cols, pool_x = sample.pool
+    assert torch.equal(pool_x, x.gather(1, pool_cols)) and pool_cols.shape == (16, 256)
+    assert all(len(set(row.tolist())) == 256 for row in pool_cols)  # without replacement
+    # over seeds, as unbiased and as close to the full search as the one-piece sample
+    errors = {"one piece": [], "blocks": []}
+    for seed in range(20):
+        one = find_range(
+            x, 4, "affine", "lp", max_elems=16 * 256, generator=torch.Generator().manual_seed(seed)
+        )
+        for kind, (lo_s, hi_s) in (("one piece", one), ("blocks", blockwise(seed)[1])):
+            errors[kind].append(torch.cat([hi_s / full_hi, lo_s / full_lo]) - 1)
+    one, blocks = (torch.stack(errors[k]) for k in ("one piece", "blocks"))
+    assert blocks.mean().abs() < 0.02 and blocks.abs().mean() < 1.25 * one.abs().mean() + 0.01
+    assert all(torch.equal(a, b) for a, b in zip((lo, hi), blockwise(0)[1]))
+    assert not torch.equal(hi, blockwise(1)[1][1])  # the seed draws the uniform part
+    small = _BlockSample(16, 1 << 20, None)  # everything fits the sample: the exact search
+    for block in x.split(700, dim=1):
+        small.add(block)
+    assert all(torch.equal(a, b) for a, b in zip(small.lp_range(4, "affine", 2.4, 80), (full_lo, full_hi)))

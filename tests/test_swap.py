@@ -3,7 +3,7 @@ quantized exactly once), policies (first/last, shortcut split), switches and loo
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffquant.calib import observing_act_ranges
 from diffquant.models.denoiser import UNET
@@ -230,8 +230,49 @@ def test_attention_in_query_blocks(name, monkeypatch):
     assert torch.equal(trained.detach(), blocks)
     trained.sum().backward()
     assert procs[0].prob_quantizer.scale.grad.abs().sum() > 0
-    seen.clear()
-    with observing_act_ranges(denoiser, "minmax"), torch.no_grad():
-        denoiser(**inputs)
     handle.remove()
-    assert len(seen) == 1 and seen[0] > 1
+
+
+def _prob_ranges(denoiser) -> list[Tensor]:
+    return [
+        m.prob_quantizer.scale.detach().clone()
+        for m in denoiser.modules()
+        if isinstance(m, QuantAttnProcessor)
+    ]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("method", ["minmax", "lp"])
+def test_range_observation_in_query_blocks(method, quantize, monkeypatch):
+    """While the probabilities' quantizer observes ranges, attention is formed in query blocks too
+    (twice: observed, then the output), and the ranges are those of all queries at once, up to
+    float rounding (one query's scores are a matrix-vector product, not a matrix product): min /
+    max, and the L_p search (every score in its loss at this size). Passing activations through,
+    so are the outputs. Q-Diffusion's way (``quantize``: each quantizer quantizes with the range
+    set on its first input) is compared at the first attention only: at 4 bits a last-bit
+    difference flips roundings downstream, and with them the later ranges."""
+    import copy
+
+    import diffquant.quant.attention as attention
+    import diffquant.quant.quantizers as quantizers
+
+    cfg = QuantConfig(name="w4a4", weight_bits=4, act_bits=4)
+    base, inputs, *_ = _quantized("unet2d_condition", cfg)
+    results, widths = [], []
+    add = quantizers._BlockSample.add
+    monkeypatch.setattr(
+        quantizers._BlockSample, "add", lambda self, x: (widths.append(x.shape[1]), add(self, x))
+    )
+    for block in (attention.ATTENTION_BLOCK_ELEMENTS, 1):
+        monkeypatch.setattr(attention, "ATTENTION_BLOCK_ELEMENTS", block)
+        denoiser = copy.deepcopy(base)
+        widths = []
+        with observing_act_ranges(denoiser, method, quantize=quantize), torch.no_grad():
+            out = UNET.forward(denoiser, inputs)
+        results.append((out, _prob_ranges(denoiser), widths))
+    (whole, whole_ranges, none), (blocks, block_ranges, widths) = results
+    assert not none and len(widths) > 2 * len(block_ranges)  # whole calls at once, or many blocks
+    compared = block_ranges[:1] if quantize else block_ranges
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=0) for a, b in zip(whole_ranges, compared))
+    if not quantize:
+        assert torch.allclose(blocks, whole, rtol=0, atol=1e-5 * whole.abs().max().item())

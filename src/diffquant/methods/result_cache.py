@@ -32,12 +32,26 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "quantized_denoiser.pt"
 
 
+#: bump when shared quantization code changes every method's results (a method's own changes bump
+#: its ``version``). 2: attention probabilities observed in query blocks (ranges of attentions
+#: whose scores span several blocks moved; single-block attention, as in the embedded models,
+#: is unchanged)
+SHARED_CODE_VERSION = 2
+
+
 def method_result_key(method: Method, model: Any, quant: Any, cfg: Any) -> dict[str, Any]:
-    """What determines a method's result: FP model, quant config, method config and version."""
+    """What determines a method's result: FP model, quant config, method config, the method's
+    version and :data:`SHARED_CODE_VERSION`."""
     quant_d = quant_key(quant)
     quant_d.pop("name", None)
     method_d = {k: v for k, v in key_dict(cfg).items() if k not in method.not_in_key}
-    return {"model": model_identity(model), "quant": quant_d, "method": method_d, "version": method.version}
+    return {
+        "model": model_identity(model),
+        "quant": quant_d,
+        "method": method_d,
+        "version": method.version,
+        "shared_code": SHARED_CODE_VERSION,
+    }
 
 
 def run_method(method: Method, model: Any, quant: Any, cfg: Any, ctx: Any) -> MethodResult:

@@ -21,6 +21,7 @@ faster than all queries at once (their scores leave the cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -155,7 +156,9 @@ class QuantAttnProcessor(nn.Module):
         The probabilities are formed one block of queries at a time (:meth:`_query_block_rows`):
         each output row depends on its own query row only, so this is the same attention, with
         the scores of one block in memory instead of all ``L_q · L_k`` (with and without gradients
-        alike: training and sampling compute the same values).
+        alike: training and sampling compute the same values). While the probabilities' quantizer
+        observes ranges, the blocks are formed twice: once for it to observe the whole call
+        (:meth:`ActQuantizer.observe_blocks`), once for the output.
         """
         query = self._quant_heads(query, self.q_quantizer)
         key = self._quant_heads(key, self.k_quantizer)
@@ -165,37 +168,56 @@ class QuantAttnProcessor(nn.Module):
         query, value = query.contiguous(), value.contiguous()
         key_t = key.contiguous().transpose(-1, -2)
         rows = self._query_block_rows(query, key)
+        pq = self.prob_quantizer
         if rows >= query.shape[2]:
-            return self._attend(attn, query, key_t, value, attention_mask)
+            return torch.matmul(self._quantized_probs(attn, query, key_t, attention_mask, pq), value)
         b, h, l_q, _ = query.shape
-        out = query.new_empty(b, h, l_q, value.shape[-1])
         per_query_mask = attention_mask is not None and attention_mask.shape[-2] == l_q
-        for i in range(0, l_q, rows):
-            mask = attention_mask[..., i : i + rows, :] if per_query_mask else attention_mask
-            out[:, :, i : i + rows] = self._attend(attn, query[:, :, i : i + rows], key_t, value, mask)
+        blocks = [
+            (slice(i, i + rows), attention_mask[..., i : i + rows, :] if per_query_mask else attention_mask)
+            for i in range(0, l_q, rows)
+        ]
+        quantize = pq
+        if pq is not None and pq.observing:
+            with torch.no_grad():
+                pq.observe_blocks(self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
+            quantize = pq.forward_observed
+        out = query.new_empty(b, h, l_q, value.shape[-1])
+        for s, mask in blocks:
+            out[:, :, s] = torch.matmul(
+                self._quantized_probs(attn, query[:, :, s], key_t, mask, quantize), value
+            )
         return out
 
-    def _attend(
-        self, attn: nn.Module, query: Tensor, key_t: Tensor, value: Tensor, attention_mask: Optional[Tensor]
-    ) -> Tensor:
-        """``Q(softmax(q·kᵀ · scale + mask)) · v`` for quantized ``query`` ``(B, heads, l, d)``,
-        ``key_t`` ``(B, heads, d, L_k)``, ``value`` ``(B, heads, L_k, d_v)``: ``(B, heads, l, d_v)``."""
+    @staticmethod
+    def _probs(attn: nn.Module, query: Tensor, key_t: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """``softmax(q·kᵀ · scale + mask)`` ``(B, heads, l, L_k)`` for ``query`` ``(B, heads, l, d)``
+        and ``key_t`` ``(B, heads, d, L_k)``, in ``query``'s dtype."""
         scores = torch.matmul(query, key_t) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
-        probs = scores.float().softmax(dim=-1).to(query.dtype)
-        if self.prob_quantizer is not None:
-            probs = self.prob_quantizer(probs)
-        return torch.matmul(probs, value)
+        return scores.float().softmax(dim=-1).to(query.dtype)
+
+    def _quantized_probs(
+        self,
+        attn: nn.Module,
+        query: Tensor,
+        key_t: Tensor,
+        attention_mask: Optional[Tensor],
+        quantize: Optional[Callable[[Tensor], Tensor]],
+    ) -> Tensor:
+        """:meth:`_probs` through ``quantize`` (None: unquantized)."""
+        probs = self._probs(attn, query, key_t, attention_mask)
+        return probs if quantize is None else quantize(probs)
 
     def _query_block_rows(self, query: Tensor, key: Tensor) -> int:
         """Queries per block: as many as keep one batch row's block of scores within
         :data:`ATTENTION_BLOCK_ELEMENTS` (at least one; independent of the batch size, so a sample's
         bits do not depend on the rows it is computed with); all of them while the probabilities'
-        quantizer observes ranges (it sets its range per call) or drops activations (QDrop: one
-        random mask per call)."""
+        quantizer drops activations (QDrop: one random mask per call) or has forward pre-hooks
+        (code watching whole calls, such as QuEST's range initialisation)."""
         pq = self.prob_quantizer
-        if pq is not None and (pq._observer is not None or pq.keep_prob is not None):
+        if pq is not None and (pq.keep_prob is not None or pq._forward_pre_hooks):
             return query.shape[2]
         return max(1, ATTENTION_BLOCK_ELEMENTS // max(1, query.shape[1] * key.shape[2]))
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 import torch
@@ -634,6 +635,35 @@ class ActQuantizer(nn.Module):
             if not self._observer.quantize:
                 return x
             self._set_qparams(*self._observer.ranges())
+        return self._quantize(x)
+
+    @property
+    def observing(self) -> bool:
+        """Whether ranges are being observed (between :meth:`start_observing` and
+        :meth:`finish_observing`)."""
+        return self._observer is not None
+
+    def observe_blocks(self, blocks: Iterable[Tensor]) -> None:
+        """Observe one call's input given as ``blocks`` along one axis that is neither the batch
+        (0) nor the channel axis, e.g. the query blocks of attention probabilities ``(B, heads,
+        l, L_k)``: the range update is that of one call on the concatenated input (``minmax``
+        exactly; ``lp``: the search on a tail-preserving sample drawn across the blocks, see
+        :class:`_BlockSample`), with one block in memory at a time. Then call
+        :meth:`forward_observed` on the blocks, recomputed, for the output."""
+        if self._observer is None:
+            raise RuntimeError("observe_blocks needs start_observing first")
+        self._observer.observe_blocks(blocks, self._row_groups)
+        if self._observer.quantize:
+            self._set_qparams(*self._observer.ranges())
+
+    def forward_observed(self, x: Tensor) -> Tensor:
+        """The output for a block of an input already observed by :meth:`observe_blocks` (the
+        input itself while observation passes inputs through)."""
+        if self._observer is not None and not self._observer.quantize:
+            return x
+        return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         if not self._ready and not self._check_initialized():
@@ -750,23 +780,55 @@ class _RangeObserver:
             rows = groups == g
             self._add(int(g), x[rows], int(rows.sum()))
 
+    @torch.no_grad()
+    def observe_blocks(
+        self, blocks: Iterable[Tensor], row_groups: Callable[[Tensor], Optional[Tensor]]
+    ) -> None:
+        """One call given block by block (:meth:`ActQuantizer.observe_blocks`): per time-step
+        group a :class:`_BlockSample` gathers the call's min / max (and its L_p sample), then the
+        call is added as :meth:`observe` adds a whole one."""
+        q = self.q
+        samples: dict[int, _BlockSample] = {}
+        n_rows: dict[int, int] = {}
+        for block in blocks:
+            block = block.detach()
+            groups = row_groups(block)
+            parts = (
+                [(0, block)]
+                if groups is None
+                else [(int(g), block[groups == g]) for g in groups.unique().tolist()]
+            )
+            for g, x in parts:
+                if g not in samples:
+                    lp = self.method != "minmax" and not self._running(g)
+                    c = q.channels if q.per_channel else 1
+                    samples[g] = _BlockSample(c, self.MAX_ELEMS if lp else 0, self.generator)
+                    n_rows[g] = x.shape[0]
+                samples[g].add(channels_first(x, q.per_channel, q._ch_axis(x)))
+        for g, sample in samples.items():
+            raw_lo, raw_hi = sample.lo.double().cpu(), sample.hi.double().cpu()
+            if self._running(g):
+                self._move_running(g, raw_lo, raw_hi, n_rows[g])
+                continue
+            if self.method == "minmax":
+                lo, hi = sample.lo, sample.hi
+            elif self.method == "lp":
+                lo, hi = sample.lp_range(q.bits, q.mode, self.p, self.n_candidates)
+            else:
+                raise ValueError(f"unknown range init {self.method!r}; use 'lp' or 'minmax'")
+            self._accumulate(g, raw_lo, raw_hi, lo.double().cpu(), hi.double().cpu(), n_rows[g])
+
+    def _running(self, g: int) -> bool:
+        return self.momentum is not None and bool(self.count[g] > 0)
+
     def _add(self, g: int, x: Tensor, n_rows: int) -> None:
         q = self.q
         x2d = channels_first(x, q.per_channel, q._ch_axis(x))
         raw_lo = x2d.amin(dim=1).float().double().cpu()
         raw_hi = x2d.amax(dim=1).float().double().cpu()
-        if self.momentum is not None and self.count[g] > 0:  # running statistics
-            m = self.momentum
-            self.raw_lo[g] = self.raw_lo[g] * m + raw_lo * (1 - m)
-            self.raw_hi[g] = self.raw_hi[g] * m + raw_hi * (1 - m)
-            self.running[g] = True
-            self.count[g] += n_rows
+        if self._running(g):
+            self._move_running(g, raw_lo, raw_hi, n_rows)
             return
-        if self.count[g] == 0:
-            self.raw_lo[g], self.raw_hi[g] = raw_lo, raw_hi
-        else:
-            self.raw_lo[g] = torch.minimum(self.raw_lo[g], raw_lo)
-            self.raw_hi[g] = torch.maximum(self.raw_hi[g], raw_hi)
         lo, hi = find_range(
             x2d,
             q.bits,
@@ -777,17 +839,34 @@ class _RangeObserver:
             max_elems=self.MAX_ELEMS,
             generator=self.generator,
         )
-        lo, hi = lo.double().cpu(), hi.double().cpu()
+        self._accumulate(g, raw_lo, raw_hi, lo.double().cpu(), hi.double().cpu(), n_rows)
+
+    def _move_running(self, g: int, raw_lo: Tensor, raw_hi: Tensor, n_rows: int) -> None:
+        """Running statistics: the raw min / max move to their EMA with the call's."""
+        m = self.momentum
+        self.raw_lo[g] = self.raw_lo[g] * m + raw_lo * (1 - m)
+        self.raw_hi[g] = self.raw_hi[g] * m + raw_hi * (1 - m)
+        self.running[g] = True
+        self.count[g] += n_rows
+
+    def _accumulate(
+        self, g: int, raw_lo: Tensor, raw_hi: Tensor, lo: Tensor, hi: Tensor, n_rows: int
+    ) -> None:
+        """Add one call's raw min / max and clipping range ``(C,)`` float64 of group ``g``."""
+        if self.count[g] == 0:
+            self.raw_lo[g], self.raw_hi[g] = raw_lo, raw_hi
+        else:
+            self.raw_lo[g] = torch.minimum(self.raw_lo[g], raw_lo)
+            self.raw_hi[g] = torch.maximum(self.raw_hi[g], raw_hi)
         if self.method == "minmax":
             if self.count[g] == 0:
                 self.lo[g], self.hi[g] = lo, hi
             else:
                 self.lo[g], self.hi[g] = torch.minimum(self.lo[g], lo), torch.maximum(self.hi[g], hi)
-            self.count[g] += n_rows
-        else:  # row-weighted mean of per-batch optima
+        else:  # row-weighted mean of per-call optima
             self.lo[g] += lo * n_rows
             self.hi[g] += hi * n_rows
-            self.count[g] += n_rows
+        self.count[g] += n_rows
 
     def ranges(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         seen = self.count > 0
@@ -804,6 +883,73 @@ class _RangeObserver:
             lo[g], hi[g] = lo[nearest], hi[nearest]
         dev = self.q.scale.device
         return lo.float().to(dev), hi.float().to(dev)
+
+
+class _BlockSample:
+    """One call's range statistics gathered block by block of columns of ``(C, n_i)`` blocks:
+    the per-row min / max and, with ``max_elems``, the tail-preserving sample of
+    :func:`find_range` (per row the ``keep // 4`` largest ``|x|`` and a uniform sample without
+    replacement of ``keep - keep // 4`` of the rest, ``keep = max(8, max_elems // C)``) drawn
+    across the blocks: the largest ``|x|`` are merged block by block, and the uniform sample is
+    the columns with the largest of one uniform random key each (drawn from ``generator`` block
+    by block), those of the top set left out. Memory: a block and ``2 · keep`` columns."""
+
+    def __init__(self, channels: int, max_elems: int, generator: Optional[torch.Generator]) -> None:
+        self.lo: Optional[Tensor] = None
+        self.hi: Optional[Tensor] = None
+        self.n = 0
+        self.keep = max(8, max_elems // max(channels, 1)) if max_elems else 0
+        self.n_top = max(1, self.keep // 4)
+        self.generator = generator
+        self.top: Optional[tuple[Tensor, Tensor, Tensor]] = None  # |x|, column, x; (C, ≤ n_top)
+        self.pool: Optional[tuple[Tensor, Tensor, Tensor]] = None  # key, column, x; (C, ≤ keep)
+
+    def add(self, x2d: Tensor) -> None:
+        x2d = x2d.float()
+        lo, hi = x2d.amin(dim=1), x2d.amax(dim=1)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        if self.keep:
+            c, n = x2d.shape
+            cols = torch.arange(self.n, self.n + n, device=x2d.device).expand(c, n)
+            keys = torch.rand(c, n, generator=self.generator).to(x2d.device)
+            self.top = self._merge(self.top, x2d.abs(), cols, x2d, self.n_top)
+            self.pool = self._merge(self.pool, keys, cols, x2d, self.keep)
+        self.n += x2d.shape[1]
+
+    @staticmethod
+    def _merge(kept, score: Tensor, cols: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``k`` columns of largest ``score`` per row, of those kept and a new block."""
+        top = score.topk(min(k, score.shape[1]), dim=1).indices
+        new = (score.gather(1, top), cols.gather(1, top), x.gather(1, top))
+        if kept is not None:
+            new = tuple(torch.cat([a, b], dim=1) for a, b in zip(kept, new))
+            top = new[0].topk(min(k, new[0].shape[1]), dim=1).indices
+            new = tuple(t.gather(1, top) for t in new)
+        return new
+
+    def lp_range(self, bits: int, mode: str, p: float, n_candidates: int) -> tuple[Tensor, Tensor]:
+        """:func:`lp_search_range` on the call's full range, the loss measured on all its data
+        (at most ``keep`` columns) or on the weighted sample."""
+        _, cols, x = self.pool
+        if self.n <= self.keep:  # every column is in the pool: the exact search, in column order
+            order = cols.argsort(dim=1)
+            return lp_search_range(
+                x.gather(1, order).contiguous(), bits, mode, p, n_candidates, self.lo, self.hi
+            )
+        _, top_cols, top_x = self.top
+        c = x.shape[0]
+        offset = torch.arange(c, device=x.device)[:, None] * self.n
+        in_top = torch.isin(cols + offset, top_cols + offset)
+        rank = torch.arange(cols.shape[1], device=x.device).expand_as(cols).masked_fill(in_top, cols.shape[1])
+        n_rest = self.keep - self.n_top
+        rest = rank.topk(n_rest, dim=1, largest=False).indices.sort(dim=1).values  # highest keys first
+        sample = torch.cat([top_x, x.gather(1, rest)], dim=1)
+        n = self.n
+        weight = torch.cat(
+            [torch.full((self.n_top,), 1.0 / n), torch.full((n_rest,), (n - self.n_top) / (n * n_rest))]
+        ).to(x.device)
+        return lp_search_range(sample, bits, mode, p, n_candidates, self.lo, self.hi, col_weight=weight)
 
 
 class TokenActQuantizer(ActQuantizer):
