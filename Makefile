@@ -64,7 +64,7 @@ tables: venv  ## SWEEP=<sweep dir>: (re)build table.{md,tex,csv} of a sweep, e.g
 	@test -n "$(SWEEP)" || { echo "usage: make tables SWEEP=<sweep dir> [TABLE_ARGS='--experiment NAME']"; exit 2; }
 	$(PY) -m diffquant.tables $(SWEEP) $(TABLE_ARGS)
 
-.PHONY: bench-accuquant bench-speed bench-forward bench-scale bench-paper-size
+.PHONY: bench-accuquant bench-speed bench-forward bench-scale bench-paper-size bench-act-init
 bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -> outputs/bench/sampling_speed_*.json
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w8a8,w4a8,w4a4 method=ptq +bench.samples=100 +bench.repeats=3 $(ARGS)
 	$(PY) -m diffquant.bench.sampling_speed -m model=ldm_digits quant=w4a4 method=quest +bench.samples=100 +bench.repeats=3 $(ARGS)
@@ -78,5 +78,9 @@ bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 --compile $(ARGS)
 bench-paper-size: venv  ## method=ptq_paper through run.py on a full-size random-weight Bedroom folder, 2 iterations per stage: peak RSS and disk per unit -> outputs/bench/ (ARGS: run.py overrides replacing the default)
 	$(PY) -m diffquant.bench.paper_size $(ARGS)
+bench-act-init: venv  ## full-size Bedroom: peak RSS of ptq_paper's activation-range init (one observing forward), attention in query blocks (20, 64 rows) vs all queries at once (20 rows; 64 would exceed 24 GB) -> outputs/bench/
+	$(PY) -m diffquant.bench.act_init_memory --rows 20 --whole-attention $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --rows 20 $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --rows 64 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)
