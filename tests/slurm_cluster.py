@@ -20,10 +20,13 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
+
+from filelock import FileLock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_SCRIPT = REPO_ROOT / "slurm" / "start_local_cluster.sh"
@@ -150,7 +153,11 @@ def ensure_cluster() -> dict[str, str]:
     if _cached_error is not None:
         raise RuntimeError(_cached_error)
     try:
-        env = _find_cluster()
+        # one finder at a time across processes (pytest-xdist workers): the second waits for the
+        # first's cluster instead of starting another
+        lock = Path(tempfile.gettempdir()) / f"diffquant-slurm-start-{os.getuid()}.lock"
+        with FileLock(str(lock), timeout=1200):
+            env = _find_cluster()
     except RuntimeError as exc:
         _cached_error = str(exc)
         raise
