@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffquant.quant.quantizers import ActQuantizer
 
@@ -34,6 +35,12 @@ from diffquant.quant.quantizers import ActQuantizer
 #: in cache, and memory no longer grows with L_q · L_k (SD at 512 px, all queries at once: 0.5 GB
 #: per row and tensor)
 ATTENTION_BLOCK_ELEMENTS = 1 << 20
+
+#: with gradients, a call whose probabilities would take more than this many bytes keeps only each
+#: query block's inputs for the backward pass and forms the block's probabilities again there
+#: (``torch.utils.checkpoint``): the same values and gradients, the memory of one block instead
+#: of every block's (a Bedroom 32×32 attention at batch 32: 1.8 GB per saved tensor)
+CHECKPOINT_PROBS_BYTES = 1 << 30
 
 
 class QuantAttnProcessor(nn.Module):
@@ -183,11 +190,28 @@ class QuantAttnProcessor(nn.Module):
                 pq.observe_blocks(self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
             quantize = pq.forward_observed
         out = query.new_empty(b, h, l_q, value.shape[-1])
+        probs_bytes = b * h * l_q * key_t.shape[-1] * query.element_size()
+        recompute = torch.is_grad_enabled() and probs_bytes > CHECKPOINT_PROBS_BYTES
         for s, mask in blocks:
-            out[:, :, s] = torch.matmul(
-                self._quantized_probs(attn, query[:, :, s], key_t, mask, quantize), value
+            args = (attn, query[:, :, s], key_t, value, mask, quantize)
+            out[:, :, s] = (
+                checkpoint(self._block_output, *args, use_reentrant=False)
+                if recompute
+                else self._block_output(*args)
             )
         return out
+
+    def _block_output(
+        self,
+        attn: nn.Module,
+        query: Tensor,
+        key_t: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        quantize: Optional[Callable[[Tensor], Tensor]],
+    ) -> Tensor:
+        """One query block's output ``(B, heads, l, d_v)``: its quantized probabilities times ``value``."""
+        return torch.matmul(self._quantized_probs(attn, query, key_t, attention_mask, quantize), value)
 
     @staticmethod
     def _probs(attn: nn.Module, query: Tensor, key_t: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
