@@ -237,7 +237,8 @@ def test_attention_in_query_blocks(name, monkeypatch):
     monkeypatch.setattr(
         attention, "checkpoint", lambda *a, **k: (recomputed.append(1), real_checkpoint(*a, **k))[1]
     )
-    for limit in (attention.CHECKPOINT_PROBS_BYTES, 0):
+    default = attention.CHECKPOINT_PROBS_BYTES
+    for limit in (default, 0):
         monkeypatch.setattr(attention, "CHECKPOINT_PROBS_BYTES", limit)
         denoiser.zero_grad()
         out = UNET.forward(denoiser, inputs)
@@ -245,8 +246,8 @@ def test_attention_in_query_blocks(name, monkeypatch):
         out.square().sum().backward()
         grads[limit] = procs[0].prob_quantizer.scale.grad.clone()
         calls[limit] = len(recomputed)
-    assert torch.equal(grads[0], grads[attention.CHECKPOINT_PROBS_BYTES]) and grads[0].abs().sum() > 0
-    assert calls[attention.CHECKPOINT_PROBS_BYTES] == 0 < calls[0]  # recomputed only above the limit
+    assert torch.equal(grads[0], grads[default]) and grads[0].abs().sum() > 0
+    assert calls[default] == 0 < calls[0]  # recomputed only above the limit
 
 
 def _prob_ranges(denoiser) -> list[Tensor]:
