@@ -74,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         with observing_act_ranges(unet, args.method, quantize=True):
             unet(x, t)
     seconds = time.perf_counter() - start
+    peak_mb = peak_rss_mb() if reset else None
     for h in handles:
         h.remove()
     result = {
@@ -83,8 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "attention": "whole" if args.whole_attention else "query_blocks",
         "threads": args.threads,
         "model_rss_mb": round(base_mb, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1) if reset else None,
-        "peak_above_model_mb": round(peak_rss_mb() - base_mb, 1) if reset else None,
+        "peak_rss_mb": None if peak_mb is None else round(peak_mb, 1),
+        "peak_above_model_mb": None if peak_mb is None else round(peak_mb - base_mb, 1),
         "seconds": round(seconds, 1),
         "largest_attention_probs_mb_per_row": round(max(probs_mb), 1),
         "largest_attention_probs_mb_all_rows": round(max(probs_mb) * args.rows, 1),

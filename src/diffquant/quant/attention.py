@@ -177,7 +177,7 @@ class QuantAttnProcessor(nn.Module):
         rows = self._query_block_rows(query, key)
         pq = self.prob_quantizer
         if rows >= query.shape[2]:
-            return torch.matmul(self._quantized_probs(attn, query, key_t, attention_mask, pq), value)
+            return self._block_output(attn, query, key_t, value, attention_mask, pq)
         b, h, l_q, _ = query.shape
         per_query_mask = attention_mask is not None and attention_mask.shape[-2] == l_q
         blocks = [
@@ -210,8 +210,10 @@ class QuantAttnProcessor(nn.Module):
         attention_mask: Optional[Tensor],
         quantize: Optional[Callable[[Tensor], Tensor]],
     ) -> Tensor:
-        """One query block's output ``(B, heads, l, d_v)``: its quantized probabilities times ``value``."""
-        return torch.matmul(self._quantized_probs(attn, query, key_t, attention_mask, quantize), value)
+        """One query block's output ``(B, heads, l, d_v)``: its probabilities (:meth:`_probs`) through
+        ``quantize`` (None: unquantized), times ``value``."""
+        probs = self._probs(attn, query, key_t, attention_mask)
+        return torch.matmul(probs if quantize is None else quantize(probs), value)
 
     @staticmethod
     def _probs(attn: nn.Module, query: Tensor, key_t: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
@@ -221,18 +223,6 @@ class QuantAttnProcessor(nn.Module):
         if attention_mask is not None:
             scores = scores + attention_mask
         return scores.float().softmax(dim=-1).to(query.dtype)
-
-    def _quantized_probs(
-        self,
-        attn: nn.Module,
-        query: Tensor,
-        key_t: Tensor,
-        attention_mask: Optional[Tensor],
-        quantize: Optional[Callable[[Tensor], Tensor]],
-    ) -> Tensor:
-        """:meth:`_probs` through ``quantize`` (None: unquantized)."""
-        probs = self._probs(attn, query, key_t, attention_mask)
-        return probs if quantize is None else quantize(probs)
 
     def _query_block_rows(self, query: Tensor, key: Tensor) -> int:
         """Queries per block: as many as keep one batch row's block of scores within

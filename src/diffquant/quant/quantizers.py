@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 import torch
@@ -227,6 +227,22 @@ def _lp_search_range_loop(
     return best_lo, best_hi
 
 
+def _sample_size(channels: int, max_elems: int) -> int:
+    """Columns per row of the L_p loss's sample: ``max_elems`` spread over ``channels`` rows, at
+    least 8."""
+    return max(8, max_elems // max(channels, 1))
+
+
+def _tail_sample_weights(n: int, keep: int, device: torch.device) -> tuple[int, Tensor]:
+    """The number of top columns of a tail-preserving sample of ``keep`` of ``n`` columns
+    (``keep // 4``, at least 1) and the ``(keep,)`` weights of its columns, top ones first: 1/n for
+    each top column, (n - n_top)/(n · n_rest) for each of the ``n_rest`` uniform ones."""
+    n_top = max(1, keep // 4)
+    n_rest = keep - n_top
+    weight = torch.cat([torch.full((n_top,), 1.0 / n), torch.full((n_rest,), (n - n_top) / (n * n_rest))])
+    return n_top, weight.to(device)
+
+
 def _tail_preserving_sample(
     x2d: Tensor, keep: int, generator: Optional[torch.Generator]
 ) -> tuple[Tensor, Tensor]:
@@ -235,16 +251,12 @@ def _tail_preserving_sample(
     rest (weight (N - k)/(N · n_rest)), so the weighted L_p loss is an unbiased estimate of the
     full mean that never misses the outliers the clipping decision hinges on."""
     c, n = x2d.shape
-    n_top = max(1, keep // 4)
-    n_rest = keep - n_top
+    n_top, weight = _tail_sample_weights(n, keep, x2d.device)
     top = x2d.abs().topk(n_top, dim=1).indices
     scores = torch.rand(c, n, generator=generator).to(x2d.device)
     scores.scatter_(1, top, -1.0)
-    rest = scores.topk(n_rest, dim=1).indices
+    rest = scores.topk(keep - n_top, dim=1).indices
     cols = torch.cat([top, rest], dim=1)
-    weight = torch.cat([torch.full((n_top,), 1.0 / n), torch.full((n_rest,), (n - n_top) / (n * n_rest))]).to(
-        x2d.device
-    )
     return torch.gather(x2d, 1, cols), weight
 
 
@@ -270,7 +282,7 @@ def find_range(
     if method != "lp":
         raise ValueError(f"unknown range init {method!r}; use 'lp' or 'minmax'")
     c, n = x2d.shape
-    keep = max(8, max_elems // max(c, 1))
+    keep = _sample_size(c, max_elems)
     if n <= keep:
         return lp_search_range(x2d, bits, mode, p, n_candidates, lo, hi)
     sample, weight = _tail_preserving_sample(x2d.float(), keep, generator)
@@ -770,15 +782,20 @@ class _RangeObserver:
         self.count = torch.zeros(g, dtype=torch.float64)
         self.running = torch.zeros(g, dtype=torch.bool)
 
-    @torch.no_grad()
-    def observe(self, x: Tensor, groups: Optional[Tensor]) -> None:
-        x = x.detach()
+    @staticmethod
+    def _by_group(x: Tensor, groups: Optional[Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """``(group, its rows of x)`` for each time-step group present in ``groups`` ``(B,)``
+        (None: one group, 0, with every row)."""
         if groups is None:
-            self._add(0, x, x.shape[0])
+            yield 0, x
             return
         for g in groups.unique().tolist():
-            rows = groups == g
-            self._add(int(g), x[rows], int(rows.sum()))
+            yield int(g), x[groups == g]
+
+    @torch.no_grad()
+    def observe(self, x: Tensor, groups: Optional[Tensor]) -> None:
+        for g, rows in self._by_group(x.detach(), groups):
+            self._add(g, rows, rows.shape[0])
 
     @torch.no_grad()
     def observe_blocks(
@@ -792,13 +809,7 @@ class _RangeObserver:
         n_rows: dict[int, int] = {}
         for block in blocks:
             block = block.detach()
-            groups = row_groups(block)
-            parts = (
-                [(0, block)]
-                if groups is None
-                else [(int(g), block[groups == g]) for g in groups.unique().tolist()]
-            )
-            for g, x in parts:
+            for g, x in self._by_group(block, row_groups(block)):
                 if g not in samples:
                     lp = self.method != "minmax" and not self._running(g)
                     c = q.channels if q.per_channel else 1
@@ -898,8 +909,8 @@ class _BlockSample:
         self.lo: Optional[Tensor] = None
         self.hi: Optional[Tensor] = None
         self.n = 0
-        self.keep = max(8, max_elems // max(channels, 1)) if max_elems else 0
-        self.n_top = max(1, self.keep // 4)
+        self.keep = _sample_size(channels, max_elems) if max_elems else 0
+        self.n_top = max(1, self.keep // 4)  # as _tail_sample_weights (merged before n is known)
         self.generator = generator
         self.top: Optional[tuple[Tensor, Tensor, Tensor]] = None  # |x|, column, x; (C, ≤ n_top)
         self.pool: Optional[tuple[Tensor, Tensor, Tensor]] = None  # key, column, x; (C, ≤ keep)
@@ -942,13 +953,11 @@ class _BlockSample:
         offset = torch.arange(c, device=x.device)[:, None] * self.n
         in_top = torch.isin(cols + offset, top_cols + offset)
         rank = torch.arange(cols.shape[1], device=x.device).expand_as(cols).masked_fill(in_top, cols.shape[1])
-        n_rest = self.keep - self.n_top
-        rest = rank.topk(n_rest, dim=1, largest=False).indices.sort(dim=1).values  # highest keys first
+        n_top, weight = _tail_sample_weights(self.n, self.keep, x.device)
+        rest = (
+            rank.topk(self.keep - n_top, dim=1, largest=False).indices.sort(dim=1).values
+        )  # highest keys first
         sample = torch.cat([top_x, x.gather(1, rest)], dim=1)
-        n = self.n
-        weight = torch.cat(
-            [torch.full((self.n_top,), 1.0 / n), torch.full((n_rest,), (n - self.n_top) / (n * n_rest))]
-        ).to(x.device)
         return lp_search_range(sample, bits, mode, p, n_candidates, self.lo, self.hi, col_weight=weight)
 
 
