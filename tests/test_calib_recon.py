@@ -518,8 +518,8 @@ def test_cache_keys_name_the_numerics():
 
 
 def test_compiled_adaround_reconstructs_as_the_eager_kernels(stream, monkeypatch):
-    """``compile``: the weight stages run AdaRound's compiled kernels, and the reconstruction
-    agrees with the eager one to float rounding: the same final roundings but for a few weights
+    """``compile``: the weight stages run AdaRound's compiled kernels (the regulariser in the soft
+    rounding's) and α's fused Adam, and the reconstruction agrees with the eager one to float rounding: the same final roundings but for a few weights
     whose α ends near 0, and the same error to FP within 2%."""
     from diffquant.quant import adaround
 
@@ -530,12 +530,23 @@ def test_compiled_adaround_reconstructs_as_the_eager_kernels(stream, monkeypatch
         calls[fn.__name__] += 1
         return real(fn)
 
+    fused = []
+    real_adam = torch.optim.Adam
+
+    def adam(params, **kwargs):
+        fused.append(kwargs.get("fused"))
+        return real_adam(params, **kwargs)
+
     eager, _ = _calibrated(stream)
     monkeypatch.setattr(adaround, "compiled", spy)
+    monkeypatch.setattr(torch.optim, "Adam", adam)
     fast, report = _calibrated(stream, recon=dataclasses.replace(RECON, compile=True))
     monkeypatch.undo()
     n_steps = len(report.units) and sum(u.weight_loss is not None for u in report.units) * RECON.weight_iters
-    assert calls["soft_quant_expr"] >= n_steps and calls["regularizer_expr"] > 0
+    # warm-up iterations: the soft rounding alone; then with the regulariser in the same kernel
+    assert calls["soft_quant_expr"] + calls["soft_quant_penalty_expr"] >= n_steps
+    assert calls["soft_quant_penalty_expr"] > 0 and calls["regularizer_expr"] == 0
+    assert True in fused  # α's Adam: the fused kernel (the LSQ stage's step sizes: not)
     masks = {
         name: (q.round_up, dict(fast.denoiser.named_modules())[name].round_up)
         for name, q in eager.denoiser.named_modules()

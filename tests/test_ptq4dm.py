@@ -171,3 +171,7 @@ def test_new_options_at_their_defaults_leave_cached_results_valid():
     assert key == old
     assert key_dict(PTQ4DMConfig())["recon"]["joint"] is True
     assert key_dict(PTQ4DMConfig())["calib"]["step_sampling"] == "normal"
+    # a switch whose kernels changed carries their version: its results, and only those, recomputed
+    compiled = key_dict(ReconSettings(compile=True))
+    assert compiled["compile"] is True and compiled["compile_code_version"] == 2
+    assert "compile_code_version" not in key_dict(ReconSettings())

@@ -363,3 +363,47 @@ def test_compiled_adaround_kernels_match_the_eager_ones():
     rounding.compiled = True
     with torch.no_grad():  # without gradients the eager fused kernel serves
         assert torch.equal(rounding.soft_quant(w_floor, scale, zp, q_min, q_max), results[False][0][0])
+
+
+def test_announced_beta_puts_the_regulariser_in_the_soft_rounding_kernel(monkeypatch):
+    """After :meth:`RoundingSchedule.announce`, a compiled soft rounding computes the regulariser
+    in the same kernel, and ``schedule.loss`` takes it from there (no kernel of its own): values
+    and α gradients agree with the eager kernels; during the warm-up nothing is announced.
+    Under bf16 autocast the compiled soft rounding writes the bf16 weight autocast would make."""
+    from diffquant.quant import adaround
+
+    calls = []
+    real = adaround.compiled
+    monkeypatch.setattr(adaround, "compiled", lambda fn: calls.append(fn.__name__) or real(fn))
+    schedule = RoundingSchedule(iters=10)
+    rounding, w_floor, scale, zp, q_min, q_max = _rounding((6, 5, 3, 3), 4, "affine", seed=3)
+    with torch.no_grad():
+        rounding.alpha.add_(torch.randn(rounding.alpha.shape, generator=torch.Generator().manual_seed(9)))
+    ramp = torch.linspace(-1, 1, w_floor.numel()).reshape(w_floor.shape)
+
+    def step(it, compiled):
+        rounding.compiled, rounding.alpha.grad = compiled, None
+        schedule.announce(it, [rounding])
+        w = rounding.soft_quant(w_floor, scale, zp, q_min, q_max)
+        penalty = schedule.loss(it, [rounding])
+        ((w * ramp).sum() + penalty).backward()
+        return w.detach(), penalty.detach(), rounding.alpha.grad.clone()
+
+    for it in (1, 5, 9):  # warm-up (it < 2), then β = 16.6, 2
+        calls.clear()
+        (w_e, p_e, g_e), (w_c, p_c, g_c) = step(it, False), step(it, True)
+        assert calls == (["soft_quant_expr"] if it < 2 else ["soft_quant_penalty_expr"])
+        assert (rounding.penalty_beta is None) == (it < 2)
+        assert torch.allclose(w_c, w_e, rtol=1e-6, atol=1e-7 * float(scale.max()))
+        assert torch.allclose(p_c, p_e, rtol=1e-5) and (it < 2) == (float(p_e) == 0.0)
+        assert torch.allclose(g_c, g_e, rtol=1e-5, atol=1e-6 * float(g_e.abs().max()))
+    # a β other than the announced one, or a second call: computed on its own
+    assert torch.allclose(rounding.regularizer(3.0), adaround.regularizer_expr(rounding.alpha, 3.0))
+
+    rounding.compiled = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w_bf16 = rounding.soft_quant(w_floor, scale, zp, q_min, q_max)
+    assert w_bf16.dtype == torch.bfloat16
+    assert torch.equal(
+        w_bf16, adaround.soft_quant_expr(rounding.alpha, w_floor, scale, zp, q_min, q_max).bfloat16()
+    )

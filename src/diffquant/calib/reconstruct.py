@@ -80,7 +80,7 @@ from torch import Tensor, nn
 
 from diffquant.cache import atomic_torch_save, atomic_write_json, file_digest
 from diffquant.calib.collect import STEP_KEY, CalibStream
-from diffquant.memory import release_freed_memory
+from diffquant.memory import release_freed_memory, reusing_freed_memory
 from diffquant.quant.adaround import AdaRound, RoundingSchedule
 from diffquant.quant.checkpoint import load_quant_state, quantizer_state_dict
 from diffquant.quant.modules import is_quant_layer
@@ -163,7 +163,9 @@ class ReconSettings:
             change (``make bench-scale ARGS='--autocast bf16'`` measures it).
         compile: the AdaRound stages' per-weight work, the soft rounding and the rounding
             regulariser (forward and backward), as ``torch.compile``'d kernels
-            (:mod:`~diffquant.quant.adaround`: the same expressions, one loop each way).
+            (:mod:`~diffquant.quant.adaround`: the same expressions, one loop each way; under
+            ``autocast`` the soft-rounded weight is written in bf16), and α's Adam update as
+            its fused kernel.
             Compiled once per process and tensor rank (10–20 s each on 2 CPU cores; needs a C++
             compiler on CPU, Triton on CUDA). A speed switch for long runs: the values agree
             with the eager kernels to float rounding (``make bench-scale`` measures it).
@@ -201,6 +203,9 @@ class ReconSettings:
         "autocast": None,
         "compile": False,
     }
+    #: results of ``compile=true`` are recomputed once when its kernels change: 2: the regulariser in
+    #: the soft rounding's kernel, backward recomputing the forward, exp-log power, fused Adam
+    KEY_CODE_VERSIONS: ClassVar[dict[str, int]] = {"compile": 2}
 
     def __post_init__(self) -> None:
         positive(self, "weight_iters", "act_iters", allow_zero=True)
@@ -716,21 +721,28 @@ class Reconstructor:
                 quantized_acts=s.joint,
             )
             rep.capture_s = round(time.perf_counter() - t0, 3)
-            if do_w and s.joint:
-                torch.manual_seed(s.seed * 7919 + index)
-                gen = torch.Generator().manual_seed(s.seed * 7919 + index)
-                rep.weight_loss = self._joint_stage(unit, w_layers, act_qs, store, spec, gen)
-            elif do_w:
-                torch.manual_seed(s.seed * 7919 + index)
-                gen = torch.Generator().manual_seed(s.seed * 7919 + index)
-                rep.weight_loss = self._weight_stage(unit, w_layers, store, spec, gen)
-            if do_a:
-                torch.manual_seed(s.seed * 7919 + index + 1_000_003)
-                gen = torch.Generator().manual_seed(s.seed * 7919 + index + 1_000_003)
-                rep.act_loss = self._act_stage(unit, act_qs, store, spec, gen)
+            with self._stage_memory():
+                if do_w and s.joint:
+                    torch.manual_seed(s.seed * 7919 + index)
+                    gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                    rep.weight_loss = self._joint_stage(unit, w_layers, act_qs, store, spec, gen)
+                elif do_w:
+                    torch.manual_seed(s.seed * 7919 + index)
+                    gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                    rep.weight_loss = self._weight_stage(unit, w_layers, store, spec, gen)
+                if do_a:
+                    torch.manual_seed(s.seed * 7919 + index + 1_000_003)
+                    gen = torch.Generator().manual_seed(s.seed * 7919 + index + 1_000_003)
+                    rep.act_loss = self._act_stage(unit, act_qs, store, spec, gen)
         finally:
             shutil.rmtree(spill, ignore_errors=True)
         return rep
+
+    def _stage_memory(self) -> contextlib.AbstractContextManager:
+        """The stages' allocator setting: on CPU, freed blocks kept for the next iteration
+        (:func:`~diffquant.memory.reusing_freed_memory`: no page faults for the tensors every
+        iteration allocates again; values unchanged)."""
+        return reusing_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext()
 
     # -- capture
     @torch.no_grad()
@@ -863,7 +875,7 @@ class Reconstructor:
     ) -> float:
         s = self.s
         roundings = self._start_roundings(layers)
-        opt = torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)
+        opt = self._rounding_optimizer(roundings)
         schedule = RoundingSchedule(s.weight_iters, s.round_reg, s.warmup, s.beta_start, s.beta_end)
         losses = _LossLog(s.weight_iters, unit.name, "weight")
         keys = [*spec.keys("w_"), "y"]  # the quantized network's inputs and the FP output only
@@ -871,6 +883,7 @@ class Reconstructor:
             for it, batch in enumerate(store.sample(s.weight_iters, s.batch_size, gen, keys)):
                 check_stop(where=f"block reconstruction: {unit.name}, weight iteration {it}")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
+                schedule.announce(it, roundings)
                 with self._autocast():
                     out = spec.call(unit.module, batch, "w_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)
@@ -926,6 +939,13 @@ class Reconstructor:
             r.compiled = self.s.compile
         return roundings
 
+    def _rounding_optimizer(self, roundings: list[AdaRound]) -> torch.optim.Adam:
+        """Adam (lr ``weight_lr``) on the roundings' α; with ``compile`` its fused kernel (one
+        pass over the weights per step instead of about ten; the same update to float
+        rounding)."""
+        fused = True if self.s.compile else None
+        return torch.optim.Adam([r.alpha for r in roundings], lr=self.s.weight_lr, fused=fused)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The unit forward's precision in the stages (``autocast``; the loss stays FP32)."""
         if self.s.autocast is None:
@@ -969,7 +989,7 @@ class Reconstructor:
             )
         roundings = self._start_roundings(layers)
         scales = [q.scale for q in act_qs]
-        opts = [torch.optim.Adam([r.alpha for r in roundings], lr=s.weight_lr)] if roundings else []
+        opts = [self._rounding_optimizer(roundings)] if roundings else []
         scheds = []
         if scales:
             opts.append(torch.optim.Adam(scales, lr=s.act_lr))
@@ -991,6 +1011,7 @@ class Reconstructor:
                     batch = mix_inputs(batch, s.input_keep_prob)
                 if self.router is not None:
                     self.router.route(unit.module, batch["t"], batch["step"])
+                schedule.announce(it, roundings)
                 with self._autocast():
                     out = spec.call(unit.module, batch, "fp_")
                 rec = lp_loss(out, batch["y"], s.weight_p, s.loss_axis)

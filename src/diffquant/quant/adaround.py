@@ -15,7 +15,10 @@ of elementwise passes over every weight of the unit, each reading and writing me
 ``compiled`` set on an :class:`AdaRound` (``method.recon.compile``), both run as
 ``torch.compile``'d kernels of the same expressions (:func:`soft_quant_expr`,
 :func:`regularizer_expr`): one fused loop each way, compiled once per process and tensor rank
-(dynamic shapes).
+(dynamic shapes; the backward recomputes the forward rather than saving its intermediates, and
+the regulariser's power is ``exp(β log x)``). When the stage announces the iteration's β before the forward
+(:meth:`RoundingSchedule.announce`), the soft rounding and the regulariser are one kernel
+(:func:`soft_quant_penalty_expr`): α is read once, and its gradient written once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +40,19 @@ def rectified_expr(alpha: Tensor) -> Tensor:
 
 
 def soft_quant_expr(
-    alpha: Tensor, w_floor: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int
+    alpha: Tensor,
+    w_floor: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    q_min: int,
+    q_max: int,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``(clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) - z) · Δ`` (weight-shaped): the soft-rounded
-    fake-quantized weight as one autograd composition."""
-    return (torch.clamp(w_floor + rectified_expr(alpha) + zero_point, q_min, q_max) - zero_point) * scale
+    fake-quantized weight as one autograd composition, computed in float32 and cast to
+    ``out_dtype`` when given (the dtype autocast would cast it to)."""
+    out = (torch.clamp(w_floor + rectified_expr(alpha) + zero_point, q_min, q_max) - zero_point) * scale
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def rounding_penalty(h: Tensor, beta: float | Tensor) -> Tensor:
@@ -48,16 +60,58 @@ def rounding_penalty(h: Tensor, beta: float | Tensor) -> Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
-def regularizer_expr(alpha: Tensor, beta: float | Tensor) -> Tensor:
-    """AdaRound's regulariser of α: :func:`rounding_penalty` of h(α)."""
-    return rounding_penalty(rectified_expr(alpha), beta)
+#: below it, ``|2h - 1|^β`` is 0 in float32 for every β ≥ 2 the schedule uses
+_POW_FLOOR = 1e-30
+
+
+def rounding_penalty_exp_log(h: Tensor, beta: Tensor) -> Tensor:
+    """:func:`rounding_penalty` with the power as ``exp(β · log|2 h - 1|)`` (what ``pow`` computes;
+    ``|2h - 1|`` floored at 1e-30, where the power is 0 either way): the compiled kernels' form.
+    Its backward is ``p · β / |2h - 1|`` from the saved power, where ``pow``'s takes a second
+    power; equal to :func:`rounding_penalty` to float rounding."""
+    return (1 - torch.exp(beta * torch.log((2 * h - 1).abs().clamp_min(_POW_FLOOR)))).sum()
+
+
+def regularizer_expr(alpha: Tensor, beta: Tensor) -> Tensor:
+    """AdaRound's regulariser of α: :func:`rounding_penalty_exp_log` of h(α) (compiled only)."""
+    return rounding_penalty_exp_log(rectified_expr(alpha), beta)
+
+
+def soft_quant_penalty_expr(
+    alpha: Tensor,
+    w_floor: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    q_min: int,
+    q_max: int,
+    out_dtype: Optional[torch.dtype],
+    beta: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`soft_quant_expr` and :func:`regularizer_expr` of one α together (the weight and a
+    scalar): compiled, one loop reads α once for both and one loop writes α's gradient from both."""
+    h = rectified_expr(alpha)
+    out = (torch.clamp(w_floor + h + zero_point, q_min, q_max) - zero_point) * scale
+    return (out if out_dtype is None else out.to(out_dtype)), rounding_penalty_exp_log(h, beta)
 
 
 @functools.cache
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn)`` with dynamic shapes (one compilation serves every weight of a rank),
-    made on first use and kept for the process."""
-    return torch.compile(fn, dynamic=True)
+    made on first use and kept for the process.
+
+    Compiled with an activation memory budget of 0 (``torch._functorch.config``): the backward
+    kernel recomputes the elementwise forward from α and the floor codes instead of reading
+    saved weight-sized intermediates (σ(α), masks), the cheaper way for these memory-bound
+    kernels (``python -m diffquant.bench.scale --compile`` measures it).
+    """
+    kernel = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        with torch._functorch.config.patch(activation_memory_budget=0.0):
+            return kernel(*args)
+
+    return call
 
 
 class AdaRound(nn.Module):
@@ -69,10 +123,14 @@ class AdaRound(nn.Module):
     """
 
     compiled: bool = False
+    #: β of this iteration's regulariser, announced before the forward (:meth:`RoundingSchedule.announce`)
+    #: so that a compiled soft rounding computes the regulariser with it; None: not announced
+    penalty_beta: Optional[float] = None
 
     def __init__(self, alpha: Tensor) -> None:
         super().__init__()
         self.alpha = nn.Parameter(alpha.clone().float())
+        self._penalty: Optional[tuple[float, Tensor]] = None  # (β, the regulariser) of the last soft rounding
 
     @classmethod
     def from_weight(cls, weight: Tensor, scale: Tensor) -> AdaRound:
@@ -103,7 +161,21 @@ class AdaRound(nn.Module):
         """
         need_grad = torch.is_grad_enabled() and self.alpha.requires_grad
         if self.compiled and need_grad:
-            return compiled(soft_quant_expr)(self._alpha_input(), w_floor, scale, zero_point, q_min, q_max)
+            args = (
+                self._alpha_input(),
+                w_floor,
+                scale,
+                zero_point,
+                q_min,
+                q_max,
+                _autocast_dtype(self.alpha),
+            )
+            beta = self.penalty_beta
+            if beta is None or not self.fused():
+                return compiled(soft_quant_expr)(*args)
+            out, penalty = compiled(soft_quant_penalty_expr)(*args, self._beta_tensor(beta))
+            self._penalty = (beta, penalty)
+            return out
         return _SoftQuant.apply(self.alpha, w_floor, scale, zero_point, q_min, q_max, need_grad)
 
     def _alpha_input(self) -> Tensor:
@@ -116,12 +188,27 @@ class AdaRound(nn.Module):
         return self.alpha.detach() >= 0
 
     def regularizer(self, beta: float) -> Tensor:
-        """``Σ (1 - |2 h(α) - 1|^β)`` (a scalar; 0 when every h is 0 or 1)."""
+        """``Σ (1 - |2 h(α) - 1|^β)`` (a scalar; 0 when every h is 0 or 1): the one the last
+        compiled soft rounding computed with this β (taken once), else computed here."""
+        done, self._penalty = self._penalty, None
+        if done is not None and done[0] == beta:
+            return done[1]
         if self.compiled and self.fused():
-            # β as a tensor: a new float each iteration would be a new compilation
-            beta_t = torch.tensor(float(beta), device=self.alpha.device)
-            return compiled(regularizer_expr)(self._alpha_input(), beta_t)
+            return compiled(regularizer_expr)(self._alpha_input(), self._beta_tensor(beta))
         return rounding_penalty(self.rectified(), beta)
+
+    def _beta_tensor(self, beta: float) -> Tensor:
+        """β as a tensor for the compiled kernels: a new float each iteration would be a new
+        compilation."""
+        return torch.tensor(float(beta), device=self.alpha.device)
+
+
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts a float32 weight to on ``t``'s device (None when autocast is
+    off there): the compiled soft rounding writes its output in it, the convolution or matmul
+    then casts nothing."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 class _SoftQuant(torch.autograd.Function):
@@ -179,6 +266,15 @@ class RoundingSchedule:
             return self.beta_start
         rel = (it - start) / max(self.iters - start, 1)
         return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
+
+    def announce(self, it: int, roundings: list[AdaRound]) -> None:
+        """Before iteration ``it``'s forward: tell compiled roundings its β (None during the
+        warm-up), so that their soft rounding computes the regulariser in the same kernel and
+        :meth:`loss` takes it from there."""
+        beta = None if it < self.warmup * self.iters else self.beta(it)
+        for r in roundings:
+            r.penalty_beta = beta if r.compiled else None
+            r._penalty = None
 
     def loss(self, it: int, roundings: list[AdaRound]) -> Tensor:
         """λ · Σ regularisers at iteration ``it`` (0 during warm-up)."""
