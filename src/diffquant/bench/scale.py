@@ -29,6 +29,7 @@ within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -165,11 +166,23 @@ def measure_unit(rec: Any, index: int, unit: Any, iters: int, device: torch.devi
 
 
 def fp_train_step_s(
-    module: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Any, device, repeats: int = 3
+    module: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    spec: Any,
+    device,
+    repeats: int = 3,
+    autocast: Optional[str] = None,
 ) -> float:
     """Median seconds of the unit's FP forward + backward (MSE to zero, gradients to its
-    weights) on one captured batch: the floor any training iteration of the unit pays."""
+    weights) on one captured batch: the floor any training iteration of the unit pays. With
+    ``autocast`` (``bf16``) the forward runs under bfloat16 autocast, as the stages' does."""
     from diffquant.quant import quant_state
+
+    precision = (
+        torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        if autocast
+        else contextlib.nullcontext()
+    )
 
     params = [p for p in module.parameters()]
     before = [p.requires_grad for p in params]
@@ -181,7 +194,8 @@ def fp_train_step_s(
             for _ in range(repeats + 1):
                 sync(device)
                 t0 = time.perf_counter()
-                out = spec.call(module, batch, "fp_")
+                with precision:
+                    out = spec.call(module, batch, "fp_")
                 torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
                 sync(device)
                 times.append(time.perf_counter() - t0)
@@ -206,6 +220,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--skip-forward", action="store_true", help="only the units and the projection")
     parser.add_argument("--autocast", choices=["bf16"], help="the stages' recon.autocast (default FP32)")
     parser.add_argument(
+        "--attention-unit",
+        default=UNITS["attention"],
+        help="the attention unit measured (e.g. up_blocks.2.attentions.0, at 32x32 on Bedroom)",
+    )
+    parser.add_argument(
+        "--recompute-above-gb",
+        type=float,
+        help="quant.attention.CHECKPOINT_PROBS_BYTES in GB: attention calls whose probabilities "
+        "exceed it recompute each query block in the backward (default: the module's, 1)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="recon.compile: AdaRound's per-weight work compiled (default eager)",
@@ -223,10 +248,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from diffquant.calib.ranges import observing_act_ranges
     from diffquant.calib.reconstruct import ReconSettings, Reconstructor, find_units
     from diffquant.models.denoiser import UNET
-    from diffquant.quant import QuantConfig, quant_state, quantize_denoiser
+    from diffquant.quant import QuantConfig, attention, quant_state, quantize_denoiser
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    units = {**UNITS, "attention": args.attention_unit}
+    if args.recompute_above_gb is not None:
+        attention.CHECKPOINT_PROBS_BYTES = int(args.recompute_above_gb * 2**30)
     result: dict[str, Any] = {"model": args.model, "device": str(device), "threads": args.threads}
     if not args.skip_forward:
         result["forward"] = forward_cost.main(
@@ -264,11 +292,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         rec = Reconstructor(unet, UNET, stream, settings)
         by_name = {u.name: (i, u) for i, u in enumerate(fp_units)}
         measured = {}
-        for kind, name in UNITS.items():
+        for kind, name in units.items():
             index, unit = by_name[name]
             measured[kind] = measure_unit(rec, index, unit, args.iters, device)
             store_batch = next(stream.batches(args.unit_batch, device=device))
-            measured[kind]["fp_train_step_s"] = round(_unit_floor(unet, unit, store_batch, device), 4)
+            measured[kind]["fp_train_step_s"] = round(
+                _unit_floor(unet, unit, store_batch, device, args.autocast), 4
+            )
             for stage in ("adaround", "lsq"):
                 per_iter = measured[kind][f"{stage}_s_per_iter"]
                 if per_iter is not None:
@@ -283,10 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "quant": "w4a8",
         "autocast": args.autocast,
         "compile": args.compile,
+        # a --baseline revision may predate the recomputation
+        "recompute_probs_above_bytes": getattr(attention, "CHECKPOINT_PROBS_BYTES", None),
     }
 
     # 3. projection to the paper's calibration
-    base = {k: shares[UNITS[k]] for k in UNITS}
+    base = {k: shares[units[k]] for k in units}
     hours = {"adaround": 0.0, "lsq": 0.0, "capture": 0.0}
     capture_per_row = measured["resnet"]["capture_s"] / args.rows
     for unit in fp_units:
@@ -385,8 +417,11 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _unit_floor(unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device) -> float:
-    """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser."""
+def _unit_floor(
+    unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device, autocast: Optional[str] = None
+) -> float:
+    """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser
+    (under ``autocast`` as the stages run)."""
     from diffquant.calib.reconstruct import CallSpec, StopForward
     from diffquant.quant import quant_state
 
@@ -410,7 +445,7 @@ def _unit_floor(unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor]
     # contiguous: the captured input can be channels-last, and GroupNorm's backward on a
     # channels-last input crashes the process on PyTorch 2.13's CPU kernels
     batch = {k: v.to(device).contiguous() for k, v in rows.items()}
-    return fp_train_step_s(unit.module, batch, spec, device)
+    return fp_train_step_s(unit.module, batch, spec, device, autocast=autocast)
 
 
 if __name__ == "__main__":

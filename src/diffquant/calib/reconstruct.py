@@ -162,10 +162,10 @@ class ReconSettings:
             FP32); None = FP32 throughout (the papers' setting). A speed switch: the values
             change (``make bench-scale ARGS='--autocast bf16'`` measures it).
         compile: the AdaRound stages' per-weight work, the soft rounding and the rounding
-            regulariser (forward and backward), as ``torch.compile``'d kernels
-            (:mod:`~diffquant.quant.adaround`: the same expressions, one loop each way; under
-            ``autocast`` the soft-rounded weight is written in bf16), and α's Adam update as
-            its fused kernel.
+            regulariser (forward and backward), as one ``torch.compile``'d kernel each way
+            (:mod:`~diffquant.quant.adaround`: the same expressions, the power as exp-log, the
+            backward recomputing the forward; under ``autocast`` the soft-rounded weight is
+            written in bf16), and α's Adam update as its fused kernel.
             Compiled once per process and tensor rank (10–20 s each on 2 CPU cores; needs a C++
             compiler on CPU, Triton on CUDA). A speed switch for long runs: the values agree
             with the eager kernels to float rounding (``make bench-scale`` measures it).

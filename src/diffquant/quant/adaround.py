@@ -51,7 +51,20 @@ def soft_quant_expr(
     """``(clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) - z) · Δ`` (weight-shaped): the soft-rounded
     fake-quantized weight as one autograd composition, computed in float32 and cast to
     ``out_dtype`` when given (the dtype autocast would cast it to)."""
-    out = (torch.clamp(w_floor + rectified_expr(alpha) + zero_point, q_min, q_max) - zero_point) * scale
+    return _soft_quant_of(rectified_expr(alpha), w_floor, scale, zero_point, q_min, q_max, out_dtype)
+
+
+def _soft_quant_of(
+    h: Tensor,
+    w_floor: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    q_min: int,
+    q_max: int,
+    out_dtype: Optional[torch.dtype],
+) -> Tensor:
+    """:func:`soft_quant_expr` from h = h(α)."""
+    out = (torch.clamp(w_floor + h + zero_point, q_min, q_max) - zero_point) * scale
     return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -67,8 +80,8 @@ _POW_FLOOR = 1e-30
 def rounding_penalty_exp_log(h: Tensor, beta: Tensor) -> Tensor:
     """:func:`rounding_penalty` with the power as ``exp(β · log|2 h - 1|)`` (what ``pow`` computes;
     ``|2h - 1|`` floored at 1e-30, where the power is 0 either way): the compiled kernels' form.
-    Its backward is ``p · β / |2h - 1|`` from the saved power, where ``pow``'s takes a second
-    power; equal to :func:`rounding_penalty` to float rounding."""
+    Its backward is ``p · β / |2h - 1|`` from the power, where ``pow``'s takes a second power;
+    equal to :func:`rounding_penalty` to float rounding."""
     return (1 - torch.exp(beta * torch.log((2 * h - 1).abs().clamp_min(_POW_FLOOR)))).sum()
 
 
@@ -90,8 +103,9 @@ def soft_quant_penalty_expr(
     """:func:`soft_quant_expr` and :func:`regularizer_expr` of one α together (the weight and a
     scalar): compiled, one loop reads α once for both and one loop writes α's gradient from both."""
     h = rectified_expr(alpha)
-    out = (torch.clamp(w_floor + h + zero_point, q_min, q_max) - zero_point) * scale
-    return (out if out_dtype is None else out.to(out_dtype)), rounding_penalty_exp_log(h, beta)
+    return _soft_quant_of(h, w_floor, scale, zero_point, q_min, q_max, out_dtype), rounding_penalty_exp_log(
+        h, beta
+    )
 
 
 @functools.cache
