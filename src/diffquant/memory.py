@@ -27,10 +27,6 @@ def _libc_function(name: str) -> Optional[Callable[..., int]]:
         return None
 
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
-    return _libc_function("malloc_trim")
-
-
 def release_freed_memory() -> bool:
     """Return the freed heap pages of this process to the system (glibc ``malloc_trim(0)``).
 
@@ -40,7 +36,7 @@ def release_freed_memory() -> bool:
     between phases that free most of what they allocated (each reconstruction unit). False where
     the C library has no ``malloc_trim``.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)

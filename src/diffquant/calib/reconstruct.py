@@ -723,16 +723,13 @@ class Reconstructor:
             rep.capture_s = round(time.perf_counter() - t0, 3)
             with self._stage_memory():
                 if do_w and s.joint:
-                    torch.manual_seed(s.seed * 7919 + index)
-                    gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                    gen = _seeded(s.seed * 7919 + index)
                     rep.weight_loss = self._joint_stage(unit, w_layers, act_qs, store, spec, gen)
                 elif do_w:
-                    torch.manual_seed(s.seed * 7919 + index)
-                    gen = torch.Generator().manual_seed(s.seed * 7919 + index)
+                    gen = _seeded(s.seed * 7919 + index)
                     rep.weight_loss = self._weight_stage(unit, w_layers, store, spec, gen)
                 if do_a:
-                    torch.manual_seed(s.seed * 7919 + index + 1_000_003)
-                    gen = torch.Generator().manual_seed(s.seed * 7919 + index + 1_000_003)
+                    gen = _seeded(s.seed * 7919 + index + 1_000_003)
                     rep.act_loss = self._act_stage(unit, act_qs, store, spec, gen)
         finally:
             shutil.rmtree(spill, ignore_errors=True)
@@ -1029,6 +1026,13 @@ class Reconstructor:
         for layer in layers:
             layer.weight_quantizer.harden()
         return tail
+
+
+def _seeded(seed: int) -> torch.Generator:
+    """Seed the global generator (dropout masks, QDrop's input mixing) with ``seed`` and return a
+    generator seeded the same (the stage's row sampling)."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def mix_inputs(batch: dict[str, Tensor], keep_prob: float) -> dict[str, Tensor]:

@@ -185,7 +185,7 @@ class AdaRound(nn.Module):
                 _autocast_dtype(self.alpha),
             )
             beta = self.penalty_beta
-            if beta is None or not self.fused():
+            if beta is None:
                 return compiled(soft_quant_expr)(*args)
             out, penalty = compiled(soft_quant_penalty_expr)(*args, self._beta_tensor(beta))
             self._penalty = (beta, penalty)
@@ -274,10 +274,14 @@ class RoundingSchedule:
     beta_start: float = 20.0
     beta_end: float = 2.0
 
+    def regularized(self, it: int) -> bool:
+        """Whether iteration ``it`` has the regulariser (it is past the warm-up)."""
+        return it >= self.warmup * self.iters
+
     def beta(self, it: int) -> float:
-        start = self.warmup * self.iters
-        if it < start:
+        if not self.regularized(it):
             return self.beta_start
+        start = self.warmup * self.iters
         rel = (it - start) / max(self.iters - start, 1)
         return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
 
@@ -285,7 +289,7 @@ class RoundingSchedule:
         """Before iteration ``it``'s forward: tell compiled roundings its β (None during the
         warm-up), so that their soft rounding computes the regulariser in the same kernel and
         :meth:`loss` takes it from there."""
-        beta = None if it < self.warmup * self.iters else self.beta(it)
+        beta = self.beta(it) if self.regularized(it) else None
         for r in roundings:
             r.penalty_beta = beta if r.compiled else None
             r._penalty = None
@@ -294,7 +298,7 @@ class RoundingSchedule:
         """λ · Σ regularisers at iteration ``it`` (0 during warm-up)."""
         if not roundings:
             return torch.zeros(())
-        if it < self.warmup * self.iters:  # on α's device: adding it to a GPU loss needs no copy
+        if not self.regularized(it):  # on α's device: adding it to a GPU loss needs no copy
             return torch.zeros((), device=roundings[0].alpha.device)
         beta = self.beta(it)
         return self.weight * sum(r.regularizer(beta) for r in roundings)
