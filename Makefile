@@ -79,9 +79,12 @@ bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 --iters 8 --autocast bf16 --compile $(ARGS)
 bench-paper-size: venv  ## method=ptq_paper through run.py on a full-size random-weight Bedroom folder, 2 iterations per stage: peak RSS and disk per unit -> outputs/bench/ (ARGS: run.py overrides replacing the default)
 	$(PY) -m diffquant.bench.paper_size $(ARGS)
-bench-act-init: venv  ## full-size Bedroom: peak RSS of ptq_paper's activation-range init (one observing forward), attention in query blocks (20, 64 rows) vs all queries at once (20 rows; 64 would exceed 24 GB) -> outputs/bench/
+bench-act-init: venv  ## full-size Bedroom: peak RSS of ptq_paper's and QuEST's activation-range init (one forward), attention in query blocks (20, 64 rows) vs all queries at once (20 rows; 64 would exceed 24 GB) -> outputs/bench/
 	$(PY) -m diffquant.bench.act_init_memory --rows 20 --whole-attention $(ARGS)
 	$(PY) -m diffquant.bench.act_init_memory --rows 20 $(ARGS)
 	$(PY) -m diffquant.bench.act_init_memory --rows 64 $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --quest --rows 20 --whole-attention $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --quest --rows 20 $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --quest --rows 64 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

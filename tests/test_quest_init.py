@@ -427,3 +427,68 @@ def test_pndm_act_ranges_and_lsq_route_by_step_index(pndm):
     reconstruct(denoiser.requires_grad_(True), UNET, stream, settings)  # a trainable model: frozen inside
     moved = (q.scale.detach() != before).reshape(groups, -1).any(dim=1)
     assert moved.all(), f"groups whose step size LSQ never trained: {(~moved).nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize(
+    "method, running, network",
+    [
+        ("minmax", True, "fp"),
+        ("percentile", True, "fp"),
+        ("percentile", False, "fp"),
+        ("minmax", False, "quantized"),
+    ],
+)
+def test_attention_probabilities_are_watched_in_query_blocks(tiny, monkeypatch, method, running, network):
+    """The init watches the attention probabilities' calls block by block of queries, the whole
+    call's update: min-max ranges and the running statistics from the blocks' min / max (no call
+    formed whole), the percentile search on the call's blocks concatenated. The ranges are those
+    of all queries at once up to float rounding: every quantizer's on the FP network; on the
+    quantized one the first attention's (a last-bit difference flips roundings downstream)."""
+    import diffquant.methods.quest_init as quest_init
+    import diffquant.quant.attention as attention
+
+    model, stream = tiny
+    init = StepInit(
+        method=method, network=network, rows=None, rows_per_step=4, running=running, running_batch_size=3
+    )
+    widths, whole_calls, adds = [], [], []
+    prob_qs: list = []  # the current model's probabilities' quantizers
+    probs = attention.QuantAttnProcessor._probs
+    update, add = quest_init._GroupRanges._update, quest_init._GroupRanges._add
+    monkeypatch.setattr(
+        attention.QuantAttnProcessor,
+        "_probs",
+        staticmethod(lambda attn, q, k, m: (widths.append(q.shape[2]), probs(attn, q, k, m))[1]),
+    )
+    monkeypatch.setattr(
+        quest_init._GroupRanges,
+        "_update",
+        lambda self, q, g, x: (whole_calls.append(q in prob_qs and x.shape[2] > 1), update(self, q, g, x))[1],
+    )
+    monkeypatch.setattr(
+        quest_init._GroupRanges, "_add", lambda self, q, *a: (adds.append(q in prob_qs), add(self, q, *a))[1]
+    )
+    ranges, prob_ranges, prob_updates = {}, {}, {}
+    big = attention.ATTENTION_BLOCK_ELEMENTS  # all queries of the tiny model in one block
+    for block in (big, 1):
+        monkeypatch.setattr(attention, "ATTENTION_BLOCK_ELEMENTS", block)
+        for seen in (widths, whole_calls, adds):
+            seen.clear()
+        denoiser = quantized(model, stream)
+        prob_qs[:] = [m.prob_quantizer for m in denoiser.modules() if hasattr(m, "prob_quantizer")]
+        init_timestep_ranges(denoiser, stream, init)
+        ranges[block] = [q.scale.clone() for _, q in iter_quantizers(denoiser, "act")]
+        prob_ranges[block] = [q.scale.clone() for q in prob_qs]
+        prob_updates[block] = sum(adds)
+        if block == 1:
+            assert set(widths) == {1}  # one query at a time, in the watched pass and the output
+            # the probabilities reach the init as a whole call only for the percentile search
+            assert any(whole_calls) == (method == "percentile")
+        else:
+            assert max(widths) > 1 and any(whole_calls)
+    assert prob_updates[1] == prob_updates[big] > 0  # each call's groups updated once, not per block
+    compared = (
+        zip(ranges[big], ranges[1]) if network == "fp" else zip(prob_ranges[big][:1], prob_ranges[1][:1])
+    )
+    for whole, blocks in compared:
+        torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-8)

@@ -2,19 +2,22 @@
 observing forward of all its initial rows at once.
 
     python -m diffquant.bench.act_init_memory [--model ldm_bedroom] [--rows 64] [--method lp]
-                                              [--whole-attention] [--threads 2] [--out DIR]
+                                              [--quest] [--whole-attention] [--threads 2] [--out DIR]
 
 Builds the full-size UNet of ``--model`` with random weights
 (:func:`~diffquant.bench.forward_cost.full_size_unet`), quantizes it at W4A8 (Q-Diffusion's
 activations per tensor, weights per channel with min-max ranges), and runs one forward of
 ``--rows`` random rows at the noisiest time step with every activation quantizer observing by
 ``--method`` and quantizing at once (``ptq_paper``'s initialisation on the weight-quantized
-network: ``act_init_stage=after_weights``, ``act_init_batch_size=64``). The attention
+network: ``act_init_stage=after_weights``, ``act_init_batch_size=64``). ``--quest``: QuEST's
+initialisation instead (:func:`~diffquant.methods.quest_init.watching_group_ranges`, the QuEST
+code's: on the quantized network, each quantizer's range from its first call, min-max as its
+Bedroom and ImageNet scripts or ``--method percentile``), one step's ``--rows`` (64 there). The attention
 probabilities are observed in query blocks (:class:`~diffquant.quant.attention.QuantAttnProcessor`);
 ``--whole-attention`` forms every attention's probabilities for all queries at once instead, as
-the observation did before. Reports the peak RSS above the model's (the kernel's high-water mark,
+the observation (and QuEST's) did before. Reports the peak RSS above the model's (the kernel's high-water mark,
 reset before the forward), the seconds, and the largest attention's probabilities per row, and
-writes ``DIR/act_init_memory_<model>_<rows>rows[_whole].json``.
+writes ``DIR/act_init_memory_<model>_<rows>rows[_quest_<method>][_whole].json``.
 """
 
 from __future__ import annotations
@@ -34,16 +37,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ldm_bedroom")
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--method", choices=["lp", "minmax"], default="lp")
+    parser.add_argument(
+        "--method", choices=["lp", "minmax", "percentile"], help="default: lp; minmax with --quest"
+    )
+    parser.add_argument("--quest", action="store_true", help="QuEST's range initialisation")
     parser.add_argument("--whole-attention", action="store_true", help="all queries at once (the old way)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args(list(argv) if argv is not None else None)
+    args.method = args.method or ("minmax" if args.quest else "lp")
+    if args.method == "percentile" and not args.quest:
+        parser.error("--method percentile is QuEST's search: add --quest")
 
     import diffquant.quant.attention as attention
     from diffquant.bench.forward_cost import full_size_unet
     from diffquant.bench.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
     from diffquant.calib.ranges import observing_act_ranges
+    from diffquant.methods.quest_init import StepInit, watching_group_ranges
     from diffquant.models.denoiser import UNET
     from diffquant.quant import QuantConfig, quant_state, quantize_denoiser
 
@@ -70,9 +80,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base_mb = current_rss_mb()
     reset = reset_peak_rss()
     start = time.perf_counter()
-    with torch.no_grad(), quant_state(unet, weights=True, acts=True):
-        with observing_act_ranges(unet, args.method, quantize=True):
-            unet(x, t)
+    if args.quest:
+        init = watching_group_ranges(unet, StepInit(method=args.method, network="quantized"))
+    else:
+        init = observing_act_ranges(unet, args.method, quantize=True)
+    with torch.no_grad(), quant_state(unet, weights=True, acts=True), init:
+        unet(x, t)
     seconds = time.perf_counter() - start
     peak_mb = peak_rss_mb() if reset else None
     for h in handles:
@@ -81,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "model": args.model,
         "rows": args.rows,
         "method": args.method,
+        "init": "quest" if args.quest else "observer",
         "attention": "whole" if args.whole_attention else "query_blocks",
         "threads": args.threads,
         "model_rss_mb": round(base_mb, 1),
@@ -91,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "largest_attention_probs_mb_all_rows": round(max(probs_mb) * args.rows, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_whole" if args.whole_attention else ""
+    suffix = (f"_quest_{args.method}" if args.quest else "") + ("_whole" if args.whole_attention else "")
     atomic_write_json(args.out / f"act_init_memory_{args.model}_{args.rows}rows{suffix}.json", result)
     print(result)
     return result

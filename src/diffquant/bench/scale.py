@@ -15,8 +15,11 @@ On the full-size UNet of ``--model`` with random weights (``bench.forward_cost.f
    and an attention block (``up_blocks.0.attentions.0``), ``--iters`` AdaRound then ``--iters``
    LSQ iterations at ``--unit-batch`` rows each. Per iteration: the median wall time between
    optimizer steps (the first of each stage left out), next to the same unit's FP forward +
-   backward at that batch (``floor``: what any training step of the unit costs); the capture
-   time; the peak RSS above the start (CPU) or peak CUDA memory.
+   backward at that batch, the floors: with gradients to its weights (``fp_train_step_s``, what
+   any training step of the unit costs) and to its inputs only (``fp_input_grad_step_s``, what an
+   LSQ iteration must compute), and the forward's GFLOP; the capture time; the peak RSS above
+   the start (CPU) or peak CUDA memory. With ``--baseline``, ``lsq_floor_ratio`` is the current
+   floor against the baseline's LSQ iteration: the lowest LSQ ratio without fewer multiply-adds.
 3. **projection**: the paper's calibration (48 units, 20k AdaRound + 5k LSQ iterations,
    5,120 rows): each unit's iteration cost is the measured one of its kind (attention from the
    attention unit, the rest from the ResBlock) scaled by the unit's share of the FP forward; its
@@ -172,19 +175,30 @@ def fp_train_step_s(
     device,
     repeats: int = 3,
     autocast: Optional[str] = None,
+    grads_to: str = "weights",
 ) -> float:
-    """Median seconds of the unit's FP forward + backward (MSE to zero, gradients to its
-    weights) on one captured batch: the floor any training iteration of the unit pays. With
-    ``autocast`` (``bf16``) the forward runs under bfloat16 autocast, as the stages' does."""
+    """Median seconds of the unit's FP forward + backward (MSE to zero) on one captured batch.
+    ``grads_to="weights"``: gradients to its weights, the floor any training iteration of the
+    unit pays. ``grads_to="inputs"``: gradients to its floating-point inputs only, weights
+    frozen: the convolutions' forward and input gradient, the least an LSQ iteration (gradients
+    to step sizes at the layers' inputs) must compute. With ``autocast`` (``bf16``) the forward
+    runs under bfloat16 autocast, as the stages' does."""
     from diffquant.quant import quant_state
 
+    if grads_to not in ("weights", "inputs"):
+        raise ValueError(f"grads_to={grads_to!r}: expected 'weights' or 'inputs'")
     precision = (
         torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         if autocast
         else contextlib.nullcontext()
     )
-
-    params = [p for p in module.parameters()]
+    if grads_to == "inputs":
+        batch = {k: v.detach().requires_grad_(True) if v.is_floating_point() else v for k, v in batch.items()}
+        targets = [v for v in batch.values() if v.requires_grad]
+        params = []
+    else:
+        params = [p for p in module.parameters()]
+        targets = params
     before = [p.requires_grad for p in params]
     times = []
     try:
@@ -196,13 +210,27 @@ def fp_train_step_s(
                 t0 = time.perf_counter()
                 with precision:
                     out = spec.call(module, batch, "fp_")
-                torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+                torch.autograd.grad(out.float().square().mean(), targets, allow_unused=True)
                 sync(device)
                 times.append(time.perf_counter() - t0)
     finally:
         for p, b in zip(params, before):
             p.requires_grad_(b)
     return statistics.median(times[1:])
+
+
+def forward_gflop(module: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Any) -> float:
+    """GFLOP of one FP forward of the unit on ``batch`` (multiply-adds counted as 2, convolutions,
+    matrix products and attention; ``torch.utils.flop_counter``). Its input gradient costs the
+    same again, its weight gradient the same again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffquant.quant import quant_state
+
+    with torch.no_grad(), quant_state(module, weights=False, acts=False):
+        with FlopCounterMode(display=False) as counter:
+            spec.call(module, batch, "fp_")
+    return counter.get_total_flops() / 1e9
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -296,15 +324,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             index, unit = by_name[name]
             measured[kind] = measure_unit(rec, index, unit, args.iters, device)
             store_batch = next(stream.batches(args.unit_batch, device=device))
-            measured[kind]["fp_train_step_s"] = round(
-                _unit_floor(unet, unit, store_batch, device, args.autocast), 4
-            )
+            measured[kind].update(_unit_floor(unet, unit, store_batch, device, args.autocast))
+            m = measured[kind]
             for stage in ("adaround", "lsq"):
-                per_iter = measured[kind][f"{stage}_s_per_iter"]
-                if per_iter is not None:
-                    measured[kind][f"{stage}_vs_fp_train_step"] = round(
-                        per_iter / measured[kind]["fp_train_step_s"], 3
-                    )
+                if m[f"{stage}_s_per_iter"] is not None:
+                    m[f"{stage}_vs_fp_train_step"] = round(m[f"{stage}_s_per_iter"] / m["fp_train_step_s"], 3)
+            if m["lsq_s_per_iter"] is not None:
+                m["lsq_vs_fp_input_grad_step"] = round(m["lsq_s_per_iter"] / m["fp_input_grad_step_s"], 3)
+            # forward + input gradient: twice the forward's multiply-adds
+            m["fp_input_grad_step_gflop_per_s"] = round(2 * m["forward_gflop"] / m["fp_input_grad_step_s"], 1)
     result["units"] = measured
     result["unit_settings"] = {
         "rows": args.rows,
@@ -406,9 +434,15 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
                         f"{stage}_ratio": round(ratio, 3),
                     }
                 )
-        row["fp_train_step_s"] = {
-            side: [r["units"][kind]["fp_train_step_s"] for r in runs[side]] for side in runs
-        }
+        for key in ("fp_train_step_s", "fp_input_grad_step_s"):
+            row[key] = {side: [r["units"][kind][key] for r in runs[side]] for side in runs}
+        old_lsq = [r["units"][kind]["lsq_s_per_iter"] for r in runs["baseline"]]
+        if None not in old_lsq:
+            # the lowest LSQ ratio this precision allows without fewer multiply-adds: the current
+            # FP forward + input gradient against the baseline's LSQ iteration
+            row["lsq_floor_ratio"] = round(
+                statistics.median(row["fp_input_grad_step_s"]["current"]) / statistics.median(old_lsq), 3
+            )
         result["units"][kind] = row
     result["settings"] = runs["current"][0]["unit_settings"]
     result["runs"] = runs
@@ -419,9 +453,11 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 def _unit_floor(
     unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device, autocast: Optional[str] = None
-) -> float:
+) -> dict[str, float]:
     """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser
-    (under ``autocast`` as the stages run)."""
+    (under ``autocast`` as the stages run): seconds with gradients to the weights
+    (``fp_train_step_s``) and to the inputs only (``fp_input_grad_step_s``, the LSQ stage's
+    floor), and the forward's GFLOP (``forward_gflop``)."""
     from diffquant.calib.reconstruct import CallSpec, StopForward
     from diffquant.quant import quant_state
 
@@ -445,7 +481,13 @@ def _unit_floor(
     # contiguous: the captured input can be channels-last, and GroupNorm's backward on a
     # channels-last input crashes the process on PyTorch 2.13's CPU kernels
     batch = {k: v.to(device).contiguous() for k, v in rows.items()}
-    return fp_train_step_s(unit.module, batch, spec, device, autocast=autocast)
+    return {
+        "fp_train_step_s": round(fp_train_step_s(unit.module, batch, spec, device, autocast=autocast), 4),
+        "fp_input_grad_step_s": round(
+            fp_train_step_s(unit.module, batch, spec, device, autocast=autocast, grads_to="inputs"), 4
+        ),
+        "forward_gflop": round(forward_gflop(unit.module, batch, spec), 2),
+    }
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ starts from the last channel's scalar; it is not used at W4A4, where per-channel
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -179,7 +180,9 @@ class StepInit:
 class _GroupRanges:
     """Forward pre-hook of one :class:`ActQuantizer`: sets the range of the groups of the rows it
     sees (before the quantizer uses it), from the first batch of a group on; with ``momentum``
-    set, moves it to the EMA of per-batch min / max."""
+    set, moves it to the EMA of per-batch min / max. A
+    :class:`~diffquant.quant.attention.BlockWatcher`: the attention probabilities' calls come
+    block by block of queries where the update needs only their min / max."""
 
     def __init__(
         self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int, force_group: Optional[int]
@@ -195,40 +198,103 @@ class _GroupRanges:
         self.raw_hi = torch.zeros(g, c, dtype=torch.float64)
         self.count = torch.zeros(g, dtype=torch.float64)
         self.momentum: Optional[float] = None
+        self._ignoring = False
 
     @torch.no_grad()
     def __call__(self, q: ActQuantizer, args: tuple) -> None:
+        if self._ignoring:
+            return
         x = args[0].detach()
+        for g, rows in self._groups(q, x):
+            self._update(q, g, rows)
+
+    def _groups(self, q: ActQuantizer, x: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """``(group, its rows of x)`` for the groups present in ``x``."""
         if self.force_group is not None and q.n_groups > 1:
             q.group_index = torch.full((1,), self.force_group, dtype=torch.long)
         groups = q._row_groups(x)
         if groups is None:
-            self._update(q, 0, x)
+            yield 0, x
             return
         for g in groups.unique().tolist():
-            self._update(q, int(g), x[groups == g])
+            yield int(g), x[groups == g]
+
+    def _needs_whole(self, g: int) -> bool:
+        """Whether group ``g``'s next update needs the call's data, not only its min / max."""
+        return self.method != "minmax" and not self._running(g)
+
+    def _running(self, g: int) -> bool:
+        return self.momentum is not None and bool(self.count[g] > 0)
+
+    @torch.no_grad()
+    def observe_blocks(self, q: ActQuantizer, blocks: Callable[[], Iterator[Tensor]], axis: int) -> None:
+        """One call of ``q`` given as blocks along ``axis``: the update of the whole call. Min-max
+        ranges and the running statistics gather the min / max block by block (one block in
+        memory); the other searches get the call's rows of their group concatenated."""
+        raw: dict[int, tuple[Tensor, Tensor, float]] = {}  # group: min, max (C,), rows
+        parts: dict[int, list[Tensor]] = {}
+        for block in blocks():
+            for g, rows in self._groups(q, block.detach()):
+                if self._needs_whole(g):
+                    parts.setdefault(g, []).append(rows)
+                    continue
+                x2d = channels_first(rows, q.per_channel, q._ch_axis(rows)).float()
+                lo, hi = x2d.amin(dim=1), x2d.amax(dim=1)
+                if g in raw:
+                    lo, hi = torch.minimum(raw[g][0], lo), torch.maximum(raw[g][1], hi)
+                raw[g] = (lo, hi, float(rows.shape[0]))
+        for g, rows in parts.items():
+            self._update(q, g, torch.cat(rows, dim=axis))
+        for g, (lo, hi, n) in raw.items():
+            lo, hi = lo.double().cpu(), hi.double().cpu()
+            self._add(q, g, n, lo, hi, lambda lo=lo, hi=hi: (lo, hi))
+
+    @contextlib.contextmanager
+    def observed(self) -> Iterator[None]:
+        """Within it, calls of the quantizer are not watched (the blocks of a watched call)."""
+        self._ignoring = True
+        try:
+            yield
+        finally:
+            self._ignoring = False
 
     def _update(self, q: ActQuantizer, g: int, x: Tensor) -> None:
         x2d = channels_first(x, q.per_channel, q._ch_axis(x)).float()
         raw_lo = x2d.amin(dim=1).double().cpu()
         raw_hi = x2d.amax(dim=1).double().cpu()
-        n = float(x.shape[0])
-        if self.momentum is not None and self.count[g] > 0:  # running statistics
+
+        def search() -> tuple[Tensor, Tensor]:
+            lo, hi = search_range(
+                x2d,
+                q.bits,
+                q.mode,
+                self.method,
+                p=self.p,
+                n_candidates=self.n_candidates,
+                generator=self.generator,
+            )
+            return lo.double().cpu(), hi.double().cpu()
+
+        self._add(q, g, float(x.shape[0]), raw_lo, raw_hi, search)
+
+    def _add(
+        self,
+        q: ActQuantizer,
+        g: int,
+        n: float,
+        raw_lo: Tensor,
+        raw_hi: Tensor,
+        search: Callable[[], tuple[Tensor, Tensor]],
+    ) -> None:
+        """Add a call of ``n`` rows of group ``g`` with min / max ``raw_lo`` / ``raw_hi`` ``(C,)``
+        float64; ``search()`` gives its range (not called in the running statistics)."""
+        if self._running(g):  # running statistics
             m = self.momentum
             self.raw_lo[g] = self.raw_lo[g] * m + raw_lo * (1 - m)
             self.raw_hi[g] = self.raw_hi[g] * m + raw_hi * (1 - m)
             _set_group(q, g, self.raw_lo[g], self.raw_hi[g])
             return
-        lo, hi = search_range(
-            x2d,
-            q.bits,
-            q.mode,
-            self.method,
-            p=self.p,
-            n_candidates=self.n_candidates,
-            generator=self.generator,
-        )
-        lo, hi = lo.double().cpu(), hi.double().cpu()
+        lo, hi = search()
         minmax = self.method == "minmax"
         if self.count[g] == 0:
             self.raw_lo[g], self.raw_hi[g] = raw_lo, raw_hi
@@ -344,6 +410,36 @@ def init_timestep_ranges(
                     call_rows(denoiser, batch, device)
         return len(quantizers)
 
+    cached: list[Tensor] = []
+
+    def steps() -> Tensor:  # every row's step, read once and only where needed
+        if not cached:
+            cached.append(row_steps(stream))
+        return cached[0]
+
+    with watching_group_ranges(denoiser, s, minmax_layers) as hooks:
+        quantizers = list(iter_quantizers(denoiser, "act"))
+        for batch in _init_batches(stream, s, steps):
+            call_rows(denoiser, batch, device)
+        # groups without rows copy the nearest one that had some; in the shared scope (only
+        # group 0 saw rows) that is the reference's copy of the one set into every group
+        seen = {n: hooks[n].fill_unseen(q) for n, q in quantizers}
+        if s.running:
+            for h in hooks.values():
+                h.momentum = s.momentum
+            for batch in _running_batches(stream, s, steps):
+                call_rows(denoiser, batch, device)
+    return _report(quantizers, {n: bool(k) for n, k in seen.items()})
+
+
+@contextlib.contextmanager
+def watching_group_ranges(
+    denoiser: nn.Module, s: StepInit, minmax_layers: Sequence[str] = ()
+) -> Iterator[dict[str, _GroupRanges]]:
+    """Within it, every activation quantizer of ``denoiser`` sets its groups' ranges from the
+    calls it sees as :func:`init_timestep_ranges` does (by ``s.method``, ``s.network``,
+    ``s.scope``; the hooks, by quantizer name, are yielded: set their ``momentum`` for the
+    running statistics). The network runs with weights quantized by ``s.network``."""
     quantizers = list(iter_quantizers(denoiser, "act"))
     forced = [re.compile(pattern) for pattern in minmax_layers]
     shared = s.scope == "shared"
@@ -356,32 +452,15 @@ def init_timestep_ranges(
         handles.append(q.register_forward_pre_hook(hooks[name]))
         if s.network == "fp":  # observed, then passed on unquantized
             handles.append(q.register_forward_hook(lambda m, args, out: args[0]))
-    cached: list[Tensor] = []
-
-    def steps() -> Tensor:  # every row's step, read once and only where needed
-        if not cached:
-            cached.append(row_steps(stream))
-        return cached[0]
-
     try:
         with quant_state(denoiser, weights=s.network == "quantized", acts=True):
-            for batch in _init_batches(stream, s, steps):
-                call_rows(denoiser, batch, device)
-            # groups without rows copy the nearest one that had some; in the shared scope (only
-            # group 0 saw rows) that is the reference's copy of the one set into every group
-            seen = {n: hooks[n].fill_unseen(q) for n, q in quantizers}
-            if s.running:
-                for h in hooks.values():
-                    h.momentum = s.momentum
-                for batch in _running_batches(stream, s, steps):
-                    call_rows(denoiser, batch, device)
+            yield hooks
     finally:
         for h in handles:
             h.remove()
         for _, q in quantizers:
             if shared and q.n_groups > 1:
                 q.group_index = None
-    return _report(quantizers, {n: bool(k) for n, k in seen.items()})
 
 
 def _report(quantizers: list[tuple[str, ActQuantizer]], seen: dict[str, bool]) -> int:

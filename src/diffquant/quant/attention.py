@@ -21,8 +21,9 @@ faster than all queries at once (their scores leave the cache).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Optional
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,23 @@ ATTENTION_BLOCK_ELEMENTS = 1 << 20
 #: (``torch.utils.checkpoint``): the same values and gradients, the memory of one block instead
 #: of every block's (a Bedroom 32×32 attention at batch 32: 1.8 GB per saved tensor)
 CHECKPOINT_PROBS_BYTES = 1 << 30
+
+
+@runtime_checkable
+class BlockWatcher(Protocol):
+    """A forward pre-hook of the probabilities' quantizer that watches whole calls and can be
+    given a call block by block (QuEST's range initialisation,
+    :class:`diffquant.methods.quest_init._GroupRanges`). Without it, such a hook makes the
+    processor form all queries at once."""
+
+    def __call__(self, q: ActQuantizer, args: tuple) -> None: ...
+
+    def observe_blocks(self, q: ActQuantizer, blocks: Callable[[], Iterator[Tensor]], axis: int) -> None:
+        """Watch one call of ``q`` given as blocks along ``axis`` (neither the batch nor the
+        channel axis): ``blocks()`` forms them again at each call; watch it as the whole call."""
+
+    def observed(self) -> contextlib.AbstractContextManager:
+        """Within it, the hook ignores ``q``'s calls (the blocks of a call already watched)."""
 
 
 class QuantAttnProcessor(nn.Module):
@@ -165,7 +183,9 @@ class QuantAttnProcessor(nn.Module):
         the scores of one block in memory instead of all ``L_q · L_k`` (with and without gradients
         alike: training and sampling compute the same values). While the probabilities' quantizer
         observes ranges, the blocks are formed twice: once for it to observe the whole call
-        (:meth:`ActQuantizer.observe_blocks`), once for the output.
+        (:meth:`ActQuantizer.observe_blocks`), once for the output. Its forward pre-hooks (code
+        watching whole calls) are :class:`BlockWatcher` s here: each is given the call's blocks
+        (formed again for each), then ignores the blocks' calls of the output.
         """
         query = self._quant_heads(query, self.q_quantizer)
         key = self._quant_heads(key, self.k_quantizer)
@@ -185,20 +205,31 @@ class QuantAttnProcessor(nn.Module):
             for i in range(0, l_q, rows)
         ]
         quantize = pq
-        if pq is not None and pq.observing:
+        watched = contextlib.ExitStack()
+        if pq is not None and (pq.observing or pq._forward_pre_hooks):
+
+            def probs_blocks() -> Iterator[Tensor]:
+                return (self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
+
             with torch.no_grad():
-                pq.observe_blocks(self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
-            quantize = pq.forward_observed
+                if pq.observing:
+                    pq.observe_blocks(probs_blocks())
+                    quantize = pq.forward_observed
+                for watcher in pq._forward_pre_hooks.values():  # BlockWatchers (_query_block_rows)
+                    watcher.observe_blocks(pq, probs_blocks, axis=2)
+                    # the call is watched: the blocks' calls below only quantize
+                    watched.enter_context(watcher.observed())
         out = query.new_empty(b, h, l_q, value.shape[-1])
         probs_bytes = b * h * l_q * key_t.shape[-1] * query.element_size()
         recompute = torch.is_grad_enabled() and probs_bytes > CHECKPOINT_PROBS_BYTES
-        for s, mask in blocks:
-            args = (attn, query[:, :, s], key_t, value, mask, quantize)
-            out[:, :, s] = (
-                checkpoint(self._block_output, *args, use_reentrant=False)
-                if recompute
-                else self._block_output(*args)
-            )
+        with watched:
+            for s, mask in blocks:
+                args = (attn, query[:, :, s], key_t, value, mask, quantize)
+                out[:, :, s] = (
+                    checkpoint(self._block_output, *args, use_reentrant=False)
+                    if recompute
+                    else self._block_output(*args)
+                )
         return out
 
     def _block_output(
@@ -228,10 +259,13 @@ class QuantAttnProcessor(nn.Module):
         """Queries per block: as many as keep one batch row's block of scores within
         :data:`ATTENTION_BLOCK_ELEMENTS` (at least one; independent of the batch size, so a sample's
         bits do not depend on the rows it is computed with); all of them while the probabilities'
-        quantizer drops activations (QDrop: one random mask per call) or has forward pre-hooks
-        (code watching whole calls, such as QuEST's range initialisation)."""
+        quantizer drops activations (QDrop: one random mask per call) or has a forward pre-hook
+        that is not a :class:`BlockWatcher` (code watching whole calls)."""
         pq = self.prob_quantizer
-        if pq is not None and (pq.keep_prob is not None or pq._forward_pre_hooks):
+        if pq is not None and (
+            pq.keep_prob is not None
+            or not all(isinstance(h, BlockWatcher) for h in pq._forward_pre_hooks.values())
+        ):
             return query.shape[2]
         return max(1, ATTENTION_BLOCK_ELEMENTS // max(1, query.shape[1] * key.shape[2]))
 
