@@ -86,5 +86,7 @@ bench-act-init: venv  ## full-size Bedroom: peak RSS of ptq_paper's and QuEST's 
 	$(PY) -m diffquant.bench.act_init_memory --quest --rows 20 --whole-attention $(ARGS)
 	$(PY) -m diffquant.bench.act_init_memory --quest --rows 20 $(ARGS)
 	$(PY) -m diffquant.bench.act_init_memory --quest --rows 64 $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --quest --method percentile --rows 20 --whole-attention $(ARGS)
+	$(PY) -m diffquant.bench.act_init_memory --quest --method percentile --rows 20 $(ARGS)
 bench-accuquant: venv  ## AccuQuant peak memory + time of one group, M = 1,2,4,8 x exact/approx -> outputs/bench/
 	$(PY) -m diffquant.bench.accuquant_memory --out outputs/bench $(ARGS)

@@ -20,6 +20,7 @@ from diffquant.methods.quest_init import (
     StepInit,
     init_timestep_ranges,
     percentile_search_range,
+    percentile_search_range_blocks,
     take_rows,
 )
 from diffquant.models.denoiser import UNET
@@ -435,13 +436,15 @@ def test_pndm_act_ranges_and_lsq_route_by_step_index(pndm):
         ("minmax", True, "fp"),
         ("percentile", True, "fp"),
         ("percentile", False, "fp"),
+        ("lp", False, "fp"),
         ("minmax", False, "quantized"),
     ],
 )
 def test_attention_probabilities_are_watched_in_query_blocks(tiny, monkeypatch, method, running, network):
     """The init watches the attention probabilities' calls block by block of queries, the whole
-    call's update: min-max ranges and the running statistics from the blocks' min / max (no call
-    formed whole), the percentile search on the call's blocks concatenated. The ranges are those
+    call's update: min-max ranges and the running statistics from the blocks' min / max, the
+    percentile search block by block (no call formed whole), the L_p search on the call's blocks
+    concatenated. The ranges are those
     of all queries at once up to float rounding: every quantizer's on the FP network; on the
     quantized one the first attention's (a last-bit difference flips roundings downstream)."""
     import diffquant.methods.quest_init as quest_init
@@ -482,8 +485,8 @@ def test_attention_probabilities_are_watched_in_query_blocks(tiny, monkeypatch, 
         prob_updates[block] = sum(adds)
         if block == 1:
             assert set(widths) == {1}  # one query at a time, in the watched pass and the output
-            # the probabilities reach the init as a whole call only for the percentile search
-            assert any(whole_calls) == (method == "percentile")
+            # the probabilities reach the init as a whole call only for the L_p search
+            assert any(whole_calls) == (method == "lp")
         else:
             assert max(widths) > 1 and any(whole_calls)
     assert prob_updates[1] == prob_updates[big] > 0  # each call's groups updated once, not per block
@@ -492,3 +495,29 @@ def test_attention_probabilities_are_watched_in_query_blocks(tiny, monkeypatch, 
     )
     for whole, blocks in compared:
         torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("channels, widths", [(1, [7, 300, 1, 4000, 13]), (3, [2500, 2500, 11])])
+def test_percentile_search_over_blocks_is_the_whole_datas(channels, widths):
+    """The percentile search on data given block by block (the quantiles from each row's merged
+    extremes, the errors summed block by block) chooses the whole data's range, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(channels, w, generator=g) ** 3 for w in widths]  # heavy tails
+    whole = torch.cat(blocks, dim=1)
+    for bits, mode in ((4, "affine"), (8, "symmetric")):
+        lo, hi = percentile_search_range_blocks(lambda: iter(blocks), bits, mode)
+        expected = percentile_search_range(whole, bits, mode)
+        assert torch.equal(lo, expected[0]) and torch.equal(hi, expected[1])
+    # the three candidates differ here, so the choice is tested, not only the quantiles
+    qs = torch.quantile(whole, torch.tensor([0.999, 0.9999, 0.99999]), dim=1)
+    assert (qs[1:] > qs[:-1] * (1 + 1e-3)).all()
+
+
+def test_percentile_search_over_blocks_beyond_torch_quantile_is_numpys():
+    """Above ``torch.quantile``'s size the whole data's search takes numpy's percentiles (float64
+    ranks); the block-by-block search reads the same ranks."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(1, w, generator=g) ** 3 for w in (1 << 23, (1 << 23) + 777, 5)]
+    lo, hi = percentile_search_range_blocks(lambda: iter(blocks), 8, "symmetric")
+    expected = percentile_search_range(torch.cat(blocks, dim=1), 8, "symmetric")
+    assert torch.equal(lo, expected[0]) and torch.equal(hi, expected[1])

@@ -56,7 +56,9 @@ starts from the last channel's scalar; it is not used at W4A4, where per-channel
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +90,10 @@ _LP_MAX_ELEMS = 1 << 16  # as the range observer: elements per batch the L_p los
 
 
 # ---------------------------------------------------------------------------- the search
+#: the most elements ``torch.quantile`` takes (above, it raises "input tensor is too large")
+_TORCH_QUANTILE_MAX_ELEMS = 1 << 24
+
+
 def _quantiles(x2d: Tensor, qs: Sequence[float]) -> Tensor:
     """``torch.quantile(x2d, q, dim=1)`` for every ``q`` of ``qs`` (linear interpolation; one sort):
     ``(len(qs), C)``. Where the input is larger than ``torch.quantile`` takes, numpy's percentile
@@ -125,6 +131,76 @@ def percentile_search_range(
         best = torch.where(better, score, best)
         best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
     return best_lo, best_hi
+
+
+@torch.no_grad()
+def percentile_search_range_blocks(
+    blocks: Callable[[], Iterator[Tensor]], bits: int, mode: str, percentiles: Sequence[float] = PERCENTILES
+) -> tuple[Tensor, Tensor]:
+    """:func:`percentile_search_range` of the concatenation along columns of the ``(C, n_i)``
+    blocks ``blocks()`` gives (formed again at each call), with one block in memory at a time
+    plus, per row, the values the quantiles interpolate between:
+
+    1. the columns ``N``;
+    2. per row the ``k`` largest and ``k`` smallest values (``k``: from the extreme percentile's
+       rank to the end), merged block by block, and from them the quantiles, linearly
+       interpolated as ``torch.quantile`` does;
+    3. per candidate, the squared quantization error summed block by block (float64).
+
+    The same candidates as the whole data's; the errors up to summation order."""
+    n = 0
+    for block in blocks():
+        n += block.shape[1]
+    qs = [*percentiles, *(1.0 - p for p in percentiles)]
+    pos = [q * (n - 1) for q in qs]  # linear interpolation between ranks floor(pos) and one above
+    # (float64 here, a rank either side of the float32 / float64 ranks below)
+    k_top = min(n, n - math.floor(min(x for x, q in zip(pos, qs) if q >= 0.5)) + 1)
+    k_bottom = min(n, math.floor(max(x for x, q in zip(pos, qs) if q < 0.5)) + 3)
+    top = bottom = None
+    for block in blocks():
+        block = block.float()
+        top = _extremes(top, block, k_top, largest=True)
+        bottom = _extremes(bottom, block, k_bottom, largest=False)
+    top, bottom = top.sort(dim=1).values, bottom.sort(dim=1).values  # ascending
+
+    def value(rank: int) -> Tensor:  # each row's rank-th smallest value (C,)
+        return bottom[:, rank] if rank < k_bottom else top[:, rank - (n - k_top)]
+
+    # the ranks and weights as _quantiles computes them: torch.quantile's in float32 up to its
+    # size limit, numpy's (its fallback) in float64 above
+    c = top.shape[0]
+    if c * n <= _TORCH_QUANTILE_MAX_ELEMS:
+        ranks = torch.tensor(qs, dtype=torch.float32) * (n - 1)
+    else:
+        ranks = torch.tensor([q * 100 / 100 for q in qs], dtype=torch.float64) * (n - 1)
+    quantiles = []
+    for rank in ranks:
+        below = int(rank.floor())
+        low, high = value(below), value(min(below + 1, n - 1))
+        weight = (rank - below).expand_as(low)
+        quantiles.append(torch.lerp(low.to(rank.dtype), high.to(rank.dtype), weight).to(low.dtype))
+    his, los = quantiles[: len(percentiles)], quantiles[len(percentiles) :]
+    q_min, q_max = int_range(bits, mode)
+    candidates = [range_to_qparams(lo, hi, bits, mode) for lo, hi in zip(los, his)]
+    errors = torch.zeros(len(candidates), his[0].shape[0], dtype=torch.float64)
+    for block in blocks():
+        block = block.float()
+        for i, (scale, zp) in enumerate(candidates):
+            err = (fake_quant(block, scale[:, None], zp[:, None], q_min, q_max) - block).pow_(2)
+            errors[i] += err.sum(dim=1, dtype=torch.float64).cpu()
+    best_lo, best_hi, best = los[0], his[0], errors[0]
+    for lo, hi, err in zip(los[1:], his[1:], errors[1:]):  # the first of equal ones
+        better = err < best
+        best = torch.where(better, err, best)
+        better = better.to(lo.device)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def _extremes(kept: Optional[Tensor], block: Tensor, k: int, largest: bool) -> Tensor:
+    """Each row's ``k`` largest (or smallest) values of ``kept`` and ``block`` together."""
+    both = block if kept is None else torch.cat([kept, block], dim=1)
+    return both.topk(min(k, both.shape[1]), dim=1, largest=largest).values
 
 
 def search_range(
@@ -182,7 +258,7 @@ class _GroupRanges:
     sees (before the quantizer uses it), from the first batch of a group on; with ``momentum``
     set, moves it to the EMA of per-batch min / max. A
     :class:`~diffquant.quant.attention.BlockWatcher`: the attention probabilities' calls come
-    block by block of queries where the update needs only their min / max."""
+    block by block of queries (:meth:`observe_blocks`)."""
 
     def __init__(
         self, q: ActQuantizer, method: str, p: float, n_candidates: int, seed: int, force_group: Optional[int]
@@ -228,14 +304,15 @@ class _GroupRanges:
 
     @torch.no_grad()
     def observe_blocks(self, q: ActQuantizer, blocks: Callable[[], Iterator[Tensor]], axis: int) -> None:
-        """One call of ``q`` given as blocks along ``axis``: the update of the whole call. Min-max
-        ranges and the running statistics gather the min / max block by block (one block in
-        memory); the other searches get the call's rows of their group concatenated."""
+        """One call of ``q`` given as blocks along ``axis``: the update of the whole call, with
+        one block in memory for min-max ranges, the running statistics (the blocks' min / max)
+        and the percentile search (:func:`percentile_search_range_blocks`, forming the blocks
+        again); the L_p search gets the call's rows of its group concatenated."""
         raw: dict[int, tuple[Tensor, Tensor, float]] = {}  # group: min, max (C,), rows
         parts: dict[int, list[Tensor]] = {}
         for block in blocks():
             for g, rows in self._groups(q, block.detach()):
-                if self._needs_whole(g):
+                if self._needs_whole(g) and self.method == "lp":
                     parts.setdefault(g, []).append(rows)
                     continue
                 x2d = channels_first(rows, q.per_channel, q._ch_axis(rows)).float()
@@ -247,7 +324,24 @@ class _GroupRanges:
             self._update(q, g, torch.cat(rows, dim=axis))
         for g, (lo, hi, n) in raw.items():
             lo, hi = lo.double().cpu(), hi.double().cpu()
-            self._add(q, g, n, lo, hi, lambda lo=lo, hi=hi: (lo, hi))
+            search = lambda lo=lo, hi=hi: (lo, hi)  # noqa: E731  (min-max; unused when running)
+            if self._needs_whole(g):  # percentile
+                search = functools.partial(self._percentile_of_blocks, q, g, blocks)
+            self._add(q, g, n, lo, hi, search)
+
+    def _percentile_of_blocks(
+        self, q: ActQuantizer, g: int, blocks: Callable[[], Iterator[Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """The percentile search on group ``g``'s rows of the call ``blocks()`` gives."""
+
+        def group_blocks() -> Iterator[Tensor]:
+            for block in blocks():
+                for h, rows in self._groups(q, block.detach()):
+                    if h == g:
+                        yield channels_first(rows, q.per_channel, q._ch_axis(rows))
+
+        lo, hi = percentile_search_range_blocks(group_blocks, q.bits, q.mode)
+        return lo.double().cpu(), hi.double().cpu()
 
     @contextlib.contextmanager
     def observed(self) -> Iterator[None]:
