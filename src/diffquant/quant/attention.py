@@ -204,25 +204,24 @@ class QuantAttnProcessor(nn.Module):
             (slice(i, i + rows), attention_mask[..., i : i + rows, :] if per_query_mask else attention_mask)
             for i in range(0, l_q, rows)
         ]
-        quantize = pq
-        watched = contextlib.ExitStack()
-        if pq is not None and (pq.observing or pq._forward_pre_hooks):
-
-            def probs_blocks() -> Iterator[Tensor]:
-                return (self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
-
-            with torch.no_grad():
-                if pq.observing:
-                    pq.observe_blocks(probs_blocks())
-                    quantize = pq.forward_observed
-                for watcher in pq._forward_pre_hooks.values():  # BlockWatchers (_query_block_rows)
-                    watcher.observe_blocks(pq, probs_blocks, axis=2)
-                    # the call is watched: the blocks' calls below only quantize
-                    watched.enter_context(watcher.observed())
         out = query.new_empty(b, h, l_q, value.shape[-1])
         probs_bytes = b * h * l_q * key_t.shape[-1] * query.element_size()
         recompute = torch.is_grad_enabled() and probs_bytes > CHECKPOINT_PROBS_BYTES
-        with watched:
+        quantize = pq
+        with contextlib.ExitStack() as watched:
+            if pq is not None and (pq.observing or pq._forward_pre_hooks):
+
+                def probs_blocks() -> Iterator[Tensor]:
+                    return (self._probs(attn, query[:, :, s], key_t, mask) for s, mask in blocks)
+
+                with torch.no_grad():
+                    if pq.observing:
+                        pq.observe_blocks(probs_blocks())
+                        quantize = pq.forward_observed
+                    for watcher in pq._forward_pre_hooks.values():  # BlockWatchers (_query_block_rows)
+                        watcher.observe_blocks(pq, probs_blocks, axis=2)
+                        # the call is watched: the blocks' calls below only quantize
+                        watched.enter_context(watcher.observed())
             for s, mask in blocks:
                 args = (attn, query[:, :, s], key_t, value, mask, quantize)
                 out[:, :, s] = (
