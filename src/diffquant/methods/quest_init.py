@@ -72,11 +72,13 @@ from diffquant.calib.collect import STEP_KEY, CalibStream
 from diffquant.calib.ranges import call_rows, observing_act_ranges
 from diffquant.quant.quantizers import (
     ActQuantizer,
+    _BlockSample,
     channels_first,
     fake_quant,
     find_range,
     int_range,
     range_to_qparams,
+    rows_by_group,
 )
 from diffquant.quant.state import iter_quantizers, quant_state
 
@@ -119,16 +121,24 @@ def percentile_search_range(
     q_min, q_max = int_range(bits, mode)
     qs = _quantiles(x2d, [*percentiles, *(1.0 - p for p in percentiles)])
     his, los = qs[: len(percentiles)], qs[len(percentiles) :]
-    best = best_lo = best_hi = None
+    errors = []
     for lo, hi in zip(los, his):
         scale, zp = range_to_qparams(lo, hi, bits, mode)
         score = (fake_quant(x2d, scale[:, None], zp[:, None], q_min, q_max) - x2d).pow_(2)
-        score = score.mean(dim=1)
-        if best is None:
-            best, best_lo, best_hi = score, lo, hi
-            continue
-        better = score < best
-        best = torch.where(better, score, best)
+        errors.append(score.mean(dim=1))
+    return _least_error(los, his, errors)
+
+
+def _least_error(
+    los: Sequence[Tensor], his: Sequence[Tensor], errors: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Per row, the candidate range ``(lo, hi)`` (each ``(C,)``) of least error ``(C,)``, the first
+    of equal ones."""
+    best_lo, best_hi, best = los[0], his[0], errors[0]
+    for lo, hi, err in zip(los[1:], his[1:], errors[1:]):
+        better = err < best
+        best = torch.where(better, err, best)
+        better = better.to(lo.device)
         best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
     return best_lo, best_hi
 
@@ -188,13 +198,7 @@ def percentile_search_range_blocks(
         for i, (scale, zp) in enumerate(candidates):
             err = (fake_quant(block, scale[:, None], zp[:, None], q_min, q_max) - block).pow_(2)
             errors[i] += err.sum(dim=1, dtype=torch.float64).cpu()
-    best_lo, best_hi, best = los[0], his[0], errors[0]
-    for lo, hi, err in zip(los[1:], his[1:], errors[1:]):  # the first of equal ones
-        better = err < best
-        best = torch.where(better, err, best)
-        better = better.to(lo.device)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+    return _least_error(los, his, list(errors))
 
 
 def _extremes(kept: Optional[Tensor], block: Tensor, k: int, largest: bool) -> Tensor:
@@ -288,12 +292,7 @@ class _GroupRanges:
         """``(group, its rows of x)`` for the groups present in ``x``."""
         if self.force_group is not None and q.n_groups > 1:
             q.group_index = torch.full((1,), self.force_group, dtype=torch.long)
-        groups = q._row_groups(x)
-        if groups is None:
-            yield 0, x
-            return
-        for g in groups.unique().tolist():
-            yield int(g), x[groups == g]
+        return rows_by_group(x, q._row_groups(x))
 
     def _needs_whole(self, g: int) -> bool:
         """Whether group ``g``'s next update needs the call's data, not only its min / max."""
@@ -308,22 +307,21 @@ class _GroupRanges:
         one block in memory for min-max ranges, the running statistics (the blocks' min / max)
         and the percentile search (:func:`percentile_search_range_blocks`, forming the blocks
         again); the L_p search gets the call's rows of its group concatenated."""
-        raw: dict[int, tuple[Tensor, Tensor, float]] = {}  # group: min, max (C,), rows
+        raw: dict[int, _BlockSample] = {}  # group: the call's min / max (C,)
+        n_rows: dict[int, float] = {}
         parts: dict[int, list[Tensor]] = {}
         for block in blocks():
             for g, rows in self._groups(q, block.detach()):
                 if self._needs_whole(g) and self.method == "lp":
                     parts.setdefault(g, []).append(rows)
                     continue
-                x2d = channels_first(rows, q.per_channel, q._ch_axis(rows)).float()
-                lo, hi = x2d.amin(dim=1), x2d.amax(dim=1)
-                if g in raw:
-                    lo, hi = torch.minimum(raw[g][0], lo), torch.maximum(raw[g][1], hi)
-                raw[g] = (lo, hi, float(rows.shape[0]))
+                if g not in raw:
+                    raw[g], n_rows[g] = _BlockSample(q.channels, 0, None), float(rows.shape[0])
+                raw[g].add(channels_first(rows, q.per_channel, q._ch_axis(rows)))
         for g, rows in parts.items():
             self._update(q, g, torch.cat(rows, dim=axis))
-        for g, (lo, hi, n) in raw.items():
-            lo, hi = lo.double().cpu(), hi.double().cpu()
+        for g, sample in raw.items():
+            lo, hi, n = sample.lo.double().cpu(), sample.hi.double().cpu(), n_rows[g]
             search = lambda lo=lo, hi=hi: (lo, hi)  # noqa: E731  (min-max; unused when running)
             if self._needs_whole(g):  # percentile
                 search = functools.partial(self._percentile_of_blocks, q, g, blocks)

@@ -756,6 +756,16 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, mode={self.mode}, {gran}, groups={self.n_groups}"
 
 
+def rows_by_group(x: Tensor, groups: Optional[Tensor]) -> Iterator[tuple[int, Tensor]]:
+    """``(group, its rows of x)`` for each time-step group present in ``groups`` ``(B,)``
+    (None: one group, 0, with every row)."""
+    if groups is None:
+        yield 0, x
+        return
+    for g in groups.unique().tolist():
+        yield int(g), x[groups == g]
+
+
 class _RangeObserver:
     """Accumulates clipping ranges per time-step group for one :class:`ActQuantizer`.
 
@@ -782,19 +792,9 @@ class _RangeObserver:
         self.count = torch.zeros(g, dtype=torch.float64)
         self.running = torch.zeros(g, dtype=torch.bool)
 
-    @staticmethod
-    def _by_group(x: Tensor, groups: Optional[Tensor]) -> Iterator[tuple[int, Tensor]]:
-        """``(group, its rows of x)`` for each time-step group present in ``groups`` ``(B,)``
-        (None: one group, 0, with every row)."""
-        if groups is None:
-            yield 0, x
-            return
-        for g in groups.unique().tolist():
-            yield int(g), x[groups == g]
-
     @torch.no_grad()
     def observe(self, x: Tensor, groups: Optional[Tensor]) -> None:
-        for g, rows in self._by_group(x.detach(), groups):
+        for g, rows in rows_by_group(x.detach(), groups):
             self._add(g, rows, rows.shape[0])
 
     @torch.no_grad()
@@ -809,7 +809,7 @@ class _RangeObserver:
         n_rows: dict[int, int] = {}
         for block in blocks:
             block = block.detach()
-            for g, x in self._by_group(block, row_groups(block)):
+            for g, x in rows_by_group(block, row_groups(block)):
                 if g not in samples:
                     lp = self.method != "minmax" and not self._running(g)
                     c = q.channels if q.per_channel else 1
