@@ -25,7 +25,7 @@ run: venv  ## the main job: sample, evaluate and record the embedded ldm_digits 
 # module fixtures, and the SLURM files one cluster); 2 halves the suite's time on a 2-core machine
 TEST_WORKERS ?= 2
 test: venv  ## the test suite (< 15 min on 2 cores; `slow` tests excluded; TEST_WORKERS=0: no workers)
-	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: venv  ## the slow end-to-end checks only
 	$(PY) -m pytest -m slow -q
@@ -72,11 +72,12 @@ bench-speed: venv  ## fake-quant vs FP sampling time (one process per setting) -
 bench-forward: venv  ## one full-size Bedroom UNet forward (274 M, random weights): FP vs fake-quant W8A8, weights per call vs frozen -> outputs/bench/
 	$(PY) -m diffquant.bench.forward_cost --model ldm_bedroom --bits 8 8 --batch 2 --repeats 5 --threads 2 $(ARGS)
 BASELINE ?= 28ec9d6
-bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8, reconstruction cost per iteration (and vs BASELINE), projected paper calibration -> outputs/bench/ (ARGS='--device cuda' on a GPU)
+bench-scale: venv  ## full-size Bedroom: forward FP / fake-quant / frozen / int8, reconstruction cost per iteration (and vs BASELINE), projected paper calibration, the iteration's lower bound at the matrix-product peaks (roofline) -> outputs/bench/ (ARGS='--device cuda' on a GPU)
 	$(PY) -m diffquant.bench.scale --threads 2 $(ARGS)
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 $(ARGS)
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 --compile $(ARGS)
 	$(PY) -m diffquant.bench.scale --threads 2 --baseline $(BASELINE) --repeats 2 --iters 8 --autocast bf16 --compile $(ARGS)
+	$(PY) -m diffquant.bench.roofline --threads 2 --against outputs/bench $(ARGS)
 bench-paper-size: venv  ## method=ptq_paper through run.py on a full-size random-weight Bedroom folder, 2 iterations per stage: peak RSS and disk per unit -> outputs/bench/ (ARGS: run.py overrides replacing the default)
 	$(PY) -m diffquant.bench.paper_size $(ARGS)
 bench-act-init: venv  ## full-size Bedroom: peak RSS of ptq_paper's and QuEST's activation-range init (one forward), attention in query blocks (20, 64 rows) vs all queries at once (20 rows; 64 would exceed 24 GB) -> outputs/bench/

@@ -54,8 +54,19 @@ PTQ = [  # a PTQ config's keys (prefixed with its place: `method.` or `method.pt
     "recon.batch_size=4",
     "recon.capture_batch_size=64",
 ]
+SVDQUANT = [  # the statistics' and the search's rows, and the (alpha, beta) grid
+    "method.calib.n_samples=2",
+    "method.calib.batch_size=2",
+    "method.act_init_rows=4",
+    "method.act_init_batch_size=4",
+    "method.search_rows=4",
+    "method.search_batch_size=4",
+    "method.num_grids=4",
+]
 BY_METHOD = {
     "ptq_minmax": ["method.calib.n_samples=2", "method.calib.batch_size=2"],
+    "svdquant": SVDQUANT,
+    "vidit_q": SVDQUANT,
     "ptq4dm": [f"method.{o}" for o in PTQ],
     "ptqd": [*(f"method.ptq.{o}" for o in PTQ), "method.n_samples=2", "method.batch_size=2"],
     "efficientdm": [

@@ -13,7 +13,8 @@ On the full-size UNet of ``--model`` with random weights (``bench.forward_cost.f
    ``ptq`` recipe on ``--rows`` random calibration rows (a calibration set written in the
    project's on-disk format): a ResBlock (``up_blocks.0.resnets.0``, 1792→896 channels at 8×8)
    and an attention block (``up_blocks.0.attentions.0``), ``--iters`` AdaRound then ``--iters``
-   LSQ iterations at ``--unit-batch`` rows each. Per iteration: the median wall time between
+   LSQ iterations at ``--unit-batch`` rows each, the denoiser's parameters frozen as
+   :func:`~diffquant.calib.reconstruct.reconstruct` freezes them. Per iteration: the median wall time between
    optimizer steps (the first of each stage left out), next to the same unit's FP forward +
    backward at that batch, the floors: with gradients to its weights (``fp_train_step_s``, what
    any training step of the unit costs) and to its inputs only (``fp_input_grad_step_s``, what an
@@ -54,6 +55,8 @@ from diffquant.cache import atomic_torch_save, atomic_write_json
 
 UNITS = {"resnet": "up_blocks.0.resnets.0", "attention": "up_blocks.0.attentions.0"}
 PAPER = {"rows": 5120, "weight_iters": 20000, "act_iters": 5000}
+#: what an FP step's gradients can go to (:func:`fp_train_step_s`, :func:`step_gflop`)
+GRAD_TARGETS = ("weights", "layer_weights", "inputs")
 
 
 def random_calibration_set(folder: Path, unet: torch.nn.Module, rows: int, seed: int = 0) -> Path:
@@ -181,24 +184,17 @@ def fp_train_step_s(
     ``grads_to="weights"``: gradients to its weights, the floor any training iteration of the
     unit pays. ``grads_to="inputs"``: gradients to its floating-point inputs only, weights
     frozen: the convolutions' forward and input gradient, the least an LSQ iteration (gradients
-    to step sizes at the layers' inputs) must compute. With ``autocast`` (``bf16``) the forward
+    to step sizes at the layers' inputs) must compute. ``grads_to="layer_weights"``: gradients
+    to the convolutions' and linear layers' weights only (AdaRound's). With ``autocast`` (``bf16``) the forward
     runs under bfloat16 autocast, as the stages' does."""
     from diffquant.quant import quant_state
 
-    if grads_to not in ("weights", "inputs"):
-        raise ValueError(f"grads_to={grads_to!r}: expected 'weights' or 'inputs'")
     precision = (
         torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         if autocast
         else contextlib.nullcontext()
     )
-    if grads_to == "inputs":
-        batch = {k: v.detach().requires_grad_(True) if v.is_floating_point() else v for k, v in batch.items()}
-        targets = [v for v in batch.values() if v.requires_grad]
-        params = []
-    else:
-        params = [p for p in module.parameters()]
-        targets = params
+    batch, targets, params = _grad_targets(module, batch, grads_to)
     before = [p.requires_grad for p in params]
     times = []
     try:
@@ -217,6 +213,55 @@ def fp_train_step_s(
         for p, b in zip(params, before):
             p.requires_grad_(b)
     return statistics.median(times[1:])
+
+
+def _grad_targets(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor], grads_to: str
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.nn.Parameter]]:
+    """``(batch, targets, params)`` of an FP step with gradients to ``grads_to``: ``inputs``
+    (the batch's floating-point tensors, detached copies that require gradients; no parameter),
+    ``weights`` (all the module's parameters) or ``layer_weights`` (the weights of its
+    convolutions and linear layers only, what AdaRound's rounding variables need: no gradient
+    for normalisations' affine parameters or biases). The caller sets ``params`` to require
+    gradients."""
+    if grads_to not in GRAD_TARGETS:
+        raise ValueError(f"grads_to={grads_to!r}: expected one of {GRAD_TARGETS}")
+    if grads_to == "inputs":
+        batch = {k: v.detach().requires_grad_(True) if v.is_floating_point() else v for k, v in batch.items()}
+        return batch, [v for v in batch.values() if v.requires_grad], []
+    if grads_to == "layer_weights":
+        params = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    else:
+        params = list(module.parameters())
+    return batch, params, params
+
+
+def step_gflop(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Any, grads_to: str = "weights"
+) -> dict[str, float]:
+    """GFLOP autograd computes in :func:`fp_train_step_s`'s step (``torch.utils.flop_counter``;
+    a multiply-add counts 2): ``forward`` and ``backward``, the latter with gradients to
+    ``grads_to`` only, so a layer whose input needs no gradient (the unit's first convolution
+    when only weights do) computes no input gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffquant.quant import quant_state
+
+    batch, targets, params = _grad_targets(module, batch, grads_to)
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with quant_state(module, weights=False, acts=False):
+            with FlopCounterMode(display=False) as forward:
+                out = spec.call(module, batch, "fp_")
+            loss = out.float().square().mean()
+            with FlopCounterMode(display=False) as backward:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+    finally:
+        for p, b in zip(params, before):
+            p.requires_grad_(b)
+    return {"forward": forward.get_total_flops() / 1e9, "backward": backward.get_total_flops() / 1e9}
 
 
 def forward_gflop(module: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Any) -> float:
@@ -318,6 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
         stream = CalibStream(random_calibration_set(Path(tmp) / "calib", unet, args.rows))
         rec = Reconstructor(unet, UNET, stream, settings)
+        # as reconstruct() runs the units: every parameter frozen, each stage making trainable
+        # only what it trains (AdaRound's alpha, LSQ's step sizes)
+        unet.requires_grad_(False)
         by_name = {u.name: (i, u) for i, u in enumerate(fp_units)}
         measured = {}
         for kind, name in units.items():
@@ -451,13 +499,12 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _unit_floor(
-    unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device, autocast: Optional[str] = None
-) -> dict[str, float]:
-    """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser
-    (under ``autocast`` as the stages run): seconds with gradients to the weights
-    (``fp_train_step_s``) and to the inputs only (``fp_input_grad_step_s``, the LSQ stage's
-    floor), and the forward's GFLOP (``forward_gflop``)."""
+def unit_call(
+    unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(spec, rows)``: the unit's call in the FP denoiser run on ``batch`` (``sample``,
+    ``timestep``), as a :class:`~diffquant.calib.reconstruct.CallSpec` and its ``fp_`` rows on
+    ``device`` (contiguous)."""
     from diffquant.calib.reconstruct import CallSpec, StopForward
     from diffquant.quant import quant_state
 
@@ -480,7 +527,17 @@ def _unit_floor(
     rows = spec.rows(grabbed["args"], grabbed["kwargs"], "fp_")
     # contiguous: the captured input can be channels-last, and GroupNorm's backward on a
     # channels-last input crashes the process on PyTorch 2.13's CPU kernels
-    batch = {k: v.to(device).contiguous() for k, v in rows.items()}
+    return spec, {k: v.to(device).contiguous() for k, v in rows.items()}
+
+
+def _unit_floor(
+    unet: torch.nn.Module, unit: Any, batch: dict[str, torch.Tensor], device, autocast: Optional[str] = None
+) -> dict[str, float]:
+    """The unit's FP forward + backward at the unit batch, on the inputs it gets in the denoiser
+    (under ``autocast`` as the stages run): seconds with gradients to the weights
+    (``fp_train_step_s``) and to the inputs only (``fp_input_grad_step_s``, the LSQ stage's
+    floor), and the forward's GFLOP (``forward_gflop``)."""
+    spec, batch = unit_call(unet, unit, batch, device)
     return {
         "fp_train_step_s": round(fp_train_step_s(unit.module, batch, spec, device, autocast=autocast), 4),
         "fp_input_grad_step_s": round(
