@@ -239,24 +239,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     results = [json.loads(f.read_text()) for f in files]
     compared = pooled_comparison(results) if results else None
 
-    from diffquant.bench import forward_cost
-    from diffquant.bench.scale import UNITS, step_gflop, unit_call
-    from diffquant.calib.reconstruct import find_units
-    from diffquant.models.denoiser import UNET
-    from diffquant.quant import QuantConfig, quant_state, quantize_denoiser
+    from diffquant.bench.scale import UNITS, step_gflop, unit_call, w4a8_unet_and_units
+    from diffquant.quant import quant_state
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"model": args.model, "device": str(device), "threads": args.threads}
     # 1. the units' calls: the scale bench's units (W4A8 wrappers, quantizers off), on random latents
-    unet = forward_cost.full_size_unet(args.model).to(device)
-    quantize_denoiser(unet, UNET, QuantConfig(name="w4a8", weight_bits=4, act_bits=8, weight_init="minmax"))
-    g = torch.Generator().manual_seed(1)
+    unet, units_found, _, g = w4a8_unet_and_units(args.model, device)
+    by_name = {u.name: u for u in units_found}
     size = unet.config.sample_size
-    example = {
-        "sample": torch.randn(2, unet.config.in_channels, size, size, generator=g).to(device),
-        "timestep": torch.tensor([999, 1]).to(device),
-    }
-    by_name = {u.name: u for u in find_units(unet, UNET, example)}
     batch = {
         "sample": torch.randn(args.unit_batch, unet.config.in_channels, size, size, generator=g).to(device),
         "timestep": torch.randint(0, 1000, (args.unit_batch,), generator=g).to(device),

@@ -188,6 +188,7 @@ def fp_train_step_s(
     to the convolutions' and linear layers' weights only (AdaRound's). With ``autocast`` (``bf16``) the forward
     runs under bfloat16 autocast, as the stages' does."""
     from diffquant.quant import quant_state
+    from diffquant.quant.state import trainable
 
     precision = (
         torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -195,23 +196,16 @@ def fp_train_step_s(
         else contextlib.nullcontext()
     )
     batch, targets, params = _grad_targets(module, batch, grads_to)
-    before = [p.requires_grad for p in params]
     times = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with quant_state(module, weights=False, acts=False):
-            for _ in range(repeats + 1):
-                sync(device)
-                t0 = time.perf_counter()
-                with precision:
-                    out = spec.call(module, batch, "fp_")
-                torch.autograd.grad(out.float().square().mean(), targets, allow_unused=True)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-    finally:
-        for p, b in zip(params, before):
-            p.requires_grad_(b)
+    with trainable(params), quant_state(module, weights=False, acts=False):
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            with precision:
+                out = spec.call(module, batch, "fp_")
+            torch.autograd.grad(out.float().square().mean(), targets, allow_unused=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
@@ -222,8 +216,8 @@ def _grad_targets(
     (the batch's floating-point tensors, detached copies that require gradients; no parameter),
     ``weights`` (all the module's parameters) or ``layer_weights`` (the weights of its
     convolutions and linear layers only, what AdaRound's rounding variables need: no gradient
-    for normalisations' affine parameters or biases). The caller sets ``params`` to require
-    gradients."""
+    for normalisations' affine parameters or biases). The caller makes ``params`` trainable
+    (:func:`~diffquant.quant.state.trainable`)."""
     if grads_to not in GRAD_TARGETS:
         raise ValueError(f"grads_to={grads_to!r}: expected one of {GRAD_TARGETS}")
     if grads_to == "inputs":
@@ -246,21 +240,15 @@ def step_gflop(
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffquant.quant import quant_state
+    from diffquant.quant.state import trainable
 
     batch, targets, params = _grad_targets(module, batch, grads_to)
-    before = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with quant_state(module, weights=False, acts=False):
-            with FlopCounterMode(display=False) as forward:
-                out = spec.call(module, batch, "fp_")
-            loss = out.float().square().mean()
-            with FlopCounterMode(display=False) as backward:
-                torch.autograd.grad(loss, targets, allow_unused=True)
-    finally:
-        for p, b in zip(params, before):
-            p.requires_grad_(b)
+    with trainable(params), quant_state(module, weights=False, acts=False):
+        with FlopCounterMode(display=False) as forward:
+            out = spec.call(module, batch, "fp_")
+        loss = out.float().square().mean()
+        with FlopCounterMode(display=False) as backward:
+            torch.autograd.grad(loss, targets, allow_unused=True)
     return {"forward": forward.get_total_flops() / 1e9, "backward": backward.get_total_flops() / 1e9}
 
 
@@ -319,9 +307,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return compare_with_baseline(args)
 
     from diffquant.calib.ranges import observing_act_ranges
-    from diffquant.calib.reconstruct import ReconSettings, Reconstructor, find_units
+    from diffquant.calib.reconstruct import ReconSettings, Reconstructor
     from diffquant.models.denoiser import UNET
-    from diffquant.quant import QuantConfig, attention, quant_state, quantize_denoiser
+    from diffquant.quant import attention, quant_state
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -338,14 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         )  # fmt: skip
 
     # 2. units: the ptq recipe's two stages on a ResBlock and an attention block (W4A8)
-    unet = forward_cost.full_size_unet(args.model).to(device)
-    g = torch.Generator().manual_seed(1)
-    size = unet.config.sample_size
-    x = torch.randn(2, unet.config.in_channels, size, size, generator=g).to(device)
-    t = torch.tensor([999, 1]).to(device)
-    example = {"sample": x, "timestep": t}
-    quantize_denoiser(unet, UNET, QuantConfig(name="w4a8", weight_bits=4, act_bits=8, weight_init="minmax"))
-    fp_units = find_units(unet, UNET, example)
+    unet, fp_units, example, _ = w4a8_unet_and_units(args.model, device)
+    x, t = example["sample"], example["timestep"]
     with quant_state(unet, weights=False, acts=False):
         shares = unit_forward_shares(unet, fp_units, x, t)
     with torch.no_grad(), observing_act_ranges(unet, method="minmax"):
@@ -497,6 +479,27 @@ def compare_with_baseline(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(args.out / _result_name(args, "scale_vs_baseline"), result)
     print(json.dumps(result, indent=2), flush=True)
     return result
+
+
+def w4a8_unet_and_units(
+    model: str, device: torch.device
+) -> tuple[torch.nn.Module, list[Any], dict[str, torch.Tensor], torch.Generator]:
+    """The benches' model: the full-size UNet of ``model`` (random weights,
+    :func:`~diffquant.bench.forward_cost.full_size_unet`) on ``device`` with W4A8 wrappers
+    (weights min-max, quantizers not yet calibrated); its reconstruction units, found on
+    ``example`` (2 random latents at time steps 999 and 1); and the generator (seed 1) that drew
+    them, for further draws."""
+    from diffquant.calib.reconstruct import find_units
+    from diffquant.models.denoiser import UNET
+    from diffquant.quant import QuantConfig, quantize_denoiser
+
+    unet = forward_cost.full_size_unet(model).to(device)
+    g = torch.Generator().manual_seed(1)
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=g).to(device)
+    example = {"sample": x, "timestep": torch.tensor([999, 1]).to(device)}
+    quantize_denoiser(unet, UNET, QuantConfig(name="w4a8", weight_bits=4, act_bits=8, weight_init="minmax"))
+    return unet, find_units(unet, UNET, example), example, g
 
 
 def unit_call(
